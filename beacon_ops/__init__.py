@@ -1,0 +1,70 @@
+"""beacon_ops: fused Activation Beacon attention and condensed KV cache ops for PyTorch.
+
+Importing this package loads the native library and registers every op under
+``torch.ops.beacon``. See README.md for how to use each op from model code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+__version__ = "0.1.0"
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _read_build_json() -> dict[str, Any] | None:
+    path = os.path.join(_HERE, "_build.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load_native() -> Any:
+    built = _read_build_json()
+    if built is None:
+        raise ImportError(
+            "beacon_ops: the native library is not built in "
+            f"{_HERE}. Install with `pip install --no-build-isolation .` or run `make build` "
+            "in the source tree."
+        )
+    if built.get("torch") != torch.__version__:
+        raise ImportError(
+            f"beacon_ops was built against torch {built.get('torch')} but torch "
+            f"{torch.__version__} is installed: rebuild beacon_ops "
+            "(`pip install --no-build-isolation --force-reinstall --no-deps .` or `make build`)."
+        )
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.beacon.*)
+    except (ImportError, OSError) as e:  # undefined symbols etc.
+        raise ImportError(
+            f"beacon_ops: loading the native library failed ({e}). It was probably built "
+            "against a different torch or CUDA: rebuild beacon_ops against the installed torch."
+        ) from e
+    return _C
+
+
+_C = _load_native()
+
+
+def build_info() -> dict[str, Any]:
+    """What this build contains.
+
+    Returns a dict with keys ``version`` (package version), ``torch`` (the torch version it was
+    built against), ``cuda_compiled`` (bool), ``cuda_archs`` (e.g. ``['sm_80', 'sm_90a']``),
+    ``cutlass`` (CUTLASS version of the headers used, '' without CUDA), plus ``cuda_head_dims``
+    and ``cuda_dtypes`` (the CUDA instantiations compiled in).
+    """
+    info = dict(_C.build_info())
+    info["version"] = __version__ if info["version"] == __version__ else info["version"]
+    return info
+
+
+from . import ops  # noqa: E402,F401  (fake kernels, typed wrappers)
+from .ops import *  # noqa: E402,F401,F403
+
+__all__ = ["build_info", "__version__"] + list(ops.__all__)

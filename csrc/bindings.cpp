@@ -1,0 +1,47 @@
+// The thin pybind11 module beacon_ops._C. Loading it runs the TORCH_LIBRARY registrations of
+// every translation unit linked into it; the only Python-level function is build_info().
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "build_info.h"
+
+namespace py = pybind11;
+
+namespace {
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char c : s) {
+    if (c == sep || c == ';') {
+      if (!cur.empty()) out.push_back(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  if (!cur.empty()) out.push_back(cur);
+  return out;
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "beacon_ops native library (ops are registered under torch.ops.beacon)";
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = BEACON_OPS_VERSION;
+    d["torch"] = BEACON_OPS_TORCH_VERSION;
+#ifdef BEACON_WITH_CUDA
+    d["cuda_compiled"] = true;
+#else
+    d["cuda_compiled"] = false;
+#endif
+    d["cuda_archs"] = split(BEACON_OPS_CUDA_ARCHS, ',');
+    d["cutlass"] = std::string(BEACON_OPS_CUTLASS_VERSION);
+    d["cuda_head_dims"] = split(BEACON_OPS_HEADDIMS, ',');
+    d["cuda_dtypes"] = split(BEACON_OPS_DTYPES, ',');
+    return d;
+  });
+}

@@ -1,0 +1,17 @@
+"""Shared test helpers: device parametrisation (CUDA cases are skipped, visibly, without a GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import beacon_ops  # noqa: F401  (registers torch.ops.beacon)
+
+HAS_CUDA = torch.cuda.is_available()
+CUDA_BUILT = beacon_ops.build_info()["cuda_compiled"]
+
+requires_cuda = pytest.mark.skipif(
+    not (HAS_CUDA and CUDA_BUILT),
+    reason="needs a CUDA GPU and a build with CUDA kernels (run bench/gpu_check.sh on a GPU machine)",
+)
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
