@@ -1,0 +1,1 @@
+"""Benchmarks behind ``python -m beacon_ops bench`` (one module per kind)."""
