@@ -17,7 +17,10 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <type_traits>
 #include <cstring>
@@ -43,8 +46,23 @@ using beacon::SeqLens;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Tile sizes (rows of a query tile, keys of a key block); chosen by bench attention.
-constexpr int kQueryRows = 64;
-constexpr int kKeyBlock = 256;
+// BEACON_OPS_CPU_TILES="rows,keys" overrides them (for tuning).
+struct TileSizes {
+  int query_rows = 64;
+  int key_block = 256;
+};
+
+const TileSizes& tile_sizes() {
+  static const TileSizes sizes = [] {
+    TileSizes t;
+    if (const char* env = std::getenv("BEACON_OPS_CPU_TILES")) {
+      int a = 0, b = 0;
+      if (std::sscanf(env, "%d,%d", &a, &b) == 2 && a > 0 && b > 0) t = {a, b};
+    }
+    return t;
+  }();
+  return sizes;
+}
 
 Mode parse_mode(const std::string& mode) {
   if (mode == "segmentation") return Mode::kSegmentation;
@@ -57,7 +75,9 @@ Mode parse_mode(const std::string& mode) {
 // exp(x) for x <= 88, 0 below -87.3 (so masked -inf scores give exactly 0). Cephes' expf
 // polynomial (about 1 ulp), written branch-free so the loops around it vectorise.
 inline float fast_exp(float x) {
-  const float xc = std::fmin(std::fmax(x, -87.3f), 88.3f);
+  // Ternaries, not std::fmin/fmax: those become libm calls that block vectorisation.
+  const float xl = x < -87.3f ? -87.3f : x;
+  const float xc = xl > 88.3f ? 88.3f : xl;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
   const float t = xc * 1.44269504088896341f + shifter;
   const float n = t - shifter;
@@ -89,9 +109,9 @@ void softmax_update(float* scores, int rows, int n, int ld, float* row_max, floa
     float* s = scores + static_cast<int64_t>(r) * ld;
     float m = kNegInf;
 #pragma omp simd reduction(max : m)
-    for (int c = 0; c < n; ++c) m = std::fmax(m, s[c]);
+    for (int c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
     const float m_old = row_max[r];
-    const float m_new = std::fmax(m_old, m);
+    const float m_new = m > m_old ? m : m_old;
     if (m_new == kNegInf) {  // nothing visible yet: probabilities 0, state unchanged
       std::memset(s, 0, sizeof(float) * n);
       corr[r] = 1.0f;
@@ -122,23 +142,79 @@ void scale_rows(float* acc, int rows, int d, const float* corr) {
   }
 }
 
-// fp32 -> bf16 with round-to-nearest-even (NaN kept quiet), vectorisable.
-BEACON_SIMD_CLONES
-void to_reduced(const float* src, at::BFloat16* dst, int64_t n) {
-  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+inline float load_f32(float x) { return x; }
+inline float load_f32(at::BFloat16 x) {
+  const uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float load_f32(at::Half x) { return static_cast<float>(x); }
+
+// rows x d block with row stride ld -> contiguous fp32 [rows x d].
+template <typename T>
+inline void to_float_impl(const T* src, int64_t ld, int rows, int d, float* dst) {
+  for (int r = 0; r < rows; ++r) {
+    const T* x = src + r * ld;
+    float* y = dst + static_cast<int64_t>(r) * d;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, &src[i], 4);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    out[i] = static_cast<uint16_t>(src[i] != src[i] ? 0x7FC0u : rounded);
+    for (int c = 0; c < d; ++c) y[c] = load_f32(x[c]);
   }
 }
-
-BEACON_SIMD_CLONES
-void to_reduced(const float* src, at::Half* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
+BEACON_SIMD_CLONES void to_float(const at::BFloat16* s, int64_t ld, int rows, int d, float* o) {
+  to_float_impl(s, ld, rows, d, o);
 }
+BEACON_SIMD_CLONES void to_float(const at::Half* s, int64_t ld, int rows, int d, float* o) {
+  to_float_impl(s, ld, rows, d, o);
+}
+BEACON_SIMD_CLONES void to_float(const float* s, int64_t ld, int rows, int d, float* o) {
+  to_float_impl(s, ld, rows, d, o);
+}
+
+// Few-row tiles (decode): dot products straight from the cache, which is read once; a GEMM
+// call per block would cost more than the arithmetic. s [rows x n] = alpha * q k^T.
+template <typename T>
+inline void small_qk_impl(const float* q, int rows, int d, const T* k, int64_t ldk, int n,
+                          float alpha, float* s) {
+  for (int c = 0; c < n; ++c) {
+    const T* kc = k + c * ldk;
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + static_cast<int64_t>(r) * d;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int i = 0; i < d; ++i) dot += qr[i] * load_f32(kc[i]);
+      s[static_cast<int64_t>(r) * n + c] = dot * alpha;
+    }
+  }
+}
+// acc [rows x d] += p [rows x n] v.
+template <typename T>
+inline void small_pv_impl(const float* p, int rows, int n, const T* v, int64_t ldv, int d,
+                          float* acc) {
+  for (int c = 0; c < n; ++c) {
+    const T* vc = v + c * ldv;
+    for (int r = 0; r < rows; ++r) {
+      const float pr = p[static_cast<int64_t>(r) * n + c];
+      if (pr == 0.0f) continue;
+      float* a = acc + static_cast<int64_t>(r) * d;
+#pragma omp simd
+      for (int i = 0; i < d; ++i) a[i] += pr * load_f32(vc[i]);
+    }
+  }
+}
+#define BEACON_SMALL_KERNELS(T)                                                               \
+  BEACON_SIMD_CLONES void small_qk(const float* q, int rows, int d, const T* k, int64_t ldk,  \
+                                   int n, float alpha, float* s) {                           \
+    small_qk_impl(q, rows, d, k, ldk, n, alpha, s);                                           \
+  }                                                                                           \
+  BEACON_SIMD_CLONES void small_pv(const float* p, int rows, int n, const T* v, int64_t ldv,  \
+                                   int d, float* acc) {                                       \
+    small_pv_impl(p, rows, n, v, ldv, d, acc);                                                \
+  }
+BEACON_SMALL_KERNELS(float)
+BEACON_SMALL_KERNELS(at::BFloat16)
+BEACON_SMALL_KERNELS(at::Half)
+#undef BEACON_SMALL_KERNELS
 
 // Multiply a score row's masked-out keys by nothing: set them to -inf. Keys [k0, k0 + n).
 void mask_row(float* s, int n, int k0, const RowSpans& sp) {
@@ -157,8 +233,9 @@ void mask_row(float* s, int n, int k0, const RowSpans& sp) {
 }
 
 struct Tile {
-  int b;       // sequence
-  int t0, t1;  // local query rows [t0, t1)
+  int b;         // sequence
+  int t0, t1;    // local query rows [t0, t1)
+  int64_t cost;  // for scheduling
 };
 
 struct Problem {
@@ -171,108 +248,67 @@ struct Problem {
 };
 
 // ---- Block GEMMs ------------------------------------------------------------------------------
-// ATen's fast cpublas::gemm overloads (MKL sgemm, oneDNN/MKL bf16 -> fp32) are not exported from
-// libtorch_cpu, so the kernel calls the BLAS that torch itself is linked with: the Fortran
-// `sgemm_` and MKL's `cblas_gemm_{bf16bf16,f16f16}f32`, looked up at run time in the already
-// loaded libtorch_cpu. Where a torch build lacks them, ATen matmuls on fp32 copies of the
-// blocks (correct, slower) are used; BEACON_OPS_CPU_BLAS=generic forces that path.
+// The GEMMs run in fp32 (16-bit blocks are widened first: on CPUs without AMX, MKL's
+// bf16 x bf16 -> fp32 GEMM measured slower here than widening plus sgemm). ATen's fast
+// cpublas::gemm(float) is not exported from libtorch_cpu, so the kernel calls the BLAS torch is
+// linked with, the Fortran `sgemm_`, looked up at run time in the already loaded libtorch_cpu.
+// Where a torch build lacks it, ATen matmuls on views are used (correct, slower);
+// BEACON_OPS_CPU_BLAS=generic forces that path.
 using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
                          const float*, const int*, const float*, const int*, const float*, float*,
                          const int*);
-// MKL: (layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc), 16-bit inputs.
-using Gemm16Fn = void (*)(int, int, int, int, int, int, float, const uint16_t*, int,
-                          const uint16_t*, int, float, float*, int);
-constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
 
-struct Blas {
-  SgemmFn sgemm = nullptr;
-  Gemm16Fn bf16 = nullptr;
-  Gemm16Fn f16 = nullptr;
-};
-
-const Blas& blas() {
-  static const Blas table = [] {
-    Blas b;
+SgemmFn find_sgemm() {
+  static const SgemmFn fn = []() -> SgemmFn {
     const char* force = std::getenv("BEACON_OPS_CPU_BLAS");
-    if (force != nullptr && std::string(force) == "generic") return b;
+    if (force != nullptr && std::string(force) == "generic") return nullptr;
     Dl_info info;
     // Any function defined in libtorch_cpu locates the library that holds torch's BLAS.
     if (dladdr(reinterpret_cast<void*>(&at::native::cpublas::brgemm_release), &info) == 0 ||
         info.dli_fname == nullptr)
-      return b;
+      return nullptr;
     void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
-    if (lib == nullptr) return b;
-    b.sgemm = reinterpret_cast<SgemmFn>(dlsym(lib, "sgemm_"));
-    b.bf16 = reinterpret_cast<Gemm16Fn>(dlsym(lib, "cblas_gemm_bf16bf16f32"));
-    b.f16 = reinterpret_cast<Gemm16Fn>(dlsym(lib, "cblas_gemm_f16f16f32"));
-    return b;
+    return lib == nullptr ? nullptr : reinterpret_cast<SgemmFn>(dlsym(lib, "sgemm_"));
   }();
-  return table;
+  return fn;
 }
 
-template <typename T>
-Gemm16Fn gemm16() {
-  if constexpr (std::is_same_v<T, at::BFloat16>) return blas().bf16;
-  else return blas().f16;
-}
-
-// S [rows x n] (row-major, ld lds) = alpha * Q [rows x d] * K[n x d]^T.
-template <typename T>
-void gemm_qk(int n, int rows, int d, float alpha, const T* k, int64_t ldk, const T* q, float* s,
-             int lds) {
-  const int ldk_i = static_cast<int>(ldk);
-  if constexpr (std::is_same_v<T, float>) {
-    if (auto f = blas().sgemm) {
-      const float beta = 0.0f;
-      f("T", "N", &n, &rows, &d, &alpha, k, &ldk_i, q, &d, &beta, s, &lds);
-      return;
-    }
-  } else {
-    if (auto f = gemm16<T>()) {
-      f(kCblasRowMajor, kCblasNoTrans, kCblasTrans, rows, n, d, alpha,
-        reinterpret_cast<const uint16_t*>(q), d, reinterpret_cast<const uint16_t*>(k), ldk_i, 0.0f,
-        s, lds);
-      return;
-    }
+// S [rows x n] (row-major, ld lds) = alpha * Q [rows x d] * K [n x d]^T.
+void gemm_qk(int n, int rows, int d, float alpha, const float* k, int ldk, const float* q,
+             float* s, int lds) {
+  if (SgemmFn f = find_sgemm()) {
+    const float beta = 0.0f;  // column-major: S^T [n x rows] = K [n x d] * Q^T [d x rows]
+    f("T", "N", &n, &rows, &d, &alpha, k, &ldk, q, &d, &beta, s, &lds);
+    return;
   }
-  // Generic path: ATen matmul on views, in fp32.
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor qt = at::from_blob(const_cast<T*>(q), {rows, d}, opts).to(at::kFloat);
-  const at::Tensor kt = at::from_blob(const_cast<T*>(k), {n, d}, {ldk, 1}, opts).to(at::kFloat);
-  at::Tensor st = at::from_blob(s, {rows, n}, {lds, 1}, at::TensorOptions().dtype(at::kFloat));
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor qt = at::from_blob(const_cast<float*>(q), {rows, d}, opts);
+  const at::Tensor kt = at::from_blob(const_cast<float*>(k), {n, d}, {ldk, 1}, opts);
+  at::Tensor st = at::from_blob(s, {rows, n}, {lds, 1}, opts);
   at::mm_out(st, qt, kt.t());
   st.mul_(alpha);
 }
 
 // ACC [rows x d] = P [rows x n] * V [n x d] + beta * ACC.
-template <typename T>
-void gemm_pv(int d, int rows, int n, const T* v, int64_t ldv, const T* p, int ldp, float beta,
+void gemm_pv(int d, int rows, int n, const float* v, int ldv, const float* p, int ldp, float beta,
              float* acc) {
-  const int ldv_i = static_cast<int>(ldv);
-  if constexpr (std::is_same_v<T, float>) {
-    if (auto f = blas().sgemm) {
-      const float one = 1.0f;
-      f("N", "N", &d, &rows, &n, &one, v, &ldv_i, p, &ldp, &beta, acc, &d);
-      return;
-    }
-  } else {
-    if (auto f = gemm16<T>()) {
-      f(kCblasRowMajor, kCblasNoTrans, kCblasNoTrans, rows, d, n, 1.0f,
-        reinterpret_cast<const uint16_t*>(p), ldp, reinterpret_cast<const uint16_t*>(v), ldv_i,
-        beta, acc, d);
-      return;
-    }
+  if (SgemmFn f = find_sgemm()) {
+    const float one = 1.0f;  // column-major: ACC^T [d x rows] = V^T [d x n] * P^T [n x rows]
+    f("N", "N", &d, &rows, &n, &one, v, &ldv, p, &ldp, &beta, acc, &d);
+    return;
   }
-  // Generic path: ATen matmul on views, in fp32.
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor pt = at::from_blob(const_cast<T*>(p), {rows, n}, {ldp, 1}, opts).to(at::kFloat);
-  const at::Tensor vt = at::from_blob(const_cast<T*>(v), {n, d}, {ldv, 1}, opts).to(at::kFloat);
-  at::Tensor at_acc = at::from_blob(acc, {rows, d}, at::TensorOptions().dtype(at::kFloat));
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor pt = at::from_blob(const_cast<float*>(p), {rows, n}, {ldp, 1}, opts);
+  const at::Tensor vt = at::from_blob(const_cast<float*>(v), {n, d}, {ldv, 1}, opts);
+  at::Tensor at_acc = at::from_blob(acc, {rows, d}, opts);
   if (beta == 0.0f)
     at::mm_out(at_acc, pt, vt);
   else
     at_acc.addmm_(pt, vt);
 }
+
+// Tiles with fewer rows than this use the dot-product kernels instead of GEMMs.
+constexpr int kSmallRows = 8;
 
 template <typename T>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -286,21 +322,32 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   std::vector<Tile> tiles;
   for (int b = 0; b < static_cast<int>(lens.size()); ++b) {
     const int nq = cu[b + 1] - cu[b];
-    for (int t0 = 0; t0 < nq; t0 += P.tokens_per_tile)
-      tiles.push_back({b, t0, std::min(nq, t0 + P.tokens_per_tile)});
+    for (int t0 = 0; t0 < nq; t0 += P.tokens_per_tile) {
+      const int t1 = std::min(nq, t0 + P.tokens_per_tile);
+      // Cost estimate: rows x keys up to the last key any row sees.
+      int kend = 0;
+      for (int t = t0; t < t1; ++t)
+        kend = std::max(kend, beacon::key_end(
+                                  beacon::row_spans(lens[b], nq, t, P.mode, P.attend_previous)));
+      tiles.push_back({b, t0, t1, static_cast<int64_t>(t1 - t0) * kend});
+    }
   }
+  // Longest first, handed out dynamically below: tiles differ in cost (causal rows, beacon
+  // rows, sequences of different lengths) and the machine may be shared.
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const Tile& a, const Tile& b) { return a.cost > b.cost; });
   const int64_t n_work = static_cast<int64_t>(tiles.size()) * P.kv_heads;
   if (n_work == 0) return;
 
-  constexpr bool kReduced = !std::is_same_v<T, float>;
-  // Per-thread scratch: Q tile, scores, probabilities in T (reduced types), accumulator, state.
+  constexpr bool kWiden = !std::is_same_v<T, float>;
+  // Per-thread fp32 scratch: Q tile, scores, accumulator, row state, widened K and V blocks.
+  const int key_block = tile_sizes().key_block;
   const int64_t q_elems = static_cast<int64_t>(rows_max) * d;
-  const int64_t s_elems = static_cast<int64_t>(rows_max) * kKeyBlock;
-  const int64_t floats_per_thread = s_elems + q_elems + 3 * rows_max;
-  const int64_t t_per_thread = q_elems + (kReduced ? s_elems : 0);
+  const int64_t s_elems = static_cast<int64_t>(rows_max) * key_block;
+  const int64_t kv_elems = kWiden ? static_cast<int64_t>(key_block) * d : 0;
+  const int64_t per_thread = 2 * q_elems + s_elems + 3 * rows_max + 2 * kv_elems;
   const int n_threads = at::get_num_threads();
-  std::vector<float> fbuf(static_cast<size_t>(floats_per_thread) * n_threads);
-  std::vector<T> tbuf(static_cast<size_t>(t_per_thread) * n_threads);
+  std::vector<float> buffer(static_cast<size_t>(per_thread) * n_threads);
 
   const T* q_data = q.const_data_ptr<T>();
   const T* k_data = k.const_data_ptr<T>();
@@ -308,47 +355,48 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   T* out_data = out.data_ptr<T>();
   float* lse_data = lse.data_ptr<float>();
 
-  at::parallel_for(0, n_work, 1, [&](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
-    float* scores = fbuf.data() + tid * floats_per_thread;
-    float* acc = scores + s_elems;
-    float* row_max = acc + q_elems;
+  std::atomic<int64_t> next_work{0};
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    float* q_tile = buffer.data() + at::get_thread_num() * per_thread;
+    float* acc = q_tile + q_elems;
+    float* scores = acc + q_elems;
+    float* row_max = scores + s_elems;
     float* row_sum = row_max + rows_max;
     float* corr = row_sum + rows_max;
-    T* q_tile = tbuf.data() + tid * t_per_thread;
-    T* probs = q_tile + q_elems;
+    float* k_block = corr + rows_max;
+    float* v_block = k_block + kv_elems;
     std::vector<RowSpans> spans(P.tokens_per_tile);
     std::vector<BlockKind> kinds(P.tokens_per_tile);
 
-    for (int64_t w = begin; w < end; ++w) {
+    for (int64_t w = next_work.fetch_add(1); w < n_work; w = next_work.fetch_add(1)) {
       const Tile& tile = tiles[w / P.kv_heads];
       const int64_t kvh = w % P.kv_heads;
       const SeqLens& L = lens[tile.b];
       const int nq = cu[tile.b + 1] - cu[tile.b];
       const int n_tok = tile.t1 - tile.t0;
       const int rows = n_tok * G;
+      const bool small = rows < kSmallRows;
       const int64_t row0 = cu[tile.b] + tile.t0;  // packed index of the tile's first query
 
-      // Gather the tile's queries: row r = (token r / G, head kvh * G + r % G).
+      // Gather the tile's queries in fp32: row r = (token r / G, head kvh * G + r % G).
       int key_end = 0;
       for (int t = 0; t < n_tok; ++t) {
         spans[t] = beacon::row_spans(L, nq, tile.t0 + t, P.mode, P.attend_previous);
         key_end = std::max(key_end, beacon::key_end(spans[t]));
-        for (int g = 0; g < G; ++g) {
-          const T* src = q_data + (row0 + t) * P.q_s0 + (kvh * G + g) * P.q_s1;
-          std::memcpy(q_tile + static_cast<int64_t>(t * G + g) * d, src, sizeof(T) * d);
-        }
+        to_float(q_data + (row0 + t) * P.q_s0 + kvh * G * P.q_s1, P.q_s1, G, d,
+                 q_tile + static_cast<int64_t>(t) * G * d);
       }
       for (int r = 0; r < rows; ++r) {
         row_max[r] = kNegInf;
         row_sum[r] = 0.0f;
       }
+      if (small) std::fill(acc, acc + static_cast<int64_t>(rows) * d, 0.0f);
       const T* k_seq = k_data + tile.b * P.k_s0 + kvh * P.k_s1;
       const T* v_seq = v_data + tile.b * P.v_s0 + kvh * P.v_s1;
 
       bool first = true;
-      for (int k0 = 0; k0 < key_end; k0 += kKeyBlock) {
-        const int k1 = std::min(k0 + kKeyBlock, key_end);
+      for (int k0 = 0; k0 < key_end; k0 += key_block) {
+        const int k1 = std::min(k0 + key_block, key_end);
         const int n = k1 - k0;
         BlockKind kind = BlockKind::kSkip;
         for (int t = 0; t < n_tok; ++t) {
@@ -357,7 +405,23 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         }
         if (kind == BlockKind::kSkip) continue;
 
-        gemm_qk<T>(n, rows, d, P.scale, k_seq + k0 * P.k_s2, P.k_s2, q_tile, scores, n);
+        const T* kb = k_seq + k0 * P.k_s2;
+        const T* vb = v_seq + k0 * P.v_s2;
+        const float* kf = nullptr;
+        const float* vf = nullptr;
+        int ldk = static_cast<int>(P.k_s2), ldv = static_cast<int>(P.v_s2);
+        if (small) {
+          small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
+        } else {
+          if constexpr (kWiden) {
+            to_float(kb, P.k_s2, n, d, k_block);
+            to_float(vb, P.v_s2, n, d, v_block);
+            kf = k_block, vf = v_block, ldk = ldv = d;
+          } else {
+            kf = kb, vf = vb;
+          }
+          gemm_qk(n, rows, d, P.scale, kf, ldk, q_tile, scores, n);
+        }
         if (kind == BlockKind::kPartial) {
           for (int t = 0; t < n_tok; ++t) {
             if (kinds[t] == BlockKind::kFull) continue;
@@ -372,12 +436,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         }
         softmax_update(scores, rows, n, n, row_max, row_sum, corr);
         if (!first) scale_rows(acc, rows, d, corr);
-        if constexpr (kReduced) {
-          to_reduced(scores, probs, static_cast<int64_t>(rows) * n);
-          gemm_pv<T>(d, rows, n, v_seq + k0 * P.v_s2, P.v_s2, probs, n, first ? 0.0f : 1.0f, acc);
-        } else {
-          gemm_pv<T>(d, rows, n, v_seq + k0 * P.v_s2, P.v_s2, scores, n, first ? 0.0f : 1.0f, acc);
-        }
+        if (small)
+          small_pv(scores, rows, n, vb, P.v_s2, d, acc);
+        else
+          gemm_pv(d, rows, n, vf, ldv, scores, n, first ? 0.0f : 1.0f, acc);
         first = false;
       }
 
@@ -497,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   P.kv_heads = kv_heads;
   P.group = heads / kv_heads;
   P.head_dim = d;
-  P.tokens_per_tile = static_cast<int>(std::max<int64_t>(1, kQueryRows / P.group));
+  P.tokens_per_tile = static_cast<int>(std::max<int64_t>(1, tile_sizes().query_rows / P.group));
   P.rows_per_tile = static_cast<int>(P.tokens_per_tile * P.group);
   P.scale = softmax_scale > 0 ? static_cast<float>(softmax_scale)
                               : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
