@@ -92,9 +92,25 @@ def compact_(
 
 
 # Fake kernels: the ops return nothing and only mutate their inputs, whose metadata is unchanged.
+# They check what is known without data (devices, ranks, dtypes), so that a call mixing devices
+# (e.g. a meta length tensor) fails clearly instead of dispatching to this no-op.
+def _check_devices(op: str, ref_name: str, ref: Tensor, others: dict[str, Tensor]) -> None:
+    for name, t in others.items():
+        torch._check(t.device == ref.device,
+                     lambda: f"{op}: {name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def _check_int32(op: str, tensors: dict[str, Tensor]) -> None:
+    for name, t in tensors.items():
+        torch._check(t.dtype == torch.int32 and t.dim() == 1,
+                     lambda: f"{op}: {name} must be an int32 vector, got {t.dtype} {tuple(t.shape)}")
+
+
 @torch.library.register_fake("beacon::rope_")
 def _rope_fake(x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> None:
     torch._check(x.dim() == 3, lambda: f"rope_: x must be [tokens, heads, head_dim], got {tuple(x.shape)}")
+    _check_devices("rope_", "x", x, {"positions": positions, "cos": cos, "sin": sin})
+    _check_int32("rope_", {"positions": positions})
     return None
 
 
@@ -103,12 +119,20 @@ def _append_kv_fake(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tens
                     mem_len: Tensor, raw_len: Tensor, beacon_len: Tensor, positions: Tensor, cos: Tensor,
                     sin: Tensor, interleaved: bool) -> None:
     torch._check(k_cache.dim() == 4, lambda: f"append_kv: k_cache must be 4-D, got {tuple(k_cache.shape)}")
+    ints = {"cu_seqlens": cu_seqlens, "mem_len": mem_len, "raw_len": raw_len, "beacon_len": beacon_len,
+            "positions": positions}
+    _check_devices("append_kv", "k_cache", k_cache,
+                   {"v_cache": v_cache, "k_new": k_new, "v_new": v_new, "cos": cos, "sin": sin, **ints})
+    _check_int32("append_kv", ints)
     return None
 
 
 @torch.library.register_fake("beacon::compact_")
 def _compact_fake(k_cache: Tensor, v_cache: Tensor, mem_len: Tensor, raw_len: Tensor, beacon_len: Tensor,
-                  ratio: Tensor, cos: Tensor, sin: Tensor, window: int, stride: int, mode: str,
+                  ratio: Tensor, cos: Tensor, sin: Tensor, window: int, stride: int, beacon_mode: str,
                   interleaved: bool) -> None:
     torch._check(k_cache.dim() == 5, lambda: f"compact_: k_cache must be 5-D, got {tuple(k_cache.shape)}")
+    ints = {"mem_len": mem_len, "raw_len": raw_len, "beacon_len": beacon_len, "ratio": ratio}
+    _check_devices("compact_", "k_cache", k_cache, {"v_cache": v_cache, "cos": cos, "sin": sin, **ints})
+    _check_int32("compact_", ints)
     return None
