@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
+import sys
 
 from .cli import command, write_json
 
-KINDS = ("attention", "decode", "compaction", "llama")
+KINDS = ("attention", "long-context", "decode", "compaction", "llama")
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -58,14 +60,18 @@ def _bench(args: argparse.Namespace) -> int:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "cpus": os.cpu_count(),
+            "load_average_1_5_15min_at_start": os.getloadavg(),
         },
+        "command": "python -m beacon_ops " + " ".join(sys.argv[1:]),
         "quick": args.quick,
     }
     for kind in kinds:
+        mod_name = f"beacon_ops.benchmarks.{kind.replace('-', '_')}"
         try:
-            mod = importlib.import_module(f"beacon_ops.benchmarks.{kind}")
+            mod = importlib.import_module(mod_name)
         except ModuleNotFoundError as e:
-            if e.name != f"beacon_ops.benchmarks.{kind}":
+            if e.name != mod_name:
                 raise
             print(f"== {kind}: not implemented yet")
             continue
@@ -73,10 +79,19 @@ def _bench(args: argparse.Namespace) -> int:
         res = mod.run(args.device, args.quick)
         print_table(res.get("rows", []))
         for k, v in res.items():
-            if k not in ("rows", "plots"):
+            if k in ("rows", "plots"):
+                continue
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                print(f"{k}:")
+                print_table(v)
+            else:
                 print(f"{k}: {v}")
         results[kind] = res
         if args.plot and hasattr(mod, "plot"):
-            mod.plot(res, args.plot)
+            res["plots"] = mod.plot(res, args.plot)
+            print("plots: " + ", ".join(res["plots"] or []))
+    results["machine"]["load_average_1_5_15min_at_end"] = os.getloadavg()
+    print(f"load average (1, 5, 15 min): start {results['machine']['load_average_1_5_15min_at_start']}, "
+          f"end {results['machine']['load_average_1_5_15min_at_end']} on {os.cpu_count()} CPUs")
     write_json(results, args.json)
     return 0
