@@ -24,6 +24,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes on a 2-core CPU)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots (matplotlib) into DIR")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (torch.set_num_threads, and OMP_NUM_THREADS for child "
+                        "processes); default: torch's default")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -52,6 +55,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but no CUDA device is available")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"bench: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     kinds = KINDS if args.kind == "all" else (args.kind,)
     results = {
         "machine": {

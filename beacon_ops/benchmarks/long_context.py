@@ -181,7 +181,7 @@ def time_sdpa(device: str, dtype: torch.dtype, *, length: int, heads: int, head_
 
 def measure(device: str, dtype_name: str, head_dim: int, lengths: list[int], ratios: list[int],
             *, heads: int, sdpa_budget_s: float, sample_above: int | None, sample: int,
-            matmul: float, force_sdpa: set[int] = frozenset()) -> list[dict]:
+            matmul: float, force_sdpa: set[int] | frozenset = frozenset()) -> list[dict]:
     """Rows for one dtype and head dim: every length x ratio, SDPA per length (shared)."""
     dtype = DTYPES[dtype_name]
     rows = []
@@ -197,8 +197,11 @@ def measure(device: str, dtype_name: str, head_dim: int, lengths: list[int], rat
             res = time_prefill(device, dtype, length=length, ratio=ratio, heads=heads,
                                head_dim=head_dim, sample=samp)
             beacon_rows.append((ratio, res))
+        check = None  # what extrapolation would have said, for a forced measurement
         if predicted <= sdpa_budget_s or length in force_sdpa:
             t_sdpa = time_sdpa(device, dtype, length=length, heads=heads, head_dim=head_dim)
+            if predicted > sdpa_budget_s:
+                check = predicted
             sdpa_measured = (length, t_sdpa)
             extrapolated = False
         else:
@@ -221,6 +224,8 @@ def measure(device: str, dtype_name: str, head_dim: int, lengths: list[int], rat
                 "beacon_vs_matmul": gf * pairs_beacon / t_b / matmul,
                 "sdpa_vs_matmul": gf * pairs_full / t_sdpa / matmul,
             })
+            if check is not None:  # measured although the budget said extrapolate
+                rows[-1]["sdpa_extrapolation_would_be_ms"] = check * 1e3
     return rows
 
 
@@ -241,9 +246,12 @@ def run(device: str, quick: bool) -> dict:
     for dtype_name in dtypes:
         matmul[dtype_name] = matmul_gflops(device, 1024, DTYPES[dtype_name])
         for d in head_dims:
+            # The headline (fp32, head_dim 128) measures SDPA at the longest length too, and
+            # records what the extrapolation would have given (a check of the method).
+            force = {lengths[-1]} if (dtype_name, d) == ("fp32", 128) and not quick else set()
             rows += measure(device, dtype_name, d, lengths, ratios, heads=heads,
                             sdpa_budget_s=budget, sample_above=sample_above, sample=sample,
-                            matmul=matmul[dtype_name])
+                            matmul=matmul[dtype_name], force_sdpa=force)
     # One window step vs SDPA with the materialised beacon mask: the last window of the largest
     # input (r = 32), fp32 and bf16, head_dim 128.
     steps = []

@@ -78,14 +78,15 @@ def llama_plots(rows: list[dict], out_dir: str) -> list[str]:
                 continue
             label = attn if attn == "full" else f"beacon r={ar[0].get('ratio', '?')}"
             ax_t.plot([r["context"] for r in ar], [r["prefill_s"] for r in ar], style, label=label)
-            mem = [r for r in ar if r.get("peak_mb") is not None]
-            ax_m.plot([r["context"] for r in mem], [r["peak_mb"] for r in mem], style, label=label)
+            mem = [r for r in ar if r.get("model_peak_mb") is not None]
+            ax_m.plot([r["context"] for r in mem], [r["model_peak_mb"] for r in mem], style,
+                      label=label)
         for ax in (ax_t, ax_m):
             _ctx_axis(ax, (r["context"] for r in mr))
             ax.legend(fontsize=8)
         ax_t.set_yscale("log")
         ax_t.set_ylabel("prefill time (s)")
-        ax_m.set_ylabel("peak memory of the prefill (MB)")
+        ax_m.set_ylabel("weights + peak memory of the prefill (MB)")
         ax_t.set_title(f"{model}: prefill time")
         ax_m.set_title(f"{model}: peak memory (see method)")
         fig.tight_layout()
