@@ -16,7 +16,10 @@ time only (no projections, no cache writes).
 How the times are taken (written into every result so that nobody has to guess):
 
 - beacon: every window of the input is run and timed (once, after one warm-up call of the
-  largest window) and the times are summed, unless ``sample`` is set: then ``sample`` windows
+  largest window) and the times are summed; where SDPA is measured, this pass runs before and
+  after SDPA and the two sums are averaged (``beacon_passes``, ``beacon_pass_spread`` =
+  (max - min) / mean shows the machine's noise), so that a change of load during a long SDPA
+  call weighs on both sides alike. With ``sample`` set, ``sample`` windows
   spread evenly over the input are timed (median of 3 calls each) and the others are
   interpolated linearly in the window index (a window's work is affine in its index); rows say
   ``windows_timed``.
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+import sys
 import time
 
 import torch
@@ -193,6 +197,10 @@ def time_sdpa(device: str, dtype: torch.dtype, *, length: int, heads: int, head_
     return time_fn(fn, device, min_time=0.5, max_reps=20, warmup=0)
 
 
+def _log(msg: str) -> None:
+    print(f"[long-context {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def measure(device: str, dtype_name: str, head_dim: int, lengths: list[int], ratios: list[int],
             *, heads: int, sdpa_budget_s: float, sample_above: int | None, sample: int,
             matmul: float, force_sdpa: set[int] | frozenset = frozenset()) -> list[dict]:
@@ -205,12 +213,14 @@ def measure(device: str, dtype_name: str, head_dim: int, lengths: list[int], rat
         pairs_full = causal_pairs(length)
         predicted = (sdpa_measured[1] * pairs_full / causal_pairs(sdpa_measured[0])
                      if sdpa_measured else 0.0)
-        beacon_rows = []
-        for ratio in ratios:
-            samp = sample if sample_above is not None and length > sample_above else None
-            res = time_prefill(device, dtype, length=length, ratio=ratio, heads=heads,
-                               head_dim=head_dim, sample=samp)
-            beacon_rows.append((ratio, res))
+        samp = sample if sample_above is not None and length > sample_above else None
+
+        def beacon_pass() -> list[dict]:
+            return [time_prefill(device, dtype, length=length, ratio=ratio, heads=heads,
+                                 head_dim=head_dim, sample=samp) for ratio in ratios]
+
+        t_start = time.perf_counter()
+        before = beacon_pass()
         check = None  # what extrapolation would have said, for a forced measurement
         if predicted <= sdpa_budget_s or length in force_sdpa:
             t_sdpa = time_sdpa(device, dtype, length=length, heads=heads, head_dim=head_dim)
@@ -218,13 +228,23 @@ def measure(device: str, dtype_name: str, head_dim: int, lengths: list[int], rat
                 check = predicted
             sdpa_measured = (length, t_sdpa)
             extrapolated = False
+            # Sandwich: the beacon passes before and after SDPA are averaged, so that a change
+            # of the machine's load during the (long) SDPA call weighs on both sides alike.
+            after = beacon_pass()
         else:
             t_sdpa = predicted
             extrapolated = True
+            after = None
+        _log(f"{dtype_name} d{head_dim} L={length}: sdpa {t_sdpa:.2f} s"
+             f"{' (extrapolated)' if extrapolated else ''}, beacon "
+             + ", ".join(f"r{r} {b['beacon_s']:.2f} s" for r, b in zip(ratios, before))
+             + f" [{time.perf_counter() - t_start:.0f} s]")
         gf = 4 * head_dim * heads / 1e9
-        for ratio, res in beacon_rows:
+        for i, ratio in enumerate(ratios):
+            res = before[i]
             pairs_beacon = prefill_pairs(length, WINDOW, ratio)
-            t_b = res["beacon_s"]
+            passes = [res["beacon_s"]] + ([after[i]["beacon_s"]] if after else [])
+            t_b = sum(passes) / len(passes)
             rows.append({
                 "dtype": dtype_name, "head_dim": head_dim, "heads": heads, "context": length,
                 "ratio": ratio, "windows": res["windows"], "windows_timed": res["windows_timed"],
@@ -233,6 +253,8 @@ def measure(device: str, dtype_name: str, head_dim: int, lengths: list[int], rat
                 "sdpa_pairs": pairs_full, "sdpa_ms": t_sdpa * 1e3,
                 "sdpa_gflops": gf * pairs_full / t_sdpa,
                 "sdpa_extrapolated": extrapolated,
+                "beacon_passes": len(passes),
+                "beacon_pass_spread": (max(passes) - min(passes)) / t_b,
                 "speedup": t_sdpa / t_b,
                 "ideal_speedup": pairs_full / pairs_beacon,
                 "beacon_vs_matmul": gf * pairs_beacon / t_b / matmul,
@@ -289,7 +311,9 @@ def run(device: str, quick: bool) -> dict:
         "config": {"window": WINDOW, "stride": WINDOW, "mode": MODE, "heads": heads,
                    "kv_heads": heads, "lengths": lengths, "ratios": ratios,
                    "sdpa_budget_s": budget,
-                   "beacon_timing": "every window timed once and summed" if sample_above is None
+                   "beacon_timing": "every window timed once and summed; mean of the passes "
+                                    "before and after SDPA where SDPA is measured"
+                   if sample_above is None
                    else f"{sample} windows timed above {sample_above} tokens, rest interpolated",
                    "sdpa_extrapolation": "t(L) = t(L_max measured) * pairs(L) / pairs(L_max)",
                    "flops": "4 * head_dim * exact allowed pairs * heads"},
