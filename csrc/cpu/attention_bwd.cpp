@@ -132,7 +132,8 @@ Sequences check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Te
 // Contiguous views of the inputs in the accumulation type T, and the problem's dimensions.
 template <typename T>
 struct Problem {
-  const T *q, *k, *v, *dout, *delta;
+  const T *q, *k, *dout, *delta;
+  const T *k_t, *v_t;  // keys and values transposed, [batch, kv_heads, dim, capacity]
   const float* lse;
   int64_t heads, kv_heads, group, capacity, dim;
   T scale;
@@ -145,15 +146,8 @@ struct Problem {
   int64_t kv_off(int64_t b, int64_t g, int64_t key) const {
     return ((b * kv_heads + g) * capacity + key) * dim;
   }
+  int64_t kv_t_off(int64_t b, int64_t g) const { return (b * kv_heads + g) * dim * capacity; }
 };
-
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
 
 template <typename T>
 inline void axpy(T alpha, const T* x, T* y, int64_t n) {
@@ -170,6 +164,8 @@ bool tile_probs_and_dscores(const Problem<T>& p, int b, int64_t h, int i0, int i
   const SeqLens& L = p.seqs->lens[b];
   const int n_q = p.seqs->n_q[b];
   const int64_t g = h / p.group;
+  const T* k_t = p.k_t + p.kv_t_off(b, g);
+  const T* v_t = p.v_t + p.kv_t_off(b, g);
   bool any = false;
   for (int i = i0; i < i1; ++i) {
     T* P_row = P + (i - i0) * kBlockK;
@@ -188,16 +184,23 @@ bool tile_probs_and_dscores(const Problem<T>& p, int b, int64_t h, int i0, int i
     const T* q_i = p.q + p.q_off(token, h);
     const T* do_i = p.dout + p.q_off(token, h);
     const T delta_i = p.delta[token * p.heads + h];
+    // Scores q_i.k and dP = dout_i.v over the whole block at once: one multiply-add along the
+    // (transposed, contiguous) keys per head_dim element, which vectorises.
+    std::fill(P_row, P_row + (k1 - k0), T(0));
+    std::fill(dS_row, dS_row + (k1 - k0), T(0));
+    for (int64_t d = 0; d < p.dim; ++d) {
+      axpy(q_i[d], k_t + d * p.capacity + k0, P_row, k1 - k0);
+      axpy(do_i[d], v_t + d * p.capacity + k0, dS_row, k1 - k0);
+    }
     for (int key = k0; key < k1; ++key) {
       if (kind == BlockKind::kPartial && !beacon::key_visible(spans, key)) {
         P_row[key - k0] = T(0);
         dS_row[key - k0] = T(0);
         continue;
       }
-      const T prob = std::exp(p.scale * dot(q_i, p.k + p.kv_off(b, g, key), p.dim) - lse);
-      const T dprob = dot(do_i, p.v + p.kv_off(b, g, key), p.dim);
+      const T prob = std::exp(p.scale * P_row[key - k0] - lse);
       P_row[key - k0] = prob;
-      dS_row[key - k0] = prob * (dprob - delta_i);
+      dS_row[key - k0] = prob * (dS_row[key - k0] - delta_i);
     }
   }
   return any;
@@ -267,8 +270,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   // Widen once (no copy for contiguous inputs already in T). autograd may hand in an expanded
   // or otherwise strided dout: contiguous() covers that too.
   const at::Tensor q_t = q.to(acc).contiguous();
-  const at::Tensor k_t = k_cache.to(acc).contiguous();
-  const at::Tensor v_t = v_cache.to(acc).contiguous();
+  const at::Tensor k_acc = k_cache.to(acc).contiguous();
+  const at::Tensor k_t = k_acc.transpose(2, 3).contiguous();
+  const at::Tensor v_t = v_cache.to(acc).transpose(2, 3).contiguous();
   const at::Tensor do_t = dout.to(acc).contiguous();
   const at::Tensor lse_t = lse.contiguous();
   const at::Tensor delta = (do_t * out.to(acc)).sum(-1).contiguous();  // D: [total_q, heads]
@@ -279,8 +283,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
 
   Problem<T> p;
   p.q = q_t.data_ptr<T>();
-  p.k = k_t.data_ptr<T>();
-  p.v = v_t.data_ptr<T>();
+  p.k = k_acc.data_ptr<T>();
+  p.k_t = k_t.data_ptr<T>();
+  p.v_t = v_t.data_ptr<T>();
   p.dout = do_t.data_ptr<T>();
   p.delta = delta.data_ptr<T>();
   p.lse = lse_t.data_ptr<float>();
