@@ -214,9 +214,11 @@ def grads_of_op(case, inputs, lengths, dout, dlse=None):
     kw = op_kwargs(case)
     out, lse = torch.ops.beacon.attention(q, k, v, *lengths, kw["max_seqlen_q"], kw["mode"],
                                           kw["attend_previous"], kw["softmax_scale"])
-    loss = (out.float() * dout).sum()
+    # dout None: the loss is out.sum(), whose gradient reaches the op as an expanded tensor.
+    loss = out.sum() if dout is None else (out.float() * dout).sum()
     if dlse is not None:
-        loss = loss + (torch.where(torch.isinf(lse), 0.0, lse) * dlse).sum()
+        loss = (0 if dout is None else loss) + (torch.where(torch.isinf(lse), 0.0, lse)
+                                                 * dlse).sum()
     loss.backward()
     return q.grad, k.grad, v.grad
 
@@ -224,11 +226,13 @@ def grads_of_op(case, inputs, lengths, dout, dlse=None):
 def grads_of_reference(case, inputs, lengths, dout, dlse=None, dtype=torch.float64):
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in inputs)
     out, lse = reference_attention(q, k, v, case)
-    loss = (out.double() * dout.double()).sum()
+    loss = out.double().sum() if dout is None else (out.double() * dout.double()).sum()
     if dlse is not None:
-        loss = loss + (torch.where(torch.isinf(lse), 0.0, lse).double() * dlse.double()).sum()
+        loss = ((0 if dout is None else loss)
+                + (torch.where(torch.isinf(lse), 0.0, lse).double() * dlse.double()).sum())
     loss.backward()
-    return q.grad, k.grad, v.grad
+    # A loss on lse alone does not reach v: its gradient is zero.
+    return tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in (q, k, v))
 
 
 def random_grads(case, inputs, seed=1):
@@ -240,22 +244,36 @@ def random_grads(case, inputs, seed=1):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("with_lse_grad", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("loss", ["out", "out+lse"])
 @pytest.mark.parametrize("attend_previous", [True, False])
 @pytest.mark.parametrize("mode", MODES)
-def test_fp32_matches_reference(device, mode, attend_previous, with_lse_grad):
+def test_fp32_matches_reference(device, mode, attend_previous, loss):
     # Longer than one tile (64 keys, 32 queries) so that block skipping is exercised.
     seqs = [Seq(mem=40, raw=64, beacon=8, ratio=8, n_q=72), Seq(mem=9, raw=30, beacon=0, ratio=4,
                                                                  n_q=17)]
     case = Case(seqs, heads=4, kv_heads=2, dim=16, mode=mode, attend_previous=attend_previous)
     inputs, lengths = make_inputs(case, torch.float32, device)
     dout, dlse = random_grads(case, inputs)
-    if not with_lse_grad:
+    if loss == "out":
         dlse = None
     got = grads_of_op(case, inputs, lengths, dout, dlse)
     want = grads_of_reference(case, inputs, lengths, dout, dlse)
     for name, g, w in zip(("dq", "dk_cache", "dv_cache"), got, want):
         assert g.dtype == torch.float32 and g.shape == w.shape, name
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loss", ["out.sum", "lse only"])
+def test_fp32_expanded_dout_and_lse_only(device, loss):
+    """out.sum() hands the op an expanded (stride 0) dout; a loss on lse alone gives no dout."""
+    case = Case(VARLEN, heads=4, kv_heads=2, dim=8, mode="segmentation")
+    inputs, lengths = make_inputs(case, torch.float32, device)
+    _, dlse = random_grads(case, inputs)
+    dlse = dlse if loss == "lse only" else None
+    got = grads_of_op(case, inputs, lengths, None, dlse)
+    want = grads_of_reference(case, inputs, lengths, None, dlse)
+    for name, g, w in zip(("dq", "dk_cache", "dv_cache"), got, want):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5, msg=name)
 
 

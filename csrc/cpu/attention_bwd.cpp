@@ -11,7 +11,8 @@
 //   2. dQ:     parallel over (sequence, query head, query block).
 // Recomputing P in both passes costs two extra tile products but needs no atomics and no
 // per-thread copies of the cache. bf16/fp16/fp32 run in fp32 (inputs widened once); fp64 runs
-// in fp64 (so that gradcheck can test this kernel against finite differences).
+// in fp64 (so that gradcheck can test this kernel against finite differences). Extra memory:
+// the widened inputs, a transposed copy of the layer's K and V, and one tile per thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
