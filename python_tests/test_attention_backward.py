@@ -400,6 +400,7 @@ def _bad_call(**change):
     (lambda a: {"cu_seqlens_q": a["cu_seqlens_q"].long()}, "cu_seqlens_q"),
     (lambda a: {"raw_len": torch.tensor([7, 5], dtype=torch.int32)}, "cu_seqlens_q"),
     (lambda a: {"ratio": torch.tensor([-1, 2], dtype=torch.int32)}, "ratio"),
+    (lambda a: {"ratio": torch.tensor([0, 2], dtype=torch.int32)}, "ratio"),  # beacons need r
     (lambda a: {"mem_len": torch.tensor([3], dtype=torch.int32)}, "mem_len"),
     (lambda a: {"max_seqlen_q": 4}, "max_seqlen_q"),
     (lambda a: {"mode": "causal"}, "mode"),

@@ -117,6 +117,8 @@ Sequences check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Te
     TORCH_CHECK(raw[b] >= 0, "raw_len: negative for sequence ", b);
     TORCH_CHECK(bea[b] >= 0, "beacon_len: negative for sequence ", b);
     TORCH_CHECK(rat[b] >= 0, "ratio: negative for sequence ", b);
+    TORCH_CHECK(bea[b] == 0 || rat[b] > 0, "ratio: must be > 0 for sequence ", b,
+                " with beacon_len ", bea[b]);
     TORCH_CHECK(int64_t(mem[b]) + raw[b] + bea[b] <= capacity, "k_cache: capacity ", capacity,
                 " is below sequence ", b, "'s mem_len + raw_len + beacon_len = ",
                 int64_t(mem[b]) + raw[b] + bea[b]);
