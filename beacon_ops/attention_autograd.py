@@ -36,7 +36,8 @@ def beacon_attention_backward(
             (the condensed-cache contract of README.md).
         out, lse: the forward's outputs (``lse`` fp32 natural log, ``+inf`` for rows that see
             no key; such rows contribute nothing).
-        softmax_scale: the forward's scale; ``None`` means ``head_dim ** -0.5``.
+        softmax_scale: the forward's scale; ``None`` (or ``<= 0``, as in the forward) means
+            ``head_dim ** -0.5``.
 
     Returns:
         ``(dq, dk_cache, dv_cache)`` shaped and typed like ``q``, ``k_cache``, ``v_cache``

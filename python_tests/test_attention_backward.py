@@ -147,7 +147,7 @@ def _use_reference_forward_if_missing():
             mem_len.tolist(), raw_len.tolist(), beacon_len.tolist(), ratio.tolist()))]
         case = Case(seqs, q.shape[1], k_cache.shape[1], q.shape[2], mode, attend_previous,
                     slack=k_cache.shape[2] - max(s.mem + s.raw + s.beacon for s in seqs),
-                    scale=softmax_scale)
+                    scale=softmax_scale if softmax_scale > 0 else q.shape[2] ** -0.5)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         out, lse = reference_attention(q.to(acc), k_cache.to(acc), v_cache.to(acc), case)
         return out.to(q.dtype), lse.float()
@@ -260,6 +260,19 @@ def test_fp32_matches_reference(device, mode, attend_previous, loss):
     want = grads_of_reference(case, inputs, lengths, dout, dlse)
     for name, g, w in zip(("dq", "dk_cache", "dv_cache"), got, want):
         assert g.dtype == torch.float32 and g.shape == w.shape, name
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_scale(device):
+    """softmax_scale 0 means 1/sqrt(head_dim) in the forward, so also in the backward."""
+    case = Case(VARLEN, heads=2, kv_heads=1, dim=16)
+    inputs, lengths = make_inputs(case, torch.float32, device)
+    dout, dlse = random_grads(case, inputs)
+    want = grads_of_reference(case, inputs, lengths, dout, dlse)
+    case.scale = 0.0  # what beacon_attention passes for softmax_scale=None
+    got = grads_of_op(case, inputs, lengths, dout, dlse)
+    for name, g, w in zip(("dq", "dk_cache", "dv_cache"), got, want):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5, msg=name)
 
 

@@ -297,7 +297,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   p.group = p.heads / p.kv_heads;
   p.capacity = k_cache.size(2);
   p.dim = q.size(2);
-  p.scale = static_cast<T>(softmax_scale);
+  // As the forward: a scale <= 0 means 1/sqrt(head_dim).
+  p.scale = static_cast<T>(softmax_scale > 0 ? softmax_scale
+                                             : 1.0 / std::sqrt(static_cast<double>(q.size(2))));
   p.mode = mode;
   p.attend_previous = attend_previous;
   p.seqs = &seqs;
