@@ -84,6 +84,8 @@ def _backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple:
         dout, q, k_cache, v_cache, out, lse, *lengths, max_seqlen_q, mode, attend_previous,
         scale)
     if dlse is not None:
+        if scale <= 0:  # the ops' convention for the default scale
+            scale = q.shape[-1] ** -0.5
         # d lse_i / d s_ij = P_ij, so dS gains P_ij * dlse_i:
         #   dq_i += scale * dlse_i * sum_j P_ij k_j     (attention with values = keys)
         #   dk_j += scale * sum_i P_ij (dlse_i q_i)     (the dV of a backward with dout = dlse q)
