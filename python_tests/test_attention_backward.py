@@ -1,18 +1,19 @@
 """Backward of torch.ops.beacon.attention: beacon::attention_backward and the autograd formula.
 
-Everything is checked against an independent reference written here: attention with an
-explicit boolean mask built from the spec table (shared/docs/activation-beacon.md, section 3),
-differentiated by PyTorch's autograd.
+Everything is checked against an independent reference: attention with the explicit boolean
+mask of the spec table (beacon_ops.reference.beacon_mask, written apart from beacon_mask.h),
+differentiated by PyTorch's autograd. The attention around the mask is written here so that
+its gradients stay finite for rows that see no key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-import beacon_ops  # noqa: F401  (registers the ops)
-from beacon_ops import beacon_attention_backward
+from beacon_ops import beacon_attention, beacon_attention_backward
+from beacon_ops.reference import beacon_mask
 from conftest import DEVICES
 
 MODES = ["segmentation", "step-expansion", "full-coverage"]
@@ -40,7 +41,7 @@ class Case:
     mode: str = "step-expansion"
     attend_previous: bool = True
     slack: int = 2  # unused cache slots after the longest sequence
-    scale: float = field(default=0.0)
+    scale: float = 0.0  # 0: head_dim ** -0.5
 
     def __post_init__(self):
         if not self.scale:
@@ -56,22 +57,9 @@ class Case:
 
 
 def spec_mask(s: Seq, capacity: int, mode: str, attend_previous: bool) -> torch.Tensor:
-    """[n_q, capacity] bool: which cache slot each query row of the sequence may attend to."""
-    mask = torch.zeros(s.n_q, capacity, dtype=torch.bool)
-    n_raw_q = s.n_q - s.beacon
-    for i in range(n_raw_q):  # raw token t: all memory, raw 0..t
-        t = s.raw - n_raw_q + i
-        mask[i, : s.mem + t + 1] = True
-    for j in range(s.beacon):
-        row = n_raw_q + j
-        if attend_previous:
-            mask[row, : s.mem] = True
-        lo, hi = {"segmentation": (j * s.ratio, (j + 1) * s.ratio),
-                  "step-expansion": (0, (j + 1) * s.ratio),
-                  "full-coverage": (0, s.raw)}[mode]
-        mask[row, s.mem + lo: s.mem + min(hi, s.raw)] = True
-        mask[row, s.mem + s.raw + j] = True  # itself only among the beacons
-    return mask
+    """[n_q, capacity] bool: the spec-table mask of beacon_ops.reference, padded to capacity."""
+    mask = beacon_mask(s.mem, s.raw, s.beacon, s.ratio, s.n_q, mode, attend_previous)
+    return torch.nn.functional.pad(mask, (0, capacity - mask.shape[1]), value=False)
 
 
 def reference_attention(q, k_cache, v_cache, case: Case):
@@ -128,43 +116,6 @@ DECODE = [Seq(mem=4, raw=3, beacon=0, ratio=0, n_q=1), Seq(mem=2, raw=6, beacon=
 
 
 # ------------------------------------------------------------------------------------------
-# Until the CPU forward kernel is in this tree, a Python stand-in (the reference) lets the
-# autograd registration be tested through torch.ops.beacon.attention.
-
-_standin = None
-
-
-def _use_reference_forward_if_missing():
-    global _standin
-    if torch._C._dispatch_has_kernel_for_dispatch_key("beacon::attention", "CPU"):
-        return
-    _standin = torch.library.Library("beacon", "IMPL")
-
-    def cpu_attention(q, k_cache, v_cache, cu_seqlens_q, mem_len, raw_len, beacon_len, ratio,
-                      max_seqlen_q, mode, attend_previous, softmax_scale):
-        cu = cu_seqlens_q.tolist()
-        seqs = [Seq(m, r, bl, ra, cu[i + 1] - cu[i]) for i, (m, r, bl, ra) in enumerate(zip(
-            mem_len.tolist(), raw_len.tolist(), beacon_len.tolist(), ratio.tolist()))]
-        case = Case(seqs, q.shape[1], k_cache.shape[1], q.shape[2], mode, attend_previous,
-                    slack=k_cache.shape[2] - max(s.mem + s.raw + s.beacon for s in seqs),
-                    scale=softmax_scale if softmax_scale > 0 else q.shape[2] ** -0.5)
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out, lse = reference_attention(q.to(acc), k_cache.to(acc), v_cache.to(acc), case)
-        return out.to(q.dtype), lse.float()
-
-    _standin.impl("attention", cpu_attention, "CPU")
-    from torch._library.simple_registry import singleton
-
-    if singleton.find("beacon::attention").fake_impl.kernel is None:
-        @torch.library.register_fake("beacon::attention", lib=_standin)
-        def _fake(q, k_cache, v_cache, *args):
-            return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
-
-
-_use_reference_forward_if_missing()
-
-
-# ------------------------------------------------------------------------------------------
 # gradcheck (fp64): the backward op against finite differences of the fp64 reference forward.
 
 class _ReferenceForwardOpBackward(torch.autograd.Function):
@@ -211,9 +162,7 @@ def test_gradcheck_fp64(name, mode, attend_previous):
 
 def grads_of_op(case, inputs, lengths, dout, dlse=None):
     q, k, v = (t.detach().clone().requires_grad_() for t in inputs)
-    kw = op_kwargs(case)
-    out, lse = torch.ops.beacon.attention(q, k, v, *lengths, kw["max_seqlen_q"], kw["mode"],
-                                          kw["attend_previous"], kw["softmax_scale"])
+    out, lse = beacon_attention(q, k, v, *lengths, **op_kwargs(case))
     # dout None: the loss is out.sum(), whose gradient reaches the op as an expanded tensor.
     loss = out.sum() if dout is None else (out.float() * dout).sum()
     if dlse is not None:
