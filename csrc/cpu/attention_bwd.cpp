@@ -6,17 +6,21 @@
 // Which keys a row sees comes from beacon_mask.h (row_spans / classify_block / key_visible).
 //
 // Two race-free passes (each output element is written by exactly one task):
-//   1. dK, dV: parallel over (sequence, kv head, key block); the task loops over the query
-//      heads of the GQA group and every query block that sees the key block.
-//   2. dQ:     parallel over (sequence, query head, query block).
+//   1. dK, dV: parallel over (sequence, kv head, key block); the task runs over the query
+//      tokens that see the block, all query heads of the GQA group stacked as GEMM rows.
+//   2. dQ:     parallel over (sequence, kv head, query block), same stacking.
 // Recomputing P in both passes costs two extra tile products but needs no atomics and no
-// per-thread copies of the cache. bf16/fp16/fp32 run in fp32 (inputs widened once); fp64 runs
-// in fp64 (so that gradcheck can test this kernel against finite differences). Extra memory:
-// the widened inputs, a transposed copy of the layer's K and V, and one tile per thread.
+// per-thread copies of the cache. The products are ATen GEMMs (at::mm_out / addmm_ on tile
+// buffers); mask and exp are applied row by row between them. bf16/fp16/fp32 run in fp32
+// (inputs widened once); fp64 runs in fp64 (so that gradcheck can test this kernel against
+// finite differences). Extra memory: the widened, head-regrouped inputs and per-thread tiles of
+// at most kChunkQ * group x kBlockK; nothing grows with queries x keys.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -30,8 +34,9 @@ using beacon::Mode;
 using beacon::RowSpans;
 using beacon::SeqLens;
 
-constexpr int kBlockQ = 32;  // query rows per tile
-constexpr int kBlockK = 64;  // keys per tile
+constexpr int kBlockQ = 32;   // query tokens per dQ work item (times the GQA group: GEMM rows)
+constexpr int kBlockK = 64;   // keys per tile
+constexpr int kChunkQ = 256;  // query tokens per GEMM in the dK/dV pass (bounds its buffers)
 
 Mode parse_mode(const std::string& mode) {
   if (mode == "segmentation") return Mode::kSegmentation;
@@ -132,134 +137,150 @@ Sequences check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Te
   return s;
 }
 
-// Contiguous views of the inputs in the accumulation type T, and the problem's dimensions.
+// The inputs in the accumulation type T, query-like tensors regrouped per kv head so that the
+// rows of one GQA group are one contiguous matrix: row (token, j) of kv head g, for query head
+// h = g * group + j, lives at ((g * total_q + token) * group + j).
 template <typename T>
 struct Problem {
-  const T *q, *k, *dout, *delta;
-  const T *k_t, *v_t;  // keys and values transposed, [batch, kv_heads, dim, capacity]
-  const float* lse;
-  int64_t heads, kv_heads, group, capacity, dim;
+  const T *q, *dout, *lse, *delta;  // [kv_heads, total_q, group, (dim)]
+  const T *k, *v;                   // [batch, kv_heads, capacity, dim]
+  int64_t total_q, kv_heads, group, capacity, dim;
   T scale;
   Mode mode;
   bool attend_previous;
   const Sequences* seqs;
+  at::TensorOptions options;
 
-  // Offsets of a query-like row [total_q, heads, dim] and of a cache row [b, kv_heads, cap, dim].
-  int64_t q_off(int64_t token, int64_t h) const { return (token * heads + h) * dim; }
+  int64_t row(int64_t g, int64_t token) const { return (g * total_q + token) * group; }
   int64_t kv_off(int64_t b, int64_t g, int64_t key) const {
     return ((b * kv_heads + g) * capacity + key) * dim;
   }
-  int64_t kv_t_off(int64_t b, int64_t g) const { return (b * kv_heads + g) * dim * capacity; }
+  // A row-major [rows, cols] matrix over memory this kernel owns or only reads.
+  at::Tensor matrix(const T* data, int64_t rows, int64_t cols) const {
+    return at::from_blob(const_cast<T*>(data), {rows, cols}, options);
+  }
 };
 
+// P and dS of one tile: query tokens [i0, i1) of sequence b (all `group` heads of kv head g,
+// stacked as rows) against keys [k0, k1). Both products are GEMMs; the mask (beacon_mask.h) and
+// exp are applied row by row. S and dS are [(i1 - i0) * group, k1 - k0] row-major buffers;
+// S becomes P. Masked entries and rows that see nothing (lse = +inf) are 0. Returns false,
+// computing nothing, when no row of the tile sees a key of the block.
 template <typename T>
-inline void axpy(T alpha, const T* x, T* y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-// P and dS ([kBlockQ x kBlockK], row-major) of the tile (sequence b, query head h, local query
-// rows [i0, i1), keys [k0, k1)). Masked entries and rows that see nothing (lse = +inf) are 0.
-// Returns false when no row of the tile sees any key of the block.
-template <typename T>
-bool tile_probs_and_dscores(const Problem<T>& p, int b, int64_t h, int i0, int i1, int k0,
-                            int k1, T* P, T* dS) {
+bool tile_probs_and_dscores(const Problem<T>& p, int b, int64_t g, int i0, int i1, int k0,
+                            int k1, T* S, T* dS) {
   const SeqLens& L = p.seqs->lens[b];
   const int n_q = p.seqs->n_q[b];
-  const int64_t g = h / p.group;
-  const T* k_t = p.k_t + p.kv_t_off(b, g);
-  const T* v_t = p.v_t + p.kv_t_off(b, g);
+  const int nk = k1 - k0;
+  thread_local std::vector<RowSpans> spans;
+  thread_local std::vector<BlockKind> kinds;
+  spans.resize(i1 - i0);
+  kinds.resize(i1 - i0);
   bool any = false;
   for (int i = i0; i < i1; ++i) {
-    T* P_row = P + (i - i0) * kBlockK;
-    T* dS_row = dS + (i - i0) * kBlockK;
-    const int64_t token = p.seqs->q_start[b] + i;
-    const T lse = p.lse[token * p.heads + h];
-    const RowSpans spans = beacon::row_spans(L, n_q, i, p.mode, p.attend_previous);
-    const BlockKind kind =
-        std::isinf(lse) ? BlockKind::kSkip : beacon::classify_block(spans, k0, k1);
-    if (kind == BlockKind::kSkip) {
-      std::fill(P_row, P_row + (k1 - k0), T(0));
-      std::fill(dS_row, dS_row + (k1 - k0), T(0));
+    spans[i - i0] = beacon::row_spans(L, n_q, i, p.mode, p.attend_previous);
+    kinds[i - i0] = beacon::classify_block(spans[i - i0], k0, k1);
+    any = any || kinds[i - i0] != BlockKind::kSkip;
+  }
+  if (!any) return false;
+  const int64_t rows = int64_t(i1 - i0) * p.group;
+  const int64_t first = p.row(g, p.seqs->q_start[b] + i0);
+  at::Tensor S_m = p.matrix(S, rows, nk), dS_m = p.matrix(dS, rows, nk);
+  at::mm_out(S_m, p.matrix(p.q + first * p.dim, rows, p.dim),
+             p.matrix(p.k + p.kv_off(b, g, k0), nk, p.dim).t());
+  at::mm_out(dS_m, p.matrix(p.dout + first * p.dim, rows, p.dim),
+             p.matrix(p.v + p.kv_off(b, g, k0), nk, p.dim).t());
+  for (int64_t r = 0; r < rows; ++r) {
+    const int i = static_cast<int>(r / p.group);
+    T* P_row = S + r * nk;
+    T* dS_row = dS + r * nk;
+    const T lse = p.lse[first + r];
+    if (kinds[i] == BlockKind::kSkip || std::isinf(lse)) {
+      std::fill(P_row, P_row + nk, T(0));
+      std::fill(dS_row, dS_row + nk, T(0));
       continue;
     }
-    any = true;
-    const T* q_i = p.q + p.q_off(token, h);
-    const T* do_i = p.dout + p.q_off(token, h);
-    const T delta_i = p.delta[token * p.heads + h];
-    // Scores q_i.k and dP = dout_i.v over the whole block at once: one multiply-add along the
-    // (transposed, contiguous) keys per head_dim element, which vectorises.
-    std::fill(P_row, P_row + (k1 - k0), T(0));
-    std::fill(dS_row, dS_row + (k1 - k0), T(0));
-    for (int64_t d = 0; d < p.dim; ++d) {
-      axpy(q_i[d], k_t + d * p.capacity + k0, P_row, k1 - k0);
-      axpy(do_i[d], v_t + d * p.capacity + k0, dS_row, k1 - k0);
-    }
-    for (int key = k0; key < k1; ++key) {
-      if (kind == BlockKind::kPartial && !beacon::key_visible(spans, key)) {
-        P_row[key - k0] = T(0);
-        dS_row[key - k0] = T(0);
+    const T delta = p.delta[first + r];
+    const bool partial = kinds[i] == BlockKind::kPartial;
+    for (int c = 0; c < nk; ++c) {
+      if (partial && !beacon::key_visible(spans[i], k0 + c)) {
+        P_row[c] = T(0);
+        dS_row[c] = T(0);
         continue;
       }
-      const T prob = std::exp(p.scale * P_row[key - k0] - lse);
-      P_row[key - k0] = prob;
-      dS_row[key - k0] = prob * (dS_row[key - k0] - delta_i);
+      const T prob = std::exp(p.scale * P_row[c] - lse);
+      P_row[c] = prob;
+      dS_row[c] = prob * (dS_row[c] - delta);
     }
   }
-  return any;
+  return true;
 }
 
-// Pass 1: dK and dV of key block [k0, k1) of (sequence b, kv head g).
+// Pass 1: dK and dV of key block [k0, k1) of (sequence b, kv head g): over the query tokens
+// that see the block, in chunks of kChunkQ tokens, dV += P^T dout and dK += scale dS^T q.
 template <typename T>
-void key_block_grads(const Problem<T>& p, int b, int64_t g, int k0, int k1, T* P, T* dS, T* dk,
-                     T* dv) {
-  const int n_q = p.seqs->n_q[b];
-  const int64_t d = p.dim;
-  for (int64_t h = g * p.group; h < (g + 1) * p.group; ++h) {
-    for (int i0 = 0; i0 < n_q; i0 += kBlockQ) {
-      const int i1 = std::min(i0 + kBlockQ, n_q);
-      if (!tile_probs_and_dscores(p, b, h, i0, i1, k0, k1, P, dS)) continue;
-      for (int i = i0; i < i1; ++i) {
-        const int64_t token = p.seqs->q_start[b] + i;
-        const T* q_i = p.q + p.q_off(token, h);
-        const T* do_i = p.dout + p.q_off(token, h);
-        const T* P_row = P + (i - i0) * kBlockK;
-        const T* dS_row = dS + (i - i0) * kBlockK;
-        for (int key = k0; key < k1; ++key) {
-          if (P_row[key - k0] == T(0)) continue;  // masked (or underflowed: contributes 0)
-          const int64_t off = p.kv_off(b, g, key);
-          axpy(P_row[key - k0], do_i, dv + off, d);
-          axpy(p.scale * dS_row[key - k0], q_i, dk + off, d);
-        }
-      }
-    }
-  }
-}
-
-// Pass 2: dQ of local query rows [i0, i1) of (sequence b, query head h).
-template <typename T>
-void query_block_grads(const Problem<T>& p, int b, int64_t h, int i0, int i1, T* P, T* dS,
-                       T* dq) {
+void key_block_grads(const Problem<T>& p, int b, int64_t g, int k0, int k1, std::vector<T>& S,
+                     std::vector<T>& dS, T* dk, T* dv) {
   const SeqLens& L = p.seqs->lens[b];
   const int n_q = p.seqs->n_q[b];
-  const int64_t g = h / p.group;
-  int key_end = 0;  // past the last key any row of the block sees
+  int lo = n_q, hi = 0;  // hull of the query tokens that see the block
+  for (int i = 0; i < n_q; ++i) {
+    const RowSpans spans = beacon::row_spans(L, n_q, i, p.mode, p.attend_previous);
+    if (beacon::classify_block(spans, k0, k1) != BlockKind::kSkip) {
+      lo = std::min(lo, i);
+      hi = i + 1;
+    }
+  }
+  const int nk = k1 - k0;
+  at::Tensor dk_m = p.matrix(dk + p.kv_off(b, g, k0), nk, p.dim);
+  at::Tensor dv_m = p.matrix(dv + p.kv_off(b, g, k0), nk, p.dim);
+  for (int i0 = lo; i0 < hi; i0 += kChunkQ) {
+    const int i1 = std::min(i0 + kChunkQ, hi);
+    const int64_t rows = int64_t(i1 - i0) * p.group;
+    S.resize(rows * nk);
+    dS.resize(rows * nk);
+    if (!tile_probs_and_dscores(p, b, g, i0, i1, k0, k1, S.data(), dS.data())) continue;
+    const int64_t first = p.row(g, p.seqs->q_start[b] + i0);
+    dv_m.addmm_(p.matrix(S.data(), rows, nk).t(), p.matrix(p.dout + first * p.dim, rows, p.dim));
+    dk_m.addmm_(p.matrix(dS.data(), rows, nk).t(), p.matrix(p.q + first * p.dim, rows, p.dim),
+                1, p.scale);
+  }
+}
+
+// Pass 2: dQ of query tokens [i0, i1) of sequence b, all heads of kv head g:
+// dQ += scale dS k over the key blocks the tokens see.
+template <typename T>
+void query_block_grads(const Problem<T>& p, int b, int64_t g, int i0, int i1, std::vector<T>& S,
+                       std::vector<T>& dS, T* dq) {
+  const SeqLens& L = p.seqs->lens[b];
+  const int n_q = p.seqs->n_q[b];
+  int key_end = 0;  // past the last key any token of the block sees
   for (int i = i0; i < i1; ++i)
     key_end = std::max(key_end, beacon::key_end(beacon::row_spans(L, n_q, i, p.mode,
                                                                   p.attend_previous)));
+  const int64_t rows = int64_t(i1 - i0) * p.group;
+  const int64_t first = p.row(g, p.seqs->q_start[b] + i0);
+  at::Tensor dq_m = p.matrix(dq + first * p.dim, rows, p.dim);
+  S.resize(rows * kBlockK);
+  dS.resize(rows * kBlockK);
   for (int k0 = 0; k0 < key_end; k0 += kBlockK) {
     const int k1 = std::min(k0 + kBlockK, key_end);
-    if (!tile_probs_and_dscores(p, b, h, i0, i1, k0, k1, P, dS)) continue;
-    for (int i = i0; i < i1; ++i) {
-      const int64_t token = p.seqs->q_start[b] + i;
-      T* dq_i = dq + p.q_off(token, h);
-      const T* dS_row = dS + (i - i0) * kBlockK;
-      for (int key = k0; key < k1; ++key) {
-        if (dS_row[key - k0] == T(0)) continue;
-        axpy(p.scale * dS_row[key - k0], p.k + p.kv_off(b, g, key), dq_i, p.dim);
-      }
-    }
+    if (!tile_probs_and_dscores(p, b, g, i0, i1, k0, k1, S.data(), dS.data())) continue;
+    dq_m.addmm_(p.matrix(dS.data(), rows, k1 - k0),
+                p.matrix(p.k + p.kv_off(b, g, k0), k1 - k0, p.dim), 1, p.scale);
   }
+}
+
+// Runs fn(item, S, dS) for items [0, n) on torch's threads, each thread pulling the next item
+// (their costs differ a lot: memory blocks are seen by every row, late raw blocks by few), with
+// its own tile buffers.
+template <typename T, typename F>
+void for_each_item_dynamic(int64_t n, const F& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    std::vector<T> S, dS;
+    for (int64_t w = next++; w < n; w = next++) fn(w, S, dS);
+  });
 }
 
 // Both passes in accumulation type T (float, or double for fp64 inputs); returns the
@@ -270,78 +291,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
     const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse,
     const Sequences& seqs, Mode mode, bool attend_previous, double softmax_scale) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
-  // Widen once (no copy for contiguous inputs already in T). autograd may hand in an expanded
-  // or otherwise strided dout: contiguous() covers that too.
-  const at::Tensor q_t = q.to(acc).contiguous();
+  const int64_t total_q = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(1), group = heads / kv_heads;
+  // [total_q, heads, ...] -> [kv_heads, total_q, group, ...]: one GQA group's rows contiguous.
+  // This also widens to T and makes a strided (e.g. expanded) dout contiguous.
+  auto grouped = [&](const at::Tensor& t) {
+    return t.to(acc)
+        .reshape({total_q, kv_heads, group, t.size(2)})
+        .permute({1, 0, 2, 3})
+        .contiguous();
+  };
+  const at::Tensor q_g = grouped(q), do_g = grouped(dout), lse_g = grouped(lse.unsqueeze(-1));
+  const at::Tensor delta_g = (do_g * grouped(out)).sum(-1, true).contiguous();  // D
   const at::Tensor k_acc = k_cache.to(acc).contiguous();
-  const at::Tensor k_t = k_acc.transpose(2, 3).contiguous();
-  const at::Tensor v_t = v_cache.to(acc).transpose(2, 3).contiguous();
-  const at::Tensor do_t = dout.to(acc).contiguous();
-  const at::Tensor lse_t = lse.contiguous();
-  const at::Tensor delta = (do_t * out.to(acc)).sum(-1).contiguous();  // D: [total_q, heads]
+  const at::Tensor v_acc = v_cache.to(acc).contiguous();
 
-  at::Tensor dq = at::zeros(q.sizes(), q.options().dtype(acc));
+  at::Tensor dq_g = at::zeros_like(q_g);
   at::Tensor dk = at::zeros(k_cache.sizes(), k_cache.options().dtype(acc));
   at::Tensor dv = at::zeros(v_cache.sizes(), v_cache.options().dtype(acc));
 
   Problem<T> p;
-  p.q = q_t.data_ptr<T>();
+  p.q = q_g.data_ptr<T>();
+  p.dout = do_g.data_ptr<T>();
+  p.lse = lse_g.data_ptr<T>();
+  p.delta = delta_g.data_ptr<T>();
   p.k = k_acc.data_ptr<T>();
-  p.k_t = k_t.data_ptr<T>();
-  p.v_t = v_t.data_ptr<T>();
-  p.dout = do_t.data_ptr<T>();
-  p.delta = delta.data_ptr<T>();
-  p.lse = lse_t.data_ptr<float>();
-  p.heads = q.size(1);
-  p.kv_heads = k_cache.size(1);
-  p.group = p.heads / p.kv_heads;
+  p.v = v_acc.data_ptr<T>();
+  p.total_q = total_q;
+  p.kv_heads = kv_heads;
+  p.group = group;
   p.capacity = k_cache.size(2);
-  p.dim = q.size(2);
+  p.dim = dim;
   // As the forward: a scale <= 0 means 1/sqrt(head_dim).
   p.scale = static_cast<T>(softmax_scale > 0 ? softmax_scale
-                                             : 1.0 / std::sqrt(static_cast<double>(q.size(2))));
+                                             : 1.0 / std::sqrt(static_cast<double>(dim)));
   p.mode = mode;
   p.attend_previous = attend_previous;
   p.seqs = &seqs;
+  p.options = at::TensorOptions().dtype(acc);
   const int batch = static_cast<int>(seqs.lens.size());
 
   struct Work {
     int b;
-    int64_t head;
+    int64_t g;
     int begin, end;
   };
-  // Pass 1: (sequence, kv head, key block) -> dK, dV.
+  // Pass 1: (sequence, kv head, key block) -> dK, dV; early key blocks (seen by the most rows)
+  // first.
   std::vector<Work> key_work;
   for (int b = 0; b < batch; ++b) {
     if (seqs.n_q[b] == 0) continue;
     const int keys = beacon::num_keys(seqs.lens[b]);
-    for (int64_t g = 0; g < p.kv_heads; ++g)
+    for (int64_t g = 0; g < kv_heads; ++g)
       for (int k0 = 0; k0 < keys; k0 += kBlockK)
         key_work.push_back({b, g, k0, std::min(k0 + kBlockK, keys)});
   }
   T* dk_ptr = dk.data_ptr<T>();
   T* dv_ptr = dv.data_ptr<T>();
-  at::parallel_for(0, static_cast<int64_t>(key_work.size()), 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> P(kBlockQ * kBlockK), dS(kBlockQ * kBlockK);
-    for (int64_t w = lo; w < hi; ++w) {
-      const Work& it = key_work[w];
-      key_block_grads(p, it.b, it.head, it.begin, it.end, P.data(), dS.data(), dk_ptr, dv_ptr);
-    }
-  });
-  // Pass 2: (sequence, query head, query block) -> dQ.
+  for_each_item_dynamic<T>(static_cast<int64_t>(key_work.size()),
+                          [&](int64_t w, std::vector<T>& S, std::vector<T>& dS) {
+                            const Work& it = key_work[w];
+                            key_block_grads(p, it.b, it.g, it.begin, it.end, S, dS, dk_ptr,
+                                            dv_ptr);
+                          });
+  // Pass 2: (sequence, kv head, query block) -> dQ of the group's heads; late query blocks
+  // (which see the most keys) first.
   std::vector<Work> query_work;
   for (int b = 0; b < batch; ++b)
-    for (int64_t h = 0; h < p.heads; ++h)
+    for (int64_t g = 0; g < kv_heads; ++g)
       for (int i0 = 0; i0 < seqs.n_q[b]; i0 += kBlockQ)
-        query_work.push_back({b, h, i0, std::min(i0 + kBlockQ, seqs.n_q[b])});
-  T* dq_ptr = dq.data_ptr<T>();
-  at::parallel_for(0, static_cast<int64_t>(query_work.size()), 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> P(kBlockQ * kBlockK), dS(kBlockQ * kBlockK);
-    for (int64_t w = lo; w < hi; ++w) {
-      const Work& it = query_work[w];
-      query_block_grads(p, it.b, it.head, it.begin, it.end, P.data(), dS.data(), dq_ptr);
-    }
-  });
+        query_work.push_back({b, g, i0, std::min(i0 + kBlockQ, seqs.n_q[b])});
+  std::stable_sort(query_work.begin(), query_work.end(),
+                   [](const Work& x, const Work& y) { return x.begin > y.begin; });
+  T* dq_ptr = dq_g.data_ptr<T>();
+  for_each_item_dynamic<T>(static_cast<int64_t>(query_work.size()),
+                          [&](int64_t w, std::vector<T>& S, std::vector<T>& dS) {
+                            const Work& it = query_work[w];
+                            query_block_grads(p, it.b, it.g, it.begin, it.end, S, dS, dq_ptr);
+                          });
+  const at::Tensor dq = dq_g.permute({1, 0, 2, 3}).reshape({total_q, heads, dim});
   return {dq, dk, dv};
 }
 
