@@ -59,7 +59,14 @@ inline void rotate_row_portable(const T* src, T* dst, const float* c, const floa
 }
 
 #ifdef BEACON_ROWS_X86
-#define BEACON_AVX2 __attribute__((target("avx2,f16c"))) inline
+// GCC contracts multiply + add into FMA by default (-ffp-contract=fast) wherever the target has
+// FMA (AVX-512 implies it), which would make the paths differ in the last bit.
+#if defined(__GNUC__) && !defined(__clang__)
+#define BEACON_NO_FMA optimize("fp-contract=off"),
+#else
+#define BEACON_NO_FMA
+#endif
+#define BEACON_AVX2 __attribute__((BEACON_NO_FMA target("avx2,f16c"))) inline
 
 // 8 consecutive elements <-> 8 floats.
 BEACON_AVX2 __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -133,7 +140,7 @@ BEACON_AVX2 void rotate_rows_avx2(const T* src, int64_t src_stride, T* dst, int6
   }
 }
 
-#define BEACON_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c"))) inline
+#define BEACON_AVX512 __attribute__((BEACON_NO_FMA target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c"))) inline
 
 BEACON_AVX512 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 BEACON_AVX512 __m512 load16(const c10::Half* p) {
