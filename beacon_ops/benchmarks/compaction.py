@@ -91,7 +91,24 @@ def _case(device: str, dtype: torch.dtype, layers: int, ratio: int, stride: int)
 
 
 def run(device: str, quick: bool) -> dict:
-    """Compaction benchmark; see the module docstring. Returns ``rows`` and a summary."""
+    """Compaction benchmark; see the module docstring. Returns ``rows`` and a summary.
+
+    On the CPU every contender runs on one thread (``BEACON_BENCH_THREADS`` overrides): on a
+    shared 2-core machine, timings of parallel regions are dominated by other processes'
+    scheduling (8-16 ms stalls), and one thread keeps the side-by-side ratios meaningful.
+    """
+    import os
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(int(os.environ.get("BEACON_BENCH_THREADS", "1")))
+    try:
+        return _run(device, quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(device: str, quick: bool) -> dict:
     layers = 4 if quick else 32
     dtypes = (torch.bfloat16, torch.float32) if device == "cpu" else (torch.float16, torch.bfloat16, torch.float32)
     rows = []
@@ -108,4 +125,5 @@ def run(device: str, quick: bool) -> dict:
         "min_frac_of_copy": min(r["frac_of_copy"] for r in main),
         "min_speedup_vs_cat": min(r["speedup_vs_cat"] for r in main),
         "targets": "frac_of_copy >= 0.7, speedup_vs_cat > 1",
+        "threads": torch.get_num_threads() if device == "cpu" else None,
     }
