@@ -68,6 +68,21 @@ inline void rotate_row_portable(const T* src, T* dst, const float* c, const floa
 #endif
 #define BEACON_AVX2 __attribute__((BEACON_NO_FMA target("avx2,f16c"))) inline
 
+// Prefetch the rows `ahead` rows further (hardware prefetchers ramp up slowly on the short
+// per-plane streams of compaction: measured 0.6x -> ~0.95x of copy bandwidth for bf16).
+template <typename T>
+inline void prefetch_row_ahead(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t r,
+                               int64_t nrows, int64_t row_bytes) {
+  constexpr int64_t kAhead = 4;
+  if (r + kAhead >= nrows) return;
+  const char* px = reinterpret_cast<const char*>(src + (r + kAhead) * src_stride);
+  const char* py = reinterpret_cast<const char*>(dst + (r + kAhead) * dst_stride);
+  for (int64_t off = 0; off < row_bytes; off += 64) {
+    _mm_prefetch(px + off, _MM_HINT_T0);
+    _mm_prefetch(py + off, _MM_HINT_T0);
+  }
+}
+
 // 8 consecutive elements <-> 8 floats.
 BEACON_AVX2 __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 BEACON_AVX2 __m256 load8(const c10::Half* p) {
@@ -126,9 +141,11 @@ BEACON_AVX2 void rotate_row_avx2_interleaved(const T* src, T* dst, const float* 
 template <typename T>
 BEACON_AVX2 void rotate_rows_avx2(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t nrows,
                    int64_t D, const Angles& a, bool interleaved) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   for (int64_t r = 0; r < nrows; ++r) {
     const T* x = src + r * src_stride;
     T* y = dst + r * dst_stride;
+    prefetch_row_ahead(src, src_stride, dst, dst_stride, r, nrows, row_bytes);
     const int d = a.delta_of(r);
     if (d == 0) {  // no rotation: an exact copy
       if (x != y) std::memcpy(y, x, D * sizeof(T));
@@ -196,9 +213,11 @@ BEACON_AVX512 void rotate_row_avx512_interleaved(const T* src, T* dst, const flo
 template <typename T>
 BEACON_AVX512 void rotate_rows_avx512(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t nrows,
                    int64_t D, const Angles& a, bool interleaved) {
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   for (int64_t r = 0; r < nrows; ++r) {
     const T* x = src + r * src_stride;
     T* y = dst + r * dst_stride;
+    prefetch_row_ahead(src, src_stride, dst, dst_stride, r, nrows, row_bytes);
     const int d = a.delta_of(r);
     if (d == 0) {  // no rotation: an exact copy
       if (x != y) std::memcpy(y, x, D * sizeof(T));
