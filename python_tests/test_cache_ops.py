@@ -422,3 +422,61 @@ def test_ops_compile_with_fake_kernels():
     torch.compile(step, fullgraph=True, backend="aot_eager")(*c.tensors())
     step(*ref.tensors())
     assert_unchanged(c.tensors(), ref.tensors())
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU row kernels have a portable, an AVX2 and an AVX-512 implementation (chosen at run time,
+# capped by BEACON_OPS_CPU_ISA): they must agree bit for bit, special values included (NaN
+# payloads aside: only where NaNs are must agree).
+_ISA_SCRIPT = r"""
+import sys
+import torch
+import beacon_ops
+from beacon_ops.positions import rope_tables
+
+out = {}
+g = torch.Generator().manual_seed(0)
+specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -3e-39, 3e38, -3e38,
+                         1e-45, 65504.0, 1e-7])
+for D in (16, 128):
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
+    cos, sin = rope_tables(inv, 64)
+    base = torch.randn(40, 3, D, generator=g) * 3
+    flat = base.view(-1)
+    flat[torch.randperm(flat.numel(), generator=g)[:10 * specials.numel()]] = specials.repeat(10)
+    pos = torch.randint(0, 64, (40,), generator=g, dtype=torch.int32)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for il in (False, True):
+            x = base.to(dtype)
+            beacon_ops.rope_(x, pos, cos, sin, il)
+            out[f"rope {D} {dtype} {il}"] = x
+            for mode in ("segmentation", "step-expansion"):
+                k = torch.randn(2, 2, 2, 30, D, generator=g).to(dtype)
+                k.view(-1)[: specials.numel()] = specials.to(dtype)
+                v = torch.randn(2, 2, 2, 30, D, generator=g).to(dtype)
+                i32 = lambda vals: torch.tensor(vals, dtype=torch.int32)
+                beacon_ops.compact_(k, v, i32([3, 1]), i32([12, 12]), i32([6, 3]), i32([1, 2]), cos, sin,
+                                    window=12, stride=6, mode=mode, interleaved=il)
+                out[f"compact {D} {dtype} {il} {mode}"] = k
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_cpu_isa_paths_agree_bit_for_bit(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for isa in ("portable", "avx2", "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, BEACON_OPS_CPU_ISA=isa)
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True)
+        results[isa] = torch.load(path)
+    for isa in ("avx2", "avx512"):
+        for key, want in results["portable"].items():
+            got = results[isa][key]
+            nan = want.isnan()
+            assert torch.equal(got.isnan(), nan), f"{isa} {key}: NaNs differ"
+            bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[want.dtype]
+            assert torch.equal(got.view(bits)[~nan], want.view(bits)[~nan]), f"{isa} {key}: bits differ"
