@@ -425,7 +425,7 @@ def test_ops_compile_with_fake_kernels():
 
 
 # ---------------------------------------------------------------------------------------------
-# The CPU row kernels have a portable, an AVX2 and an AVX-512 implementation (chosen at run time,
+# The CPU row kernels have portable, AVX2, AVX-512 and AVX-512-BF16 implementations (chosen at run time,
 # capped by BEACON_OPS_CPU_ISA): they must agree bit for bit, special values included (NaN
 # payloads aside: only where NaNs are must agree).
 _ISA_SCRIPT = r"""
@@ -444,6 +444,7 @@ for D in (16, 128):
     base = torch.randn(40, 3, D, generator=g) * 3
     flat = base.view(-1)
     flat[torch.randperm(flat.numel(), generator=g)[:10 * specials.numel()]] = specials.repeat(10)
+    base[:2] = torch.randn(2, 3, D, generator=g) * 1e-39  # whole rows of denormals: denormal results
     pos = torch.randint(0, 64, (40,), generator=g, dtype=torch.int32)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for il in (False, True):
@@ -453,6 +454,7 @@ for D in (16, 128):
             for mode in ("segmentation", "step-expansion"):
                 k = torch.randn(2, 2, 2, 30, D, generator=g).to(dtype)
                 k.view(-1)[: specials.numel()] = specials.to(dtype)
+                k[0, 0, 0, 18:] *= 1e-39  # beacons of sequence 0 (slots 15..20), heads 0: denormals
                 v = torch.randn(2, 2, 2, 30, D, generator=g).to(dtype)
                 i32 = lambda vals: torch.tensor(vals, dtype=torch.int32)
                 beacon_ops.compact_(k, v, i32([3, 1]), i32([12, 12]), i32([6, 3]), i32([1, 2]), cos, sin,
@@ -468,12 +470,12 @@ def test_cpu_isa_paths_agree_bit_for_bit(tmp_path):
     import sys
 
     results = {}
-    for isa in ("portable", "avx2", "avx512"):
+    for isa in ("portable", "avx2", "avx512", "avx512bf16"):
         path = tmp_path / f"{isa}.pt"
         env = dict(os.environ, BEACON_OPS_CPU_ISA=isa)
         subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True)
         results[isa] = torch.load(path)
-    for isa in ("avx2", "avx512"):
+    for isa in ("avx2", "avx512", "avx512bf16"):
         for key, want in results["portable"].items():
             got = results[isa][key]
             nan = want.isnan()
