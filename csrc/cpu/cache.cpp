@@ -3,7 +3,8 @@
 // compaction of all layers after a full window, spec section 5).
 //
 // Positions, rotation pairs and compaction moves come from rope.h; this file only validates,
-// schedules (at::parallel_for over (token, head) or (layer, sequence, head)) and moves rows.
+// schedules (at::parallel_for over tokens, or over (layer, sequence, head) planes) and moves rows
+// (csrc/cpu/cache_rows.h: vectorised rotation, chosen at run time for the CPU).
 // Every check runs before the first write, so a call that raises leaves caches and lengths as
 // they were. Rotations are computed in fp32 and rounded once.
 #include <ATen/ATen.h>

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "rope.h"
 
@@ -157,82 +158,25 @@ BEACON_AVX2 void rotate_rows_avx2(const T* src, int64_t src_stride, T* dst, int6
   }
 }
 
+#define BEACON_AVX512_NS avx512
+#define BEACON_AVX512_BF16 0
 #define BEACON_AVX512 __attribute__((BEACON_NO_FMA target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c"))) inline
-
-BEACON_AVX512 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-BEACON_AVX512 __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-BEACON_AVX512 __m512 load16(const c10::BFloat16* p) {
-  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-}
-BEACON_AVX512 void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-BEACON_AVX512 void store16(c10::Half* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-BEACON_AVX512 void store16(c10::BFloat16* p, __m512 x) {
-  // The same rounding as store8 (c10's): NaN -> 0x7FC0, else round to nearest even.
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-}
-
-// Rotate-half, 16 pairs per iteration; half % 16 == 0.
-template <typename T>
-BEACON_AVX512 void rotate_row_avx512_half(const T* src, T* dst, const float* c, const float* s, float sin_sign,
-                                          int64_t half) {
-  const __m512 sign = _mm512_set1_ps(sin_sign);
-  for (int64_t i = 0; i < half; i += 16) {
-    const __m512 x0 = load16(src + i), x1 = load16(src + half + i);
-    const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_mul_ps(_mm512_loadu_ps(s + i), sign);
-    store16(dst + i, _mm512_sub_ps(_mm512_mul_ps(x0, cv), _mm512_mul_ps(x1, sv)));
-    store16(dst + half + i, _mm512_add_ps(_mm512_mul_ps(x1, cv), _mm512_mul_ps(x0, sv)));
-  }
-}
-
-// Interleaved, 8 pairs (16 elements) per iteration; half % 8 == 0.
-template <typename T>
-BEACON_AVX512 void rotate_row_avx512_interleaved(const T* src, T* dst, const float* c, const float* s,
-                                                 float sin_sign, int64_t half) {
-  const __m512i dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const __m512 alternate = _mm512_mul_ps(
-      _mm512_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1), _mm512_set1_ps(sin_sign));
-  for (int64_t i = 0; i < half; i += 8) {
-    const __m512 x = load16(src + 2 * i);
-    const __m512 cv = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(c + i)));
-    const __m512 sv =
-        _mm512_mul_ps(_mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_loadu_ps(s + i))), alternate);
-    const __m512 swapped = _mm512_permute_ps(x, 0b10110001);
-    store16(dst + 2 * i, _mm512_add_ps(_mm512_mul_ps(x, cv), _mm512_mul_ps(swapped, sv)));
-  }
-}
-
-template <typename T>
-BEACON_AVX512 void rotate_rows_avx512(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t nrows,
-                   int64_t D, const Angles& a, bool interleaved) {
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  for (int64_t r = 0; r < nrows; ++r) {
-    const T* x = src + r * src_stride;
-    T* y = dst + r * dst_stride;
-    prefetch_row_ahead(src, src_stride, dst, dst_stride, r, nrows, row_bytes);
-    const int d = a.delta_of(r);
-    if (d == 0) {  // no rotation: an exact copy
-      if (x != y) std::memcpy(y, x, D * sizeof(T));
-    } else if (interleaved) {
-      rotate_row_avx512_interleaved(x, y, a.cos_row(d), a.sin_row(d), Angles::sin_sign(d), a.half);
-    } else {
-      rotate_row_avx512_half(x, y, a.cos_row(d), a.sin_row(d), Angles::sin_sign(d), a.half);
-    }
-  }
-}
+#include "cpu/cache_rows_avx512.inc"
 #undef BEACON_AVX512
+#undef BEACON_AVX512_BF16
+#undef BEACON_AVX512_NS
+#define BEACON_AVX512_NS avx512bf16
+#define BEACON_AVX512_BF16 1
+#define BEACON_AVX512 \
+  __attribute__((BEACON_NO_FMA target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,f16c"))) inline
+#include "cpu/cache_rows_avx512.inc"
+#undef BEACON_AVX512
+#undef BEACON_AVX512_BF16
+#undef BEACON_AVX512_NS
 
-// The widest instruction set the CPU has, capped by BEACON_OPS_CPU_ISA=portable|avx2|avx512
-// (for tests that compare the paths, and for debugging). 0 portable, 1 AVX2 + F16C,
-// 2 AVX-512 (F, BW, VL, DQ).
+// The widest instruction set the CPU has, capped by BEACON_OPS_CPU_ISA=portable|avx2|avx512|
+// avx512bf16 (for tests that compare the paths, and for debugging). 0 portable, 1 AVX2 + F16C,
+// 2 AVX-512 (F, BW, VL, DQ), 3 AVX-512 with BF16 (used for bf16 stores only).
 inline int cpu_isa_level() {
   static const int level = [] {
     int cpu = 0;
@@ -241,12 +185,13 @@ inline int cpu_isa_level() {
       if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
         cpu = 2;
+        if (__builtin_cpu_supports("avx512bf16")) cpu = 3;
       }
     }
     const char* cap = std::getenv("BEACON_OPS_CPU_ISA");
     if (cap == nullptr) return cpu;
     const std::string c(cap);
-    const int limit = c == "portable" ? 0 : c == "avx2" ? 1 : 2;
+    const int limit = c == "portable" ? 0 : c == "avx2" ? 1 : c == "avx512" ? 2 : 3;
     return cpu < limit ? cpu : limit;
   }();
   return level;
@@ -281,7 +226,11 @@ inline void rotate_rows(const T* src, int64_t src_stride, T* dst, int64_t dst_st
 #ifdef BEACON_ROWS_X86
   const int isa = cpu_isa_level();
   if (isa >= 2 && half % (interleaved ? 8 : 16) == 0) {
-    rotate_rows_avx512(src, src_stride, dst, dst_stride, nrows, D, a, interleaved);
+    if (isa >= 3 && std::is_same_v<T, c10::BFloat16>) {
+      avx512bf16::rotate_rows_avx512(src, src_stride, dst, dst_stride, nrows, D, a, interleaved);
+    } else {
+      avx512::rotate_rows_avx512(src, src_stride, dst, dst_stride, nrows, D, a, interleaved);
+    }
     return;
   }
   if (isa >= 1 && half % 8 == 0) {
