@@ -42,7 +42,7 @@ LOG="$OUT/gpu_check.log"
 SAN="$OUT/sanitizer.log"
 : > "$LOG"
 PY="${PYTHON:-python3}"
-SITE=/tmp/site
+SITE="${SITE:-/tmp/site}"
 BUILD_DIR="${BUILD_DIR:-build/gpu}"
 JOBS="${JOBS:-$(nproc)}"
 T0=$(date +%s)

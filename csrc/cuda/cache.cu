@@ -78,18 +78,24 @@ struct Unit {
   // Rotate by the signed position difference `delta` (tables hold |delta|, sin is odd).
   __device__ __forceinline__ void rotate(int c, int half, int delta, const float* cos_t, const float* sin_t,
                                          bool interleaved) {
-    using A = typename AccType<T>::type;
+    // Two loops with compile-time element indices, so the unit stays in registers.
+    if (interleaved) {
 #pragma unroll
-    for (int e = 0; e < N; ++e) {
-      const int i0 = interleaved ? 2 * e : e;
-      const int i1 = interleaved ? 2 * e + 1 : N + e;
-      float cf, sf;
-      cos_sin_at(cos_t, sin_t, half, delta, c * N + e, &cf, &sf);
-      A x0 = static_cast<A>(at(i0)), x1 = static_cast<A>(at(i1));
-      rotate_acc(x0, x1, static_cast<A>(cf), static_cast<A>(sf));
-      at(i0) = static_cast<T>(x0);
-      at(i1) = static_cast<T>(x1);
+      for (int e = 0; e < N; ++e) rotate_one(c, half, delta, cos_t, sin_t, e, 2 * e, 2 * e + 1);
+    } else {
+#pragma unroll
+      for (int e = 0; e < N; ++e) rotate_one(c, half, delta, cos_t, sin_t, e, e, N + e);
     }
+  }
+  __device__ __forceinline__ void rotate_one(int c, int half, int delta, const float* cos_t, const float* sin_t,
+                                             int e, int i0, int i1) {
+    using A = typename AccType<T>::type;
+    float cf, sf;
+    cos_sin_at(cos_t, sin_t, half, delta, c * N + e, &cf, &sf);
+    A x0 = static_cast<A>(at(i0)), x1 = static_cast<A>(at(i1));
+    rotate_acc(x0, x1, static_cast<A>(cf), static_cast<A>(sf));
+    at(i0) = static_cast<T>(x0);
+    at(i1) = static_cast<T>(x1);
   }
   __device__ __forceinline__ void fill_nan() {
 #pragma unroll
