@@ -59,7 +59,11 @@ step() {
   if [ $left -lt 20 ]; then skip "$name" "out of time (${DEADLINE}s budget)"; return 1; fi
   if [ $limit -gt $left ]; then limit=$left; fi
   log "== $name (timeout ${limit}s): $*"
-  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  if declare -F "$1" > /dev/null; then  # a function of this script: run it in a child bash
+    timeout --kill-after=10 "$limit" bash -c "$*" >> "$LOG" 2>&1
+  else
+    timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  fi
   rc=$?
   local dt=$(($(date +%s) - t)) status=PASS
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=TIMEOUT; elif [ $rc -ne 0 ]; then status=FAIL; fi
@@ -112,6 +116,8 @@ install_wheels() {
   done
   test -d "$SITE/cutlass_library/source/include/cute" && test -d "$SITE/cutlass_library/source/include/cutlass"
 }
+export -f install_wheels
+export PY SITE
 if ls .whl/*.whl > /dev/null 2>&1; then
   step wheels 120 install_wheels
 else
@@ -127,12 +133,16 @@ fi
 PYBIND_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())' 2>/dev/null || true)"
 build() {
   rm -f beacon_ops/_C*.so beacon_ops/_build.json
-  cmake -S . -B "$BUILD_DIR" -G Ninja -DBEACON_OPS_INPLACE=ON -DBEACON_OPS_CUDA=1 \
+  $CMAKE -S . -B "$BUILD_DIR" -G Ninja -DBEACON_OPS_INPLACE=ON -DBEACON_OPS_CUDA=1 \
     -DBEACON_OPS_PTXAS_VERBOSE=ON -DPython_EXECUTABLE="$(command -v "$PY")" \
     ${PYBIND_DIR:+-Dpybind11_DIR="$PYBIND_DIR"} ${CMAKE_ARGS:-} &&
-  cmake --build "$BUILD_DIR" -j "$JOBS" &&
+  $CMAKE --build "$BUILD_DIR" -j "$JOBS" &&
   "$PY" -m beacon_ops info
 }
+export -f build
+# CMake: the pip one of this Python if it has it, else the system's (>= 3.24).
+if "$PY" -m cmake --version > /dev/null 2>&1; then CMAKE="$PY -m cmake"; else CMAKE=cmake; fi
+export BUILD_DIR JOBS PYBIND_DIR CMAKE CMAKE_ARGS="${CMAKE_ARGS:-}"
 if [ "$NO_GPU" = 1 ] && [ -n "${SKIP_BUILD:-}" ]; then
   skip build "SKIP_BUILD set"
 else
