@@ -307,7 +307,15 @@ void launch_attention_fwd(const AttnParams& p, int num_m_blocks, cudaStream_t st
   auto kernel = &beacon_attention_fwd_kernel<Kt, kSplit>;
   constexpr int smem = Kt::kSmemBytes;
   if constexpr (smem > 48 * 1024) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    // Opt in to > 48 KiB once per device (not on every call: the first call normally happens
+    // before any CUDA-graph capture, and replays need no host work).
+    static bool opted_in[64] = {};
+    int device = 0;
+    cudaGetDevice(&device);
+    if (device >= 64 || !opted_in[device]) {
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (device < 64) opted_in[device] = true;
+    }
   }
   const int splits = kSplit ? p.num_splits : 1;
   dim3 grid(num_m_blocks * splits, p.batch, p.num_kv_heads);
