@@ -268,7 +268,7 @@ def rotate_ref(x: torch.Tensor, delta: int, cos: torch.Tensor, sin: torch.Tensor
     return torch.cat((y0, y1), dim=-1)
 
 
-CACHE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+CACHE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _need_cpu(op: str):

@@ -2,8 +2,9 @@
 // rotated, and values into each sequence's last slots) and compact_ (all layers, after a full
 // window). Semantics: the schemas in csrc/beacon_ops.cpp, README.md's contract, and the moves of
 // rope.h (compaction_plan / compaction_move); positions and rotation pairs also come only from
-// rope.h. Rotations are computed in fp32 (fp64 for fp64 caches) and rounded once, without FMA
-// contraction, so the results are bit-identical to the CPU kernels.
+// rope.h. Caches and rotated tensors are float32, float16 or bfloat16 (as on the CPU). Rotations
+// are computed in fp32 and rounded once (round to nearest even), without FMA contraction, so the
+// results are bit-identical to the CPU kernels.
 //
 // Host-side validation checks shapes, dtypes, devices and strides only; it never reads the
 // lengths (they live on the device: no synchronisation, CUDA-graph capturable). The kernels read
@@ -35,22 +36,11 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ void rotate_acc(float& x0, float& x1, float c, float s) { rotate_pair(x0, x1, c, s); }
-__device__ __forceinline__ void rotate_acc(double& x0, double& x1, double c, double s) {
-  const double y0 = __dsub_rn(__dmul_rn(x0, c), __dmul_rn(x1, s));
-  const double y1 = __dadd_rn(__dmul_rn(x1, c), __dmul_rn(x0, s));
-  x0 = y0;
-  x1 = y1;
-}
+// float32, float16, bfloat16 (the dtypes of the CPU cache ops).
+#define BEACON_DISPATCH_CACHE_TYPES(TYPE, NAME, ...)                                        \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // A row of D values is processed in units of 2N values = N rotation pairs (pairs c*N .. c*N+N-1
 // of unit c): rotate-half pairs (i, i + D/2) -> the unit is [cN, cN+N) and [D/2+cN, D/2+cN+N);
@@ -89,11 +79,10 @@ struct Unit {
   }
   __device__ __forceinline__ void rotate_one(int c, int half, int delta, const float* cos_t, const float* sin_t,
                                              int e, int i0, int i1) {
-    using A = typename AccType<T>::type;
     float cf, sf;
     cos_sin_at(cos_t, sin_t, half, delta, c * N + e, &cf, &sf);
-    A x0 = static_cast<A>(at(i0)), x1 = static_cast<A>(at(i1));
-    rotate_acc(x0, x1, static_cast<A>(cf), static_cast<A>(sf));
+    float x0 = static_cast<float>(at(i0)), x1 = static_cast<float>(at(i1));
+    rotate_pair(x0, x1, cf, sf);
     at(i0) = static_cast<T>(x0);
     at(i1) = static_cast<T>(x1);
   }
@@ -290,9 +279,7 @@ Mode parse_mode(c10::string_view mode) {
                     std::string(mode), "'");
 }
 
-bool is_rope_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
+bool is_rope_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 void check_on(const char* op, const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " like the cache, got ", t.device());
@@ -348,7 +335,7 @@ void rope_cuda(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos,
                bool interleaved) {
   constexpr const char* op = "beacon.rope_";
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK_TYPE(is_rope_dtype(x.scalar_type()), op, ": x must be float32, float16, bfloat16 or float64, got ",
+  TORCH_CHECK_TYPE(is_rope_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
                    x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must have shape [tokens, heads, head_dim], got ", x.sizes());
   TORCH_CHECK(x.stride(2) == 1, op, ": x must be contiguous in head_dim");
@@ -362,7 +349,7 @@ void rope_cuda(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos,
   c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t half = D / 2;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rope_cuda", [&] {
+  BEACON_DISPATCH_CACHE_TYPES(x.scalar_type(), "rope_cuda", [&] {
     constexpr int kN = 16 / sizeof(scalar_t);
     auto launch = [&](auto vec) {
       constexpr int N = decltype(vec)::value;
@@ -384,7 +371,7 @@ void rope_cuda(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos,
 void check_cache_4d(const char* op, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.is_cuda(), op, ": k_cache must be a CUDA tensor, got ", k.device());
   TORCH_CHECK_TYPE(is_rope_dtype(k.scalar_type()), op,
-                   ": k_cache must be float32, float16, bfloat16 or float64, got ", k.scalar_type());
+                   ": k_cache must be float32, float16 or bfloat16, got ", k.scalar_type());
   TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), op, ": v_cache must have k_cache's dtype ", k.scalar_type(),
                    ", got ", v.scalar_type());
   TORCH_CHECK_VALUE(k.dim() == 4, op, ": k_cache must be a layer's view [batch, kv_heads, capacity, head_dim], got ",
@@ -451,7 +438,7 @@ void append_kv_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_
   a.pos = positions.data_ptr<int>();
   a.cos_t = cos.data_ptr<float>();
   a.sin_t = sin.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "append_kv_cuda", [&] {
+  BEACON_DISPATCH_CACHE_TYPES(k_cache.scalar_type(), "append_kv_cuda", [&] {
     constexpr int kN = 16 / sizeof(scalar_t);
     auto launch = [&](auto vec) {
       constexpr int N = decltype(vec)::value;
@@ -476,7 +463,7 @@ void compact_cuda(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at
   const Mode mode = parse_mode(mode_str);
   TORCH_CHECK(k_cache.is_cuda(), op, ": k_cache must be a CUDA tensor, got ", k_cache.device());
   TORCH_CHECK_TYPE(is_rope_dtype(k_cache.scalar_type()), op,
-                   ": k_cache must be float32, float16, bfloat16 or float64, got ", k_cache.scalar_type());
+                   ": k_cache must be float32, float16 or bfloat16, got ", k_cache.scalar_type());
   TORCH_CHECK_TYPE(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have k_cache's dtype ",
                    k_cache.scalar_type(), ", got ", v_cache.scalar_type());
   TORCH_CHECK_VALUE(k_cache.dim() == 5, op,
@@ -529,7 +516,7 @@ void compact_cuda(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at
   a.cos_t = cos.data_ptr<float>();
   a.sin_t = sin.data_ptr<float>();
   if (layers > 0 && heads > 0 && D > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "compact_cuda", [&] {
+    BEACON_DISPATCH_CACHE_TYPES(k_cache.scalar_type(), "compact_cuda", [&] {
       constexpr int kN = 16 / sizeof(scalar_t);
       auto launch = [&](auto vec) {
         constexpr int N = decltype(vec)::value;
