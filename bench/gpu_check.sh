@@ -157,7 +157,7 @@ if [ "$NO_GPU" = 1 ]; then
   step collect 120 "$PY" -m pytest python_tests -q -p no:cacheprovider --collect-only
 else
   step test_cuda 150 "$PY" -m pytest python_tests/test_cuda.py -q -p no:cacheprovider -rs
-  step test_suite 120 "$PY" -m pytest python_tests -q -p no:cacheprovider -x -rs \
+  step test_suite 100 "$PY" -m pytest python_tests -q -p no:cacheprovider -x -rs \
     --ignore=python_tests/test_cuda.py
 fi
 
@@ -170,7 +170,7 @@ elif ! command -v compute-sanitizer > /dev/null; then
 else
   : > "$SAN"
   for tool in memcheck racecheck; do
-    step "sanitizer_$tool" 75 bash -c "compute-sanitizer --tool $tool --print-limit 20 --error-exitcode 3 \
+    step "sanitizer_$tool" 90 bash -c "compute-sanitizer --tool $tool --print-limit 20 --error-exitcode 3 \
       '$PY' bench/sanitizer_case.py >> '$SAN' 2>&1; rc=\$?; tail -3 '$SAN'; exit \$rc"
   done
 fi
@@ -180,15 +180,15 @@ fi
 if [ "$NO_GPU" = 1 ]; then
   skip benchmarks "--no-gpu"
 else
+  step bench_cuda_attention 75 "$PY" -m beacon_ops.benchmarks.cuda_attention ${BENCH_QUICK:+--quick} \
+    --json "$OUT/bench_cuda_attention.json"
   for kind in attention decode compaction; do
     if "$PY" -c "import beacon_ops.benchmarks.$kind" 2>/dev/null; then
-      step "bench_$kind" 60 "$PY" -m beacon_ops bench "$kind" --device cuda ${BENCH_QUICK:+--quick} \
+      step "bench_$kind" 50 "$PY" -m beacon_ops bench "$kind" --device cuda ${BENCH_QUICK:+--quick} \
         --json "$OUT/bench_$kind.json"
     else
       skip "bench_$kind" "beacon_ops.benchmarks.$kind does not exist"
     fi
   done
-  step bench_cuda_attention 75 "$PY" -m beacon_ops.benchmarks.cuda_attention ${BENCH_QUICK:+--quick} \
-    --json "$OUT/bench_cuda_attention.json"
 fi
 exit 0
