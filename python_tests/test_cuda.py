@@ -9,6 +9,7 @@
 - CPU op against CUDA op (when the CPU kernels are built in);
 - rope_, append_kv, compact_ on CUDA bit-exact against the CPU ops, and against a reference
   written here from the spec's compaction table (section 5);
+- the simple CUDA-core path (fp32, other head dims) against the same reference;
 - torch.library.opcheck on CUDA, CUDA-graph capture, and clear errors for unsupported input.
 """
 from __future__ import annotations
@@ -217,15 +218,46 @@ def test_attention_cuda_graph_capture():
         assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
 
 
+@pytest.mark.parametrize("d", [64, 96, 128, 40])
+@pytest.mark.parametrize("mode", MODES)
+def test_fp32_simple_path_against_reference(d, mode):
+    # fp32 runs the simple CUDA-core kernel: fp32 accuracy against the fp64 reference.
+    lens, nq = PREFILL_LENS, PREFILL_NQ
+    k, v = make_cache(lens, 2, 200, d, torch.float32)
+    cu = [0]
+    for n in nq:
+        cu.append(cu[-1] + n)
+    q = torch.randn(cu[-1], 6, d, device="cuda")
+    for max_q in (max(nq), max(nq) + 5):
+        out, lse = run_attention(q, k, v, cu, lens, mode, False, max_q)
+        ref_o, ref_l = masked_attention(q, k, v, cu, lens, mode, False, 1 / math.sqrt(d), torch.float64)
+        assert (out.double() - ref_o).abs().max().item() <= 1e-5
+        torch.testing.assert_close(lse.double(), ref_l, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [96, 80])
+def test_other_head_dims_simple_path(dtype, d):
+    k, v = make_cache(PREFILL_LENS, 2, 200, d, dtype)
+    cu = [0]
+    for n in PREFILL_NQ:
+        cu.append(cu[-1] + n)
+    q = torch.randn(cu[-1], 4, d).to(dtype).cuda()
+    out, lse = run_attention(q, k, v, cu, PREFILL_LENS, "segmentation", True, max(PREFILL_NQ))
+    check_rule(out, lse, q, k, v, cu, PREFILL_LENS, "segmentation", True, 1 / math.sqrt(d))
+
+
 def test_attention_errors_name_the_argument():
-    lens, nq = [(4, 4, 0, 0)], [2]
+    lens = [(4, 4, 0, 0)]
     k, v = make_cache(lens, 1, 16, 64, torch.bfloat16)
     q = torch.randn(2, 1, 64).to(torch.bfloat16).cuda()
-    with pytest.raises(TypeError, match="q must be bfloat16 or float16"):
-        run_attention(q.float(), k.float(), v.float(), [0, 2], lens, "step-expansion", True, 2)
+    with pytest.raises(TypeError, match="q must be bfloat16, float16 or float32"):
+        run_attention(q.double(), k.double(), v.double(), [0, 2], lens, "step-expansion", True, 2)
+    with pytest.raises(TypeError, match="k_cache must have q's dtype"):
+        run_attention(q, k.half(), v, [0, 2], lens, "step-expansion", True, 2)
     with pytest.raises(ValueError, match="head_dim"):
-        k96, v96 = make_cache(lens, 1, 16, 96, torch.bfloat16)
-        run_attention(torch.randn(2, 1, 96).to(torch.bfloat16).cuda(), k96, v96, [0, 2], lens,
+        k512, v512 = make_cache(lens, 1, 16, 512, torch.bfloat16)
+        run_attention(torch.randn(2, 1, 512).to(torch.bfloat16).cuda(), k512, v512, [0, 2], lens,
                       "step-expansion", True, 2)
     with pytest.raises(RuntimeError, match="mem_len must be on"):
         ops.attention(q, k, v, int32([0, 2]), int32([4], "cpu"), int32([4]), int32([0]), int32([0]), 2,

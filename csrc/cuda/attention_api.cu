@@ -3,10 +3,10 @@
 // can be captured in a CUDA graph), the parameter struct, and the dispatch to the prefill kernel
 // or, when max_seqlen_q == 1, to the split-KV decode kernels.
 //
-// Supported on CUDA: bf16 and fp16 with head_dim 64 or 128 (the instantiations compiled in, see
-// static_switch.h). fp32 inputs raise a clear error (the CPU op handles fp32; on the GPU cast
-// q/k/v to bf16 or fp16): an fp32 tensor-core path would need a different MMA and fp32
-// attention is not what the model runs.
+// Paths: bf16 and fp16 with head_dim 64 or 128 run the tensor-core kernels (the instantiations
+// compiled in, see static_switch.h; one that was left out of the build raises a clear error).
+// fp32 inputs, and bf16/fp16 with any other head_dim <= 256, run the simple CUDA-core kernel of
+// attention_generic.cu: correct (fp32 accumulation, same mask and conventions), not fast.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -75,9 +75,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   TORCH_CHECK(k_cache.device() == device, kOp, ": k_cache must be on ", device, " like q, got ", k_cache.device());
   TORCH_CHECK(v_cache.device() == device, kOp, ": v_cache must be on ", device, " like q, got ", v_cache.device());
   const auto dt = q_in.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf, kOp,
-                   ": q must be bfloat16 or float16 on CUDA, got ", dt,
-                   " (fp32 attention runs on the CPU op; on the GPU cast q, k_cache and v_cache to bf16 or fp16)");
+  TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, kOp,
+                   ": q must be bfloat16, float16 or float32, got ", dt);
   TORCH_CHECK_TYPE(k_cache.scalar_type() == dt, kOp, ": k_cache must have q's dtype ", dt, ", got ",
                    k_cache.scalar_type());
   TORCH_CHECK_TYPE(v_cache.scalar_type() == dt, kOp, ": v_cache must have q's dtype ", dt, ", got ",
@@ -99,14 +98,19 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_q <= std::max<int64_t>(total_q, 0), kOp,
                     ": max_seqlen_q must lie in [0, total_q = ", total_q, "], got ", max_seqlen_q);
   TORCH_CHECK_VALUE(total_q == 0 || max_seqlen_q >= 1, kOp, ": max_seqlen_q must be >= 1 when q has rows");
+  TORCH_CHECK_VALUE(d >= 1 && d <= 256, kOp, ": head_dim must lie in [1, 256] on CUDA, got ", d);
   TORCH_CHECK(q_in.stride(2) == 1, kOp, ": q must be contiguous in head_dim (stride ", q_in.stride(2), ")");
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, kOp,
               ": k_cache and v_cache must be contiguous in head_dim");
-  TORCH_CHECK(aligned16(k_cache) && aligned16(v_cache), kOp,
-              ": k_cache and v_cache must be 16-byte aligned with strides that are multiples of 8 elements");
+  // Tensor cores for bf16/fp16 with head_dim 64 / 128, the simple kernel otherwise.
+  const bool tensor_cores = dt != at::kFloat && (d == 64 || d == 128);
+  if (tensor_cores) {
+    TORCH_CHECK(aligned16(k_cache) && aligned16(v_cache), kOp,
+                ": k_cache and v_cache must be 16-byte aligned with strides that are multiples of 8 elements");
+  }
 
   c10::cuda::CUDAGuard guard(device);
-  at::Tensor q = aligned16(q_in) ? q_in : q_in.contiguous().clone();
+  at::Tensor q = !tensor_cores || aligned16(q_in) ? q_in : q_in.contiguous().clone();
   at::Tensor out = at::empty({total_q, heads, d}, q.options());
   at::Tensor lse = at::empty({total_q, heads}, q.options().dtype(at::kFloat));
   if (total_q == 0 || heads == 0 || batch == 0) {
@@ -152,6 +156,19 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
                               : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   p.scale_log2 = p.scale * static_cast<float>(M_LOG2E);
 
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (!tensor_cores) {
+    if (dt == at::kFloat) {
+      run_attention_generic<float>(p, stream);
+    } else if (dt == at::kHalf) {
+      run_attention_generic<__half>(p, stream);
+    } else {
+      run_attention_generic<__nv_bfloat16>(p, stream);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {out, lse};
+  }
+
   const bool decode = max_seqlen_q == 1;
   at::Tensor out_accum, lse_accum;
   if (decode) {
@@ -166,7 +183,6 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   }
 
   const DType kind = dt == at::kBFloat16 ? DType::kBF16 : DType::kFP16;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool found = with_attention_instance(kind, static_cast<int>(d), [&]<typename T, int D>() {
     if (decode) {
       run_attention_decode<T, D>(p, stream);
@@ -176,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   });
   TORCH_CHECK_VALUE(found, kOp, ": no CUDA kernel for head_dim ", d, " and dtype ", dt,
                     " in this build (built:", built_attention_instances(),
-                    "). Rebuild with BEACON_OPS_HEADDIMS / BEACON_OPS_DTYPES including it; head_dim must be 64 or 128");
+                    "). Rebuild with BEACON_OPS_HEADDIMS / BEACON_OPS_DTYPES including it");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }

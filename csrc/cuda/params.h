@@ -62,5 +62,11 @@ void run_attention_prefill(const AttnParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim>
 void run_attention_decode(const AttnParams& params, cudaStream_t stream);
 
+// The simple path (one warp per (query, head), CUDA cores; attention_generic.cu): fp32 inputs
+// and head dims without a tensor-core instantiation (head_dim <= 256). T is float, __half or
+// __nv_bfloat16.
+template <typename T>
+void run_attention_generic(const AttnParams& params, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace beacon
