@@ -1,7 +1,7 @@
 """Small CUDA calls for compute-sanitizer (memcheck / racecheck), run by bench/gpu_check.sh.
 
 Covers the prefill kernel (boundary, full and skipped tiles; GQA group 3; beacons), the split-KV
-decode kernels, rope_, append_kv and compact_ (carried-raw shift in several rounds). Sizes are
+decode kernels, the simple fp32 path, rope_, append_kv and compact_ (carried-raw shift in several rounds). Sizes are
 tiny: the sanitizers slow kernels down by orders of magnitude.
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ def main() -> None:
         q = torch.randn(108, kvh * group, d, device=dev, dtype=dtype)
         for mode in ("segmentation", "step-expansion", "full-coverage"):
             ops.attention(q, k, v, cu, mem, raw, bea, rat, 68, mode, True, 0.0)
+        # The simple CUDA-core path (fp32).
+        ops.attention(q.float(), k.float(), v.float(), cu, mem, raw, bea, rat, 68, "segmentation", False, 0.0)
         # Decode: one query per sequence (one sequence idle).
         cu1 = torch.tensor([0, 1, 1], dtype=torch.int32, device=dev)
         ops.attention(q[:1].contiguous(), k, v, cu1, mem, raw, torch.zeros_like(bea), rat, 1,

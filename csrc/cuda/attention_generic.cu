@@ -83,11 +83,10 @@ __global__ void __launch_bounds__(128) beacon_attention_generic_kernel(const Att
   }
   float m = -INFINITY, l = 0.f;  // running max (scaled by log2 e) and sum
 
-  const int begins[3] = {0, s.mid_begin, s.self_key};
-  const int ends[3] = {s.head_end, s.mid_end, s.self_key + 1};
-  for (int piece = 0; piece < 3; ++piece) {
-    const int k_end = imin(ends[piece], nk);
-    for (int k = imax(begins[piece], 0); k < k_end; ++k) {
+  // Keys [k_begin, k_end) of one interval, online softmax.
+  auto visit = [&](int k_begin, int k_end) {
+    k_end = imin(k_end, nk);
+    for (int k = imax(k_begin, 0); k < k_end; ++k) {
       const T* kr = kb + k * p.k_row_stride;
       float dot = 0.f;
 #pragma unroll
@@ -109,7 +108,10 @@ __global__ void __launch_bounds__(128) beacon_attention_generic_kernel(const Att
         acc[i] = acc[i] * alpha + (e < D ? pk * load_f(vr + e) : 0.f);
       }
     }
-  }
+  };
+  visit(0, s.head_end);
+  visit(s.mid_begin, s.mid_end);
+  if (s.self_key >= 0) visit(s.self_key, s.self_key + 1);
 
   const bool seen = l > 0.f;
   const float inv = seen ? 1.f / l : 0.f;

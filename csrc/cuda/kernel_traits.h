@@ -63,6 +63,7 @@ using DecodeTraits = KernelTraits<kHeadDim, 16, 64, 1, T>;
 //   decode   D=64  (16x64 tile, 1 warp)    138     138
 //   decode   D=128 (16x64 tile, 1 warp)    180     180
 //   split-KV combine (D=64, 128)            32      32
+//   simple path (attention_generic.cu)     59-62   59-62  (fp32 / fp16 / bf16)
 // Occupancy: prefill D=128 fits 2 blocks (8 warps) per SM on sm_80 and sm_90 (registers and
 // 2 x 80 KiB shared memory); decode D=128 fits 3 blocks per SM on sm_90 (3 x 68 KiB).
 
