@@ -48,6 +48,7 @@ JOBS="${JOBS:-$(nproc)}"
 T0=$(date +%s)
 DEADLINE="${DEADLINE:-465}"  # seconds for the whole script (the device tool's 8-minute slot)
 declare -a SUMMARY=()
+FAILED=0
 
 log() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$LOG"; }
 
@@ -68,6 +69,7 @@ step() {
   local dt=$(($(date +%s) - t)) status=PASS
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=TIMEOUT; elif [ $rc -ne 0 ]; then status=FAIL; fi
   log "-- $name: $status (rc=$rc, ${dt}s)"
+  if [ "$status" != PASS ]; then FAILED=1; fi
   SUMMARY+=("\"$name\": {\"status\": \"$status\", \"rc\": $rc, \"seconds\": $dt}")
   return $rc
 }
@@ -191,4 +193,4 @@ else
     fi
   done
 fi
-exit 0
+exit $FAILED  # 1 when any step failed or timed out (see summary.json)
