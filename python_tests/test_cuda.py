@@ -426,3 +426,32 @@ def test_cache_ops_opcheck_cuda():
     torch.library.opcheck(torch.ops.beacon.compact_.default,
                           (k5, v5, int32([4, 0]), int32([16, 3]), int32([4, 0]), int32([4, 4]), cos, sin, 16, 16,
                            "step-expansion", False))
+
+
+def test_cache_ops_cuda_graph_capture():
+    # Lengths live on the device and are never read on the host: append_kv and compact_ can be
+    # captured once and replayed; the replay equals the eager call.
+    d, W, S = 64, 16, 8
+    cos, sin = tables(d, 64, "cuda")
+    k = torch.randn(2, 2, 2, 48, d, device="cuda").to(torch.bfloat16)
+    v = torch.randn_like(k)
+    kn = torch.randn(5, 2, d, device="cuda").to(torch.bfloat16)
+    vn = torch.randn_like(kn)
+    cu, pos = int32([0, 4, 5]), int32([12, 13, 14, 15, 7])
+    lens0 = ([4, 2], [W, 8], [S // 2, 0])  # seq 0: its window fills this step (r = 2, 4 beacons)
+
+    def step(kc, vc, lens):
+        ops.append_kv(kc[1], vc[1], kn, vn, cu, *lens, pos, cos, sin, False)
+        ops.compact_(kc, vc, *lens, int32([2, 2]), cos, sin, W, S, "step-expansion", False)
+
+    ke, ve, lens_e = k.clone(), v.clone(), [int32(x) for x in lens0]
+    step(ke, ve, lens_e)
+    kg, vg, lens_g = k.clone(), v.clone(), [int32(x) for x in lens0]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(kg, vg, lens_g)
+    assert torch.equal(kg, k) and [t.tolist() for t in lens_g] == [list(x) for x in lens0]  # nothing ran yet
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(kg, ke) and torch.equal(vg, ve)
+    assert [t.tolist() for t in lens_g] == [t.tolist() for t in lens_e] == [[8, 2], [W - S, 8], [0, 0]]
