@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import beacon_attention
-from .common import copy_gbps, time_fn
+from .attention import time_best
+from .common import copy_gbps
 
 
 def _decode_inputs(device, dtype, heads, kv_heads, d, mem, raw):
@@ -41,13 +42,13 @@ def run(device: str, quick: bool) -> dict:
         res = {}
         for cache, (m, r_len) in (("condensed", (mem, raw)), ("full", (context - raw, raw))):
             q, k, v, lens = _decode_inputs(device, dtype, heads, kv_heads, d, m, r_len)
-            t = time_fn(lambda: beacon_attention(q, k, v, *lens, max_seqlen_q=1), device)
+            t = time_best(lambda: beacon_attention(q, k, v, *lens, max_seqlen_q=1), device)
             kv_bytes = 2 * k.numel() * k.element_size()
             row = {"dtype": name, "cache": cache, "keys": m + r_len, "op_ms": t * 1e3,
                    "kv_gbps": kv_bytes / t / 1e9, "kv_gbps_vs_copy": kv_bytes / t / 1e9 / ceiling}
             if cache == "full":
                 qs = q.transpose(0, 1)[None]
-                t_sdpa = time_fn(lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True),
+                t_sdpa = time_best(lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True),
                                  device)
                 row["sdpa_ms"] = t_sdpa * 1e3
             rows.append(row)

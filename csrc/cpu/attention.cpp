@@ -1,14 +1,19 @@
 // CPU kernel of torch.ops.beacon.attention: tiled online-softmax (flash-attention style)
 // attention of one Activation Beacon step over the condensed cache, no mask tensor.
 //
-// Work unit: (query tile of one sequence) x (kv head). A tile holds `tokens` consecutive queries
-// of the sequence times the `group` query heads that share the kv head (GQA by index arithmetic:
-// K/V are read once per group, never copied), so decode with GQA still feeds the GEMMs several
-// rows. For every key block the rows' spans (beacon_mask.h) classify the block: skipped when no
-// row sees a key of it, computed without masks when every row sees all of it, and masked element
-// by element only on boundary (partial) blocks. QK^T and PV are ATen's CPU BLAS GEMMs
-// (cpublas::gemm, as in PyTorch's own CPU flash attention), fp32 accumulation for every dtype;
-// the softmax bookkeeping is plain loops compiled for AVX-512 / AVX2 / baseline (target clones).
+// Work unit: (query tile of one sequence) x (kv head). A tile holds consecutive queries of the
+// sequence times the `group` query heads that share the kv head (GQA by index arithmetic: K/V
+// are read once per group, never copied), so decode with GQA still has several rows. For every
+// key block the rows' spans (beacon_mask.h) classify the block: skipped when no row sees a key
+// of it, computed without masks when every row sees all of it, and masked element by element
+// only on boundary (partial) blocks. Work units are handed out longest first from an atomic
+// counter (at::parallel_for starts the threads): tile costs differ a lot (causal rows, beacon
+// rows, varlen batches) and the machines are shared.
+// QK^T and PV run in fp32 (16-bit K/V blocks are widened per block) through block_gemm.h (an
+// AVX-512 micro-kernel, else torch's BLAS); tiles of fewer than kSmallRows rows (decode) use
+// dot products straight from the cache. Scores are kept transposed (key-major) so the softmax
+// bookkeeping vectorises across rows; those loops are compiled for AVX-512 / AVX2 / baseline
+// (target clones).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -47,7 +52,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Tile sizes (rows of a query tile, keys of a key block); chosen by bench attention.
 // BEACON_OPS_CPU_TILES="rows,keys" overrides them (for tuning).
 struct TileSizes {
-  int query_rows = 64;
+  int query_rows = 192;  // three 64-wide panels of the 6 x 64 micro-kernel
   int key_block = 256;
 };
 
@@ -297,8 +302,12 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   T* out_data = out.data_ptr<T>();
   float* lse_data = lse.data_ptr<float>();
 
+  // Tiny steps (a short decode) run on the calling thread: waking the pool costs more.
+  int64_t total_macs = 0;
+  for (const Tile& t : tiles) total_macs += t.cost * G * P.kv_heads * d;
+  const int64_t n_parts = total_macs < (int64_t{1} << 20) ? 1 : n_threads;
   std::atomic<int64_t> next_work{0};
-  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, n_parts, 1, [&](int64_t, int64_t) {
     float* q_tile = buffer.data() + at::get_thread_num() * per_thread;
     float* q_t = q_tile + q_elems;
     float* acc = q_t + q_elems;
