@@ -9,7 +9,7 @@
 // only on boundary (partial) blocks. Work units are handed out longest first from an atomic
 // counter (at::parallel_for starts the threads): tile costs differ a lot (causal rows, beacon
 // rows, varlen batches) and the machines are shared.
-// QK^T and PV run in fp32 (16-bit K/V blocks are widened per block) through block_gemm.h (an
+// QK^T and PV run in fp32 on per-block fp32 copies of K and V through block_gemm.h (an
 // AVX-512 micro-kernel, else torch's BLAS); tiles of fewer than kSmallRows rows (decode) use
 // dot products straight from the cache. Scores are kept transposed (key-major) so the softmax
 // bookkeeping vectorises across rows; those loops are compiled for AVX-512 / AVX2 / baseline
@@ -285,13 +285,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t n_work = static_cast<int64_t>(tiles.size()) * P.kv_heads;
   if (n_work == 0) return;
 
-  constexpr bool kWiden = !std::is_same_v<T, float>;
   // Per-thread fp32 scratch: Q tile and its transpose, transposed scores, accumulator, row
-  // state, and (16-bit inputs) the key and value blocks widened to fp32.
+  // state, and the key and value blocks in fp32 (16-bit blocks widened; fp32 blocks copied too:
+  // a hot, contiguous block measured about 7% faster than reading the cache in place).
   const int key_block = tile_sizes().key_block;
   const int64_t q_elems = static_cast<int64_t>(rows_max) * d;
   const int64_t s_elems = static_cast<int64_t>(rows_max) * key_block;
-  const int64_t kv_elems = kWiden ? static_cast<int64_t>(key_block) * d : 0;
+  const int64_t kv_elems = static_cast<int64_t>(key_block) * d;
   const int64_t per_thread = 3 * q_elems + s_elems + 5 * rows_max + 2 * kv_elems;
   const int n_threads = at::get_num_threads();
   std::vector<float> buffer(static_cast<size_t>(per_thread) * n_threads);
@@ -365,21 +365,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         // scores^T [n x rows] = scale * K_block Q^T.
         const T* kb = k_seq + k0 * P.k_s2;
         const T* vb = v_seq + k0 * P.v_s2;
-        const float* vf = nullptr;
-        int64_t ldv = P.v_s2;
         if (small) {
           small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
         } else {
-          const float* kf;
-          int64_t ldk = P.k_s2;
-          if constexpr (kWiden) {
-            to_float(kb, P.k_s2, n, d, k_block);
-            to_float(vb, P.v_s2, n, d, v_block);
-            kf = k_block, vf = v_block, ldk = ldv = d;
-          } else {
-            kf = kb, vf = vb;
-          }
-          beacon_cpu::block_gemm(n, rows, d, P.scale, kf, ldk, 1, q_t, rows, false, scores, rows);
+          to_float(kb, P.k_s2, n, d, k_block);
+          to_float(vb, P.v_s2, n, d, v_block);
+          beacon_cpu::block_gemm(n, rows, d, P.scale, k_block, d, 1, q_t, rows, false, scores,
+                                 rows);
         }
         if (kind == BlockKind::kPartial) {
           for (int t = 0; t < n_tok; ++t) {
@@ -400,7 +392,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         if (small)
           small_pv(scores, rows, n, vb, P.v_s2, d, acc);
         else
-          beacon_cpu::block_gemm(rows, d, n, 1.0f, scores, 1, rows, vf, ldv, !first, acc, d);
+          beacon_cpu::block_gemm(rows, d, n, 1.0f, scores, 1, rows, v_block, d, !first, acc, d);
         first = false;
       }
 
