@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "beacon_mask.h"
-#include "cpu/block_gemm.h"
+#include "cpu/block_gemm.h"  // also brings <immintrin.h> on x86-64
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define BEACON_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -208,6 +208,41 @@ inline void small_pv_impl(const float* p, int rows, int n, const T* v, int64_t l
     }
   }
 }
+#ifdef BEACON_HAVE_AVX512_KERNEL
+// Explicit AVX-512 dot products for decode (the auto-vectorised loop reduces through memory):
+// two accumulators per row, one horizontal sum per (key, row). head_dim % 16 == 0.
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+__attribute__((target("avx512f"))) inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// GCC 12 warns falsely inside _mm512_reduce_add_ps (-Wmaybe-uninitialized in its header).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <typename T>
+__attribute__((target("avx512f"))) void small_qk_avx512(const float* q, int rows, int d,
+                                                        const T* k, int64_t ldk, int n,
+                                                        float alpha, float* s) {
+  for (int c = 0; c < n; ++c) {
+    const T* kc = k + c * ldk;
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + static_cast<int64_t>(r) * d;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int i = 0;
+      for (; i + 32 <= d; i += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), load16(kc + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i + 16), load16(kc + i + 16), a1);
+      }
+      if (i < d) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), load16(kc + i), a0);
+      s[static_cast<int64_t>(c) * rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * alpha;
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 #define BEACON_SMALL_KERNELS(T)                                                               \
   BEACON_SIMD_CLONES void small_qk(const float* q, int rows, int d, const T* k, int64_t ldk,  \
                                    int n, float alpha, float* s) {                           \
@@ -366,7 +401,18 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const T* kb = k_seq + k0 * P.k_s2;
         const T* vb = v_seq + k0 * P.v_s2;
         if (small) {
+#ifdef BEACON_HAVE_AVX512_KERNEL
+          if constexpr (!std::is_same_v<T, at::Half>) {
+            if (d % 16 == 0 && beacon_cpu::gemm_path() == beacon_cpu::GemmPath::kAvx512)
+              small_qk_avx512(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
+            else
+              small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
+          } else {
+            small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
+          }
+#else
           small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
+#endif
         } else {
           to_float(kb, P.k_s2, n, d, k_block);
           to_float(vb, P.v_s2, n, d, v_block);
