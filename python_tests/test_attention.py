@@ -123,10 +123,11 @@ def test_nine_heads_over_three(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [1, 3])
-def test_decode(device, group):
+def test_decode(device, dtype, group):
     # One query per sequence; different lengths; one sequence's query completes nothing.
-    c = make_case(device, torch.float32, mem=[512, 5, 0, 1025], raw=[97, 1, 64, 3],
+    c = make_case(device, dtype, mem=[512, 5, 0, 1025], raw=[97, 1, 64, 3],
                   beacon=[0, 0, 0, 0], ratio=[8, 0, 2, 32], nq=[1, 1, 1, 1], heads=3 * group,
                   kv_heads=3, head_dim=128)
     check(c)
