@@ -59,13 +59,14 @@ def build_info() -> dict[str, Any]:
     ``cutlass`` (CUTLASS version of the headers used, '' without CUDA), plus ``cuda_head_dims``
     and ``cuda_dtypes`` (the CUDA instantiations compiled in).
     """
-    info = dict(_C.build_info())
-    info["version"] = __version__ if info["version"] == __version__ else info["version"]
-    return info
+    return dict(_C.build_info())
 
 
 from . import ops  # noqa: E402,F401  (fake kernels, typed wrappers)
 from .ops import *  # noqa: E402,F401,F403
+from . import attention_autograd  # noqa: E402  (registers autograd for beacon::attention)
+from .attention_autograd import beacon_attention_backward  # noqa: E402,F401
 from .condensed_cache import CondensedKVCache, StepPlan, adapt_ratio  # noqa: E402
 
-__all__ = ["build_info", "__version__", "CondensedKVCache", "StepPlan", "adapt_ratio"] + list(ops.__all__)
+__all__ = (["build_info", "__version__", "CondensedKVCache", "StepPlan", "adapt_ratio"]
+           + list(ops.__all__) + list(attention_autograd.__all__))
