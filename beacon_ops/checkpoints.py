@@ -195,7 +195,7 @@ def load_gguf(path: str, *, unpermute: bool = True) -> tuple[LlamaConfig, dict[s
         name = _hf_name(t.name)
         data = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml lists dims fastest-first
-        w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(shape)
+        w = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)  # a writable copy
         if unpermute and name.endswith("self_attn.q_proj.weight"):
             w = unpermute_rope_rows(w, heads)
         elif unpermute and name.endswith("self_attn.k_proj.weight"):
@@ -228,8 +228,9 @@ class Tokenizer:
         ids = self.backend.encode(text).ids
         return ([self.bos_token_id] + ids) if self.add_bos and self.bos_token_id is not None else ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.backend.decode(list(ids))
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (special tokens kept unless ``skip_special_tokens``)."""
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
 def tokenizer_from_gguf(path: str) -> Tokenizer:
