@@ -424,9 +424,10 @@ class Llama(nn.Module):
             m + r for m, r in zip(c.host_mem_len, c.host_raw_len))
         if top > limit:
             s.warned = True
+            hint = ("the condensed memory outgrew the trained context (use adapt-N or a larger ratio)"
+                    if hasattr(c, "set_ratio") else "the input is longer than the trained context")
             warnings.warn(f"RoPE positions reach {top}, beyond the model's max_position_embeddings "
-                          f"({limit}): the condensed memory outgrew the trained context (use adapt-N "
-                          "or a larger ratio); quality will degrade", RuntimeWarning, stacklevel=3)
+                          f"({limit}): {hint}; quality will degrade", RuntimeWarning, stacklevel=3)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """LM head on final-norm hidden states."""
