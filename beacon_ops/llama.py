@@ -329,13 +329,21 @@ class Llama(nn.Module):
         """Forget the current document(s): the next ``prefill`` starts from an empty cache."""
         self.session = None
 
+    @property
+    def trained_context(self) -> int:
+        """Positions the model was trained for: ``max_position_embeddings``, times the factor of
+        linear/dynamic RoPE scaling (Llama-3 configs already state the extended length)."""
+        sc = self.config.rope_scaling or {}
+        factor = sc.get("factor", 1.0) if sc.get("rope_type", sc.get("type")) in ("linear", "dynamic") else 1.0
+        return int(self.config.max_position_embeddings * factor)
+
     def _ratio_for_length(self, total: int) -> int:
         b = self.beacon
         if b.ratio is not None:
             return b.ratio
         from .condensed_cache import adapt_ratio
 
-        r = adapt_ratio(total, self.config.max_position_embeddings, b.window, b.adapt_n)
+        r = adapt_ratio(total, self.trained_context, b.window, b.adapt_n)
         check_ratio(r, b.stride)
         return r
 
@@ -415,14 +423,14 @@ class Llama(nn.Module):
         return list(torch.split(h, [len(ch) for ch in chunks]))
 
     def _warn_positions(self) -> None:
-        s, limit = self.session, self.config.max_position_embeddings
+        s, limit = self.session, self.trained_context
         if s.warned:
             return
         c = s.cache
         # the highest RoPE position held in the cache (memory + raw slots, or absolute positions)
         top = c.max_position() if hasattr(c, "max_position") else max(
-            m + r for m, r in zip(c.host_mem_len, c.host_raw_len))
-        if top > limit:
+            m + r - 1 for m, r in zip(c.host_mem_len, c.host_raw_len))
+        if top >= limit:  # trained positions are 0 .. limit - 1
             s.warned = True
             hint = ("the condensed memory outgrew the trained context (use adapt-N or a larger ratio)"
                     if hasattr(c, "set_ratio") else "the input is longer than the trained context")
