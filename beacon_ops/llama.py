@@ -280,9 +280,13 @@ class Llama(nn.Module):
 
         Beacon parameters missing from ``state`` are initialised from the layer's own projection
         (``beacon_x_proj <- x_proj``) and ``beacon_embed_tokens`` from the EOS embedding row.
+        Ignored: ``*.rotary_emb.inv_freq`` buffers (older Llama-2 checkpoints) and ``lm_head.weight``
+        when the config ties it to the embeddings.
         Raises ``ValueError`` naming unknown or missing tensors and shape mismatches.
         """
         own = self.state_dict()
+        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")
+                 and not (k == "lm_head.weight" and self.lm_head is None)}
         unknown = sorted(set(state) - set(own))
         if unknown:
             raise ValueError(f"checkpoint has unknown tensors: {unknown[:8]}"
