@@ -145,7 +145,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # fp32 statistics, as in Hugging Face's LlamaRMSNorm
+        if x.dtype == torch.float32:  # one fused kernel; same math as below
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # fp32 statistics, then the weight in the input dtype, as in Hugging Face's LlamaRMSNorm
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -159,24 +161,37 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = F.silu(self.gate_proj(x), inplace=True)
+        return self.down_proj(gate.mul_(self.up_proj(x)))
 
 
 @dataclass
 class _Rows:
-    """Which packed rows of a step are raw tokens and which are beacons."""
+    """The packed rows of a step as contiguous runs ``(start, end, is_beacon)``.
 
-    raw: Tensor  # int64 indices
-    beacon: Tensor  # int64 indices (may be empty)
+    Per sequence the raw rows come first, then its beacons, so a step has at most two runs per
+    sequence; slicing runs avoids gathers and scatters.
+    """
+
+    runs: list[tuple[int, int, bool]]
+
+    @property
+    def has_beacons(self) -> bool:
+        return any(b for _, _, b in self.runs)
+
+    def raw(self, h: Tensor) -> Tensor:
+        """``h``'s raw rows, in order."""
+        parts = [h[s:e] for s, e, b in self.runs if not b]
+        return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else h[:0]
 
 
 def _project(x: Tensor, rows: _Rows, main: nn.Linear, beacon: nn.Linear | None) -> Tensor:
     """``main`` on raw rows, ``beacon`` (when it exists) on beacon rows."""
-    if beacon is None or rows.beacon.numel() == 0:
+    if beacon is None or not rows.has_beacons:
         return main(x)
     out = x.new_empty(x.shape[0], main.out_features)
-    out[rows.raw] = main(x[rows.raw])
-    out[rows.beacon] = beacon(x[rows.beacon])
+    for s, e, is_beacon in rows.runs:
+        torch.matmul(x[s:e], (beacon if is_beacon else main).weight.t(), out=out[s:e])
     return out
 
 
@@ -395,6 +410,8 @@ class Llama(nn.Module):
         """
         s = self.session
         cache = s.cache
+        if not any(len(ch) for ch in chunks):
+            return [ch.new_empty(0, self.config.hidden_size, dtype=self.dtype) for ch in chunks]
         is_beacon = hasattr(cache, "set_ratio")
         if is_beacon:
             for bi, ch in enumerate(chunks):
@@ -403,27 +420,26 @@ class Llama(nn.Module):
                 if s.ratio[bi] is not None and cache.host_ratio[bi] != s.ratio[bi]:
                     cache.set_ratio(bi, s.ratio[bi])
         plan = cache.begin_step([len(ch) for ch in chunks])
-        parts, raw_idx, beacon_idx, off = [], [], [], 0
+        parts, runs, off = [], [], 0
         emb = self.model.embed_tokens
         for bi, ch in enumerate(chunks):
             nb = plan.num_beacons[bi]
             parts.append(emb(ch))
-            raw_idx.append(torch.arange(off, off + len(ch)))
+            if len(ch):
+                runs.append((off, off + len(ch), False))
             if nb:
                 parts.append(self.model.beacon_embed_tokens.weight.expand(nb, -1))
-                beacon_idx.append(torch.arange(off + len(ch), off + len(ch) + nb))
+                runs.append((off + len(ch), off + len(ch) + nb, True))
             off += len(ch) + nb
         h = torch.cat(parts)
-        dev = h.device
-        rows = _Rows(torch.cat(raw_idx).to(dev),
-                     torch.cat(beacon_idx).to(dev) if beacon_idx else torch.empty(0, dtype=torch.long, device=dev))
+        rows = _Rows(runs)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, i, cache, plan, rows)
         cache.compact()
         for bi, ch in enumerate(chunks):
             s.seen[bi] += len(ch)
         self._warn_positions()
-        h = self.model.norm(h[rows.raw])
+        h = self.model.norm(rows.raw(h))
         return list(torch.split(h, [len(ch) for ch in chunks]))
 
     def _warn_positions(self) -> None:
