@@ -22,8 +22,10 @@ TORCH_LIBRARY(beacon, m) {
       "Tensor cu_seqlens, Tensor mem_len, Tensor raw_len, Tensor beacon_len, Tensor positions, "
       "Tensor cos, Tensor sin, bool interleaved) -> ()");
   // In-place compaction of all layers after a full window (spec section 5).
+  // The mode argument is not called `mode`: torch.compile's auto_functionalize passes a mutating
+  // op's arguments as keywords to a function that has its own `mode` parameter (TypeError).
   m.def(
       "compact_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) mem_len, Tensor(d!) raw_len, "
       "Tensor(e!) beacon_len, Tensor ratio, Tensor cos, Tensor sin, int window, int stride, "
-      "str mode, bool interleaved) -> ()");
+      "str beacon_mode, bool interleaved) -> ()");
 }

@@ -1,0 +1,59 @@
+"""``bench decode``: one token over the condensed cache vs one token over a full KV cache.
+
+A context of L tokens with condensing ratio r and window W leaves memory ``L / r`` beacons plus
+the raw tokens of the current window; a plain KV cache holds all L. Both are timed with the same
+op (a full cache is the op with every key visible: memory L - raw, ratio 0), plus SDPA over the
+full cache for scale. Op time only (no projections). Decode is memory-bound, so the table also
+gives the KV bytes read per second against a plain copy measured in the same run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import beacon_attention
+from .common import copy_gbps, time_fn
+
+
+def _decode_inputs(device, dtype, heads, kv_heads, d, mem, raw):
+    n = mem + raw
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, kv_heads, n, d, generator=g).to(device, dtype)
+    v = torch.randn(1, kv_heads, n, d, generator=g).to(device, dtype)
+    q = torch.randn(1, heads, d, generator=g).to(device, dtype)
+
+    def i32(x):
+        return torch.tensor(x, dtype=torch.int32, device=device)
+
+    return q, k, v, (i32([0, 1]), i32([mem]), i32([raw]), i32([0]), i32([0]))
+
+
+def run(device: str, quick: bool) -> dict:
+    """Decode over a condensed cache vs a full cache of the same context (bf16 and fp32)."""
+    heads, kv_heads, d = 32, 8, 128  # Llama-like GQA
+    context = 32 * 1024 if quick else 128 * 1024
+    ratio, raw = 32, 512
+    mem = context // ratio
+    ceiling = copy_gbps(device)
+    rows = []
+    speedup = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        res = {}
+        for cache, (m, r_len) in (("condensed", (mem, raw)), ("full", (context - raw, raw))):
+            q, k, v, lens = _decode_inputs(device, dtype, heads, kv_heads, d, m, r_len)
+            t = time_fn(lambda: beacon_attention(q, k, v, *lens, max_seqlen_q=1), device)
+            kv_bytes = 2 * k.numel() * k.element_size()
+            row = {"dtype": name, "cache": cache, "keys": m + r_len, "op_ms": t * 1e3,
+                   "kv_gbps": kv_bytes / t / 1e9, "kv_gbps_vs_copy": kv_bytes / t / 1e9 / ceiling}
+            if cache == "full":
+                qs = q.transpose(0, 1)[None]
+                t_sdpa = time_fn(lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True),
+                                 device)
+                row["sdpa_ms"] = t_sdpa * 1e3
+            rows.append(row)
+            res[cache] = t
+            del q, k, v
+        speedup[name] = res["full"] / res["condensed"]
+    return {"rows": rows, "speedup_condensed_vs_full": speedup, "copy_gbps": ceiling,
+            "config": {"context": context, "ratio": ratio, "raw": raw, "memory": mem,
+                       "heads": heads, "kv_heads": kv_heads, "head_dim": d}}

@@ -1,0 +1,357 @@
+"""CondensedKVCache: the preallocated, in-place condensed KV cache of Activation Beacon.
+
+Per layer and sequence the cache holds ``[memory | raw of the current window | beacons of the
+current window]`` from slot 0 (the contract of README.md); after every full window,
+:meth:`CondensedKVCache.compact` turns the window's beacons into memory and drops its raw
+tokens, in place, for all layers at once (spec sections 4-5). One K and one V tensor hold every
+layer; nothing is reallocated while a sequence is read.
+
+A step of the model::
+
+    plan = cache.begin_step(num_raw)          # lengths, positions, beacons of completing windows
+    for layer in range(num_layers):
+        cache.rotate_queries(q, plan)         # q: [total, heads, head_dim], raw then beacons
+        cache.append(layer, k, v, plan)       # k rotated on the way
+        out, lse = cache.attention(layer, q, plan)
+    cache.compact()                           # sequences whose window is full
+
+Lengths live twice: int32 tensors on the cache's device (read by the kernels) and host lists
+(``host_*``) that this class uses to validate every call before a kernel runs, so the CUDA
+kernels never synchronise to read lengths and a rejected call changes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .cache_ops import append_kv, compact_, rope_
+from .positions import check_mode, rope_tables, step_positions
+
+__all__ = ["RATIOS", "adapt_ratio", "StepPlan", "CondensedKVCache"]
+
+RATIOS: tuple[int, ...] = (0, 2, 4, 8, 16, 32, 64, 128)
+"""The condensing ratios of adapt-N (spec section 6); 0 means no beacons."""
+
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def adapt_ratio(total_len: int, max_pos: int, window: int, n: int = 1024,
+                ratios: Sequence[int] = RATIOS) -> int:
+    """Condensing ratio chosen by adapt-N (spec section 6).
+
+    ``total_len`` is the number of input tokens known when the sequence's first window fills
+    (the whole prompt at prefill) and ``n`` the allowance for generation. Returns the smallest
+    ``r`` in ``ratios`` with ``maxlen(r) >= total_len + n``, where
+    ``maxlen(r) = (max_pos - window) * r + window`` and ``maxlen(0) = max_pos``; the largest
+    ratio when none suffices. ``max_pos`` is the model's trained context (multiply it by a RoPE
+    scaling factor first if the model has one, as the newer official code does).
+    Example (Llama-2, max_pos 4096, window 1024): up to 3072 tokens 0, up to 6144 2, ..., up to
+    196608 64, beyond 128.
+    """
+    if window < 1 or max_pos <= window:
+        raise ValueError(f"adapt_ratio: need 1 <= window < max_pos, got window={window}, max_pos={max_pos}")
+    if total_len < 0 or n < 0:
+        raise ValueError(f"adapt_ratio: total_len and n must be >= 0, got {total_len} and {n}")
+    if not ratios or any(r < 0 for r in ratios):
+        raise ValueError(f"adapt_ratio: ratios must be a non-empty list of ratios >= 0, got {ratios!r}")
+    need = total_len + n
+    for r in sorted(ratios):
+        maxlen = max_pos if r == 0 else (max_pos - window) * r + window
+        if maxlen >= need:
+            return r
+    return max(ratios)
+
+
+@dataclass
+class StepPlan:
+    """What :meth:`CondensedKVCache.begin_step` decided for one step (valid until the next
+    ``begin_step``, ``compact`` or ``reset``)."""
+
+    cu_seqlens: Tensor
+    """int32 ``[batch + 1]`` on the cache device: prefix sums of ``num_new``."""
+    num_raw: list[int]
+    """New raw tokens per sequence."""
+    num_beacons: list[int]
+    """Beacons per sequence (``stride // ratio`` on the step that completes a window with r > 0)."""
+    num_new: list[int]
+    """``num_raw + num_beacons``: the sequence's queries and appended keys this step."""
+    completes_window: list[bool]
+    """Whether the step fills the sequence's window (``raw_len == window`` afterwards)."""
+    max_seqlen_q: int
+    """``max(num_new)`` (0 for an empty step)."""
+    positions: Tensor
+    """int32 ``[sum(num_new)]`` on the cache device: RoPE positions of the step's tokens."""
+
+
+class CondensedKVCache:
+    """Preallocated K/V cache ``[layers, batch, kv_heads, capacity, head_dim]`` with per-sequence
+    ``[memory | raw | beacons]`` regions and in-place compaction (see the module docstring).
+
+    Args:
+        num_layers, batch_size, num_kv_heads, head_dim, capacity: the cache's shape; capacity
+            is in slots per sequence and layer (see :meth:`capacity_for`).
+        window: raw tokens per window ``W``.
+        stride: new raw tokens per window after the first, ``S`` (default ``W``); ``W - S`` raw
+            tokens are carried from a window to the next.
+        mode: beacon attention mode (``segmentation``, ``step-expansion``, ``full-coverage``).
+        attend_previous: whether beacons see the memory (passed to the attention op).
+        dtype: float32, float16 or bfloat16.
+        device: where the cache, the length tensors and the RoPE tables live.
+        inv_freq: RoPE inverse frequencies ``[head_dim / 2]`` carrying any scaling (default:
+            Llama's ``10000 ** (-2i / head_dim)``).
+        rope_interleaved: pair layout of RoPE (False: rotate-half, True: interleaved/GGUF).
+
+    Each sequence starts with ratio 0 (no beacons): set it with :meth:`set_ratio` (e.g. from
+    :func:`adapt_ratio`) before its window completes; it is kept for later windows until
+    changed or :meth:`reset`.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, *,
+                 window: int, stride: int | None = None, mode: str = "step-expansion",
+                 attend_previous: bool = True, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", inv_freq: Tensor | None = None,
+                 rope_interleaved: bool = False) -> None:
+        for name, value, low in (("num_layers", num_layers, 1), ("batch_size", batch_size, 1),
+                                 ("num_kv_heads", num_kv_heads, 1), ("head_dim", head_dim, 2),
+                                 ("capacity", capacity, 1), ("window", window, 1)):
+            if int(value) != value or value < low:
+                raise ValueError(f"CondensedKVCache: {name} must be an integer >= {low}, got {value!r}")
+        if head_dim % 2:
+            raise ValueError(f"CondensedKVCache: head_dim must be even for RoPE, got {head_dim}")
+        stride = window if stride is None else stride
+        if not 1 <= stride <= window:
+            raise ValueError(f"CondensedKVCache: stride must be in [1, window={window}], got {stride}")
+        if dtype not in _CACHE_DTYPES:
+            raise TypeError(f"CondensedKVCache: dtype must be one of {_CACHE_DTYPES}, got {dtype}")
+        self.num_layers, self.batch_size = int(num_layers), int(batch_size)
+        self.num_kv_heads, self.head_dim, self.capacity = int(num_kv_heads), int(head_dim), int(capacity)
+        self.window, self.stride = int(window), int(stride)
+        self.mode = check_mode(mode)
+        self.attend_previous = bool(attend_previous)
+        self.rope_interleaved = bool(rope_interleaved)
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+        shape = (self.num_layers, self.batch_size, self.num_kv_heads, self.capacity, self.head_dim)
+        # Zeros, not empty: a slot never written holds no NaN that a bug could leak.
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+
+        if inv_freq is None:
+            inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if inv_freq.dim() != 1 or inv_freq.numel() != head_dim // 2:
+            raise ValueError(f"CondensedKVCache: inv_freq must have shape [head_dim / 2 = {head_dim // 2}], "
+                             f"got {tuple(inv_freq.shape)}")
+        # The largest position used is about memory + window (a beacon at M + W); compaction
+        # rotates by differences up to W.
+        self.cos, self.sin = rope_tables(inv_freq.to(self.device), self.capacity + self.window + 1)
+
+        zeros = lambda: torch.zeros(self.batch_size, dtype=torch.int32, device=self.device)  # noqa: E731
+        self.mem_len, self.raw_len, self.beacon_len, self.ratio = zeros(), zeros(), zeros(), zeros()
+        self.host_mem_len = [0] * self.batch_size
+        self.host_raw_len = [0] * self.batch_size
+        self.host_beacon_len = [0] * self.batch_size
+        self.host_ratio = [0] * self.batch_size
+        self._plan: StepPlan | None = None
+
+    # --- per-sequence state ------------------------------------------------------------------
+    def _check_seq(self, b: int) -> int:
+        if not 0 <= b < self.batch_size:
+            raise IndexError(f"sequence index b={b} is outside [0, batch_size={self.batch_size})")
+        return int(b)
+
+    def _sync_lengths(self) -> None:
+        """Copy the host shadows to the device length tensors."""
+        for dev, host in ((self.mem_len, self.host_mem_len), (self.raw_len, self.host_raw_len),
+                          (self.beacon_len, self.host_beacon_len), (self.ratio, self.host_ratio)):
+            dev.copy_(torch.tensor(host, dtype=torch.int32))
+
+    def room(self, b: int) -> int:
+        """Raw tokens sequence ``b``'s current window still takes (0 once full: compact first)."""
+        return self.window - self.host_raw_len[self._check_seq(b)]
+
+    def set_ratio(self, b: int, r: int) -> None:
+        """Set the condensing ratio of sequence ``b``'s current window (and later ones).
+
+        ``r`` must be 0 or a divisor of the stride; the window must not be full yet.
+        """
+        b = self._check_seq(b)
+        r = int(r)
+        if r < 0 or (r > 0 and self.stride % r):
+            raise ValueError(f"set_ratio: r={r} must be 0 or divide stride={self.stride}")
+        if self.host_raw_len[b] == self.window:
+            raise ValueError(f"set_ratio: sequence {b}'s window is already full; set the ratio before the "
+                             "step that completes it (or after compact())")
+        self.host_ratio[b] = r
+        self.ratio[b] = r
+
+    def reset(self, b: int | None = None) -> None:
+        """Empty sequence ``b`` (every sequence when None): lengths and ratio back to 0.
+
+        The slots are not cleared (they are never read beyond the lengths).
+        """
+        seqs = range(self.batch_size) if b is None else [self._check_seq(b)]
+        for s in seqs:
+            self.host_mem_len[s] = self.host_raw_len[s] = self.host_beacon_len[s] = self.host_ratio[s] = 0
+        self._sync_lengths()
+        self._plan = None
+
+    # --- a step --------------------------------------------------------------------------------
+    def begin_step(self, num_raw: Sequence[int]) -> StepPlan:
+        """Count a step's new raw tokens (``num_raw[b]``, 0 allowed) into the lengths.
+
+        A sequence whose window this step fills (``raw_len == window``) with ratio ``r > 0``
+        also gets ``beacon_len = stride // r`` beacons, which the caller appends after its raw
+        tokens (queries and keys: raw tokens, then beacons, per sequence). Raises before changing
+        anything when a sequence gets more tokens than its window's :meth:`room` or the cache's
+        capacity would be exceeded.
+        """
+        if len(num_raw) != self.batch_size:
+            raise ValueError(f"begin_step: num_raw must have batch_size={self.batch_size} entries, got "
+                             f"{len(num_raw)}")
+        raws: list[int] = []
+        beacons: list[int] = []
+        completes: list[bool] = []
+        for b, n in enumerate(num_raw):
+            n = int(n)
+            if n < 0:
+                raise ValueError(f"begin_step: num_raw[{b}]={n} must be >= 0")
+            room = self.room(b)
+            if n > room:
+                hint = " (the window is full: call compact() first)" if room == 0 else ""
+                raise ValueError(f"begin_step: num_raw[{b}]={n} exceeds the room of sequence {b}'s window, "
+                                 f"{room}{hint}")
+            new_raw = self.host_raw_len[b] + n
+            done = n > 0 and new_raw == self.window
+            nb = self.stride // self.host_ratio[b] if done and self.host_ratio[b] > 0 else 0
+            need = self.host_mem_len[b] + new_raw + self.host_beacon_len[b] + nb
+            if need > self.capacity:
+                raise ValueError(f"begin_step: capacity {self.capacity} is too small: sequence {b} needs {need} "
+                                 "slots (see CondensedKVCache.capacity_for)")
+            raws.append(n)
+            beacons.append(nb)
+            completes.append(done)
+        for b in range(self.batch_size):
+            self.host_raw_len[b] += raws[b]
+            self.host_beacon_len[b] += beacons[b]
+        self._sync_lengths()
+        num_new = [n + nb for n, nb in zip(raws, beacons)]
+        cu = [0]
+        for n in num_new:
+            cu.append(cu[-1] + n)
+        positions = step_positions(self.host_mem_len, self.host_raw_len, self.host_beacon_len, self.host_ratio,
+                                   num_new, self.window, self.mode, device=self.device)
+        self._plan = StepPlan(
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=self.device),
+            num_raw=raws, num_beacons=beacons, num_new=num_new, completes_window=completes,
+            max_seqlen_q=max(num_new, default=0), positions=positions)
+        return self._plan
+
+    def _check_plan(self, plan: StepPlan, x: Tensor, name: str, heads: int | None) -> None:
+        if plan is not self._plan:
+            raise ValueError("plan: not the plan of the current step (begin_step was called again, or "
+                             "compact()/reset() ran since)")
+        total = plan.positions.numel()
+        if x.dim() != 3 or x.shape[0] != total or x.shape[2] != self.head_dim or (
+                heads is not None and x.shape[1] != heads):
+            want = f"[{total}, {heads if heads is not None else 'heads'}, {self.head_dim}]"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise ValueError(f"{name} must be on the cache's device {self.device}, got {x.device}")
+
+    def rotate_queries(self, q: Tensor, plan: StepPlan) -> None:
+        """Rotate the step's queries ``[total, heads, head_dim]`` in place at ``plan.positions``."""
+        self._check_plan(plan, q, "q", None)
+        rope_(q, plan.positions, self.cos, self.sin, self.rope_interleaved)
+
+    def append(self, layer: int, k_new: Tensor, v_new: Tensor, plan: StepPlan) -> None:
+        """Write the step's keys (rotated on the way) and values ``[total, kv_heads, head_dim]``
+        into layer ``layer``, each sequence's tokens in its last ``num_new`` slots."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer={layer} is outside [0, num_layers={self.num_layers})")
+        self._check_plan(plan, k_new, "k_new", self.num_kv_heads)
+        self._check_plan(plan, v_new, "v_new", self.num_kv_heads)
+        for name, x in (("k_new", k_new), ("v_new", v_new)):
+            if x.dtype != self.dtype:
+                raise TypeError(f"{name} must have the cache dtype {self.dtype}, got {x.dtype}")
+        append_kv(self.k[layer], self.v[layer], k_new, v_new, plan.cu_seqlens, self.mem_len, self.raw_len,
+                  self.beacon_len, plan.positions, self.cos, self.sin, self.rope_interleaved)
+
+    def attention(self, layer: int, q: Tensor, plan: StepPlan,
+                  softmax_scale: float | None = None) -> tuple[Tensor, Tensor]:
+        """Beacon attention of the step's (rotated) queries over layer ``layer``: ``(out, lse)``."""
+        from .attention import beacon_attention  # lazily: written alongside this module
+
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer={layer} is outside [0, num_layers={self.num_layers})")
+        self._check_plan(plan, q, "q", None)
+        return beacon_attention(q, self.k[layer], self.v[layer], plan.cu_seqlens, self.mem_len, self.raw_len,
+                                self.beacon_len, self.ratio, max_seqlen_q=plan.max_seqlen_q, mode=self.mode,
+                                attend_previous=self.attend_previous, softmax_scale=softmax_scale)
+
+    def compact(self) -> None:
+        """Compact every sequence whose window is full, all layers at once; no-op otherwise."""
+        full = [b for b in range(self.batch_size) if self.host_raw_len[b] == self.window]
+        if not full:
+            return
+        for b in full:
+            r = self.host_ratio[b]
+            want = self.stride // r if r > 0 else 0
+            if self.host_beacon_len[b] != want:
+                raise ValueError(f"compact: sequence {b} has a full window with ratio {r} and beacon_len "
+                                 f"{self.host_beacon_len[b]}, expected {want} (its beacons were not counted "
+                                 "by begin_step)")
+        compact_(self.k, self.v, self.mem_len, self.raw_len, self.beacon_len, self.ratio, self.cos, self.sin,
+                 window=self.window, stride=self.stride, mode=self.mode, interleaved=self.rope_interleaved)
+        for b in full:
+            r = self.host_ratio[b]
+            self.host_mem_len[b] += self.stride // r if r > 0 else self.stride
+            self.host_raw_len[b] = self.window - self.stride
+            self.host_beacon_len[b] = 0
+        self._plan = None
+
+    # --- sizes -------------------------------------------------------------------------------------
+    def slots_in_use(self, b: int) -> int:
+        """Slots sequence ``b`` occupies per layer and head: memory + raw + beacons."""
+        b = self._check_seq(b)
+        return self.host_mem_len[b] + self.host_raw_len[b] + self.host_beacon_len[b]
+
+    def bytes_in_use(self) -> int:
+        """Bytes of K and V holding live entries (all layers, heads and sequences)."""
+        per_slot = 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
+        return per_slot * sum(self.slots_in_use(b) for b in range(self.batch_size))
+
+    def bytes_allocated(self) -> int:
+        """Bytes of the preallocated K and V tensors."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    @staticmethod
+    def capacity_for(length: int, window: int, stride: int | None = None, ratio: int = 0,
+                     extra_tokens: int = 0) -> int:
+        """Slots per sequence needed to read ``length + extra_tokens`` tokens, exactly.
+
+        ``extra_tokens`` are tokens that follow the input (e.g. the generation budget); they pass
+        through the same windows. Assumes :meth:`CondensedKVCache.compact` runs after every step
+        that fills a window; the step schedule does not matter. The peak is either just before a
+        compaction (memory of the earlier windows + ``W`` raw + ``S / r`` beacons) or at the end
+        (memory + the raw tokens of the trailing window).
+        """
+        stride = window if stride is None else stride
+        if window < 1 or not 1 <= stride <= window:
+            raise ValueError(f"capacity_for: need 1 <= stride <= window, got window={window}, stride={stride}")
+        if ratio < 0 or (ratio > 0 and stride % ratio):
+            raise ValueError(f"capacity_for: ratio={ratio} must be 0 or divide stride={stride}")
+        if length < 0 or extra_tokens < 0:
+            raise ValueError(f"capacity_for: length and extra_tokens must be >= 0, got {length}, {extra_tokens}")
+        total = length + extra_tokens
+        if total < window:
+            return total
+        num_full = 1 + (total - window) // stride
+        beacons = stride // ratio if ratio > 0 else 0
+        growth = beacons if ratio > 0 else stride  # memory added per window
+        before_last_compaction = (num_full - 1) * growth + window + beacons
+        at_end = num_full * growth + (total - num_full * stride)
+        return max(before_last_compaction, at_end)

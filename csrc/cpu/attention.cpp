@@ -1,0 +1,591 @@
+// CPU kernel of torch.ops.beacon.attention: tiled online-softmax (flash-attention style)
+// attention of one Activation Beacon step over the condensed cache, no mask tensor.
+//
+// Work unit: (query tile of one sequence) x (kv head). A tile holds `tokens` consecutive queries
+// of the sequence times the `group` query heads that share the kv head (GQA by index arithmetic:
+// K/V are read once per group, never copied), so decode with GQA still feeds the GEMMs several
+// rows. For every key block the rows' spans (beacon_mask.h) classify the block: skipped when no
+// row sees a key of it, computed without masks when every row sees all of it, and masked element
+// by element only on boundary (partial) blocks. QK^T and PV are ATen's CPU BLAS GEMMs
+// (cpublas::gemm, as in PyTorch's own CPU flash attention), fp32 accumulation for every dtype;
+// the softmax bookkeeping is plain loops compiled for AVX-512 / AVX2 / baseline (target clones).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <type_traits>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "beacon_mask.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define BEACON_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define BEACON_SIMD_CLONES
+#endif
+
+namespace {
+
+using beacon::BlockKind;
+using beacon::Mode;
+using beacon::RowSpans;
+using beacon::SeqLens;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Tile sizes (rows of a query tile, keys of a key block); chosen by bench attention.
+// BEACON_OPS_CPU_TILES="rows,keys" overrides them (for tuning).
+struct TileSizes {
+  int query_rows = 64;
+  int key_block = 256;
+};
+
+const TileSizes& tile_sizes() {
+  static const TileSizes sizes = [] {
+    TileSizes t;
+    if (const char* env = std::getenv("BEACON_OPS_CPU_TILES")) {
+      int a = 0, b = 0;
+      if (std::sscanf(env, "%d,%d", &a, &b) == 2 && a > 0 && b > 0) t = {a, b};
+    }
+    return t;
+  }();
+  return sizes;
+}
+
+Mode parse_mode(const std::string& mode) {
+  if (mode == "segmentation") return Mode::kSegmentation;
+  if (mode == "step-expansion") return Mode::kStepExpansion;
+  if (mode == "full-coverage") return Mode::kFullCoverage;
+  TORCH_CHECK(false, "mode must be one of 'segmentation', 'step-expansion', 'full-coverage', got '",
+              mode, "'");
+}
+
+// exp(x) for x <= 88, 0 below -87.3 (so masked -inf scores give exactly 0). Cephes' expf
+// polynomial (about 1 ulp), written branch-free so the loops around it vectorise.
+inline float fast_exp(float x) {
+  // Ternaries, not std::fmin/fmax: those become libm calls that block vectorisation.
+  const float xl = x < -87.3f ? -87.3f : x;
+  const float xc = xl > 88.3f ? 88.3f : xl;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float t = xc * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  int32_t ti;
+  std::memcpy(&ti, &t, 4);
+  const int32_t ni = ti - 0x4B400000;  // the integer n (bits of t minus bits of the shifter)
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t scale_bits = (ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, 4);
+  return x < -87.3f ? 0.0f : y * scale;
+}
+
+// Online-softmax update of `rows` score rows of length n (stride ld), already scaled. Turns the
+// scores into probabilities relative to the new running max and returns in corr[r] the factor
+// by which the row's previous accumulator and sum must be multiplied.
+BEACON_SIMD_CLONES
+void softmax_update(float* scores, int rows, int n, int ld, float* row_max, float* row_sum,
+                    float* corr) {
+  for (int r = 0; r < rows; ++r) {
+    float* s = scores + static_cast<int64_t>(r) * ld;
+    float m = kNegInf;
+#pragma omp simd reduction(max : m)
+    for (int c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
+    const float m_old = row_max[r];
+    const float m_new = m > m_old ? m : m_old;
+    if (m_new == kNegInf) {  // nothing visible yet: probabilities 0, state unchanged
+      std::memset(s, 0, sizeof(float) * n);
+      corr[r] = 1.0f;
+      continue;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int c = 0; c < n; ++c) {
+      const float p = fast_exp(s[c] - m_new);
+      s[c] = p;
+      sum += p;
+    }
+    const float a = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
+    corr[r] = a;
+    row_sum[r] = row_sum[r] * a + sum;
+    row_max[r] = m_new;
+  }
+}
+
+BEACON_SIMD_CLONES
+void scale_rows(float* acc, int rows, int d, const float* corr) {
+  for (int r = 0; r < rows; ++r) {
+    const float a = corr[r];
+    if (a == 1.0f) continue;
+    float* x = acc + static_cast<int64_t>(r) * d;
+#pragma omp simd
+    for (int c = 0; c < d; ++c) x[c] *= a;
+  }
+}
+
+inline float load_f32(float x) { return x; }
+inline float load_f32(at::BFloat16 x) {
+  const uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float load_f32(at::Half x) { return static_cast<float>(x); }
+
+// rows x d block with row stride ld -> contiguous fp32 [rows x d].
+template <typename T>
+inline void to_float_impl(const T* src, int64_t ld, int rows, int d, float* dst) {
+  for (int r = 0; r < rows; ++r) {
+    const T* x = src + r * ld;
+    float* y = dst + static_cast<int64_t>(r) * d;
+#pragma omp simd
+    for (int c = 0; c < d; ++c) y[c] = load_f32(x[c]);
+  }
+}
+BEACON_SIMD_CLONES void to_float(const at::BFloat16* s, int64_t ld, int rows, int d, float* o) {
+  to_float_impl(s, ld, rows, d, o);
+}
+BEACON_SIMD_CLONES void to_float(const at::Half* s, int64_t ld, int rows, int d, float* o) {
+  to_float_impl(s, ld, rows, d, o);
+}
+BEACON_SIMD_CLONES void to_float(const float* s, int64_t ld, int rows, int d, float* o) {
+  to_float_impl(s, ld, rows, d, o);
+}
+
+// Few-row tiles (decode): dot products straight from the cache, which is read once; a GEMM
+// call per block would cost more than the arithmetic. s [rows x n] = alpha * q k^T.
+template <typename T>
+inline void small_qk_impl(const float* q, int rows, int d, const T* k, int64_t ldk, int n,
+                          float alpha, float* s) {
+  for (int c = 0; c < n; ++c) {
+    const T* kc = k + c * ldk;
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + static_cast<int64_t>(r) * d;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int i = 0; i < d; ++i) dot += qr[i] * load_f32(kc[i]);
+      s[static_cast<int64_t>(r) * n + c] = dot * alpha;
+    }
+  }
+}
+// acc [rows x d] += p [rows x n] v.
+template <typename T>
+inline void small_pv_impl(const float* p, int rows, int n, const T* v, int64_t ldv, int d,
+                          float* acc) {
+  for (int c = 0; c < n; ++c) {
+    const T* vc = v + c * ldv;
+    for (int r = 0; r < rows; ++r) {
+      const float pr = p[static_cast<int64_t>(r) * n + c];
+      if (pr == 0.0f) continue;
+      float* a = acc + static_cast<int64_t>(r) * d;
+#pragma omp simd
+      for (int i = 0; i < d; ++i) a[i] += pr * load_f32(vc[i]);
+    }
+  }
+}
+#define BEACON_SMALL_KERNELS(T)                                                               \
+  BEACON_SIMD_CLONES void small_qk(const float* q, int rows, int d, const T* k, int64_t ldk,  \
+                                   int n, float alpha, float* s) {                           \
+    small_qk_impl(q, rows, d, k, ldk, n, alpha, s);                                           \
+  }                                                                                           \
+  BEACON_SIMD_CLONES void small_pv(const float* p, int rows, int n, const T* v, int64_t ldv,  \
+                                   int d, float* acc) {                                       \
+    small_pv_impl(p, rows, n, v, ldv, d, acc);                                                \
+  }
+BEACON_SMALL_KERNELS(float)
+BEACON_SMALL_KERNELS(at::BFloat16)
+BEACON_SMALL_KERNELS(at::Half)
+#undef BEACON_SMALL_KERNELS
+
+// Multiply a score row's masked-out keys by nothing: set them to -inf. Keys [k0, k0 + n).
+void mask_row(float* s, int n, int k0, const RowSpans& sp) {
+  // Visible pieces of the row clipped to the block, in increasing order (beacon_mask.h spans).
+  int lo[3] = {0, sp.mid_begin, sp.self_key};
+  int hi[3] = {sp.head_end, sp.mid_end, sp.self_key >= 0 ? sp.self_key + 1 : 0};
+  int pos = 0;  // first key (block-relative) not yet decided
+  for (int p = 0; p < 3; ++p) {
+    int a = std::min(std::max(lo[p] - k0, 0), n);
+    int b = std::min(std::max(hi[p] - k0, 0), n);
+    if (b <= a) continue;
+    for (int c = pos; c < a; ++c) s[c] = kNegInf;
+    pos = std::max(pos, b);
+  }
+  for (int c = pos; c < n; ++c) s[c] = kNegInf;
+}
+
+struct Tile {
+  int b;         // sequence
+  int t0, t1;    // local query rows [t0, t1)
+  int64_t cost;  // for scheduling
+};
+
+struct Problem {
+  int64_t heads, kv_heads, group, head_dim;
+  int tokens_per_tile, rows_per_tile;
+  float scale;
+  Mode mode;
+  bool attend_previous;
+  int64_t q_s0, q_s1, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2;
+};
+
+// ---- Block GEMMs ------------------------------------------------------------------------------
+// The GEMMs run in fp32 (16-bit blocks are widened first: on CPUs without AMX, MKL's
+// bf16 x bf16 -> fp32 GEMM measured slower here than widening plus sgemm). ATen's fast
+// cpublas::gemm(float) is not exported from libtorch_cpu, so the kernel calls the BLAS torch is
+// linked with, the Fortran `sgemm_`, looked up at run time in the already loaded libtorch_cpu.
+// Where a torch build lacks it, ATen matmuls on views are used (correct, slower);
+// BEACON_OPS_CPU_BLAS=generic forces that path.
+using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                         const float*, const int*, const float*, const int*, const float*, float*,
+                         const int*);
+
+SgemmFn find_sgemm() {
+  static const SgemmFn fn = []() -> SgemmFn {
+    const char* force = std::getenv("BEACON_OPS_CPU_BLAS");
+    if (force != nullptr && std::string(force) == "generic") return nullptr;
+    Dl_info info;
+    // Any function defined in libtorch_cpu locates the library that holds torch's BLAS.
+    if (dladdr(reinterpret_cast<void*>(&at::native::cpublas::brgemm_release), &info) == 0 ||
+        info.dli_fname == nullptr)
+      return nullptr;
+    void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+    return lib == nullptr ? nullptr : reinterpret_cast<SgemmFn>(dlsym(lib, "sgemm_"));
+  }();
+  return fn;
+}
+
+// S [rows x n] (row-major, ld lds) = alpha * Q [rows x d] * K [n x d]^T.
+void gemm_qk(int n, int rows, int d, float alpha, const float* k, int ldk, const float* q,
+             float* s, int lds) {
+  if (SgemmFn f = find_sgemm()) {
+    const float beta = 0.0f;  // column-major: S^T [n x rows] = K [n x d] * Q^T [d x rows]
+    f("T", "N", &n, &rows, &d, &alpha, k, &ldk, q, &d, &beta, s, &lds);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor qt = at::from_blob(const_cast<float*>(q), {rows, d}, opts);
+  const at::Tensor kt = at::from_blob(const_cast<float*>(k), {n, d}, {ldk, 1}, opts);
+  at::Tensor st = at::from_blob(s, {rows, n}, {lds, 1}, opts);
+  at::mm_out(st, qt, kt.t());
+  st.mul_(alpha);
+}
+
+// ACC [rows x d] = P [rows x n] * V [n x d] + beta * ACC.
+void gemm_pv(int d, int rows, int n, const float* v, int ldv, const float* p, int ldp, float beta,
+             float* acc) {
+  if (SgemmFn f = find_sgemm()) {
+    const float one = 1.0f;  // column-major: ACC^T [d x rows] = V^T [d x n] * P^T [n x rows]
+    f("N", "N", &d, &rows, &n, &one, v, &ldv, p, &ldp, &beta, acc, &d);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor pt = at::from_blob(const_cast<float*>(p), {rows, n}, {ldp, 1}, opts);
+  const at::Tensor vt = at::from_blob(const_cast<float*>(v), {n, d}, {ldv, 1}, opts);
+  at::Tensor at_acc = at::from_blob(acc, {rows, d}, opts);
+  if (beta == 0.0f)
+    at::mm_out(at_acc, pt, vt);
+  else
+    at_acc.addmm_(pt, vt);
+}
+
+// Tiles with fewer rows than this use the dot-product kernels instead of GEMMs.
+constexpr int kSmallRows = 8;
+
+template <typename T>
+void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::vector<SeqLens>& lens, const int32_t* cu, const Problem& P,
+                      at::Tensor& out, at::Tensor& lse) {
+  const int d = static_cast<int>(P.head_dim);
+  const int G = static_cast<int>(P.group);
+  const int rows_max = P.rows_per_tile;
+  const int64_t H = P.heads;
+
+  std::vector<Tile> tiles;
+  for (int b = 0; b < static_cast<int>(lens.size()); ++b) {
+    const int nq = cu[b + 1] - cu[b];
+    for (int t0 = 0; t0 < nq; t0 += P.tokens_per_tile) {
+      const int t1 = std::min(nq, t0 + P.tokens_per_tile);
+      // Cost estimate: rows x keys up to the last key any row sees.
+      int kend = 0;
+      for (int t = t0; t < t1; ++t)
+        kend = std::max(kend, beacon::key_end(
+                                  beacon::row_spans(lens[b], nq, t, P.mode, P.attend_previous)));
+      tiles.push_back({b, t0, t1, static_cast<int64_t>(t1 - t0) * kend});
+    }
+  }
+  // Longest first, handed out dynamically below: tiles differ in cost (causal rows, beacon
+  // rows, sequences of different lengths) and the machine may be shared.
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const Tile& a, const Tile& b) { return a.cost > b.cost; });
+  const int64_t n_work = static_cast<int64_t>(tiles.size()) * P.kv_heads;
+  if (n_work == 0) return;
+
+  constexpr bool kWiden = !std::is_same_v<T, float>;
+  // Per-thread fp32 scratch: Q tile, scores, accumulator, row state, widened K and V blocks.
+  const int key_block = tile_sizes().key_block;
+  const int64_t q_elems = static_cast<int64_t>(rows_max) * d;
+  const int64_t s_elems = static_cast<int64_t>(rows_max) * key_block;
+  const int64_t kv_elems = kWiden ? static_cast<int64_t>(key_block) * d : 0;
+  const int64_t per_thread = 2 * q_elems + s_elems + 3 * rows_max + 2 * kv_elems;
+  const int n_threads = at::get_num_threads();
+  std::vector<float> buffer(static_cast<size_t>(per_thread) * n_threads);
+
+  const T* q_data = q.const_data_ptr<T>();
+  const T* k_data = k.const_data_ptr<T>();
+  const T* v_data = v.const_data_ptr<T>();
+  T* out_data = out.data_ptr<T>();
+  float* lse_data = lse.data_ptr<float>();
+
+  std::atomic<int64_t> next_work{0};
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    float* q_tile = buffer.data() + at::get_thread_num() * per_thread;
+    float* acc = q_tile + q_elems;
+    float* scores = acc + q_elems;
+    float* row_max = scores + s_elems;
+    float* row_sum = row_max + rows_max;
+    float* corr = row_sum + rows_max;
+    float* k_block = corr + rows_max;
+    float* v_block = k_block + kv_elems;
+    std::vector<RowSpans> spans(P.tokens_per_tile);
+    std::vector<BlockKind> kinds(P.tokens_per_tile);
+
+    for (int64_t w = next_work.fetch_add(1); w < n_work; w = next_work.fetch_add(1)) {
+      const Tile& tile = tiles[w / P.kv_heads];
+      const int64_t kvh = w % P.kv_heads;
+      const SeqLens& L = lens[tile.b];
+      const int nq = cu[tile.b + 1] - cu[tile.b];
+      const int n_tok = tile.t1 - tile.t0;
+      const int rows = n_tok * G;
+      const bool small = rows < kSmallRows;
+      const int64_t row0 = cu[tile.b] + tile.t0;  // packed index of the tile's first query
+
+      // Gather the tile's queries in fp32: row r = (token r / G, head kvh * G + r % G).
+      int key_end = 0;
+      for (int t = 0; t < n_tok; ++t) {
+        spans[t] = beacon::row_spans(L, nq, tile.t0 + t, P.mode, P.attend_previous);
+        key_end = std::max(key_end, beacon::key_end(spans[t]));
+        to_float(q_data + (row0 + t) * P.q_s0 + kvh * G * P.q_s1, P.q_s1, G, d,
+                 q_tile + static_cast<int64_t>(t) * G * d);
+      }
+      for (int r = 0; r < rows; ++r) {
+        row_max[r] = kNegInf;
+        row_sum[r] = 0.0f;
+      }
+      if (small) std::fill(acc, acc + static_cast<int64_t>(rows) * d, 0.0f);
+      const T* k_seq = k_data + tile.b * P.k_s0 + kvh * P.k_s1;
+      const T* v_seq = v_data + tile.b * P.v_s0 + kvh * P.v_s1;
+
+      bool first = true;
+      for (int k0 = 0; k0 < key_end; k0 += key_block) {
+        const int k1 = std::min(k0 + key_block, key_end);
+        const int n = k1 - k0;
+        BlockKind kind = BlockKind::kSkip;
+        for (int t = 0; t < n_tok; ++t) {
+          kinds[t] = beacon::classify_block(spans[t], k0, k1);
+          kind = t == 0 ? kinds[t] : beacon::combine_kinds(kind, kinds[t]);
+        }
+        if (kind == BlockKind::kSkip) continue;
+
+        const T* kb = k_seq + k0 * P.k_s2;
+        const T* vb = v_seq + k0 * P.v_s2;
+        const float* kf = nullptr;
+        const float* vf = nullptr;
+        int ldk = static_cast<int>(P.k_s2), ldv = static_cast<int>(P.v_s2);
+        if (small) {
+          small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
+        } else {
+          if constexpr (kWiden) {
+            to_float(kb, P.k_s2, n, d, k_block);
+            to_float(vb, P.v_s2, n, d, v_block);
+            kf = k_block, vf = v_block, ldk = ldv = d;
+          } else {
+            kf = kb, vf = vb;
+          }
+          gemm_qk(n, rows, d, P.scale, kf, ldk, q_tile, scores, n);
+        }
+        if (kind == BlockKind::kPartial) {
+          for (int t = 0; t < n_tok; ++t) {
+            if (kinds[t] == BlockKind::kFull) continue;
+            for (int g = 0; g < G; ++g) {
+              float* s = scores + static_cast<int64_t>(t * G + g) * n;
+              if (kinds[t] == BlockKind::kSkip)
+                std::fill(s, s + n, kNegInf);
+              else
+                mask_row(s, n, k0, spans[t]);
+            }
+          }
+        }
+        softmax_update(scores, rows, n, n, row_max, row_sum, corr);
+        if (!first) scale_rows(acc, rows, d, corr);
+        if (small)
+          small_pv(scores, rows, n, vb, P.v_s2, d, acc);
+        else
+          gemm_pv(d, rows, n, vf, ldv, scores, n, first ? 0.0f : 1.0f, acc);
+        first = false;
+      }
+
+      // Normalise and write out; a row that saw no key gets out = 0 and lse = +inf.
+      for (int r = 0; r < rows; ++r) {
+        const int t = r / G, g = r % G;
+        const int64_t head = kvh * G + g;
+        T* o = out_data + ((row0 + t) * H + head) * d;
+        float* lse_out = lse_data + (row0 + t) * H + head;
+        if (first || row_sum[r] == 0.0f) {
+          std::fill(o, o + d, T(0));
+          *lse_out = std::numeric_limits<float>::infinity();
+          continue;
+        }
+        const float inv = 1.0f / row_sum[r];
+        const float* a = acc + static_cast<int64_t>(r) * d;
+        for (int c = 0; c < d; ++c) o[c] = static_cast<T>(a[c] * inv);
+        *lse_out = row_max[r] + std::log(row_sum[r]);
+      }
+    }
+  });
+}
+
+void check_lengths_tensor(const at::Tensor& t, const char* name, int64_t batch,
+                          const at::Tensor& q) {
+  TORCH_CHECK(t.device() == q.device(), name, " must be on the same device as q (", q.device(),
+              "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, name, " must have shape [batch] = [", batch,
+              "], got ", t.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                 const at::Tensor& v_cache,
+                                                 const at::Tensor& cu_seqlens_q,
+                                                 const at::Tensor& mem_len, const at::Tensor& raw_len,
+                                                 const at::Tensor& beacon_len,
+                                                 const at::Tensor& ratio, int64_t max_seqlen_q,
+                                                 c10::string_view mode_str, bool attend_previous,
+                                                 double softmax_scale) {
+  const Mode mode = parse_mode(std::string(mode_str));
+  TORCH_CHECK(q.dim() == 3, "q must have shape [total_q, heads, head_dim], got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4,
+              "k_cache must have shape [batch, kv_heads, capacity, head_dim], got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ",
+              k_cache.sizes(), ", got ", v_cache.sizes());
+  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+    TORCH_CHECK(t->device() == q.device(), name, " must be on the same device as q (", q.device(),
+                "), got ", t->device());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, " must have the dtype of q (",
+                q.scalar_type(), "), got ", t->scalar_type());
+    TORCH_CHECK(t->stride(3) == 1, name, " must be contiguous in head_dim (stride 1), got strides ",
+                t->strides());
+  }
+  TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel, got ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
+                  q.scalar_type() == at::kHalf,
+              "q must be float32, bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(q.stride(2) == 1, "q must be contiguous in head_dim (stride 1), got strides ",
+              q.strides());
+  const int64_t total_q = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t batch = k_cache.size(0), kv_heads = k_cache.size(1), capacity = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == d, "k_cache head_dim (", k_cache.size(3),
+              ") must equal q head_dim (", d, ")");
+  TORCH_CHECK(d > 0 && d % 8 == 0 && d <= 256, "q head_dim must be a multiple of 8 in [8, 256], got ",
+              d);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "q heads (", heads,
+              ") must be a multiple of k_cache kv_heads (", kv_heads, ")");
+  TORCH_CHECK(cu_seqlens_q.device() == q.device(), "cu_seqlens_q must be on the device of q (",
+              q.device(), "), got ", cu_seqlens_q.device());
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt, "cu_seqlens_q must be int32, got ",
+              cu_seqlens_q.scalar_type());
+  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == batch + 1,
+              "cu_seqlens_q must have shape [batch + 1] = [", batch + 1, "], got ",
+              cu_seqlens_q.sizes());
+  check_lengths_tensor(mem_len, "mem_len", batch, q);
+  check_lengths_tensor(raw_len, "raw_len", batch, q);
+  check_lengths_tensor(beacon_len, "beacon_len", batch, q);
+  check_lengths_tensor(ratio, "ratio", batch, q);
+  TORCH_CHECK(max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
+
+  // Lengths are read directly (free on the CPU) and validated before anything is computed.
+  const at::Tensor cu_c = cu_seqlens_q.contiguous();
+  const at::Tensor m_c = mem_len.contiguous(), r_c = raw_len.contiguous();
+  const at::Tensor b_c = beacon_len.contiguous(), ra_c = ratio.contiguous();
+  const int32_t* cu = cu_c.const_data_ptr<int32_t>();
+  TORCH_CHECK(cu[0] == 0, "cu_seqlens_q must start at 0, got ", cu[0]);
+  TORCH_CHECK(cu[batch] == total_q, "cu_seqlens_q must end at total_q = q.size(0) = ", total_q,
+              ", got ", cu[batch]);
+  std::vector<SeqLens> lens(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t nq = static_cast<int64_t>(cu[b + 1]) - cu[b];
+    TORCH_CHECK(nq >= 0, "cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b, "] = ", cu[b],
+                " > cu_seqlens_q[", b + 1, "] = ", cu[b + 1]);
+    TORCH_CHECK(nq <= max_seqlen_q, "max_seqlen_q (", max_seqlen_q, ") is smaller than sequence ", b,
+                "'s query count ", nq);
+    const SeqLens L{m_c.const_data_ptr<int32_t>()[b], r_c.const_data_ptr<int32_t>()[b],
+                    b_c.const_data_ptr<int32_t>()[b], ra_c.const_data_ptr<int32_t>()[b]};
+    TORCH_CHECK(L.mem >= 0, "mem_len[", b, "] must be >= 0, got ", L.mem);
+    TORCH_CHECK(L.raw >= 0, "raw_len[", b, "] must be >= 0, got ", L.raw);
+    TORCH_CHECK(L.beacon >= 0, "beacon_len[", b, "] must be >= 0, got ", L.beacon);
+    TORCH_CHECK(L.ratio >= 0, "ratio[", b, "] must be >= 0, got ", L.ratio);
+    TORCH_CHECK(L.beacon == 0 || L.ratio > 0, "ratio[", b, "] must be > 0 when beacon_len[", b,
+                "] = ", L.beacon, " > 0");
+    TORCH_CHECK(static_cast<int64_t>(L.mem) + L.raw + L.beacon <= capacity, "mem_len[", b,
+                "] + raw_len[", b, "] + beacon_len[", b, "] = ",
+                static_cast<int64_t>(L.mem) + L.raw + L.beacon, " exceeds the k_cache capacity ",
+                capacity);
+    TORCH_CHECK(nq >= L.beacon && nq <= static_cast<int64_t>(L.raw) + L.beacon, "cu_seqlens_q: sequence ",
+                b, " has ", nq, " queries, which must lie in [beacon_len, raw_len + beacon_len] = [",
+                L.beacon, ", ", static_cast<int64_t>(L.raw) + L.beacon, "]");
+    lens[b] = L;
+  }
+
+  Problem P;
+  P.heads = heads;
+  P.kv_heads = kv_heads;
+  P.group = heads / kv_heads;
+  P.head_dim = d;
+  P.tokens_per_tile = static_cast<int>(std::max<int64_t>(1, tile_sizes().query_rows / P.group));
+  P.rows_per_tile = static_cast<int>(P.tokens_per_tile * P.group);
+  P.scale = softmax_scale > 0 ? static_cast<float>(softmax_scale)
+                              : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  P.mode = mode;
+  P.attend_previous = attend_previous;
+  P.q_s0 = q.stride(0);
+  P.q_s1 = q.stride(1);
+  P.k_s0 = k_cache.stride(0);
+  P.k_s1 = k_cache.stride(1);
+  P.k_s2 = k_cache.stride(2);
+  P.v_s0 = v_cache.stride(0);
+  P.v_s1 = v_cache.stride(1);
+  P.v_s2 = v_cache.stride(2);
+
+  at::Tensor out = at::empty({total_q, heads, d}, q.options());
+  at::Tensor lse = at::empty({total_q, heads}, q.options().dtype(at::kFloat));
+  switch (q.scalar_type()) {
+    case at::kFloat: attention_kernel<float>(q, k_cache, v_cache, lens, cu, P, out, lse); break;
+    case at::kBFloat16:
+      attention_kernel<at::BFloat16>(q, k_cache, v_cache, lens, cu, P, out, lse);
+      break;
+    default: attention_kernel<at::Half>(q, k_cache, v_cache, lens, cu, P, out, lse); break;
+  }
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(beacon, CPU, m) { m.impl("attention", &attention_cpu); }

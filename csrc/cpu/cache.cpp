@@ -1,0 +1,371 @@
+// CPU kernels of the condensed-cache ops: rope_ (rotate queries in place), append_kv (write a
+// step's keys, rotated, and values into each sequence's last slots) and compact_ (in-place
+// compaction of all layers after a full window, spec section 5).
+//
+// Positions, rotation pairs and compaction moves come from rope.h; this file only validates,
+// schedules (at::parallel_for over (token, head) or (layer, sequence, head)) and moves rows.
+// Every check runs before the first write, so a call that raises leaves caches and lengths as
+// they were. Rotations are computed in fp32 and rounded once.
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu/cache_rows.h"
+#include "rope.h"
+
+namespace beacon {
+namespace {
+
+Mode parse_mode(c10::string_view mode) {
+  if (mode == "segmentation") return Mode::kSegmentation;
+  if (mode == "step-expansion") return Mode::kStepExpansion;
+  if (mode == "full-coverage") return Mode::kFullCoverage;
+  TORCH_CHECK_VALUE(false, "mode must be one of 'segmentation', 'step-expansion', 'full-coverage', got '",
+                    std::string(mode), "'");
+}
+
+bool is_rope_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The cache dtypes: float32, float16, bfloat16 (rotations are computed in fp32).
+#define BEACON_DISPATCH_CACHE_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+void check_cpu_contiguous(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU like the other arguments, got ",
+              t.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (strides ", t.strides(), ")");
+}
+
+// An int32 vector [n] on the CPU (lengths, positions, cu_seqlens).
+void check_int_vector(const char* op, const at::Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ",
+                    t.sizes());
+  check_cpu_contiguous(op, t, name);
+}
+
+// cos/sin tables: fp32 [rows, head_dim / 2], CPU, contiguous, the same number of rows.
+void check_tables(const char* op, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
+  TORCH_CHECK_VALUE(head_dim % 2 == 0, op, ": head_dim must be even for RoPE, got ", head_dim);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{cos, "cos"}, {sin, "sin"}}) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == head_dim / 2, op, ": ", name,
+                      " must have shape [rows, head_dim / 2 = ", head_dim / 2, "], got ", t.sizes());
+    check_cpu_contiguous(op, t, name);
+  }
+  TORCH_CHECK_VALUE(cos.size(0) == sin.size(0), op, ": cos and sin must have the same rows, got ",
+                    cos.size(0), " and ", sin.size(0));
+}
+
+void check_no_overlap(const char* op, const at::Tensor& a, const char* na, const at::Tensor& b,
+                      const char* nb) {
+  const auto s = at::get_overlap_status(a, b);
+  TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, op, ": ", na,
+              " and ", nb, " must not share memory");
+}
+
+// Rotation of one row by the table row of |delta| (sin negated for a negative delta).
+struct RowRotation {
+  const float* cos;
+  const float* sin;
+  float sin_sign;
+};
+
+RowRotation rotation_at(const float* cos_t, const float* sin_t, int64_t half, int delta) {
+  const int64_t a = delta < 0 ? -static_cast<int64_t>(delta) : delta;
+  return {cos_t + a * half, sin_t + a * half, delta < 0 ? -1.f : 1.f};
+}
+
+// ------------------------------------------------------------------------------------------------
+// rope_
+void rope_cpu(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+              bool interleaved) {
+  constexpr const char* op = "beacon.rope_";
+  TORCH_CHECK_TYPE(is_rope_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must have shape [tokens, heads, head_dim], got ", x.sizes());
+  check_cpu_contiguous(op, x, "x");
+  const int64_t n = x.size(0), heads = x.size(1), D = x.size(2);
+  check_int_vector(op, positions, "positions", n);
+  check_tables(op, cos, sin, D);
+  const int32_t* pos = positions.data_ptr<int32_t>();
+  const int64_t rows = cos.size(0);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_INDEX(pos[i] >= 0 && pos[i] < rows, op, ": positions[", i, "] = ", pos[i],
+                      " is outside the cos/sin tables [0, ", rows, ")");
+  }
+  if (n == 0 || heads == 0 || D == 0) return;
+  const float* cos_t = cos.data_ptr<float>();
+  const float* sin_t = sin.data_ptr<float>();
+  const int64_t half = D / 2;
+  BEACON_DISPATCH_CACHE_TYPES(x.scalar_type(), "rope_cpu", [&] {
+    scalar_t* base = x.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+    at::parallel_for(0, n * heads, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / heads;
+        const RowRotation rot = rotation_at(cos_t, sin_t, half, pos[t]);
+        scalar_t* row = base + item * D;
+        rows::rotate_rows(row, row, 1, D, rot.cos, rot.sin, rot.sin_sign, interleaved);
+      }
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// append_kv
+void check_cache_pair_4d(const char* op, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK_TYPE(is_rope_dtype(k.scalar_type()), op,
+                   ": k_cache must be float32, float16 or bfloat16, got ", k.scalar_type());
+  TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), op, ": v_cache must have k_cache's dtype ",
+                   k.scalar_type(), ", got ", v.scalar_type());
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": k_cache must be a layer's view [batch, kv_heads, capacity, head_dim], got ",
+                    k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": v_cache must have k_cache's shape ", k.sizes(), ", got ",
+                    v.sizes());
+  check_cpu_contiguous(op, k, "k_cache");
+  check_cpu_contiguous(op, v, "v_cache");
+  check_no_overlap(op, k, "k_cache", v, "v_cache");
+}
+
+void append_kv_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_new, const at::Tensor& v_new,
+                   const at::Tensor& cu_seqlens, const at::Tensor& mem_len, const at::Tensor& raw_len,
+                   const at::Tensor& beacon_len, const at::Tensor& positions, const at::Tensor& cos,
+                   const at::Tensor& sin, bool interleaved) {
+  constexpr const char* op = "beacon.append_kv";
+  check_cache_pair_4d(op, k_cache, v_cache);
+  const int64_t batch = k_cache.size(0), heads = k_cache.size(1), cap = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK_TYPE(k_new.scalar_type() == k_cache.scalar_type(), op, ": k_new must have the cache dtype ",
+                   k_cache.scalar_type(), ", got ", k_new.scalar_type());
+  TORCH_CHECK_TYPE(v_new.scalar_type() == k_cache.scalar_type(), op, ": v_new must have the cache dtype ",
+                   k_cache.scalar_type(), ", got ", v_new.scalar_type());
+  TORCH_CHECK_VALUE(k_new.dim() == 3 && k_new.size(1) == heads && k_new.size(2) == D, op,
+                    ": k_new must have shape [total, kv_heads = ", heads, ", head_dim = ", D, "], got ",
+                    k_new.sizes());
+  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), op, ": v_new must have k_new's shape ", k_new.sizes(),
+                    ", got ", v_new.sizes());
+  check_cpu_contiguous(op, k_new, "k_new");
+  check_cpu_contiguous(op, v_new, "v_new");
+  check_no_overlap(op, k_cache, "k_cache", k_new, "k_new");
+  check_no_overlap(op, v_cache, "v_cache", v_new, "v_new");
+  const int64_t total = k_new.size(0);
+  check_int_vector(op, cu_seqlens, "cu_seqlens", batch + 1);
+  check_int_vector(op, mem_len, "mem_len", batch);
+  check_int_vector(op, raw_len, "raw_len", batch);
+  check_int_vector(op, beacon_len, "beacon_len", batch);
+  check_int_vector(op, positions, "positions", total);
+  check_tables(op, cos, sin, D);
+
+  const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
+  const int32_t* mem = mem_len.data_ptr<int32_t>();
+  const int32_t* raw = raw_len.data_ptr<int32_t>();
+  const int32_t* bea = beacon_len.data_ptr<int32_t>();
+  const int32_t* pos = positions.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(cu[0] == 0, op, ": cu_seqlens[0] must be 0, got ", cu[0]);
+  TORCH_CHECK_VALUE(cu[batch] == total, op, ": cu_seqlens[", batch, "] = ", cu[batch],
+                    " must equal the number of new tokens ", total);
+  std::vector<int64_t> first_slot(batch);  // slot of each sequence's first new token
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n = static_cast<int64_t>(cu[b + 1]) - cu[b];
+    TORCH_CHECK_VALUE(n >= 0, op, ": cu_seqlens must be non-decreasing, got cu_seqlens[", b, "] = ", cu[b],
+                      " > cu_seqlens[", b + 1, "] = ", cu[b + 1]);
+    TORCH_CHECK_VALUE(mem[b] >= 0, op, ": mem_len[", b, "] = ", mem[b], " must be >= 0");
+    TORCH_CHECK_VALUE(raw[b] >= 0, op, ": raw_len[", b, "] = ", raw[b], " must be >= 0");
+    TORCH_CHECK_VALUE(bea[b] >= 0, op, ": beacon_len[", b, "] = ", bea[b], " must be >= 0");
+    const int64_t end = static_cast<int64_t>(mem[b]) + raw[b] + bea[b];
+    TORCH_CHECK_VALUE(end <= cap, op, ": sequence ", b, " needs ", end,
+                      " slots (mem_len + raw_len + beacon_len) but k_cache has capacity ", cap);
+    TORCH_CHECK_VALUE(n <= static_cast<int64_t>(raw[b]) + bea[b], op, ": cu_seqlens gives sequence ", b, " ",
+                      n, " new tokens, more than its raw_len + beacon_len = ", raw[b] + bea[b],
+                      " (lengths must already count the step's tokens)");
+    first_slot[b] = end - n;
+  }
+  const int64_t rows_available = cos.size(0);
+  for (int64_t i = 0; i < total; ++i) {
+    TORCH_CHECK_INDEX(pos[i] >= 0 && pos[i] < rows_available, op, ": positions[", i, "] = ", pos[i],
+                      " is outside the cos/sin tables [0, ", rows_available, ")");
+  }
+  if (total == 0 || heads == 0 || D == 0) return;
+
+  // Sequence of every packed token (tokens of a sequence are contiguous).
+  std::vector<int32_t> seq_of(total);
+  for (int64_t b = 0; b < batch; ++b) std::fill(seq_of.begin() + cu[b], seq_of.begin() + cu[b + 1], b);
+
+  const float* cos_t = cos.data_ptr<float>();
+  const float* sin_t = sin.data_ptr<float>();
+  const int64_t half = D / 2;
+  BEACON_DISPATCH_CACHE_TYPES(k_cache.scalar_type(), "append_kv_cpu", [&] {
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    const scalar_t* kn = k_new.data_ptr<scalar_t>();
+    const scalar_t* vn = v_new.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+    at::parallel_for(0, total * heads, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / heads, h = item % heads;
+        const int64_t b = seq_of[t];
+        const int64_t slot = first_slot[b] + (t - cu[b]);
+        const int64_t dst = ((b * heads + h) * cap + slot) * D;
+        const RowRotation rot = rotation_at(cos_t, sin_t, half, pos[t]);
+        rows::rotate_rows(kn + item * D, kc + dst, 1, D, rot.cos, rot.sin, rot.sin_sign, interleaved);
+        std::memcpy(vc + dst, vn + item * D, D * sizeof(scalar_t));
+      }
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// compact_
+struct SeqCompaction {
+  int64_t b;
+  int mem, ratio;
+};
+
+void compact_cpu(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at::Tensor raw_len,
+                 at::Tensor beacon_len, const at::Tensor& ratio, const at::Tensor& cos, const at::Tensor& sin,
+                 int64_t window, int64_t stride, c10::string_view mode_str, bool interleaved) {
+  constexpr const char* op = "beacon.compact_";
+  const Mode mode = parse_mode(mode_str);
+  TORCH_CHECK_TYPE(is_rope_dtype(k_cache.scalar_type()), op,
+                   ": k_cache must be float32, float16 or bfloat16, got ", k_cache.scalar_type());
+  TORCH_CHECK_TYPE(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have k_cache's dtype ",
+                   k_cache.scalar_type(), ", got ", v_cache.scalar_type());
+  TORCH_CHECK_VALUE(k_cache.dim() == 5, op,
+                    ": k_cache must be the whole cache [layers, batch, kv_heads, capacity, head_dim], got ",
+                    k_cache.sizes());
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ",
+                    k_cache.sizes(), ", got ", v_cache.sizes());
+  check_cpu_contiguous(op, k_cache, "k_cache");
+  check_cpu_contiguous(op, v_cache, "v_cache");
+  check_no_overlap(op, k_cache, "k_cache", v_cache, "v_cache");
+  const int64_t layers = k_cache.size(0), batch = k_cache.size(1), heads = k_cache.size(2);
+  const int64_t cap = k_cache.size(3), D = k_cache.size(4);
+  check_int_vector(op, mem_len, "mem_len", batch);
+  check_int_vector(op, raw_len, "raw_len", batch);
+  check_int_vector(op, beacon_len, "beacon_len", batch);
+  check_int_vector(op, ratio, "ratio", batch);
+  check_no_overlap(op, mem_len, "mem_len", raw_len, "raw_len");
+  check_no_overlap(op, mem_len, "mem_len", beacon_len, "beacon_len");
+  check_no_overlap(op, raw_len, "raw_len", beacon_len, "beacon_len");
+  check_tables(op, cos, sin, D);
+  TORCH_CHECK_VALUE(window >= 1 && window <= (1 << 30), op, ": window must be in [1, 2^30], got ", window);
+  TORCH_CHECK_VALUE(stride >= 1 && stride <= window, op, ": stride must be in [1, window = ", window, "], got ",
+                    stride);
+  const int W = static_cast<int>(window), S = static_cast<int>(stride);
+
+  int32_t* mem = mem_len.data_ptr<int32_t>();
+  int32_t* raw = raw_len.data_ptr<int32_t>();
+  int32_t* bea = beacon_len.data_ptr<int32_t>();
+  const int32_t* rat = ratio.data_ptr<int32_t>();
+  std::vector<SeqCompaction> work;
+  int64_t max_delta = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(mem[b] >= 0, op, ": mem_len[", b, "] = ", mem[b], " must be >= 0");
+    TORCH_CHECK_VALUE(raw[b] >= 0 && raw[b] <= W, op, ": raw_len[", b, "] = ", raw[b], " must be in [0, window = ",
+                      W, "]");
+    TORCH_CHECK_VALUE(bea[b] >= 0, op, ": beacon_len[", b, "] = ", bea[b], " must be >= 0");
+    TORCH_CHECK_VALUE(rat[b] >= 0, op, ": ratio[", b, "] = ", rat[b], " must be >= 0");
+    TORCH_CHECK_VALUE(rat[b] == 0 || S % rat[b] == 0, op, ": ratio[", b, "] = ", rat[b],
+                      " must divide stride = ", S);
+    const int64_t end = static_cast<int64_t>(mem[b]) + raw[b] + bea[b];
+    TORCH_CHECK_VALUE(end <= cap, op, ": sequence ", b, " has ", end,
+                      " slots in use (mem_len + raw_len + beacon_len) but the cache capacity is ", cap);
+    const bool full = raw[b] == W;
+    const int expected_beacons = full && rat[b] > 0 ? S / rat[b] : 0;
+    TORCH_CHECK_VALUE(bea[b] == expected_beacons, op, ": beacon_len[", b, "] = ", bea[b], " is inconsistent: ",
+                      full ? (rat[b] > 0 ? "a full window with ratio r > 0 holds stride / r = "
+                                         : "a full window with ratio 0 holds ")
+                           : "a window that is not full (raw_len < window) holds ",
+                      expected_beacons, " beacons");
+    if (!full) continue;
+    work.push_back({b, mem[b], rat[b]});
+    if (rat[b] > 0) {
+      const CompactionPlan plan = compaction_plan(mem[b], W, S, rat[b]);
+      for (int m = 0; m < plan.num_beacons + plan.num_carried; ++m) {
+        int src, dst, delta;
+        compaction_move(m, mem[b], W, S, rat[b], mode, &src, &dst, &delta);
+        max_delta = std::max<int64_t>(max_delta, std::abs(delta));
+      }
+    }
+  }
+  TORCH_CHECK_INDEX(work.empty() || max_delta < cos.size(0), op, ": the cos/sin tables have ", cos.size(0),
+                    " rows but compaction rotates keys by position differences up to ", max_delta);
+  if (work.empty()) return;
+
+  // Data first (all layers, sequences, heads in parallel), then the lengths.
+  const int64_t half = D / 2;
+  const float* cos_t = cos.data_ptr<float>();
+  const float* sin_t = sin.data_ptr<float>();
+  const int64_t num_work = static_cast<int64_t>(work.size());
+  if (heads > 0 && D > 0) {
+    BEACON_DISPATCH_CACHE_TYPES(k_cache.scalar_type(), "compact_cpu", [&] {
+      scalar_t* kc = k_cache.data_ptr<scalar_t>();
+      scalar_t* vc = v_cache.data_ptr<scalar_t>();
+      at::parallel_for(0, layers * num_work * heads, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t h = item % heads;
+          const int64_t w = (item / heads) % num_work;
+          const int64_t l = item / (heads * num_work);
+          const SeqCompaction& s = work[w];
+          if (s.ratio == 0) continue;  // r = 0: memory absorbs the first S raw slots in place
+          const int64_t plane = ((l * batch + s.b) * heads + h) * cap * D;
+          scalar_t* kp = kc + plane;
+          scalar_t* vp = vc + plane;
+          const CompactionPlan plan = compaction_plan(s.mem, W, S, s.ratio);
+          // Beacons: slot M + W + j -> M + j (no overlap: B <= S / 2 < W), each its own delta.
+          for (int m = 0; m < plan.num_beacons; ++m) {
+            int src, dst, delta;
+            compaction_move(m, s.mem, W, S, s.ratio, mode, &src, &dst, &delta);
+            if (delta == 0) {
+              std::memcpy(kp + dst * D, kp + src * D, D * sizeof(scalar_t));
+            } else {
+              const RowRotation rot = rotation_at(cos_t, sin_t, half, delta);
+              rows::rotate_rows(kp + src * D, kp + dst * D, 1, D, rot.cos, rot.sin, rot.sin_sign, interleaved);
+            }
+          }
+          std::memcpy(vp + static_cast<int64_t>(s.mem) * D, vp + (static_cast<int64_t>(s.mem) + W) * D,
+                      plan.num_beacons * D * sizeof(scalar_t));
+          // Carried raw tokens: one shift down by S - B with one delta. rotate_rows goes in
+          // increasing slot order and reads a row before writing it (memmove-safe).
+          if (plan.num_carried > 0) {
+            int src, dst, delta;
+            compaction_move(plan.num_beacons, s.mem, W, S, s.ratio, mode, &src, &dst, &delta);
+            const RowRotation rot = rotation_at(cos_t, sin_t, half, delta);
+            rows::rotate_rows(kp + src * D, kp + dst * D, plan.num_carried, D, rot.cos, rot.sin, rot.sin_sign,
+                              interleaved);
+            std::memmove(vp + static_cast<int64_t>(dst) * D, vp + static_cast<int64_t>(src) * D,
+                         plan.num_carried * D * sizeof(scalar_t));
+          }
+        }
+      });
+    });
+  }
+  for (const SeqCompaction& s : work) {
+    const CompactionPlan plan = compaction_plan(s.mem, W, S, s.ratio);
+    mem[s.b] = plan.new_mem;
+    raw[s.b] = plan.num_carried;
+    bea[s.b] = 0;
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(beacon, CPU, m) {
+  m.impl("rope_", &rope_cpu);
+  m.impl("append_kv", &append_kv_cpu);
+  m.impl("compact_", &compact_cpu);
+}
+
+}  // namespace beacon
