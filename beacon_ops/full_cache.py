@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cache_ops import rope_
 from .positions import rope_tables
 
 __all__ = ["FullKVCache", "FullStepPlan"]
@@ -33,19 +34,6 @@ class FullStepPlan:
     completes_window: list[bool]
     max_seqlen_q: int
     positions: Tensor
-
-
-def rotate(x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
-    """RoPE of ``x [n, heads, head_dim]`` at ``positions [n]`` (rotate-half or interleaved pairs)."""
-    c = cos[positions.long()][:, None, :]
-    s = sin[positions.long()][:, None, :]
-    xf = x.float()
-    if interleaved:
-        x0, x1 = xf[..., 0::2], xf[..., 1::2]
-        return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), -1).flatten(-2).to(x.dtype)
-    half = x.shape[-1] // 2
-    x0, x1 = xf[..., :half], xf[..., half:]
-    return torch.cat((x0 * c - x1 * s, x1 * c + x0 * s), -1).to(x.dtype)
 
 
 class FullKVCache:
@@ -110,10 +98,11 @@ class FullKVCache:
         return self.plan
 
     def rotate_queries(self, q: Tensor, plan: FullStepPlan) -> None:
-        q.copy_(rotate(q, plan.positions, self.cos, self.sin, self.interleaved))
+        rope_(q, plan.positions, self.cos, self.sin, self.interleaved)
 
     def append(self, layer: int, k_new: Tensor, v_new: Tensor, plan: FullStepPlan) -> None:
-        k_rot = rotate(k_new, plan.positions, self.cos, self.sin, self.interleaved)
+        k_rot = k_new.contiguous().clone()
+        rope_(k_rot, plan.positions, self.cos, self.sin, self.interleaved)
         cu = plan.cu_seqlens.tolist()
         for b, n in enumerate(plan.num_new):
             if n:

@@ -14,8 +14,20 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from beacon_ops.full_cache import rotate
 from beacon_ops.positions import beacon_position, rope_tables, step_positions
+
+
+def rotate(x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """RoPE of ``x [n, heads, head_dim]`` at ``positions [n]`` (rotate-half or interleaved pairs)."""
+    c = cos[positions.long()][:, None, :]
+    s = sin[positions.long()][:, None, :]
+    xf = x.float()
+    if interleaved:
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), -1).flatten(-2).to(x.dtype)
+    half = x.shape[-1] // 2
+    x0, x1 = xf[..., :half], xf[..., half:]
+    return torch.cat((x0 * c - x1 * s, x1 * c + x0 * s), -1).to(x.dtype)
 
 
 @dataclass
