@@ -263,3 +263,21 @@ def test_smollm2_generation_matches_transformers(smol):
     with torch.no_grad():
         ref = hf(torch.cat([prompt, torch.tensor(new)])[None]).logits[0]
     assert new == ref[len(prompt) - 1:-1].argmax(-1).tolist()
+
+
+def test_adapt_ratio_per_sequence():
+    # adapt-N (spec section 6) with max_pos 64, W 16, N 16: maxlen(r) = 48 r + 16 (maxlen(0) = 64)
+    model = tiny_model(tiny_config(max_position_embeddings=64), window=16, ratio=None, adapt_n=16)
+    seqs = [_ids(100, seed=24), _ids(40, seed=25)]  # 116 tokens -> r = 4; 56 tokens -> r = 0
+    out = model.prefill(seqs, logits="all")
+    assert model.session.cache.host_ratio == [4, 0]
+    for o, x, r in zip(out, seqs, (4, 0)):
+        ref = reference_logits(model.state_dict(), model.config, x.tolist(), window=16, stride=16,
+                               ratio=r, mode=model.beacon.mode)
+        assert (o - ref).abs().max() <= TINY_TOL
+
+
+def test_adapt_ratio_that_does_not_divide_the_stride_is_named():
+    model = tiny_model(tiny_config(max_position_embeddings=64), window=16, stride=12, ratio=None, adapt_n=16)
+    with pytest.raises(ValueError, match="ratio=8 does not divide the stride 12"):
+        model.prefill([_ids(300, seed=26)])  # 316 tokens: 48 r + 16 >= 316 -> r = 8
