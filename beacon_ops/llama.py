@@ -189,6 +189,8 @@ def _project(x: Tensor, rows: _Rows, main: nn.Linear, beacon: nn.Linear | None) 
     """``main`` on raw rows, ``beacon`` (when it exists) on beacon rows."""
     if beacon is None or not rows.has_beacons:
         return main(x)
+    if torch.is_grad_enabled():  # out= is not differentiable
+        return torch.cat([(beacon if b else main)(x[s:e]) for s, e, b in rows.runs])
     out = x.new_empty(x.shape[0], main.out_features)
     for s, e, is_beacon in rows.runs:
         torch.matmul(x[s:e], (beacon if is_beacon else main).weight.t(), out=out[s:e])
