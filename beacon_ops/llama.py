@@ -620,7 +620,8 @@ class Llama(nn.Module):
         ``labels`` (default: ``ids``) align with ``ids``; they are shifted once over the whole
         sequence (the target of position t is ``labels[t + 1]``), and positions whose target is
         -100 are ignored. Logits are computed only where a target exists, in chunks of
-        ``logits_chunk`` rows. Resets the cache (a fresh document).
+        ``logits_chunk`` rows. Resets the cache (a fresh document). Meant for evaluation (call it
+        under ``torch.no_grad()``): the in-place cache ops carry no gradient to earlier windows.
         """
         seqs = self._as_list(ids)
         labs = seqs if labels is None else self._as_list(labels)
