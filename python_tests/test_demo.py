@@ -1,0 +1,64 @@
+"""``python -m beacon_ops demo`` / ``eval-ppl`` (beacon_ops/demo.py), on the random tiny fallback."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import beacon_ops.checkpoints
+from beacon_ops.cli import main
+from beacon_ops.demo import FILLER, QUESTION, ByteTokenizer, _parse_lengths, passkey_prompt
+
+
+def test_passkey_prompt_has_the_needle_at_its_depth():
+    tok = ByteTokenizer()
+    for n, depth in ((4000, 0.25), (9000, 0.8)):
+        ids = passkey_prompt(tok, n, 12345, depth)
+        text = tok.decode(ids)
+        assert abs(len(ids) - n) <= len(FILLER)
+        needle = "The pass key is 12345. Remember it. 12345 is the pass key."
+        assert text.count(needle) == 1 and text.endswith(QUESTION)
+        assert abs(text.index(needle) / len(text) - depth) < 0.03
+
+
+def test_lengths_parse_and_reject():
+    assert _parse_lengths("2k, 8k,1500") == [2048, 8192, 1500]
+    with pytest.raises(Exception, match="--lengths"):
+        _parse_lengths("2k,lots")
+
+
+@pytest.fixture
+def no_smollm2(monkeypatch):
+    monkeypatch.setattr(beacon_ops.checkpoints, "smollm2_path", lambda: None)
+
+
+def test_eval_ppl_table(tmp_path, no_smollm2, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(80)))
+    out = tmp_path / "ppl.json"
+    assert main(["eval-ppl", "--text", str(text), "--lengths", "100,300", "--targets", "50",
+                 "--window", "128", "--ratio", "4", "--full-max", "200", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "RANDOM tiny Llama" in printed and "skipped" in printed
+    rows = json.loads(out.read_text())["rows"]
+    short, long = rows
+    # no window fills at 100 tokens: beacon = sliding window = full attention (the base model)
+    assert math.isclose(short["beacon"], short["full"], rel_tol=1e-4)
+    assert math.isclose(short["sliding"], short["full"], rel_tol=1e-4)
+    assert long["full"] is None and long["beacon"] > 0 and long["sliding"] > 0
+
+
+def test_demo_falls_back_and_reports(tmp_path, no_smollm2, capsys):
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--tokens", "600", "--window", "128", "--max-new-tokens", "3",
+                 "--json", str(out)]) == 0
+    assert "RANDOM tiny Llama" in capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    assert not rep["real_model"] and rep["prompt_tokens"] >= 550
+    assert [r["attention"] for r in rep["runs"]] == ["beacon", "full"]
+    beacon, full = rep["runs"]
+    # adapt-N picks r = 0 for 600 tokens (+1024) within the fallback's 2048 context: the beacon
+    # path is then the base model, so both greedy answers agree
+    assert beacon["ratio"] == 0 and beacon["answer"] == full["answer"]
+    assert 1 <= beacon["new_tokens"] <= 3 and beacon["prefill_tok_s"] > 0
