@@ -26,7 +26,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots (matplotlib) into DIR")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads (torch.set_num_threads, and OMP_NUM_THREADS for child "
-                        "processes); default: torch's default")
+                        "processes); default: 1 when the machine is already busy (1-minute load "
+                        "average >= CPU count: parallel regions then wait for descheduled "
+                        "threads, measured 2-25x slower here), else torch's default")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -55,6 +57,12 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but no CUDA device is available")
+    threads_note = "--threads" if args.threads is not None else "torch default"
+    if args.threads is None and args.device == "cpu" and os.getloadavg()[0] >= (os.cpu_count() or 1):
+        args.threads = 1
+        threads_note = f"1: load average {os.getloadavg()[0]:.1f} >= {os.cpu_count()} CPUs"
+        print(f"bench: the machine is busy ({threads_note.split(': ')[1]}); using 1 thread "
+              "(--threads N to override)")
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"bench: --threads must be >= 1, got {args.threads}")
@@ -66,6 +74,7 @@ def _bench(args: argparse.Namespace) -> int:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "threads": torch.get_num_threads(),
+            "threads_choice": threads_note,
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "cpus": os.cpu_count(),
