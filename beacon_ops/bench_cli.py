@@ -31,6 +31,16 @@ def _args(p: argparse.ArgumentParser) -> None:
                         "threads, measured 2-25x slower here), else torch's default")
 
 
+def busy_machine_threads() -> tuple[int | None, str]:
+    """``(1, reason)`` when the 1-minute load average is at least the CPU count, else
+    ``(None, "")``: on a busy machine parallel regions wait for descheduled threads (profiled
+    here: 2-25x slower with 2 threads on 2 shared cores), so benchmarks run single-threaded."""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load >= cpus:
+        return 1, f"load average {load:.1f} >= {cpus} CPUs"
+    return None, ""
+
+
 def print_table(rows: list[dict]) -> None:
     """Print a list of flat dicts as an aligned text table."""
     if not rows:
@@ -58,11 +68,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but no CUDA device is available")
     threads_note = "--threads" if args.threads is not None else "torch default"
-    if args.threads is None and args.device == "cpu" and os.getloadavg()[0] >= (os.cpu_count() or 1):
-        args.threads = 1
-        threads_note = f"1: load average {os.getloadavg()[0]:.1f} >= {os.cpu_count()} CPUs"
-        print(f"bench: the machine is busy ({threads_note.split(': ')[1]}); using 1 thread "
-              "(--threads N to override)")
+    if args.threads is None and args.device == "cpu":
+        args.threads, why = busy_machine_threads()
+        if args.threads is not None:
+            threads_note = f"1: {why}"
+            print(f"bench: the machine is busy ({why}); using 1 thread (--threads N to override)")
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"bench: --threads must be >= 1, got {args.threads}")

@@ -15,10 +15,23 @@ import torch
 
 pytest.importorskip("beacon_ops.llama", reason="beacon_ops.llama not available")
 
+from beacon_ops.bench_cli import busy_machine_threads  # noqa: E402
 from beacon_ops.benchmarks.llama import WINDOW, _build  # noqa: E402
 
 LENGTH = 4 * 1024
 DECODE_ROUNDS = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """One thread on a busy machine, as ``python -m beacon_ops bench`` does."""
+    threads, _ = busy_machine_threads()
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(before)
+
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),

@@ -15,10 +15,23 @@ import torch.nn.functional as F
 
 from beacon_ops.benchmarks.long_context import (DTYPES, WINDOW, Prefill, causal_pairs,
                                                 sdpa_inputs)
+from beacon_ops.bench_cli import busy_machine_threads
 from beacon_ops.reference import reference_attention
 
 LENGTH = 16 * 1024
 HEAD_DIM = 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """One thread on a busy machine, as ``python -m beacon_ops bench`` does."""
+    threads, _ = busy_machine_threads()
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(before)
+
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
