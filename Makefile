@@ -1,5 +1,6 @@
 # beacon_ops: the two README commands and the set-up behind them.
-#   make run     set up, build, run the main job
+#   make run     set up, build, run the main job (python -m beacon_ops demo: 16K-token passkey
+#                prompt on SmolLM2-135M with beacon attention; DEMO_ARGS passes options)
 #   make test    set up, build, run the test suite
 # Set-up: a venv in $(VENV) with torch $(TORCH_SPEC) (the CUDA build, so the CUDA kernels compile
 # even on a machine without a GPU), the build tools and the test/demo extras; then an in-place
@@ -40,7 +41,7 @@ test: build
 
 run: build
 	$(PY) -m beacon_ops info
-	$(PY) -m beacon_ops smoke
+	$(PY) -m beacon_ops demo $(DEMO_ARGS)
 
 clean:
 	rm -rf build beacon_ops/_C*.so beacon_ops/_build.json

@@ -7,16 +7,8 @@ import os
 import pytest
 import torch
 
+from beacon_ops.condensed_cache import CondensedKVCache as CACHE_CLS
 from beacon_ops.llama import BeaconConfig, Llama, LlamaConfig
-
-from condensed_standin import StandInCondensedKVCache
-
-# The cache class the beacon path is tested with: the native CondensedKVCache when the package
-# has it, else the pure-PyTorch stand-in of the same API.
-try:
-    from beacon_ops.condensed_cache import CondensedKVCache as CACHE_CLS  # noqa: F401
-except ImportError:
-    CACHE_CLS = StandInCondensedKVCache
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
