@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "beacon_mask.h"
+#include "op_checks.h"
 #include "cpu/block_gemm.h"  // also brings <immintrin.h> on x86-64
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -66,14 +67,6 @@ const TileSizes& tile_sizes() {
     return t;
   }();
   return sizes;
-}
-
-Mode parse_mode(const std::string& mode) {
-  if (mode == "segmentation") return Mode::kSegmentation;
-  if (mode == "step-expansion") return Mode::kStepExpansion;
-  if (mode == "full-coverage") return Mode::kFullCoverage;
-  TORCH_CHECK(false, "mode must be one of 'segmentation', 'step-expansion', 'full-coverage', got '",
-              mode, "'");
 }
 
 // exp(x) for x <= 88, 0 below -87.3 (so masked -inf scores give exactly 0). Cephes' expf
@@ -479,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const at::Tensor& ratio, int64_t max_seqlen_q,
                                                  c10::string_view mode_str, bool attend_previous,
                                                  double softmax_scale) {
-  const Mode mode = parse_mode(std::string(mode_str));
+  const Mode mode = beacon::checks::parse_mode(mode_str, "beacon.attention");
   TORCH_CHECK(q.dim() == 3, "q must have shape [total_q, heads, head_dim], got ", q.sizes());
   TORCH_CHECK(k_cache.dim() == 4,
               "k_cache must have shape [batch, kv_heads, capacity, head_dim], got ", k_cache.sizes());

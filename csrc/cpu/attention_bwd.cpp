@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "beacon_mask.h"
+#include "op_checks.h"
 
 namespace {
 
@@ -37,14 +38,6 @@ using beacon::SeqLens;
 constexpr int kBlockQ = 32;   // query tokens per dQ work item (times the GQA group: GEMM rows)
 constexpr int kBlockK = 64;   // keys per tile
 constexpr int kChunkQ = 256;  // query tokens per GEMM in the dK/dV pass (bounds its buffers)
-
-Mode parse_mode(const std::string& mode) {
-  if (mode == "segmentation") return Mode::kSegmentation;
-  if (mode == "step-expansion") return Mode::kStepExpansion;
-  if (mode == "full-coverage") return Mode::kFullCoverage;
-  TORCH_CHECK(false, "mode: expected 'segmentation', 'step-expansion' or 'full-coverage', got '",
-              mode, "'");
-}
 
 // Per-sequence query ranges and key lengths, read from the (host) length tensors.
 struct Sequences {
@@ -379,7 +372,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& cu_seqlens_q, const at::Tensor& mem_len, const at::Tensor& raw_len,
     const at::Tensor& beacon_len, const at::Tensor& ratio, int64_t max_seqlen_q,
     c10::string_view mode, bool attend_previous, double softmax_scale) {
-  const Mode mode_enum = parse_mode(std::string(mode));
+  // RuntimeError, as for the other bad arguments of this op (its tests expect that).
+  const Mode mode_enum = beacon::checks::parse_mode(mode, "beacon.attention_backward",
+                                                    /*runtime_error=*/true);
   const Sequences seqs = check_inputs(dout, q, k_cache, v_cache, out, lse, cu_seqlens_q,
                                       mem_len, raw_len, beacon_len, ratio, max_seqlen_q,
                                       softmax_scale);

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "beacon_mask.h"
+#include "op_checks.h"
 #include "cuda/params.h"
 #include "cuda/static_switch.h"
 
@@ -24,14 +25,6 @@ namespace cuda {
 namespace {
 
 constexpr const char* kOp = "beacon.attention";
-
-Mode parse_mode(c10::string_view mode) {
-  if (mode == "segmentation") return Mode::kSegmentation;
-  if (mode == "step-expansion") return Mode::kStepExpansion;
-  if (mode == "full-coverage") return Mode::kFullCoverage;
-  TORCH_CHECK_VALUE(false, kOp, ": mode must be one of 'segmentation', 'step-expansion', 'full-coverage', got '",
-                    std::string(mode), "'");
-}
 
 void check_int_vector(const at::Tensor& t, const char* name, int64_t n, const at::Device& device) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, kOp, ": ", name, " must be int32, got ", t.scalar_type());
@@ -64,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
                                                   const at::Tensor& beacon_len, const at::Tensor& ratio,
                                                   int64_t max_seqlen_q, c10::string_view mode_str,
                                                   bool attend_previous, double softmax_scale) {
-  const Mode mode = parse_mode(mode_str);
+  const Mode mode = checks::parse_mode(mode_str, kOp);
   TORCH_CHECK(q_in.is_cuda(), kOp, ": q must be a CUDA tensor, got ", q_in.device());
   const at::Device device = q_in.device();
   TORCH_CHECK_VALUE(q_in.dim() == 3, kOp, ": q must have shape [total_q, heads, head_dim], got ", q_in.sizes());
