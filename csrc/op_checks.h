@@ -124,5 +124,36 @@ inline void check_compact_args(const char* op, const at::Tensor& mem_len, const 
                     stride);
 }
 
+// attention's tensors (lengths: check_int_vector_shape): q [total_q, heads, head_dim] of
+// float32 / float16 / bfloat16; k_cache and v_cache one layer's view [batch, kv_heads, capacity,
+// head_dim] of q's dtype and head_dim, with kv_heads dividing heads; all contiguous in head_dim.
+// The head_dim range depends on the kernels and is checked by each device.
+inline void check_attention_args(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, int64_t max_seqlen_q) {
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape [total_q, heads, head_dim], got ", q.sizes());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, op,
+                    ": k_cache must be a layer's view [batch, kv_heads, capacity, head_dim], got ", k_cache.sizes());
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ",
+                    k_cache.sizes(), ", got ", v_cache.sizes());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, op,
+                   ": q must be bfloat16, float16 or float32, got ", dt);
+  TORCH_CHECK_TYPE(k_cache.scalar_type() == dt, op, ": k_cache must have q's dtype ", dt, ", got ",
+                   k_cache.scalar_type());
+  TORCH_CHECK_TYPE(v_cache.scalar_type() == dt, op, ": v_cache must have q's dtype ", dt, ", got ",
+                   v_cache.scalar_type());
+  const int64_t heads = q.size(1), d = q.size(2), kv_heads = k_cache.size(1);
+  TORCH_CHECK_VALUE(k_cache.size(3) == d, op, ": k_cache head_dim ", k_cache.size(3), " must equal q's head_dim ",
+                    d);
+  TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, op, ": q's heads (", heads,
+                    ") must be a multiple of k_cache's kv_heads (", kv_heads, ")");
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TORCH_CHECK(q.stride(2) == 1, op, ": q must be contiguous in head_dim (stride 1), got strides ", q.strides());
+  TORCH_CHECK(k_cache.stride(3) == 1, op, ": k_cache must be contiguous in head_dim (stride 1), got strides ",
+              k_cache.strides());
+  TORCH_CHECK(v_cache.stride(3) == 1, op, ": v_cache must be contiguous in head_dim (stride 1), got strides ",
+              v_cache.strides());
+}
+
 }  // namespace checks
 }  // namespace beacon
