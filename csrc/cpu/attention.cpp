@@ -34,6 +34,7 @@
 #include "beacon_mask.h"
 #include "op_checks.h"
 #include "cpu/block_gemm.h"  // also brings <immintrin.h> on x86-64
+#include "cpu/step_lengths.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define BEACON_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -489,38 +490,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   check_lengths_tensor(beacon_len, "beacon_len", batch, q);
   check_lengths_tensor(ratio, "ratio", batch, q);
 
-  // Lengths are read directly (free on the CPU) and validated before anything is computed.
+  const std::vector<SeqLens> lens = beacon::cpu::read_step_lengths(
+      cu_seqlens_q, mem_len, raw_len, beacon_len, ratio, total_q, max_seqlen_q, capacity);
   const at::Tensor cu_c = cu_seqlens_q.contiguous();
-  const at::Tensor m_c = mem_len.contiguous(), r_c = raw_len.contiguous();
-  const at::Tensor b_c = beacon_len.contiguous(), ra_c = ratio.contiguous();
   const int32_t* cu = cu_c.const_data_ptr<int32_t>();
-  TORCH_CHECK(cu[0] == 0, "cu_seqlens_q must start at 0, got ", cu[0]);
-  TORCH_CHECK(cu[batch] == total_q, "cu_seqlens_q must end at total_q = q.size(0) = ", total_q,
-              ", got ", cu[batch]);
-  std::vector<SeqLens> lens(batch);
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t nq = static_cast<int64_t>(cu[b + 1]) - cu[b];
-    TORCH_CHECK(nq >= 0, "cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b, "] = ", cu[b],
-                " > cu_seqlens_q[", b + 1, "] = ", cu[b + 1]);
-    TORCH_CHECK(nq <= max_seqlen_q, "max_seqlen_q (", max_seqlen_q, ") is smaller than sequence ", b,
-                "'s query count ", nq);
-    const SeqLens L{m_c.const_data_ptr<int32_t>()[b], r_c.const_data_ptr<int32_t>()[b],
-                    b_c.const_data_ptr<int32_t>()[b], ra_c.const_data_ptr<int32_t>()[b]};
-    TORCH_CHECK(L.mem >= 0, "mem_len[", b, "] must be >= 0, got ", L.mem);
-    TORCH_CHECK(L.raw >= 0, "raw_len[", b, "] must be >= 0, got ", L.raw);
-    TORCH_CHECK(L.beacon >= 0, "beacon_len[", b, "] must be >= 0, got ", L.beacon);
-    TORCH_CHECK(L.ratio >= 0, "ratio[", b, "] must be >= 0, got ", L.ratio);
-    TORCH_CHECK(L.beacon == 0 || L.ratio > 0, "ratio[", b, "] must be > 0 when beacon_len[", b,
-                "] = ", L.beacon, " > 0");
-    TORCH_CHECK(static_cast<int64_t>(L.mem) + L.raw + L.beacon <= capacity, "mem_len[", b,
-                "] + raw_len[", b, "] + beacon_len[", b, "] = ",
-                static_cast<int64_t>(L.mem) + L.raw + L.beacon, " exceeds the k_cache capacity ",
-                capacity);
-    TORCH_CHECK(nq >= L.beacon && nq <= static_cast<int64_t>(L.raw) + L.beacon, "cu_seqlens_q: sequence ",
-                b, " has ", nq, " queries, which must lie in [beacon_len, raw_len + beacon_len] = [",
-                L.beacon, ", ", static_cast<int64_t>(L.raw) + L.beacon, "]");
-    lens[b] = L;
-  }
 
   Problem P;
   P.heads = heads;
