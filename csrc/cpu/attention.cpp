@@ -32,7 +32,9 @@
 #include <vector>
 
 #include "beacon_mask.h"
+#include "op_checks.h"
 #include "cpu/block_gemm.h"  // also brings <immintrin.h> on x86-64
+#include "cpu/step_lengths.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define BEACON_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -47,6 +49,7 @@ using beacon::Mode;
 using beacon::RowSpans;
 using beacon::SeqLens;
 
+constexpr const char* kOp = "beacon.attention";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Tile sizes (rows of a query tile, keys of a key block); chosen by bench attention.
@@ -66,14 +69,6 @@ const TileSizes& tile_sizes() {
     return t;
   }();
   return sizes;
-}
-
-Mode parse_mode(const std::string& mode) {
-  if (mode == "segmentation") return Mode::kSegmentation;
-  if (mode == "step-expansion") return Mode::kStepExpansion;
-  if (mode == "full-coverage") return Mode::kFullCoverage;
-  TORCH_CHECK(false, "mode must be one of 'segmentation', 'step-expansion', 'full-coverage', got '",
-              mode, "'");
 }
 
 // exp(x) for x <= 88, 0 below -87.3 (so masked -inf scores give exactly 0). Cephes' expf
@@ -462,13 +457,11 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   });
 }
 
-void check_lengths_tensor(const at::Tensor& t, const char* name, int64_t batch,
-                          const at::Tensor& q) {
+// A length vector of q's device (CPU), then the shared int32 [n] rules.
+void check_lengths_tensor(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& q) {
   TORCH_CHECK(t.device() == q.device(), name, " must be on the same device as q (", q.device(),
               "), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, name, " must have shape [batch] = [", batch,
-              "], got ", t.sizes());
+  beacon::checks::check_int_vector_shape(kOp, t, name, n);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
@@ -479,79 +472,28 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const at::Tensor& ratio, int64_t max_seqlen_q,
                                                  c10::string_view mode_str, bool attend_previous,
                                                  double softmax_scale) {
-  const Mode mode = parse_mode(std::string(mode_str));
-  TORCH_CHECK(q.dim() == 3, "q must have shape [total_q, heads, head_dim], got ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4,
-              "k_cache must have shape [batch, kv_heads, capacity, head_dim], got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ",
-              k_cache.sizes(), ", got ", v_cache.sizes());
+  const Mode mode = beacon::checks::parse_mode(mode_str, kOp);
+  TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel, got ", q.device());
   for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
     TORCH_CHECK(t->device() == q.device(), name, " must be on the same device as q (", q.device(),
                 "), got ", t->device());
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, " must have the dtype of q (",
-                q.scalar_type(), "), got ", t->scalar_type());
-    TORCH_CHECK(t->stride(3) == 1, name, " must be contiguous in head_dim (stride 1), got strides ",
-                t->strides());
   }
-  TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel, got ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
-                  q.scalar_type() == at::kHalf,
-              "q must be float32, bfloat16 or float16, got ", q.scalar_type());
-  TORCH_CHECK(q.stride(2) == 1, "q must be contiguous in head_dim (stride 1), got strides ",
-              q.strides());
+  beacon::checks::check_attention_args(kOp, q, k_cache, v_cache, max_seqlen_q);
   const int64_t total_q = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t batch = k_cache.size(0), kv_heads = k_cache.size(1), capacity = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == d, "k_cache head_dim (", k_cache.size(3),
-              ") must equal q head_dim (", d, ")");
-  TORCH_CHECK(d > 0 && d % 8 == 0 && d <= 256, "q head_dim must be a multiple of 8 in [8, 256], got ",
-              d);
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "q heads (", heads,
-              ") must be a multiple of k_cache kv_heads (", kv_heads, ")");
-  TORCH_CHECK(cu_seqlens_q.device() == q.device(), "cu_seqlens_q must be on the device of q (",
-              q.device(), "), got ", cu_seqlens_q.device());
-  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt, "cu_seqlens_q must be int32, got ",
-              cu_seqlens_q.scalar_type());
-  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == batch + 1,
-              "cu_seqlens_q must have shape [batch + 1] = [", batch + 1, "], got ",
-              cu_seqlens_q.sizes());
+  // The CPU kernel's head_dim rule (the CUDA kernels have their own).
+  TORCH_CHECK_VALUE(d > 0 && d % 8 == 0 && d <= 256, kOp,
+                    ": q head_dim must be a multiple of 8 in [8, 256], got ", d);
+  check_lengths_tensor(cu_seqlens_q, "cu_seqlens_q", batch + 1, q);
   check_lengths_tensor(mem_len, "mem_len", batch, q);
   check_lengths_tensor(raw_len, "raw_len", batch, q);
   check_lengths_tensor(beacon_len, "beacon_len", batch, q);
   check_lengths_tensor(ratio, "ratio", batch, q);
-  TORCH_CHECK(max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
 
-  // Lengths are read directly (free on the CPU) and validated before anything is computed.
+  const std::vector<SeqLens> lens = beacon::cpu::read_step_lengths(
+      cu_seqlens_q, mem_len, raw_len, beacon_len, ratio, total_q, max_seqlen_q, capacity);
   const at::Tensor cu_c = cu_seqlens_q.contiguous();
-  const at::Tensor m_c = mem_len.contiguous(), r_c = raw_len.contiguous();
-  const at::Tensor b_c = beacon_len.contiguous(), ra_c = ratio.contiguous();
   const int32_t* cu = cu_c.const_data_ptr<int32_t>();
-  TORCH_CHECK(cu[0] == 0, "cu_seqlens_q must start at 0, got ", cu[0]);
-  TORCH_CHECK(cu[batch] == total_q, "cu_seqlens_q must end at total_q = q.size(0) = ", total_q,
-              ", got ", cu[batch]);
-  std::vector<SeqLens> lens(batch);
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t nq = static_cast<int64_t>(cu[b + 1]) - cu[b];
-    TORCH_CHECK(nq >= 0, "cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b, "] = ", cu[b],
-                " > cu_seqlens_q[", b + 1, "] = ", cu[b + 1]);
-    TORCH_CHECK(nq <= max_seqlen_q, "max_seqlen_q (", max_seqlen_q, ") is smaller than sequence ", b,
-                "'s query count ", nq);
-    const SeqLens L{m_c.const_data_ptr<int32_t>()[b], r_c.const_data_ptr<int32_t>()[b],
-                    b_c.const_data_ptr<int32_t>()[b], ra_c.const_data_ptr<int32_t>()[b]};
-    TORCH_CHECK(L.mem >= 0, "mem_len[", b, "] must be >= 0, got ", L.mem);
-    TORCH_CHECK(L.raw >= 0, "raw_len[", b, "] must be >= 0, got ", L.raw);
-    TORCH_CHECK(L.beacon >= 0, "beacon_len[", b, "] must be >= 0, got ", L.beacon);
-    TORCH_CHECK(L.ratio >= 0, "ratio[", b, "] must be >= 0, got ", L.ratio);
-    TORCH_CHECK(L.beacon == 0 || L.ratio > 0, "ratio[", b, "] must be > 0 when beacon_len[", b,
-                "] = ", L.beacon, " > 0");
-    TORCH_CHECK(static_cast<int64_t>(L.mem) + L.raw + L.beacon <= capacity, "mem_len[", b,
-                "] + raw_len[", b, "] + beacon_len[", b, "] = ",
-                static_cast<int64_t>(L.mem) + L.raw + L.beacon, " exceeds the k_cache capacity ",
-                capacity);
-    TORCH_CHECK(nq >= L.beacon && nq <= static_cast<int64_t>(L.raw) + L.beacon, "cu_seqlens_q: sequence ",
-                b, " has ", nq, " queries, which must lie in [beacon_len, raw_len + beacon_len] = [",
-                L.beacon, ", ", static_cast<int64_t>(L.raw) + L.beacon, "]");
-    lens[b] = L;
-  }
 
   Problem P;
   P.heads = heads;

@@ -26,6 +26,8 @@
 #include <vector>
 
 #include "beacon_mask.h"
+#include "cpu/step_lengths.h"
+#include "op_checks.h"
 
 namespace {
 
@@ -37,14 +39,6 @@ using beacon::SeqLens;
 constexpr int kBlockQ = 32;   // query tokens per dQ work item (times the GQA group: GEMM rows)
 constexpr int kBlockK = 64;   // keys per tile
 constexpr int kChunkQ = 256;  // query tokens per GEMM in the dK/dV pass (bounds its buffers)
-
-Mode parse_mode(const std::string& mode) {
-  if (mode == "segmentation") return Mode::kSegmentation;
-  if (mode == "step-expansion") return Mode::kStepExpansion;
-  if (mode == "full-coverage") return Mode::kFullCoverage;
-  TORCH_CHECK(false, "mode: expected 'segmentation', 'step-expansion' or 'full-coverage', got '",
-              mode, "'");
-}
 
 // Per-sequence query ranges and key lengths, read from the (host) length tensors.
 struct Sequences {
@@ -106,33 +100,13 @@ Sequences check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Te
   check_int_vector(raw_len, "raw_len", batch);
   check_int_vector(beacon_len, "beacon_len", batch);
   check_int_vector(ratio, "ratio", batch);
-  auto cu = cu_seqlens_q.accessor<int, 1>();
-  auto mem = mem_len.accessor<int, 1>(), raw = raw_len.accessor<int, 1>();
-  auto bea = beacon_len.accessor<int, 1>(), rat = ratio.accessor<int, 1>();
-  TORCH_CHECK(cu[0] == 0, "cu_seqlens_q: must start at 0, got ", cu[0]);
-  TORCH_CHECK(cu[batch] == total_q, "cu_seqlens_q: must end at total_q = ", total_q, ", got ",
-              cu[batch]);
   Sequences s;
+  s.lens = beacon::cpu::read_step_lengths(cu_seqlens_q, mem_len, raw_len, beacon_len, ratio,
+                                          total_q, max_seqlen_q, capacity);
+  auto cu = cu_seqlens_q.accessor<int, 1>();
   for (int64_t b = 0; b < batch; ++b) {
-    const int n = cu[b + 1] - cu[b];
-    TORCH_CHECK(n >= 0, "cu_seqlens_q: must be non-decreasing (sequence ", b, ")");
-    TORCH_CHECK(n <= max_seqlen_q, "max_seqlen_q: ", max_seqlen_q, " is below sequence ", b,
-                "'s ", n, " queries");
-    TORCH_CHECK(mem[b] >= 0, "mem_len: negative for sequence ", b);
-    TORCH_CHECK(raw[b] >= 0, "raw_len: negative for sequence ", b);
-    TORCH_CHECK(bea[b] >= 0, "beacon_len: negative for sequence ", b);
-    TORCH_CHECK(rat[b] >= 0, "ratio: negative for sequence ", b);
-    TORCH_CHECK(bea[b] == 0 || rat[b] > 0, "ratio: must be > 0 for sequence ", b,
-                " with beacon_len ", bea[b]);
-    TORCH_CHECK(int64_t(mem[b]) + raw[b] + bea[b] <= capacity, "k_cache: capacity ", capacity,
-                " is below sequence ", b, "'s mem_len + raw_len + beacon_len = ",
-                int64_t(mem[b]) + raw[b] + bea[b]);
-    TORCH_CHECK(n >= bea[b] && n - bea[b] <= raw[b], "cu_seqlens_q: sequence ", b, " has ", n,
-                " queries, expected beacon_len (", bea[b], ") plus at most raw_len (", raw[b],
-                ") raw tokens");
-    s.lens.push_back(SeqLens{mem[b], raw[b], bea[b], rat[b]});
     s.q_start.push_back(cu[b]);
-    s.n_q.push_back(n);
+    s.n_q.push_back(cu[b + 1] - cu[b]);
   }
   return s;
 }
@@ -379,7 +353,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& cu_seqlens_q, const at::Tensor& mem_len, const at::Tensor& raw_len,
     const at::Tensor& beacon_len, const at::Tensor& ratio, int64_t max_seqlen_q,
     c10::string_view mode, bool attend_previous, double softmax_scale) {
-  const Mode mode_enum = parse_mode(std::string(mode));
+  // RuntimeError, as for the other bad arguments of this op (its tests expect that).
+  const Mode mode_enum = beacon::checks::parse_mode(mode, "beacon.attention_backward",
+                                                    /*runtime_error=*/true);
   const Sequences seqs = check_inputs(dout, q, k_cache, v_cache, out, lse, cu_seqlens_q,
                                       mem_len, raw_len, beacon_len, ratio, max_seqlen_q,
                                       softmax_scale);

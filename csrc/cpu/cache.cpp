@@ -8,7 +8,6 @@
 // Every check runs before the first write, so a call that raises leaves caches and lengths as
 // they were. Rotations are computed in fp32 and rounded once.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -20,27 +19,13 @@
 #include <vector>
 
 #include "cpu/cache_rows.h"
+#include "op_checks.h"
 #include "rope.h"
 
 namespace beacon {
 namespace {
 
-Mode parse_mode(c10::string_view mode) {
-  if (mode == "segmentation") return Mode::kSegmentation;
-  if (mode == "step-expansion") return Mode::kStepExpansion;
-  if (mode == "full-coverage") return Mode::kFullCoverage;
-  TORCH_CHECK_VALUE(false, "mode must be one of 'segmentation', 'step-expansion', 'full-coverage', got '",
-                    std::string(mode), "'");
-}
-
-bool is_rope_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-// The cache dtypes: float32, float16, bfloat16 (rotations are computed in fp32).
-#define BEACON_DISPATCH_CACHE_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+using checks::check_no_overlap;
 
 void check_cpu_contiguous(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU like the other arguments, got ",
@@ -50,31 +35,15 @@ void check_cpu_contiguous(const char* op, const at::Tensor& t, const char* name)
 
 // An int32 vector [n] on the CPU (lengths, positions, cu_seqlens).
 void check_int_vector(const char* op, const at::Tensor& t, const char* name, int64_t n) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ",
-                    t.sizes());
+  checks::check_int_vector_shape(op, t, name, n);
   check_cpu_contiguous(op, t, name);
 }
 
-// cos/sin tables: fp32 [rows, head_dim / 2], CPU, contiguous, the same number of rows.
+// cos/sin tables: the shared dtype and shape rules, then CPU and contiguous.
 void check_tables(const char* op, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
-  TORCH_CHECK_VALUE(head_dim % 2 == 0, op, ": head_dim must be even for RoPE, got ", head_dim);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{cos, "cos"}, {sin, "sin"}}) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
-                     t.scalar_type());
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == head_dim / 2, op, ": ", name,
-                      " must have shape [rows, head_dim / 2 = ", head_dim / 2, "], got ", t.sizes());
-    check_cpu_contiguous(op, t, name);
-  }
-  TORCH_CHECK_VALUE(cos.size(0) == sin.size(0), op, ": cos and sin must have the same rows, got ",
-                    cos.size(0), " and ", sin.size(0));
-}
-
-void check_no_overlap(const char* op, const at::Tensor& a, const char* na, const at::Tensor& b,
-                      const char* nb) {
-  const auto s = at::get_overlap_status(a, b);
-  TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, op, ": ", na,
-              " and ", nb, " must not share memory");
+  checks::check_tables_shape(op, cos, sin, head_dim);
+  check_cpu_contiguous(op, cos, "cos");
+  check_cpu_contiguous(op, sin, "sin");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -82,9 +51,7 @@ void check_no_overlap(const char* op, const at::Tensor& a, const char* na, const
 void rope_cpu(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
               bool interleaved) {
   constexpr const char* op = "beacon.rope_";
-  TORCH_CHECK_TYPE(is_rope_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must have shape [tokens, heads, head_dim], got ", x.sizes());
+  checks::check_rope_input(op, x);
   check_cpu_contiguous(op, x, "x");
   const int64_t n = x.size(0), heads = x.size(1), D = x.size(2);
   check_int_vector(op, positions, "positions", n);
@@ -114,40 +81,20 @@ void rope_cpu(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, 
 
 // ------------------------------------------------------------------------------------------------
 // append_kv
-void check_cache_pair_4d(const char* op, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK_TYPE(is_rope_dtype(k.scalar_type()), op,
-                   ": k_cache must be float32, float16 or bfloat16, got ", k.scalar_type());
-  TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), op, ": v_cache must have k_cache's dtype ",
-                   k.scalar_type(), ", got ", v.scalar_type());
-  TORCH_CHECK_VALUE(k.dim() == 4, op, ": k_cache must be a layer's view [batch, kv_heads, capacity, head_dim], got ",
-                    k.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": v_cache must have k_cache's shape ", k.sizes(), ", got ",
-                    v.sizes());
-  check_cpu_contiguous(op, k, "k_cache");
-  check_cpu_contiguous(op, v, "v_cache");
-  check_no_overlap(op, k, "k_cache", v, "v_cache");
-}
-
 void append_kv_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_new, const at::Tensor& v_new,
                    const at::Tensor& cu_seqlens, const at::Tensor& mem_len, const at::Tensor& raw_len,
                    const at::Tensor& beacon_len, const at::Tensor& positions, const at::Tensor& cos,
                    const at::Tensor& sin, bool interleaved) {
   constexpr const char* op = "beacon.append_kv";
-  check_cache_pair_4d(op, k_cache, v_cache);
-  const int64_t batch = k_cache.size(0), heads = k_cache.size(1), cap = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK_TYPE(k_new.scalar_type() == k_cache.scalar_type(), op, ": k_new must have the cache dtype ",
-                   k_cache.scalar_type(), ", got ", k_new.scalar_type());
-  TORCH_CHECK_TYPE(v_new.scalar_type() == k_cache.scalar_type(), op, ": v_new must have the cache dtype ",
-                   k_cache.scalar_type(), ", got ", v_new.scalar_type());
-  TORCH_CHECK_VALUE(k_new.dim() == 3 && k_new.size(1) == heads && k_new.size(2) == D, op,
-                    ": k_new must have shape [total, kv_heads = ", heads, ", head_dim = ", D, "], got ",
-                    k_new.sizes());
-  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), op, ": v_new must have k_new's shape ", k_new.sizes(),
-                    ", got ", v_new.sizes());
+  checks::check_cache_pair(op, k_cache, v_cache, 4);
+  check_cpu_contiguous(op, k_cache, "k_cache");
+  check_cpu_contiguous(op, v_cache, "v_cache");
+  check_no_overlap(op, k_cache, "k_cache", v_cache, "v_cache");
+  checks::check_new_kv(op, k_cache, v_cache, k_new, v_new);
   check_cpu_contiguous(op, k_new, "k_new");
   check_cpu_contiguous(op, v_new, "v_new");
-  check_no_overlap(op, k_cache, "k_cache", k_new, "k_new");
-  check_no_overlap(op, v_cache, "v_cache", v_new, "v_new");
+  checks::check_new_kv_no_alias(op, k_cache, v_cache, k_new, v_new);
+  const int64_t batch = k_cache.size(0), heads = k_cache.size(1), cap = k_cache.size(2), D = k_cache.size(3);
   const int64_t total = k_new.size(0);
   check_int_vector(op, cu_seqlens, "cu_seqlens", batch + 1);
   check_int_vector(op, mem_len, "mem_len", batch);
@@ -229,16 +176,8 @@ void compact_cpu(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at:
                  at::Tensor beacon_len, const at::Tensor& ratio, const at::Tensor& cos, const at::Tensor& sin,
                  int64_t window, int64_t stride, c10::string_view mode_str, bool interleaved) {
   constexpr const char* op = "beacon.compact_";
-  const Mode mode = parse_mode(mode_str);
-  TORCH_CHECK_TYPE(is_rope_dtype(k_cache.scalar_type()), op,
-                   ": k_cache must be float32, float16 or bfloat16, got ", k_cache.scalar_type());
-  TORCH_CHECK_TYPE(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have k_cache's dtype ",
-                   k_cache.scalar_type(), ", got ", v_cache.scalar_type());
-  TORCH_CHECK_VALUE(k_cache.dim() == 5, op,
-                    ": k_cache must be the whole cache [layers, batch, kv_heads, capacity, head_dim], got ",
-                    k_cache.sizes());
-  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ",
-                    k_cache.sizes(), ", got ", v_cache.sizes());
+  const Mode mode = checks::parse_mode(mode_str, op);
+  checks::check_cache_pair(op, k_cache, v_cache, 5);
   check_cpu_contiguous(op, k_cache, "k_cache");
   check_cpu_contiguous(op, v_cache, "v_cache");
   check_no_overlap(op, k_cache, "k_cache", v_cache, "v_cache");
@@ -248,13 +187,8 @@ void compact_cpu(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at:
   check_int_vector(op, raw_len, "raw_len", batch);
   check_int_vector(op, beacon_len, "beacon_len", batch);
   check_int_vector(op, ratio, "ratio", batch);
-  check_no_overlap(op, mem_len, "mem_len", raw_len, "raw_len");
-  check_no_overlap(op, mem_len, "mem_len", beacon_len, "beacon_len");
-  check_no_overlap(op, raw_len, "raw_len", beacon_len, "beacon_len");
   check_tables(op, cos, sin, D);
-  TORCH_CHECK_VALUE(window >= 1 && window <= (1 << 30), op, ": window must be in [1, 2^30], got ", window);
-  TORCH_CHECK_VALUE(stride >= 1 && stride <= window, op, ": stride must be in [1, window = ", window, "], got ",
-                    stride);
+  checks::check_compact_args(op, mem_len, raw_len, beacon_len, window, stride);
   const int W = static_cast<int>(window), S = static_cast<int>(stride);
 
   int32_t* mem = mem_len.data_ptr<int32_t>();

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "beacon_mask.h"
+#include "op_checks.h"
 #include "cuda/params.h"
 #include "cuda/static_switch.h"
 
@@ -25,18 +26,8 @@ namespace {
 
 constexpr const char* kOp = "beacon.attention";
 
-Mode parse_mode(c10::string_view mode) {
-  if (mode == "segmentation") return Mode::kSegmentation;
-  if (mode == "step-expansion") return Mode::kStepExpansion;
-  if (mode == "full-coverage") return Mode::kFullCoverage;
-  TORCH_CHECK_VALUE(false, kOp, ": mode must be one of 'segmentation', 'step-expansion', 'full-coverage', got '",
-                    std::string(mode), "'");
-}
-
 void check_int_vector(const at::Tensor& t, const char* name, int64_t n, const at::Device& device) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, kOp, ": ", name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, kOp, ": ", name, " must have shape [", n, "], got ",
-                    t.sizes());
+  checks::check_int_vector_shape(kOp, t, name, n);
   TORCH_CHECK(t.device() == device, kOp, ": ", name, " must be on ", device, " like q, got ", t.device());
   TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
 }
@@ -64,29 +55,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
                                                   const at::Tensor& beacon_len, const at::Tensor& ratio,
                                                   int64_t max_seqlen_q, c10::string_view mode_str,
                                                   bool attend_previous, double softmax_scale) {
-  const Mode mode = parse_mode(mode_str);
+  const Mode mode = checks::parse_mode(mode_str, kOp);
   TORCH_CHECK(q_in.is_cuda(), kOp, ": q must be a CUDA tensor, got ", q_in.device());
   const at::Device device = q_in.device();
-  TORCH_CHECK_VALUE(q_in.dim() == 3, kOp, ": q must have shape [total_q, heads, head_dim], got ", q_in.sizes());
-  TORCH_CHECK_VALUE(k_cache.dim() == 4, kOp,
-                    ": k_cache must be a layer's view [batch, kv_heads, capacity, head_dim], got ", k_cache.sizes());
-  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), kOp, ": v_cache must have k_cache's shape ",
-                    k_cache.sizes(), ", got ", v_cache.sizes());
   TORCH_CHECK(k_cache.device() == device, kOp, ": k_cache must be on ", device, " like q, got ", k_cache.device());
   TORCH_CHECK(v_cache.device() == device, kOp, ": v_cache must be on ", device, " like q, got ", v_cache.device());
+  checks::check_attention_args(kOp, q_in, k_cache, v_cache, max_seqlen_q);
   const auto dt = q_in.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, kOp,
-                   ": q must be bfloat16, float16 or float32, got ", dt);
-  TORCH_CHECK_TYPE(k_cache.scalar_type() == dt, kOp, ": k_cache must have q's dtype ", dt, ", got ",
-                   k_cache.scalar_type());
-  TORCH_CHECK_TYPE(v_cache.scalar_type() == dt, kOp, ": v_cache must have q's dtype ", dt, ", got ",
-                   v_cache.scalar_type());
-
   const int64_t total_q = q_in.size(0), heads = q_in.size(1), d = q_in.size(2);
   const int64_t batch = k_cache.size(0), kv_heads = k_cache.size(1), capacity = k_cache.size(2);
-  TORCH_CHECK_VALUE(k_cache.size(3) == d, kOp, ": k_cache head_dim ", k_cache.size(3), " must equal q's head_dim ", d);
-  TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, kOp, ": q's heads (", heads,
-                    ") must be a multiple of k_cache's kv_heads (", kv_heads, ")");
   TORCH_CHECK_VALUE(capacity < (int64_t{1} << 31) && total_q < (int64_t{1} << 31), kOp,
                     ": capacity and total_q must fit in int32");
   TORCH_CHECK_VALUE(batch <= 65535 && kv_heads <= 65535, kOp, ": batch and kv_heads must be at most 65535 on CUDA");
@@ -95,14 +72,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   check_int_vector(raw_len, "raw_len", batch, device);
   check_int_vector(beacon_len, "beacon_len", batch, device);
   check_int_vector(ratio, "ratio", batch, device);
-  TORCH_CHECK_VALUE(max_seqlen_q >= 0, kOp, ": max_seqlen_q must be >= 0, got ", max_seqlen_q);
   TORCH_CHECK_VALUE(total_q == 0 || max_seqlen_q >= 1, kOp, ": max_seqlen_q must be >= 1 when q has rows");
   // An upper bound is allowed; no sequence has more queries than q has rows.
   max_seqlen_q = std::min(max_seqlen_q, total_q);
   TORCH_CHECK_VALUE(d >= 1 && d <= 256, kOp, ": head_dim must lie in [1, 256] on CUDA, got ", d);
-  TORCH_CHECK(q_in.stride(2) == 1, kOp, ": q must be contiguous in head_dim (stride ", q_in.stride(2), ")");
-  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, kOp,
-              ": k_cache and v_cache must be contiguous in head_dim");
   // Tensor cores for bf16/fp16 with head_dim 64 / 128, the simple kernel otherwise.
   const bool tensor_cores = dt != at::kFloat && (d == 64 || d == 128);
   if (tensor_cores) {

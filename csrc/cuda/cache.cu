@@ -17,7 +17,6 @@
 // Data movement uses 16-byte vectors when the head dim and strides allow it (a scalar fallback
 // otherwise), with grid-stride loops.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -25,6 +24,7 @@
 #include <algorithm>
 #include <string>
 
+#include "op_checks.h"
 #include "rope.h"
 
 namespace beacon {
@@ -36,11 +36,7 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-// float32, float16, bfloat16 (the dtypes of the CPU cache ops).
-#define BEACON_DISPATCH_CACHE_TYPES(TYPE, NAME, ...)                                        \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+// BEACON_DISPATCH_CACHE_TYPES (float32, float16, bfloat16) comes from op_checks.h.
 
 // A row of D values is processed in units of 2N values = N rotation pairs (pairs c*N .. c*N+N-1
 // of unit c): rotate-half pairs (i, i + D/2) -> the unit is [cN, cN+N) and [D/2+cN, D/2+cN+N);
@@ -271,45 +267,27 @@ __global__ void compact_lengths_kernel(const CompactArgs a) {
 
 // ------------------------------------------------------------------------------------------------
 // Host side.
-Mode parse_mode(c10::string_view mode) {
-  if (mode == "segmentation") return Mode::kSegmentation;
-  if (mode == "step-expansion") return Mode::kStepExpansion;
-  if (mode == "full-coverage") return Mode::kFullCoverage;
-  TORCH_CHECK_VALUE(false, "mode must be one of 'segmentation', 'step-expansion', 'full-coverage', got '",
-                    std::string(mode), "'");
-}
-
-bool is_rope_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+using checks::check_no_overlap;
 
 void check_on(const char* op, const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " like the cache, got ", t.device());
 }
 
 void check_int_vector(const char* op, const at::Tensor& t, const char* name, int64_t n, const at::Device& device) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", t.sizes());
+  checks::check_int_vector_shape(op, t, name, n);
   check_on(op, t, name, device);
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
+// cos/sin tables: the shared dtype and shape rules, then device, contiguity and int32 rows.
 void check_tables(const char* op, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim,
                   const at::Device& device) {
-  TORCH_CHECK_VALUE(head_dim % 2 == 0, op, ": head_dim must be even for RoPE, got ", head_dim);
+  checks::check_tables_shape(op, cos, sin, head_dim);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{cos, "cos"}, {sin, "sin"}}) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == head_dim / 2, op, ": ", name,
-                      " must have shape [rows, head_dim / 2 = ", head_dim / 2, "], got ", t.sizes());
     check_on(op, t, name, device);
     TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
   }
-  TORCH_CHECK_VALUE(sin.size(0) == cos.size(0), op, ": sin must have cos's shape ", cos.sizes(), ", got ",
-                    sin.sizes());
   TORCH_CHECK_VALUE(cos.size(0) < (int64_t{1} << 31), op, ": cos has too many rows");
-}
-
-void check_no_overlap(const char* op, const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb) {
-  TORCH_CHECK(at::get_overlap_status(a, b) == at::MemOverlapStatus::No, op, ": ", na, " and ", nb,
-              " must not share memory");
 }
 
 // Whether every given tensor allows 16-byte vectors of N elements (pointer and strides).
@@ -335,9 +313,7 @@ void rope_cuda(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos,
                bool interleaved) {
   constexpr const char* op = "beacon.rope_";
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK_TYPE(is_rope_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must have shape [tokens, heads, head_dim], got ", x.sizes());
+  checks::check_rope_input(op, x);
   TORCH_CHECK(x.stride(2) == 1, op, ": x must be contiguous in head_dim");
   const at::Device device = x.device();
   const int64_t n = x.size(0), heads = x.size(1), D = x.size(2);
@@ -368,18 +344,13 @@ void rope_cuda(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_cache_4d(const char* op, const at::Tensor& k, const at::Tensor& v) {
+// A (k_cache, v_cache) pair of the given rank on one CUDA device, contiguous in head_dim.
+void check_cache_pair(const char* op, const at::Tensor& k, const at::Tensor& v, int64_t rank) {
   TORCH_CHECK(k.is_cuda(), op, ": k_cache must be a CUDA tensor, got ", k.device());
-  TORCH_CHECK_TYPE(is_rope_dtype(k.scalar_type()), op,
-                   ": k_cache must be float32, float16 or bfloat16, got ", k.scalar_type());
-  TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), op, ": v_cache must have k_cache's dtype ", k.scalar_type(),
-                   ", got ", v.scalar_type());
-  TORCH_CHECK_VALUE(k.dim() == 4, op, ": k_cache must be a layer's view [batch, kv_heads, capacity, head_dim], got ",
-                    k.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": v_cache must have k_cache's shape ", k.sizes(), ", got ",
-                    v.sizes());
+  checks::check_cache_pair(op, k, v, rank);
   check_on(op, v, "v_cache", k.device());
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, op, ": k_cache and v_cache must be contiguous in head_dim");
+  TORCH_CHECK(k.stride(rank - 1) == 1, op, ": k_cache must be contiguous in head_dim");
+  TORCH_CHECK(v.stride(rank - 1) == 1, op, ": v_cache must be contiguous in head_dim");
   check_no_overlap(op, k, "k_cache", v, "v_cache");
 }
 
@@ -388,25 +359,14 @@ void append_kv_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_
                     const at::Tensor& beacon_len, const at::Tensor& positions, const at::Tensor& cos,
                     const at::Tensor& sin, bool interleaved) {
   constexpr const char* op = "beacon.append_kv";
-  check_cache_4d(op, k_cache, v_cache);
+  check_cache_pair(op, k_cache, v_cache, 4);
   const at::Device device = k_cache.device();
   const int64_t batch = k_cache.size(0), heads = k_cache.size(1), cap = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK_TYPE(k_new.scalar_type() == k_cache.scalar_type(), op, ": k_new must have the cache dtype ",
-                   k_cache.scalar_type(), ", got ", k_new.scalar_type());
-  TORCH_CHECK_TYPE(v_new.scalar_type() == k_cache.scalar_type(), op, ": v_new must have the cache dtype ",
-                   k_cache.scalar_type(), ", got ", v_new.scalar_type());
-  TORCH_CHECK_VALUE(k_new.dim() == 3 && k_new.size(1) == heads && k_new.size(2) == D, op,
-                    ": k_new must have shape [total, kv_heads = ", heads, ", head_dim = ", D, "], got ",
-                    k_new.sizes());
-  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), op, ": v_new must have k_new's shape ", k_new.sizes(),
-                    ", got ", v_new.sizes());
   check_on(op, k_new, "k_new", device);
   check_on(op, v_new, "v_new", device);
-  TORCH_CHECK(k_new.stride(2) == 1 && v_new.stride(2) == 1, op, ": k_new and v_new must be contiguous in head_dim");
-  check_no_overlap(op, k_cache, "k_cache", k_new, "k_new");
-  check_no_overlap(op, v_cache, "v_cache", v_new, "v_new");
-  check_no_overlap(op, k_cache, "k_cache", v_new, "v_new");
-  check_no_overlap(op, v_cache, "v_cache", k_new, "k_new");
+  TORCH_CHECK(k_new.stride(-1) == 1 && v_new.stride(-1) == 1, op, ": k_new and v_new must be contiguous in head_dim");
+  checks::check_new_kv(op, k_cache, v_cache, k_new, v_new);
+  checks::check_new_kv_no_alias(op, k_cache, v_cache, k_new, v_new);
   const int64_t total = k_new.size(0);
   check_int_vector(op, cu_seqlens, "cu_seqlens", batch + 1, device);
   check_int_vector(op, mem_len, "mem_len", batch, device);
@@ -460,35 +420,17 @@ void compact_cuda(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at
                   at::Tensor beacon_len, const at::Tensor& ratio, const at::Tensor& cos, const at::Tensor& sin,
                   int64_t window, int64_t stride, c10::string_view mode_str, bool interleaved) {
   constexpr const char* op = "beacon.compact_";
-  const Mode mode = parse_mode(mode_str);
-  TORCH_CHECK(k_cache.is_cuda(), op, ": k_cache must be a CUDA tensor, got ", k_cache.device());
-  TORCH_CHECK_TYPE(is_rope_dtype(k_cache.scalar_type()), op,
-                   ": k_cache must be float32, float16 or bfloat16, got ", k_cache.scalar_type());
-  TORCH_CHECK_TYPE(v_cache.scalar_type() == k_cache.scalar_type(), op, ": v_cache must have k_cache's dtype ",
-                   k_cache.scalar_type(), ", got ", v_cache.scalar_type());
-  TORCH_CHECK_VALUE(k_cache.dim() == 5, op,
-                    ": k_cache must be the whole cache [layers, batch, kv_heads, capacity, head_dim], got ",
-                    k_cache.sizes());
-  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ", k_cache.sizes(),
-                    ", got ", v_cache.sizes());
+  const Mode mode = checks::parse_mode(mode_str, op);
+  check_cache_pair(op, k_cache, v_cache, 5);
   const at::Device device = k_cache.device();
-  check_on(op, v_cache, "v_cache", device);
-  TORCH_CHECK(k_cache.stride(4) == 1 && v_cache.stride(4) == 1, op,
-              ": k_cache and v_cache must be contiguous in head_dim");
-  check_no_overlap(op, k_cache, "k_cache", v_cache, "v_cache");
   const int64_t layers = k_cache.size(0), batch = k_cache.size(1), heads = k_cache.size(2);
   const int64_t cap = k_cache.size(3), D = k_cache.size(4);
   check_int_vector(op, mem_len, "mem_len", batch, device);
   check_int_vector(op, raw_len, "raw_len", batch, device);
   check_int_vector(op, beacon_len, "beacon_len", batch, device);
   check_int_vector(op, ratio, "ratio", batch, device);
-  check_no_overlap(op, mem_len, "mem_len", raw_len, "raw_len");
-  check_no_overlap(op, mem_len, "mem_len", beacon_len, "beacon_len");
-  check_no_overlap(op, raw_len, "raw_len", beacon_len, "beacon_len");
   check_tables(op, cos, sin, D, device);
-  TORCH_CHECK_VALUE(window >= 1 && window <= (1 << 30), op, ": window must be in [1, 2^30], got ", window);
-  TORCH_CHECK_VALUE(stride >= 1 && stride <= window, op, ": stride must be in [1, window = ", window, "], got ",
-                    stride);
+  checks::check_compact_args(op, mem_len, raw_len, beacon_len, window, stride);
   // Compaction rotates by position differences up to the window (full-coverage beacons).
   TORCH_CHECK_INDEX(cos.size(0) > window, op, ": the cos/sin tables need more than window = ", window,
                     " rows (compaction rotates keys by position differences up to the window), got ", cos.size(0));
