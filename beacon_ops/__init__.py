@@ -66,6 +66,9 @@ def build_info() -> dict[str, Any]:
 
 from . import ops  # noqa: E402,F401  (fake kernels, typed wrappers)
 from .ops import *  # noqa: E402,F401,F403
+from . import attention_autograd  # noqa: E402  (registers autograd for beacon::attention)
+from .attention_autograd import beacon_attention_backward  # noqa: E402,F401
 from .condensed_cache import CondensedKVCache, StepPlan, adapt_ratio  # noqa: E402
 
-__all__ = ["build_info", "__version__", "CondensedKVCache", "StepPlan", "adapt_ratio"] + list(ops.__all__)
+__all__ = (["build_info", "__version__", "CondensedKVCache", "StepPlan", "adapt_ratio"]
+           + list(ops.__all__) + list(attention_autograd.__all__))

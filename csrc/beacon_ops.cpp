@@ -12,6 +12,13 @@ TORCH_LIBRARY(beacon, m) {
       "attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, Tensor mem_len, "
       "Tensor raw_len, Tensor beacon_len, Tensor ratio, int max_seqlen_q, str mode, "
       "bool attend_previous, float softmax_scale) -> (Tensor out, Tensor lse)");
+  // Gradients of `attention` (FlashAttention-2 style, probabilities recomputed from lse).
+  // dk_cache/dv_cache have k_cache/v_cache's shape, zero where no query attends.
+  m.def(
+      "attention_backward(Tensor dout, Tensor q, Tensor k_cache, Tensor v_cache, Tensor out, "
+      "Tensor lse, Tensor cu_seqlens_q, Tensor mem_len, Tensor raw_len, Tensor beacon_len, "
+      "Tensor ratio, int max_seqlen_q, str mode, bool attend_previous, float softmax_scale) "
+      "-> (Tensor dq, Tensor dk_cache, Tensor dv_cache)");
   // Rotate x [tokens, heads, head_dim] in place by RoPE at positions [tokens].
   m.def(
       "rope_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor sin, bool interleaved) -> ()");

@@ -32,9 +32,16 @@ BEACON_HD int pair_first(int i, int half, bool interleaved) { return interleaved
 BEACON_HD int pair_second(int i, int half, bool interleaved) { return interleaved ? 2 * i + 1 : i + half; }
 
 // (x0, x1) <- rotation by the angle whose cosine and sine are (c, s).
+// On the GPU the products and sums are rounded separately (no FMA contraction), so the CUDA
+// kernels give bit-identical results to the CPU ones, which compile to plain mul/sub/add.
 BEACON_HD void rotate_pair(float& x0, float& x1, float c, float s) {
+#if defined(__CUDA_ARCH__)
+  const float y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+  const float y1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+#else
   const float y0 = x0 * c - x1 * s;
   const float y1 = x1 * c + x0 * s;
+#endif
   x0 = y0;
   x1 = y1;
 }

@@ -123,10 +123,11 @@ def test_nine_heads_over_three(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [1, 3])
-def test_decode(device, group):
+def test_decode(device, dtype, group):
     # One query per sequence; different lengths; one sequence's query completes nothing.
-    c = make_case(device, torch.float32, mem=[512, 5, 0, 1025], raw=[97, 1, 64, 3],
+    c = make_case(device, dtype, mem=[512, 5, 0, 1025], raw=[97, 1, 64, 3],
                   beacon=[0, 0, 0, 0], ratio=[8, 0, 2, 32], nq=[1, 1, 1, 1], heads=3 * group,
                   kv_heads=3, head_dim=128)
     check(c)
@@ -350,3 +351,30 @@ def test_mismatched_devices_named():
         _call(c, k_cache=c.k.to("meta"))
     with pytest.raises(ValueError, match="mem_len must be on the device of q"):
         _call(c, mem_len=c.mem.to("meta"))
+
+
+# --- the GEMM fallbacks (chosen once per process, so checked in a subprocess) ------------------
+_FALLBACK_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_attention import make_case, check
+for dtype in (torch.float32, torch.bfloat16):
+    c = make_case("cpu", dtype, mem=[300, 7], raw=[260, 70], beacon=[32, 0], ratio=[8, 0],
+                  nq=[292, 70], heads=6, kv_heads=2, head_dim=72)
+    check(c)
+    check(c, "segmentation", attend_previous=False)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("path", ["sgemm", "generic"])
+def test_gemm_fallback_paths(path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, BEACON_OPS_CPU_BLAS=path)
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT, here], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -15,6 +15,9 @@ is the same; the table says how many layers ran).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ..cache_ops import compact_
@@ -24,7 +27,20 @@ from .common import sync, time_fn
 HEADS, HEAD_DIM, MEMORY, WINDOW = 8, 128, 3072, 1024
 
 
-def _case(device: str, dtype: torch.dtype, layers: int, ratio: int, stride: int) -> dict:
+@dataclass
+class CompactionCase:
+    """A filled cache and the three contenders (see the module docstring)."""
+
+    moved_bytes: int
+    restore: Callable[[], None]      # lengths back to "window full" (nothing else changes)
+    compact: Callable[[], None]      # compact_ of all layers (call restore() first)
+    plain_copy: Callable[[], None]   # copy_ of the same rows, no rotation
+    cat_rebuild: Callable[[], list]  # torch.cat(memory, beacons, carried) per layer, K and V
+    check: Callable[[], None]        # asserts the lengths after a compaction
+
+
+def make_case(device: str, dtype: torch.dtype, layers: int, ratio: int, stride: int = WINDOW) -> CompactionCase:
+    """Memory 3072 + a full window (W = 1024, stride ``stride``) with its stride / ratio beacons."""
     beacons = stride // ratio
     cap = MEMORY + WINDOW + beacons
     shape = (layers, 1, HEADS, cap, HEAD_DIM)
@@ -40,8 +56,7 @@ def _case(device: str, dtype: torch.dtype, layers: int, ratio: int, stride: int)
         for dst, src in zip((mem_len, raw_len, beacon_len), full):
             dst.copy_(src)
 
-    def compaction() -> None:
-        restore()
+    def compact() -> None:
         compact_(k, v, mem_len, raw_len, beacon_len, ratio_t, cos, sin, window=WINDOW, stride=stride,
                  mode="step-expansion")
 
@@ -54,8 +69,6 @@ def _case(device: str, dtype: torch.dtype, layers: int, ratio: int, stride: int)
                                       c[:, :, MEMORY + stride:MEMORY + WINDOW]], dim=2))
         return out
 
-    moved_rows = 2 * layers * HEADS * (beacons + WINDOW - stride)  # K and V rows that move
-    moved_bytes = 2 * moved_rows * HEAD_DIM * k.element_size()     # each read once, written once
     # The copy baseline moves the same rows from the same places with copy_ (no rotation); the
     # carried rows go to a scratch tensor because copy_ refuses overlapping source/destination.
     scratch = torch.empty_like(k[:, :, :, :WINDOW - stride]), torch.empty_like(v[:, :, :, :WINDOW - stride])
@@ -66,23 +79,39 @@ def _case(device: str, dtype: torch.dtype, layers: int, ratio: int, stride: int)
             if stride < WINDOW:
                 carried.copy_(cache[:, :, :, MEMORY + stride:MEMORY + WINDOW])
 
-    compaction()
+    def check() -> None:
+        assert raw_len.item() == WINDOW - stride and mem_len.item() == MEMORY + beacons
+
+    moved_rows = 2 * layers * HEADS * (beacons + WINDOW - stride)  # K and V rows that move
+    moved_bytes = 2 * moved_rows * HEAD_DIM * k.element_size()     # each read once, written once
+    return CompactionCase(moved_bytes, restore, compact, plain_copy, cat_rebuild, check)
+
+
+def _case(device: str, dtype: torch.dtype, layers: int, ratio: int, stride: int) -> dict:
+    case = make_case(device, dtype, layers, ratio, stride)
+
+    def restore_and_compact() -> None:
+        case.restore()
+        case.compact()
+
+    restore_and_compact()
     sync(device)
-    assert raw_len.item() == WINDOW - stride and mem_len.item() == MEMORY + beacons
-    t_restore = time_fn(restore, device)
-    t_compact = max(time_fn(compaction, device) - t_restore, 1e-9)
-    t_copy = time_fn(plain_copy, device)
-    t_cat = time_fn(cat_rebuild, device, min_time=0.5, max_reps=10)
-    del k, v, scratch
+    case.check()
+    t_restore = time_fn(case.restore, device)
+    t_compact = max(time_fn(restore_and_compact, device) - t_restore, 1e-9)
+    t_copy = time_fn(case.plain_copy, device)
+    t_cat = time_fn(case.cat_rebuild, device, min_time=0.5, max_reps=10)
+    moved = case.moved_bytes
+    del case
     return {
         "dtype": str(dtype).replace("torch.", ""),
         "ratio": ratio,
         "stride": stride,
         "layers": layers,
-        "moved_MB": moved_bytes / 1e6,
+        "moved_MB": moved / 1e6,
         "compact_ms": t_compact * 1e3,
-        "compact_GBps": moved_bytes / t_compact / 1e9,
-        "copy_GBps": moved_bytes / t_copy / 1e9,
+        "compact_GBps": moved / t_compact / 1e9,
+        "copy_GBps": moved / t_copy / 1e9,
         "frac_of_copy": t_copy / t_compact,
         "cat_rebuild_ms": t_cat * 1e3,
         "speedup_vs_cat": t_cat / t_compact,
@@ -91,7 +120,24 @@ def _case(device: str, dtype: torch.dtype, layers: int, ratio: int, stride: int)
 
 
 def run(device: str, quick: bool) -> dict:
-    """Compaction benchmark; see the module docstring. Returns ``rows`` and a summary."""
+    """Compaction benchmark; see the module docstring. Returns ``rows`` and a summary.
+
+    On the CPU every contender runs on one thread (``BEACON_BENCH_THREADS`` overrides): on a
+    shared 2-core machine, timings of parallel regions are dominated by other processes'
+    scheduling (8-16 ms stalls), and one thread keeps the side-by-side ratios meaningful.
+    """
+    import os
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(int(os.environ.get("BEACON_BENCH_THREADS", "1")))
+    try:
+        return _run(device, quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(device: str, quick: bool) -> dict:
     layers = 4 if quick else 32
     dtypes = (torch.bfloat16, torch.float32) if device == "cpu" else (torch.float16, torch.bfloat16, torch.float32)
     rows = []
@@ -108,4 +154,5 @@ def run(device: str, quick: bool) -> dict:
         "min_frac_of_copy": min(r["frac_of_copy"] for r in main),
         "min_speedup_vs_cat": min(r["speedup_vs_cat"] for r in main),
         "targets": "frac_of_copy >= 0.7, speedup_vs_cat > 1",
+        "threads": torch.get_num_threads() if device == "cpu" else None,
     }

@@ -1,21 +1,24 @@
 // CPU kernel of torch.ops.beacon.attention: tiled online-softmax (flash-attention style)
 // attention of one Activation Beacon step over the condensed cache, no mask tensor.
 //
-// Work unit: (query tile of one sequence) x (kv head). A tile holds `tokens` consecutive queries
-// of the sequence times the `group` query heads that share the kv head (GQA by index arithmetic:
-// K/V are read once per group, never copied), so decode with GQA still feeds the GEMMs several
-// rows. For every key block the rows' spans (beacon_mask.h) classify the block: skipped when no
-// row sees a key of it, computed without masks when every row sees all of it, and masked element
-// by element only on boundary (partial) blocks. QK^T and PV are ATen's CPU BLAS GEMMs
-// (cpublas::gemm, as in PyTorch's own CPU flash attention), fp32 accumulation for every dtype;
-// the softmax bookkeeping is plain loops compiled for AVX-512 / AVX2 / baseline (target clones).
+// Work unit: (query tile of one sequence) x (kv head). A tile holds consecutive queries of the
+// sequence times the `group` query heads that share the kv head (GQA by index arithmetic: K/V
+// are read once per group, never copied), so decode with GQA still has several rows. For every
+// key block the rows' spans (beacon_mask.h) classify the block: skipped when no row sees a key
+// of it, computed without masks when every row sees all of it, and masked element by element
+// only on boundary (partial) blocks. Work units are handed out longest first from an atomic
+// counter (at::parallel_for starts the threads): tile costs differ a lot (causal rows, beacon
+// rows, varlen batches) and the machines are shared.
+// QK^T and PV run in fp32 on per-block fp32 copies of K and V through block_gemm.h (an
+// AVX-512 micro-kernel, else torch's BLAS); tiles of fewer than kSmallRows rows (decode) use
+// dot products straight from the cache. Scores are kept transposed (key-major) so the softmax
+// bookkeeping vectorises across rows; those loops are compiled for AVX-512 / AVX2 / baseline
+// (target clones).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
-
-#include <dlfcn.h>
 
 #include <algorithm>
 #include <atomic>
@@ -29,6 +32,7 @@
 #include <vector>
 
 #include "beacon_mask.h"
+#include "cpu/block_gemm.h"  // also brings <immintrin.h> on x86-64
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define BEACON_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -48,7 +52,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Tile sizes (rows of a query tile, keys of a key block); chosen by bench attention.
 // BEACON_OPS_CPU_TILES="rows,keys" overrides them (for tuning).
 struct TileSizes {
-  int query_rows = 64;
+  int query_rows = 192;  // three 64-wide panels of the 6 x 64 micro-kernel
   int key_block = 256;
 };
 
@@ -99,36 +103,38 @@ inline float fast_exp(float x) {
   return x < -87.3f ? 0.0f : y * scale;
 }
 
-// Online-softmax update of `rows` score rows of length n (stride ld), already scaled. Turns the
-// scores into probabilities relative to the new running max and returns in corr[r] the factor
-// by which the row's previous accumulator and sum must be multiplied.
+// Online-softmax update of one key block. Scores are stored transposed, st[c * rows + r] (key c,
+// row r), so every step vectorises across rows. Turns the scores (already scaled) into
+// probabilities relative to each row's new running max and returns in corr[r] the factor for the
+// row's previous accumulator. m_blk, m_use: scratch of `rows` floats.
 BEACON_SIMD_CLONES
-void softmax_update(float* scores, int rows, int n, int ld, float* row_max, float* row_sum,
-                    float* corr) {
-  for (int r = 0; r < rows; ++r) {
-    float* s = scores + static_cast<int64_t>(r) * ld;
-    float m = kNegInf;
-#pragma omp simd reduction(max : m)
-    for (int c = 0; c < n; ++c) m = s[c] > m ? s[c] : m;
-    const float m_old = row_max[r];
-    const float m_new = m > m_old ? m : m_old;
-    if (m_new == kNegInf) {  // nothing visible yet: probabilities 0, state unchanged
-      std::memset(s, 0, sizeof(float) * n);
-      corr[r] = 1.0f;
-      continue;
-    }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int c = 0; c < n; ++c) {
-      const float p = fast_exp(s[c] - m_new);
-      s[c] = p;
-      sum += p;
-    }
-    const float a = m_old == kNegInf ? 0.0f : std::exp(m_old - m_new);
-    corr[r] = a;
-    row_sum[r] = row_sum[r] * a + sum;
-    row_max[r] = m_new;
+void softmax_update(float* st, int n, int rows, float* row_max, float* row_sum, float* corr,
+                    float* m_blk, float* m_use) {
+  for (int r = 0; r < rows; ++r) m_blk[r] = kNegInf;
+  for (int c = 0; c < n; ++c) {
+    const float* s = st + static_cast<int64_t>(c) * rows;
+#pragma omp simd
+    for (int r = 0; r < rows; ++r) m_blk[r] = s[r] > m_blk[r] ? s[r] : m_blk[r];
   }
+  for (int r = 0; r < rows; ++r) {
+    const float m_old = row_max[r];
+    const float m_new = m_blk[r] > m_old ? m_blk[r] : m_old;
+    // A row that has seen nothing yet keeps max -inf; exp(-inf - 0) = 0 gives it zero weights.
+    m_use[r] = m_new == kNegInf ? 0.0f : m_new;
+    corr[r] = m_new == kNegInf ? 1.0f : (m_old == kNegInf ? 0.0f : std::exp(m_old - m_new));
+    row_max[r] = m_new;
+    m_blk[r] = 0.0f;  // now the block's sum
+  }
+  for (int c = 0; c < n; ++c) {
+    float* s = st + static_cast<int64_t>(c) * rows;
+#pragma omp simd
+    for (int r = 0; r < rows; ++r) {
+      const float p = fast_exp(s[r] - m_use[r]);
+      s[r] = p;
+      m_blk[r] += p;
+    }
+  }
+  for (int r = 0; r < rows; ++r) row_sum[r] = row_sum[r] * corr[r] + m_blk[r];
 }
 
 BEACON_SIMD_CLONES
@@ -183,18 +189,18 @@ inline void small_qk_impl(const float* q, int rows, int d, const T* k, int64_t l
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
       for (int i = 0; i < d; ++i) dot += qr[i] * load_f32(kc[i]);
-      s[static_cast<int64_t>(r) * n + c] = dot * alpha;
+      s[static_cast<int64_t>(c) * rows + r] = dot * alpha;
     }
   }
 }
-// acc [rows x d] += p [rows x n] v.
+// acc [rows x d] += p v, p stored transposed [n x rows].
 template <typename T>
 inline void small_pv_impl(const float* p, int rows, int n, const T* v, int64_t ldv, int d,
                           float* acc) {
   for (int c = 0; c < n; ++c) {
     const T* vc = v + c * ldv;
     for (int r = 0; r < rows; ++r) {
-      const float pr = p[static_cast<int64_t>(r) * n + c];
+      const float pr = p[static_cast<int64_t>(c) * rows + r];
       if (pr == 0.0f) continue;
       float* a = acc + static_cast<int64_t>(r) * d;
 #pragma omp simd
@@ -202,6 +208,41 @@ inline void small_pv_impl(const float* p, int rows, int n, const T* v, int64_t l
     }
   }
 }
+#ifdef BEACON_HAVE_AVX512_KERNEL
+// Explicit AVX-512 dot products for decode (the auto-vectorised loop reduces through memory):
+// two accumulators per row, one horizontal sum per (key, row). head_dim % 16 == 0.
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+__attribute__((target("avx512f"))) inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// GCC 12 warns falsely inside _mm512_reduce_add_ps (-Wmaybe-uninitialized in its header).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <typename T>
+__attribute__((target("avx512f"))) void small_qk_avx512(const float* q, int rows, int d,
+                                                        const T* k, int64_t ldk, int n,
+                                                        float alpha, float* s) {
+  for (int c = 0; c < n; ++c) {
+    const T* kc = k + c * ldk;
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + static_cast<int64_t>(r) * d;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int i = 0;
+      for (; i + 32 <= d; i += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), load16(kc + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i + 16), load16(kc + i + 16), a1);
+      }
+      if (i < d) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), load16(kc + i), a0);
+      s[static_cast<int64_t>(c) * rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * alpha;
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 #define BEACON_SMALL_KERNELS(T)                                                               \
   BEACON_SIMD_CLONES void small_qk(const float* q, int rows, int d, const T* k, int64_t ldk,  \
                                    int n, float alpha, float* s) {                           \
@@ -216,20 +257,20 @@ BEACON_SMALL_KERNELS(at::BFloat16)
 BEACON_SMALL_KERNELS(at::Half)
 #undef BEACON_SMALL_KERNELS
 
-// Multiply a score row's masked-out keys by nothing: set them to -inf. Keys [k0, k0 + n).
-void mask_row(float* s, int n, int k0, const RowSpans& sp) {
+// Set row r's masked-out scores of the key block [k0, k0 + n) to -inf (transposed storage).
+void mask_column(float* st, int n, int rows, int r, int k0, const RowSpans& sp) {
   // Visible pieces of the row clipped to the block, in increasing order (beacon_mask.h spans).
-  int lo[3] = {0, sp.mid_begin, sp.self_key};
-  int hi[3] = {sp.head_end, sp.mid_end, sp.self_key >= 0 ? sp.self_key + 1 : 0};
+  const int lo[3] = {0, sp.mid_begin, sp.self_key};
+  const int hi[3] = {sp.head_end, sp.mid_end, sp.self_key >= 0 ? sp.self_key + 1 : 0};
   int pos = 0;  // first key (block-relative) not yet decided
   for (int p = 0; p < 3; ++p) {
-    int a = std::min(std::max(lo[p] - k0, 0), n);
-    int b = std::min(std::max(hi[p] - k0, 0), n);
+    const int a = std::min(std::max(lo[p] - k0, 0), n);
+    const int b = std::min(std::max(hi[p] - k0, 0), n);
     if (b <= a) continue;
-    for (int c = pos; c < a; ++c) s[c] = kNegInf;
+    for (int c = pos; c < a; ++c) st[static_cast<int64_t>(c) * rows + r] = kNegInf;
     pos = std::max(pos, b);
   }
-  for (int c = pos; c < n; ++c) s[c] = kNegInf;
+  for (int c = pos; c < n; ++c) st[static_cast<int64_t>(c) * rows + r] = kNegInf;
 }
 
 struct Tile {
@@ -246,66 +287,6 @@ struct Problem {
   bool attend_previous;
   int64_t q_s0, q_s1, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2;
 };
-
-// ---- Block GEMMs ------------------------------------------------------------------------------
-// The GEMMs run in fp32 (16-bit blocks are widened first: on CPUs without AMX, MKL's
-// bf16 x bf16 -> fp32 GEMM measured slower here than widening plus sgemm). ATen's fast
-// cpublas::gemm(float) is not exported from libtorch_cpu, so the kernel calls the BLAS torch is
-// linked with, the Fortran `sgemm_`, looked up at run time in the already loaded libtorch_cpu.
-// Where a torch build lacks it, ATen matmuls on views are used (correct, slower);
-// BEACON_OPS_CPU_BLAS=generic forces that path.
-using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
-                         const float*, const int*, const float*, const int*, const float*, float*,
-                         const int*);
-
-SgemmFn find_sgemm() {
-  static const SgemmFn fn = []() -> SgemmFn {
-    const char* force = std::getenv("BEACON_OPS_CPU_BLAS");
-    if (force != nullptr && std::string(force) == "generic") return nullptr;
-    Dl_info info;
-    // Any function defined in libtorch_cpu locates the library that holds torch's BLAS.
-    if (dladdr(reinterpret_cast<void*>(&at::native::cpublas::brgemm_release), &info) == 0 ||
-        info.dli_fname == nullptr)
-      return nullptr;
-    void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
-    return lib == nullptr ? nullptr : reinterpret_cast<SgemmFn>(dlsym(lib, "sgemm_"));
-  }();
-  return fn;
-}
-
-// S [rows x n] (row-major, ld lds) = alpha * Q [rows x d] * K [n x d]^T.
-void gemm_qk(int n, int rows, int d, float alpha, const float* k, int ldk, const float* q,
-             float* s, int lds) {
-  if (SgemmFn f = find_sgemm()) {
-    const float beta = 0.0f;  // column-major: S^T [n x rows] = K [n x d] * Q^T [d x rows]
-    f("T", "N", &n, &rows, &d, &alpha, k, &ldk, q, &d, &beta, s, &lds);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor qt = at::from_blob(const_cast<float*>(q), {rows, d}, opts);
-  const at::Tensor kt = at::from_blob(const_cast<float*>(k), {n, d}, {ldk, 1}, opts);
-  at::Tensor st = at::from_blob(s, {rows, n}, {lds, 1}, opts);
-  at::mm_out(st, qt, kt.t());
-  st.mul_(alpha);
-}
-
-// ACC [rows x d] = P [rows x n] * V [n x d] + beta * ACC.
-void gemm_pv(int d, int rows, int n, const float* v, int ldv, const float* p, int ldp, float beta,
-             float* acc) {
-  if (SgemmFn f = find_sgemm()) {
-    const float one = 1.0f;  // column-major: ACC^T [d x rows] = V^T [d x n] * P^T [n x rows]
-    f("N", "N", &d, &rows, &n, &one, v, &ldv, p, &ldp, &beta, acc, &d);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor pt = at::from_blob(const_cast<float*>(p), {rows, n}, {ldp, 1}, opts);
-  const at::Tensor vt = at::from_blob(const_cast<float*>(v), {n, d}, {ldv, 1}, opts);
-  at::Tensor at_acc = at::from_blob(acc, {rows, d}, opts);
-  if (beta == 0.0f)
-    at::mm_out(at_acc, pt, vt);
-  else
-    at_acc.addmm_(pt, vt);
-}
 
 // Tiles with fewer rows than this use the dot-product kernels instead of GEMMs.
 constexpr int kSmallRows = 8;
@@ -339,13 +320,14 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t n_work = static_cast<int64_t>(tiles.size()) * P.kv_heads;
   if (n_work == 0) return;
 
-  constexpr bool kWiden = !std::is_same_v<T, float>;
-  // Per-thread fp32 scratch: Q tile, scores, accumulator, row state, widened K and V blocks.
+  // Per-thread fp32 scratch: Q tile and its transpose, transposed scores, accumulator, row
+  // state, and the key and value blocks in fp32 (16-bit blocks widened; fp32 blocks copied too:
+  // a hot, contiguous block measured about 7% faster than reading the cache in place).
   const int key_block = tile_sizes().key_block;
   const int64_t q_elems = static_cast<int64_t>(rows_max) * d;
   const int64_t s_elems = static_cast<int64_t>(rows_max) * key_block;
-  const int64_t kv_elems = kWiden ? static_cast<int64_t>(key_block) * d : 0;
-  const int64_t per_thread = 2 * q_elems + s_elems + 3 * rows_max + 2 * kv_elems;
+  const int64_t kv_elems = static_cast<int64_t>(key_block) * d;
+  const int64_t per_thread = 3 * q_elems + s_elems + 5 * rows_max + 2 * kv_elems;
   const int n_threads = at::get_num_threads();
   std::vector<float> buffer(static_cast<size_t>(per_thread) * n_threads);
 
@@ -355,15 +337,22 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   T* out_data = out.data_ptr<T>();
   float* lse_data = lse.data_ptr<float>();
 
+  // Tiny steps (a short decode) run on the calling thread: waking the pool costs more.
+  int64_t total_macs = 0;
+  for (const Tile& t : tiles) total_macs += t.cost * G * P.kv_heads * d;
+  const int64_t n_parts = total_macs < (int64_t{1} << 20) ? 1 : n_threads;
   std::atomic<int64_t> next_work{0};
-  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, n_parts, 1, [&](int64_t, int64_t) {
     float* q_tile = buffer.data() + at::get_thread_num() * per_thread;
-    float* acc = q_tile + q_elems;
+    float* q_t = q_tile + q_elems;
+    float* acc = q_t + q_elems;
     float* scores = acc + q_elems;
     float* row_max = scores + s_elems;
     float* row_sum = row_max + rows_max;
     float* corr = row_sum + rows_max;
-    float* k_block = corr + rows_max;
+    float* tmp0 = corr + rows_max;
+    float* tmp1 = tmp0 + rows_max;
+    float* k_block = tmp1 + rows_max;
     float* v_block = k_block + kv_elems;
     std::vector<RowSpans> spans(P.tokens_per_tile);
     std::vector<BlockKind> kinds(P.tokens_per_tile);
@@ -386,6 +375,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         to_float(q_data + (row0 + t) * P.q_s0 + kvh * G * P.q_s1, P.q_s1, G, d,
                  q_tile + static_cast<int64_t>(t) * G * d);
       }
+      if (!small)  // the QK^T GEMM reads Q^T [d x rows]
+        for (int r = 0; r < rows; ++r)
+          for (int i = 0; i < d; ++i) q_t[static_cast<int64_t>(i) * rows + r] = q_tile[r * d + i];
       for (int r = 0; r < rows; ++r) {
         row_max[r] = kNegInf;
         row_sum[r] = 0.0f;
@@ -405,41 +397,48 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         }
         if (kind == BlockKind::kSkip) continue;
 
+        // scores^T [n x rows] = scale * K_block Q^T.
         const T* kb = k_seq + k0 * P.k_s2;
         const T* vb = v_seq + k0 * P.v_s2;
-        const float* kf = nullptr;
-        const float* vf = nullptr;
-        int ldk = static_cast<int>(P.k_s2), ldv = static_cast<int>(P.v_s2);
         if (small) {
-          small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
-        } else {
-          if constexpr (kWiden) {
-            to_float(kb, P.k_s2, n, d, k_block);
-            to_float(vb, P.v_s2, n, d, v_block);
-            kf = k_block, vf = v_block, ldk = ldv = d;
+#ifdef BEACON_HAVE_AVX512_KERNEL
+          if constexpr (!std::is_same_v<T, at::Half>) {
+            if (d % 16 == 0 && beacon_cpu::gemm_path() == beacon_cpu::GemmPath::kAvx512)
+              small_qk_avx512(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
+            else
+              small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
           } else {
-            kf = kb, vf = vb;
+            small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
           }
-          gemm_qk(n, rows, d, P.scale, kf, ldk, q_tile, scores, n);
+#else
+          small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
+#endif
+        } else {
+          to_float(kb, P.k_s2, n, d, k_block);
+          to_float(vb, P.v_s2, n, d, v_block);
+          beacon_cpu::block_gemm(n, rows, d, P.scale, k_block, d, 1, q_t, rows, false, scores,
+                                 rows);
         }
         if (kind == BlockKind::kPartial) {
           for (int t = 0; t < n_tok; ++t) {
             if (kinds[t] == BlockKind::kFull) continue;
             for (int g = 0; g < G; ++g) {
-              float* s = scores + static_cast<int64_t>(t * G + g) * n;
-              if (kinds[t] == BlockKind::kSkip)
-                std::fill(s, s + n, kNegInf);
-              else
-                mask_row(s, n, k0, spans[t]);
+              const int r = t * G + g;
+              if (kinds[t] == BlockKind::kSkip) {
+                for (int c = 0; c < n; ++c) scores[static_cast<int64_t>(c) * rows + r] = kNegInf;
+              } else {
+                mask_column(scores, n, rows, r, k0, spans[t]);
+              }
             }
           }
         }
-        softmax_update(scores, rows, n, n, row_max, row_sum, corr);
+        softmax_update(scores, n, rows, row_max, row_sum, corr, tmp0, tmp1);
         if (!first) scale_rows(acc, rows, d, corr);
+        // acc [rows x d] (+)= P V, P(r, c) = scores[c * rows + r].
         if (small)
           small_pv(scores, rows, n, vb, P.v_s2, d, acc);
         else
-          gemm_pv(d, rows, n, vf, ldv, scores, n, first ? 0.0f : 1.0f, acc);
+          beacon_cpu::block_gemm(rows, d, n, 1.0f, scores, 1, rows, v_block, d, !first, acc, d);
         first = false;
       }
 

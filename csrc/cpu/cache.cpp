@@ -3,7 +3,8 @@
 // compaction of all layers after a full window, spec section 5).
 //
 // Positions, rotation pairs and compaction moves come from rope.h; this file only validates,
-// schedules (at::parallel_for over (token, head) or (layer, sequence, head)) and moves rows.
+// schedules (at::parallel_for over tokens, or over (layer, sequence, head) planes) and moves rows
+// (csrc/cpu/cache_rows.h: vectorised rotation, chosen at run time for the CPU).
 // Every check runs before the first write, so a call that raises leaves caches and lengths as
 // they were. Rotations are computed in fp32 and rounded once.
 #include <ATen/ATen.h>
@@ -76,18 +77,6 @@ void check_no_overlap(const char* op, const at::Tensor& a, const char* na, const
               " and ", nb, " must not share memory");
 }
 
-// Rotation of one row by the table row of |delta| (sin negated for a negative delta).
-struct RowRotation {
-  const float* cos;
-  const float* sin;
-  float sin_sign;
-};
-
-RowRotation rotation_at(const float* cos_t, const float* sin_t, int64_t half, int delta) {
-  const int64_t a = delta < 0 ? -static_cast<int64_t>(delta) : delta;
-  return {cos_t + a * half, sin_t + a * half, delta < 0 ? -1.f : 1.f};
-}
-
 // ------------------------------------------------------------------------------------------------
 // rope_
 void rope_cpu(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
@@ -112,13 +101,12 @@ void rope_cpu(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, 
   const int64_t half = D / 2;
   BEACON_DISPATCH_CACHE_TYPES(x.scalar_type(), "rope_cpu", [&] {
     scalar_t* base = x.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
-    at::parallel_for(0, n * heads, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / heads;
-        const RowRotation rot = rotation_at(cos_t, sin_t, half, pos[t]);
-        scalar_t* row = base + item * D;
-        rows::rotate_rows(row, row, 1, D, rot.cos, rot.sin, rot.sin_sign, interleaved);
+    const int64_t row = heads * D;  // one token: all its heads share the position
+    const int64_t grain = std::max<int64_t>(1, 16384 / row);
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const rows::Angles angles{cos_t, sin_t, half, nullptr, pos[t]};
+        rows::rotate_rows(base + t * row, D, base + t * row, D, heads, D, angles, interleaved);
       }
     });
   });
@@ -211,16 +199,18 @@ void append_kv_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_n
     scalar_t* vc = v_cache.data_ptr<scalar_t>();
     const scalar_t* kn = k_new.data_ptr<scalar_t>();
     const scalar_t* vn = v_new.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
-    at::parallel_for(0, total * heads, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / heads, h = item % heads;
+    const int64_t row = heads * D;
+    const int64_t grain = std::max<int64_t>(1, 16384 / row);
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
         const int64_t b = seq_of[t];
         const int64_t slot = first_slot[b] + (t - cu[b]);
-        const int64_t dst = ((b * heads + h) * cap + slot) * D;
-        const RowRotation rot = rotation_at(cos_t, sin_t, half, pos[t]);
-        rows::rotate_rows(kn + item * D, kc + dst, 1, D, rot.cos, rot.sin, rot.sin_sign, interleaved);
-        std::memcpy(vc + dst, vn + item * D, D * sizeof(scalar_t));
+        const int64_t dst = (b * heads * cap + slot) * D;  // head 0; heads are cap * D apart
+        const rows::Angles angles{cos_t, sin_t, half, nullptr, pos[t]};
+        rows::rotate_rows(kn + t * row, D, kc + dst, cap * D, heads, D, angles, interleaved);
+        for (int64_t h = 0; h < heads; ++h) {
+          std::memcpy(vc + dst + h * cap * D, vn + t * row + h * D, D * sizeof(scalar_t));
+        }
       }
     });
   });
@@ -231,6 +221,8 @@ void append_kv_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_n
 struct SeqCompaction {
   int64_t b;
   int mem, ratio;
+  std::vector<int> beacon_deltas;  // rotation of beacon j to its memory slot (rope.h)
+  int carried_delta;               // rotation of every carried raw token
 };
 
 void compact_cpu(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at::Tensor raw_len,
@@ -290,15 +282,18 @@ void compact_cpu(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at:
                            : "a window that is not full (raw_len < window) holds ",
                       expected_beacons, " beacons");
     if (!full) continue;
-    work.push_back({b, mem[b], rat[b]});
+    SeqCompaction sc{b, mem[b], rat[b], {}, 0};
     if (rat[b] > 0) {
       const CompactionPlan plan = compaction_plan(mem[b], W, S, rat[b]);
       for (int m = 0; m < plan.num_beacons + plan.num_carried; ++m) {
         int src, dst, delta;
         compaction_move(m, mem[b], W, S, rat[b], mode, &src, &dst, &delta);
+        if (m < plan.num_beacons) sc.beacon_deltas.push_back(delta);
+        else sc.carried_delta = delta;
         max_delta = std::max<int64_t>(max_delta, std::abs(delta));
       }
     }
+    work.push_back(std::move(sc));
   }
   TORCH_CHECK_INDEX(work.empty() || max_delta < cos.size(0), op, ": the cos/sin tables have ", cos.size(0),
                     " rows but compaction rotates keys by position differences up to ", max_delta);
@@ -324,27 +319,18 @@ void compact_cpu(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at:
           scalar_t* kp = kc + plane;
           scalar_t* vp = vc + plane;
           const CompactionPlan plan = compaction_plan(s.mem, W, S, s.ratio);
-          // Beacons: slot M + W + j -> M + j (no overlap: B <= S / 2 < W), each its own delta.
-          for (int m = 0; m < plan.num_beacons; ++m) {
-            int src, dst, delta;
-            compaction_move(m, s.mem, W, S, s.ratio, mode, &src, &dst, &delta);
-            if (delta == 0) {
-              std::memcpy(kp + dst * D, kp + src * D, D * sizeof(scalar_t));
-            } else {
-              const RowRotation rot = rotation_at(cos_t, sin_t, half, delta);
-              rows::rotate_rows(kp + src * D, kp + dst * D, 1, D, rot.cos, rot.sin, rot.sin_sign, interleaved);
-            }
-          }
-          std::memcpy(vp + static_cast<int64_t>(s.mem) * D, vp + (static_cast<int64_t>(s.mem) + W) * D,
-                      plan.num_beacons * D * sizeof(scalar_t));
-          // Carried raw tokens: one shift down by S - B with one delta. rotate_rows goes in
-          // increasing slot order and reads a row before writing it (memmove-safe).
+          int src, dst, delta;
+          // Beacons: slots M + W + j -> M + j, each with its own delta (no overlap: B = S / r <= W).
+          compaction_move(0, s.mem, W, S, s.ratio, mode, &src, &dst, &delta);
+          const rows::Angles beacon_angles{cos_t, sin_t, half, s.beacon_deltas.data(), 0};
+          rows::rotate_rows(kp + src * D, D, kp + dst * D, D, plan.num_beacons, D, beacon_angles, interleaved);
+          std::memcpy(vp + dst * D, vp + src * D, plan.num_beacons * D * sizeof(scalar_t));
+          // Carried raw tokens: one shift down by S - B with one delta, in increasing slot order
+          // (memmove-safe; rows are read before they are written).
           if (plan.num_carried > 0) {
-            int src, dst, delta;
             compaction_move(plan.num_beacons, s.mem, W, S, s.ratio, mode, &src, &dst, &delta);
-            const RowRotation rot = rotation_at(cos_t, sin_t, half, delta);
-            rows::rotate_rows(kp + src * D, kp + dst * D, plan.num_carried, D, rot.cos, rot.sin, rot.sin_sign,
-                              interleaved);
+            const rows::Angles carried_angles{cos_t, sin_t, half, nullptr, s.carried_delta};
+            rows::rotate_rows(kp + src * D, D, kp + dst * D, D, plan.num_carried, D, carried_angles, interleaved);
             std::memmove(vp + static_cast<int64_t>(dst) * D, vp + static_cast<int64_t>(src) * D,
                          plan.num_carried * D * sizeof(scalar_t));
           }

@@ -1,0 +1,400 @@
+// Backward of torch.ops.beacon.attention on the CPU, FlashAttention-2 style: the probabilities
+// of each (query block, key block) tile are recomputed from the saved log-sum-exp, so no
+// [queries x keys] tensor is ever materialised. With D_i = rowsum(dout_i * out_i):
+//   P = exp(scale * q k^T - lse),  dP = dout v^T,  dS = P * (dP - D),
+//   dV = P^T dout,  dK = scale * dS^T q,  dQ = scale * dS k.
+// Which keys a row sees comes from beacon_mask.h (row_spans / classify_block / key_visible).
+//
+// Two race-free passes (each output element is written by exactly one task):
+//   1. dK, dV: parallel over (sequence, kv head, key block); the task runs over the query
+//      tokens that see the block, all query heads of the GQA group stacked as GEMM rows.
+//   2. dQ:     parallel over (sequence, kv head, query block), same stacking.
+// Recomputing P in both passes costs two extra tile products but needs no atomics and no
+// per-thread copies of the cache. The products are ATen GEMMs (at::mm_out / addmm_ on tile
+// buffers); mask and exp are applied row by row between them. bf16/fp16/fp32 run in fp32
+// (inputs widened once); fp64 runs in fp64 (so that gradcheck can test this kernel against
+// finite differences). Extra memory: the widened, head-regrouped inputs and per-thread tiles of
+// at most kChunkQ * group x kBlockK; nothing grows with queries x keys.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "beacon_mask.h"
+
+namespace {
+
+using beacon::BlockKind;
+using beacon::Mode;
+using beacon::RowSpans;
+using beacon::SeqLens;
+
+constexpr int kBlockQ = 32;   // query tokens per dQ work item (times the GQA group: GEMM rows)
+constexpr int kBlockK = 64;   // keys per tile
+constexpr int kChunkQ = 256;  // query tokens per GEMM in the dK/dV pass (bounds its buffers)
+
+Mode parse_mode(const std::string& mode) {
+  if (mode == "segmentation") return Mode::kSegmentation;
+  if (mode == "step-expansion") return Mode::kStepExpansion;
+  if (mode == "full-coverage") return Mode::kFullCoverage;
+  TORCH_CHECK(false, "mode: expected 'segmentation', 'step-expansion' or 'full-coverage', got '",
+              mode, "'");
+}
+
+// Per-sequence query ranges and key lengths, read from the (host) length tensors.
+struct Sequences {
+  std::vector<SeqLens> lens;
+  std::vector<int> q_start, n_q;
+};
+
+void check_int_vector(const at::Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, ": expected int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, ": expected shape [", n, "], got ",
+              t.sizes());
+}
+
+// Every check of the op, in one place, before anything is computed. Returns the sequences.
+Sequences check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse,
+                       const at::Tensor& cu_seqlens_q, const at::Tensor& mem_len,
+                       const at::Tensor& raw_len, const at::Tensor& beacon_len,
+                       const at::Tensor& ratio, int64_t max_seqlen_q, double softmax_scale) {
+  const std::pair<const at::Tensor*, const char*> floats[] = {
+      {&dout, "dout"}, {&q, "q"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+      {&out, "out"}, {&lse, "lse"}};
+  for (const auto& [t, name] : floats)
+    TORCH_CHECK(t->device().is_cpu(), name, ": expected a CPU tensor, got ", t->device());
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
+                  dtype == at::kDouble,
+              "q: expected float32, bfloat16, float16 or float64, got ", dtype);
+  TORCH_CHECK(q.dim() == 3, "q: expected [total_q, heads, head_dim], got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4,
+              "k_cache: expected [batch, kv_heads, capacity, head_dim], got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache: expected the shape of k_cache ",
+              k_cache.sizes(), ", got ", v_cache.sizes());
+  for (const auto& [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+                                {&out, "out"}, {&dout, "dout"}})
+    TORCH_CHECK(t->scalar_type() == dtype, name, ": expected ", dtype, " like q, got ",
+                t->scalar_type());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out: expected the shape of q ", q.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(dout.sizes() == q.sizes(), "dout: expected the shape of q ", q.sizes(), ", got ",
+              dout.sizes());
+  const int64_t total_q = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t batch = k_cache.size(0), kv_heads = k_cache.size(1);
+  const int64_t capacity = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == dim, "k_cache: head_dim ", k_cache.size(3),
+              " differs from q's ", dim);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "k_cache: kv_heads ", kv_heads,
+              " must divide q's heads ", heads);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: expected float32, got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == total_q && lse.size(1) == heads,
+              "lse: expected [", total_q, ", ", heads, "], got ", lse.sizes());
+  TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale: expected a finite number, got ",
+              softmax_scale);
+
+  check_int_vector(cu_seqlens_q, "cu_seqlens_q", batch + 1);
+  check_int_vector(mem_len, "mem_len", batch);
+  check_int_vector(raw_len, "raw_len", batch);
+  check_int_vector(beacon_len, "beacon_len", batch);
+  check_int_vector(ratio, "ratio", batch);
+  auto cu = cu_seqlens_q.accessor<int, 1>();
+  auto mem = mem_len.accessor<int, 1>(), raw = raw_len.accessor<int, 1>();
+  auto bea = beacon_len.accessor<int, 1>(), rat = ratio.accessor<int, 1>();
+  TORCH_CHECK(cu[0] == 0, "cu_seqlens_q: must start at 0, got ", cu[0]);
+  TORCH_CHECK(cu[batch] == total_q, "cu_seqlens_q: must end at total_q = ", total_q, ", got ",
+              cu[batch]);
+  Sequences s;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int n = cu[b + 1] - cu[b];
+    TORCH_CHECK(n >= 0, "cu_seqlens_q: must be non-decreasing (sequence ", b, ")");
+    TORCH_CHECK(n <= max_seqlen_q, "max_seqlen_q: ", max_seqlen_q, " is below sequence ", b,
+                "'s ", n, " queries");
+    TORCH_CHECK(mem[b] >= 0, "mem_len: negative for sequence ", b);
+    TORCH_CHECK(raw[b] >= 0, "raw_len: negative for sequence ", b);
+    TORCH_CHECK(bea[b] >= 0, "beacon_len: negative for sequence ", b);
+    TORCH_CHECK(rat[b] >= 0, "ratio: negative for sequence ", b);
+    TORCH_CHECK(bea[b] == 0 || rat[b] > 0, "ratio: must be > 0 for sequence ", b,
+                " with beacon_len ", bea[b]);
+    TORCH_CHECK(int64_t(mem[b]) + raw[b] + bea[b] <= capacity, "k_cache: capacity ", capacity,
+                " is below sequence ", b, "'s mem_len + raw_len + beacon_len = ",
+                int64_t(mem[b]) + raw[b] + bea[b]);
+    TORCH_CHECK(n >= bea[b] && n - bea[b] <= raw[b], "cu_seqlens_q: sequence ", b, " has ", n,
+                " queries, expected beacon_len (", bea[b], ") plus at most raw_len (", raw[b],
+                ") raw tokens");
+    s.lens.push_back(SeqLens{mem[b], raw[b], bea[b], rat[b]});
+    s.q_start.push_back(cu[b]);
+    s.n_q.push_back(n);
+  }
+  return s;
+}
+
+// The inputs in the accumulation type T, query-like tensors regrouped per kv head so that the
+// rows of one GQA group are one contiguous matrix: row (token, j) of kv head g, for query head
+// h = g * group + j, lives at ((g * total_q + token) * group + j).
+template <typename T>
+struct Problem {
+  const T *q, *dout, *lse, *delta;  // [kv_heads, total_q, group, (dim)]
+  const T *k, *v;                   // [batch, kv_heads, capacity, dim]
+  int64_t total_q, kv_heads, group, capacity, dim;
+  T scale;
+  Mode mode;
+  bool attend_previous;
+  const Sequences* seqs;
+  at::TensorOptions options;
+
+  int64_t row(int64_t g, int64_t token) const { return (g * total_q + token) * group; }
+  int64_t kv_off(int64_t b, int64_t g, int64_t key) const {
+    return ((b * kv_heads + g) * capacity + key) * dim;
+  }
+  // A row-major [rows, cols] matrix over memory this kernel owns or only reads.
+  at::Tensor matrix(const T* data, int64_t rows, int64_t cols) const {
+    return at::from_blob(const_cast<T*>(data), {rows, cols}, options);
+  }
+};
+
+// P and dS of one tile: query tokens [i0, i1) of sequence b (all `group` heads of kv head g,
+// stacked as rows) against keys [k0, k1). Both products are GEMMs; the mask (beacon_mask.h) and
+// exp are applied row by row. S and dS are [(i1 - i0) * group, k1 - k0] row-major buffers;
+// S becomes P. Masked entries and rows that see nothing (lse = +inf) are 0. Returns false,
+// computing nothing, when no row of the tile sees a key of the block.
+template <typename T>
+bool tile_probs_and_dscores(const Problem<T>& p, int b, int64_t g, int i0, int i1, int k0,
+                            int k1, T* S, T* dS) {
+  const SeqLens& L = p.seqs->lens[b];
+  const int n_q = p.seqs->n_q[b];
+  const int nk = k1 - k0;
+  thread_local std::vector<RowSpans> spans;
+  thread_local std::vector<BlockKind> kinds;
+  spans.resize(i1 - i0);
+  kinds.resize(i1 - i0);
+  bool any = false;
+  for (int i = i0; i < i1; ++i) {
+    spans[i - i0] = beacon::row_spans(L, n_q, i, p.mode, p.attend_previous);
+    kinds[i - i0] = beacon::classify_block(spans[i - i0], k0, k1);
+    any = any || kinds[i - i0] != BlockKind::kSkip;
+  }
+  if (!any) return false;
+  const int64_t rows = int64_t(i1 - i0) * p.group;
+  const int64_t first = p.row(g, p.seqs->q_start[b] + i0);
+  at::Tensor S_m = p.matrix(S, rows, nk), dS_m = p.matrix(dS, rows, nk);
+  at::mm_out(S_m, p.matrix(p.q + first * p.dim, rows, p.dim),
+             p.matrix(p.k + p.kv_off(b, g, k0), nk, p.dim).t());
+  at::mm_out(dS_m, p.matrix(p.dout + first * p.dim, rows, p.dim),
+             p.matrix(p.v + p.kv_off(b, g, k0), nk, p.dim).t());
+  for (int64_t r = 0; r < rows; ++r) {
+    const int i = static_cast<int>(r / p.group);
+    T* P_row = S + r * nk;
+    T* dS_row = dS + r * nk;
+    const T lse = p.lse[first + r];
+    if (kinds[i] == BlockKind::kSkip || std::isinf(lse)) {
+      std::fill(P_row, P_row + nk, T(0));
+      std::fill(dS_row, dS_row + nk, T(0));
+      continue;
+    }
+    const T delta = p.delta[first + r];
+    const bool partial = kinds[i] == BlockKind::kPartial;
+    for (int c = 0; c < nk; ++c) {
+      if (partial && !beacon::key_visible(spans[i], k0 + c)) {
+        P_row[c] = T(0);
+        dS_row[c] = T(0);
+        continue;
+      }
+      const T prob = std::exp(p.scale * P_row[c] - lse);
+      P_row[c] = prob;
+      dS_row[c] = prob * (dS_row[c] - delta);
+    }
+  }
+  return true;
+}
+
+// Pass 1: dK and dV of key block [k0, k1) of (sequence b, kv head g): over the query tokens
+// that see the block, in chunks of kChunkQ tokens, dV += P^T dout and dK += scale dS^T q.
+template <typename T>
+void key_block_grads(const Problem<T>& p, int b, int64_t g, int k0, int k1, std::vector<T>& S,
+                     std::vector<T>& dS, T* dk, T* dv) {
+  const SeqLens& L = p.seqs->lens[b];
+  const int n_q = p.seqs->n_q[b];
+  int lo = n_q, hi = 0;  // hull of the query tokens that see the block
+  for (int i = 0; i < n_q; ++i) {
+    const RowSpans spans = beacon::row_spans(L, n_q, i, p.mode, p.attend_previous);
+    if (beacon::classify_block(spans, k0, k1) != BlockKind::kSkip) {
+      lo = std::min(lo, i);
+      hi = i + 1;
+    }
+  }
+  const int nk = k1 - k0;
+  at::Tensor dk_m = p.matrix(dk + p.kv_off(b, g, k0), nk, p.dim);
+  at::Tensor dv_m = p.matrix(dv + p.kv_off(b, g, k0), nk, p.dim);
+  for (int i0 = lo; i0 < hi; i0 += kChunkQ) {
+    const int i1 = std::min(i0 + kChunkQ, hi);
+    const int64_t rows = int64_t(i1 - i0) * p.group;
+    S.resize(rows * nk);
+    dS.resize(rows * nk);
+    if (!tile_probs_and_dscores(p, b, g, i0, i1, k0, k1, S.data(), dS.data())) continue;
+    const int64_t first = p.row(g, p.seqs->q_start[b] + i0);
+    dv_m.addmm_(p.matrix(S.data(), rows, nk).t(), p.matrix(p.dout + first * p.dim, rows, p.dim));
+    dk_m.addmm_(p.matrix(dS.data(), rows, nk).t(), p.matrix(p.q + first * p.dim, rows, p.dim),
+                1, p.scale);
+  }
+}
+
+// Pass 2: dQ of query tokens [i0, i1) of sequence b, all heads of kv head g:
+// dQ += scale dS k over the key blocks the tokens see.
+template <typename T>
+void query_block_grads(const Problem<T>& p, int b, int64_t g, int i0, int i1, std::vector<T>& S,
+                       std::vector<T>& dS, T* dq) {
+  const SeqLens& L = p.seqs->lens[b];
+  const int n_q = p.seqs->n_q[b];
+  int key_end = 0;  // past the last key any token of the block sees
+  for (int i = i0; i < i1; ++i)
+    key_end = std::max(key_end, beacon::key_end(beacon::row_spans(L, n_q, i, p.mode,
+                                                                  p.attend_previous)));
+  const int64_t rows = int64_t(i1 - i0) * p.group;
+  const int64_t first = p.row(g, p.seqs->q_start[b] + i0);
+  at::Tensor dq_m = p.matrix(dq + first * p.dim, rows, p.dim);
+  S.resize(rows * kBlockK);
+  dS.resize(rows * kBlockK);
+  for (int k0 = 0; k0 < key_end; k0 += kBlockK) {
+    const int k1 = std::min(k0 + kBlockK, key_end);
+    if (!tile_probs_and_dscores(p, b, g, i0, i1, k0, k1, S.data(), dS.data())) continue;
+    dq_m.addmm_(p.matrix(dS.data(), rows, k1 - k0),
+                p.matrix(p.k + p.kv_off(b, g, k0), k1 - k0, p.dim), 1, p.scale);
+  }
+}
+
+// Runs fn(item, S, dS) for items [0, n) on torch's threads, each thread pulling the next item
+// (their costs differ a lot: memory blocks are seen by every row, late raw blocks by few), with
+// its own tile buffers.
+template <typename T, typename F>
+void for_each_item_dynamic(int64_t n, const F& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    std::vector<T> S, dS;
+    for (int64_t w = next++; w < n; w = next++) fn(w, S, dS);
+  });
+}
+
+// Both passes in accumulation type T (float, or double for fp64 inputs); returns the
+// gradients in T.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse,
+    const Sequences& seqs, Mode mode, bool attend_previous, double softmax_scale) {
+  const auto acc = c10::CppTypeToScalarType<T>::value;
+  const int64_t total_q = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(1), group = heads / kv_heads;
+  // [total_q, heads, ...] -> [kv_heads, total_q, group, ...]: one GQA group's rows contiguous.
+  // This also widens to T and makes a strided (e.g. expanded) dout contiguous.
+  auto grouped = [&](const at::Tensor& t) {
+    return t.to(acc)
+        .reshape({total_q, kv_heads, group, t.size(2)})
+        .permute({1, 0, 2, 3})
+        .contiguous();
+  };
+  const at::Tensor q_g = grouped(q), do_g = grouped(dout), lse_g = grouped(lse.unsqueeze(-1));
+  const at::Tensor delta_g = (do_g * grouped(out)).sum(-1, true).contiguous();  // D
+  const at::Tensor k_acc = k_cache.to(acc).contiguous();
+  const at::Tensor v_acc = v_cache.to(acc).contiguous();
+
+  at::Tensor dq_g = at::zeros_like(q_g);
+  at::Tensor dk = at::zeros(k_cache.sizes(), k_cache.options().dtype(acc));
+  at::Tensor dv = at::zeros(v_cache.sizes(), v_cache.options().dtype(acc));
+
+  Problem<T> p;
+  p.q = q_g.data_ptr<T>();
+  p.dout = do_g.data_ptr<T>();
+  p.lse = lse_g.data_ptr<T>();
+  p.delta = delta_g.data_ptr<T>();
+  p.k = k_acc.data_ptr<T>();
+  p.v = v_acc.data_ptr<T>();
+  p.total_q = total_q;
+  p.kv_heads = kv_heads;
+  p.group = group;
+  p.capacity = k_cache.size(2);
+  p.dim = dim;
+  // As the forward: a scale <= 0 means 1/sqrt(head_dim).
+  p.scale = static_cast<T>(softmax_scale > 0 ? softmax_scale
+                                             : 1.0 / std::sqrt(static_cast<double>(dim)));
+  p.mode = mode;
+  p.attend_previous = attend_previous;
+  p.seqs = &seqs;
+  p.options = at::TensorOptions().dtype(acc);
+  const int batch = static_cast<int>(seqs.lens.size());
+
+  struct Work {
+    int b;
+    int64_t g;
+    int begin, end;
+  };
+  // Pass 1: (sequence, kv head, key block) -> dK, dV; early key blocks (seen by the most rows)
+  // first.
+  std::vector<Work> key_work;
+  for (int b = 0; b < batch; ++b) {
+    if (seqs.n_q[b] == 0) continue;
+    const int keys = beacon::num_keys(seqs.lens[b]);
+    for (int64_t g = 0; g < kv_heads; ++g)
+      for (int k0 = 0; k0 < keys; k0 += kBlockK)
+        key_work.push_back({b, g, k0, std::min(k0 + kBlockK, keys)});
+  }
+  T* dk_ptr = dk.data_ptr<T>();
+  T* dv_ptr = dv.data_ptr<T>();
+  for_each_item_dynamic<T>(static_cast<int64_t>(key_work.size()),
+                          [&](int64_t w, std::vector<T>& S, std::vector<T>& dS) {
+                            const Work& it = key_work[w];
+                            key_block_grads(p, it.b, it.g, it.begin, it.end, S, dS, dk_ptr,
+                                            dv_ptr);
+                          });
+  // Pass 2: (sequence, kv head, query block) -> dQ of the group's heads; late query blocks
+  // (which see the most keys) first.
+  std::vector<Work> query_work;
+  for (int b = 0; b < batch; ++b)
+    for (int64_t g = 0; g < kv_heads; ++g)
+      for (int i0 = 0; i0 < seqs.n_q[b]; i0 += kBlockQ)
+        query_work.push_back({b, g, i0, std::min(i0 + kBlockQ, seqs.n_q[b])});
+  std::stable_sort(query_work.begin(), query_work.end(),
+                   [](const Work& x, const Work& y) { return x.begin > y.begin; });
+  T* dq_ptr = dq_g.data_ptr<T>();
+  for_each_item_dynamic<T>(static_cast<int64_t>(query_work.size()),
+                          [&](int64_t w, std::vector<T>& S, std::vector<T>& dS) {
+                            const Work& it = query_work[w];
+                            query_block_grads(p, it.b, it.g, it.begin, it.end, S, dS, dq_ptr);
+                          });
+  const at::Tensor dq = dq_g.permute({1, 0, 2, 3}).reshape({total_q, heads, dim});
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& mem_len, const at::Tensor& raw_len,
+    const at::Tensor& beacon_len, const at::Tensor& ratio, int64_t max_seqlen_q,
+    c10::string_view mode, bool attend_previous, double softmax_scale) {
+  const Mode mode_enum = parse_mode(std::string(mode));
+  const Sequences seqs = check_inputs(dout, q, k_cache, v_cache, out, lse, cu_seqlens_q,
+                                      mem_len, raw_len, beacon_len, ratio, max_seqlen_q,
+                                      softmax_scale);
+  auto grads = q.scalar_type() == at::kDouble
+                   ? run_backward<double>(dout, q, k_cache, v_cache, out, lse, seqs, mode_enum,
+                                          attend_previous, softmax_scale)
+                   : run_backward<float>(dout, q, k_cache, v_cache, out, lse, seqs, mode_enum,
+                                         attend_previous, softmax_scale);
+  const auto dtype = q.scalar_type();
+  return {std::get<0>(grads).to(dtype), std::get<1>(grads).to(dtype),
+          std::get<2>(grads).to(dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(beacon, CPU, m) {
+  m.impl("attention_backward", &attention_backward_cpu);
+}

@@ -1,0 +1,205 @@
+// torch.ops.beacon.attention on CUDA: host-side checks (shapes, dtypes, devices, strides only:
+// the lengths live on the device and are never read here, so the op does not synchronise and
+// can be captured in a CUDA graph), the parameter struct, and the dispatch to the prefill kernel
+// or, when max_seqlen_q == 1, to the split-KV decode kernels.
+//
+// Paths: bf16 and fp16 with head_dim 64 or 128 run the tensor-core kernels (the instantiations
+// compiled in, see static_switch.h; one that was left out of the build raises a clear error).
+// fp32 inputs, and bf16/fp16 with any other head_dim <= 256, run the simple CUDA-core kernel of
+// attention_generic.cu: correct (fp32 accumulation, same mask and conventions), not fast.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+
+#include "beacon_mask.h"
+#include "cuda/params.h"
+#include "cuda/static_switch.h"
+
+namespace beacon {
+namespace cuda {
+namespace {
+
+constexpr const char* kOp = "beacon.attention";
+
+Mode parse_mode(c10::string_view mode) {
+  if (mode == "segmentation") return Mode::kSegmentation;
+  if (mode == "step-expansion") return Mode::kStepExpansion;
+  if (mode == "full-coverage") return Mode::kFullCoverage;
+  TORCH_CHECK_VALUE(false, kOp, ": mode must be one of 'segmentation', 'step-expansion', 'full-coverage', got '",
+                    std::string(mode), "'");
+}
+
+void check_int_vector(const at::Tensor& t, const char* name, int64_t n, const at::Device& device) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, kOp, ": ", name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, kOp, ": ", name, " must have shape [", n, "], got ",
+                    t.sizes());
+  TORCH_CHECK(t.device() == device, kOp, ": ", name, " must be on ", device, " like q, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
+}
+
+bool aligned16(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int i = 0; i + 1 < t.dim(); ++i) {
+    if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
+  }
+  return true;
+}
+
+// Split count for decode: enough blocks to fill the GPU a few times over, but every split keeps
+// at least 4 key tiles of work when the cache is full (the key count itself is on the device).
+int decode_num_splits(int64_t base_blocks, int64_t capacity) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = (4 * static_cast<int64_t>(sms) + base_blocks - 1) / std::max<int64_t>(base_blocks, 1);
+  const int64_t max_by_keys = std::max<int64_t>(1, (capacity + 255) / 256);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, max_by_keys, 128})));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
+                                                  const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q,
+                                                  const at::Tensor& mem_len, const at::Tensor& raw_len,
+                                                  const at::Tensor& beacon_len, const at::Tensor& ratio,
+                                                  int64_t max_seqlen_q, c10::string_view mode_str,
+                                                  bool attend_previous, double softmax_scale) {
+  const Mode mode = parse_mode(mode_str);
+  TORCH_CHECK(q_in.is_cuda(), kOp, ": q must be a CUDA tensor, got ", q_in.device());
+  const at::Device device = q_in.device();
+  TORCH_CHECK_VALUE(q_in.dim() == 3, kOp, ": q must have shape [total_q, heads, head_dim], got ", q_in.sizes());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, kOp,
+                    ": k_cache must be a layer's view [batch, kv_heads, capacity, head_dim], got ", k_cache.sizes());
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), kOp, ": v_cache must have k_cache's shape ",
+                    k_cache.sizes(), ", got ", v_cache.sizes());
+  TORCH_CHECK(k_cache.device() == device, kOp, ": k_cache must be on ", device, " like q, got ", k_cache.device());
+  TORCH_CHECK(v_cache.device() == device, kOp, ": v_cache must be on ", device, " like q, got ", v_cache.device());
+  const auto dt = q_in.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, kOp,
+                   ": q must be bfloat16, float16 or float32, got ", dt);
+  TORCH_CHECK_TYPE(k_cache.scalar_type() == dt, kOp, ": k_cache must have q's dtype ", dt, ", got ",
+                   k_cache.scalar_type());
+  TORCH_CHECK_TYPE(v_cache.scalar_type() == dt, kOp, ": v_cache must have q's dtype ", dt, ", got ",
+                   v_cache.scalar_type());
+
+  const int64_t total_q = q_in.size(0), heads = q_in.size(1), d = q_in.size(2);
+  const int64_t batch = k_cache.size(0), kv_heads = k_cache.size(1), capacity = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(3) == d, kOp, ": k_cache head_dim ", k_cache.size(3), " must equal q's head_dim ", d);
+  TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, kOp, ": q's heads (", heads,
+                    ") must be a multiple of k_cache's kv_heads (", kv_heads, ")");
+  TORCH_CHECK_VALUE(capacity < (int64_t{1} << 31) && total_q < (int64_t{1} << 31), kOp,
+                    ": capacity and total_q must fit in int32");
+  TORCH_CHECK_VALUE(batch <= 65535 && kv_heads <= 65535, kOp, ": batch and kv_heads must be at most 65535 on CUDA");
+  check_int_vector(cu_seqlens_q, "cu_seqlens_q", batch + 1, device);
+  check_int_vector(mem_len, "mem_len", batch, device);
+  check_int_vector(raw_len, "raw_len", batch, device);
+  check_int_vector(beacon_len, "beacon_len", batch, device);
+  check_int_vector(ratio, "ratio", batch, device);
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0, kOp, ": max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TORCH_CHECK_VALUE(total_q == 0 || max_seqlen_q >= 1, kOp, ": max_seqlen_q must be >= 1 when q has rows");
+  // An upper bound is allowed; no sequence has more queries than q has rows.
+  max_seqlen_q = std::min(max_seqlen_q, total_q);
+  TORCH_CHECK_VALUE(d >= 1 && d <= 256, kOp, ": head_dim must lie in [1, 256] on CUDA, got ", d);
+  TORCH_CHECK(q_in.stride(2) == 1, kOp, ": q must be contiguous in head_dim (stride ", q_in.stride(2), ")");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, kOp,
+              ": k_cache and v_cache must be contiguous in head_dim");
+  // Tensor cores for bf16/fp16 with head_dim 64 / 128, the simple kernel otherwise.
+  const bool tensor_cores = dt != at::kFloat && (d == 64 || d == 128);
+  if (tensor_cores) {
+    TORCH_CHECK(aligned16(k_cache) && aligned16(v_cache), kOp,
+                ": k_cache and v_cache must be 16-byte aligned with strides that are multiples of 8 elements");
+  }
+
+  c10::cuda::CUDAGuard guard(device);
+  at::Tensor q = !tensor_cores || aligned16(q_in) ? q_in : q_in.contiguous().clone();
+  at::Tensor out = at::empty({total_q, heads, d}, q.options());
+  at::Tensor lse = at::empty({total_q, heads}, q.options().dtype(at::kFloat));
+  if (total_q == 0 || heads == 0 || batch == 0) {
+    if (total_q > 0) {  // rows with no sequence (batch == 0 cannot own queries): nothing to see
+      out.zero_();
+      lse.fill_(INFINITY);
+    }
+    return {out, lse};
+  }
+
+  AttnParams p{};
+  p.q = q.data_ptr();
+  p.out = out.data_ptr();
+  p.q_row_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.o_row_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.k = k_cache.data_ptr();
+  p.v = v_cache.data_ptr();
+  p.k_batch_stride = k_cache.stride(0);
+  p.k_head_stride = k_cache.stride(1);
+  p.k_row_stride = k_cache.stride(2);
+  p.v_batch_stride = v_cache.stride(0);
+  p.v_head_stride = v_cache.stride(1);
+  p.v_row_stride = v_cache.stride(2);
+  p.lse = lse.data_ptr<float>();
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+  p.mem_len = mem_len.data_ptr<int>();
+  p.raw_len = raw_len.data_ptr<int>();
+  p.beacon_len = beacon_len.data_ptr<int>();
+  p.ratio = ratio.data_ptr<int>();
+  p.batch = static_cast<int>(batch);
+  p.num_heads = static_cast<int>(heads);
+  p.num_kv_heads = static_cast<int>(kv_heads);
+  p.group = static_cast<int>(heads / kv_heads);
+  p.head_dim = static_cast<int>(d);
+  p.capacity = static_cast<int>(capacity);
+  p.total_q = static_cast<int>(total_q);
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.mode = static_cast<int>(mode);
+  p.attend_previous = attend_previous;
+  p.scale = softmax_scale > 0 ? static_cast<float>(softmax_scale)
+                              : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  p.scale_log2 = p.scale * static_cast<float>(M_LOG2E);
+
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (!tensor_cores) {
+    if (dt == at::kFloat) {
+      run_attention_generic<float>(p, stream);
+    } else if (dt == at::kHalf) {
+      run_attention_generic<__half>(p, stream);
+    } else {
+      run_attention_generic<__nv_bfloat16>(p, stream);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {out, lse};
+  }
+
+  const bool decode = max_seqlen_q == 1;
+  at::Tensor out_accum, lse_accum;
+  if (decode) {
+    const int64_t m_blocks = (static_cast<int64_t>(p.group) + 15) / 16;
+    p.num_splits = decode_num_splits(m_blocks * batch * kv_heads, capacity);
+    out_accum = at::empty({p.num_splits, total_q, heads, d}, q.options().dtype(at::kFloat));
+    lse_accum = at::empty({p.num_splits, total_q, heads}, q.options().dtype(at::kFloat));
+    p.out_accum = out_accum.data_ptr<float>();
+    p.lse_accum = lse_accum.data_ptr<float>();
+  } else {
+    p.num_splits = 1;
+  }
+
+  const DType kind = dt == at::kBFloat16 ? DType::kBF16 : DType::kFP16;
+  const bool found = with_attention_instance(kind, static_cast<int>(d), [&]<typename T, int D>() {
+    if (decode) {
+      run_attention_decode<T, D>(p, stream);
+    } else {
+      run_attention_prefill<T, D>(p, stream);
+    }
+  });
+  TORCH_CHECK_VALUE(found, kOp, ": no CUDA kernel for head_dim ", d, " and dtype ", dt,
+                    " in this build (built:", built_attention_instances(),
+                    "). Rebuild with BEACON_OPS_HEADDIMS / BEACON_OPS_DTYPES including it");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace beacon
+
+TORCH_LIBRARY_IMPL(beacon, CUDA, m) { m.impl("attention", &beacon::cuda::attention_cuda); }

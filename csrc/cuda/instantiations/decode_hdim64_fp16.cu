@@ -1,0 +1,4 @@
+// Split-KV decode instantiation: head dim 64, fp16. No torch headers here (compile time).
+#include "cuda/decode_splitkv.cuh"
+
+template void beacon::cuda::run_attention_decode<__half, 64>(const beacon::cuda::AttnParams&, cudaStream_t);

@@ -1,0 +1,5 @@
+// Prefill instantiation: head dim 64, bf16. One translation unit per (head dim x dtype) so
+// ninja compiles them in parallel; no torch headers here (compile time).
+#include "cuda/attention_fwd.cuh"
+
+template void beacon::cuda::run_attention_prefill<__nv_bfloat16, 64>(const beacon::cuda::AttnParams&, cudaStream_t);
