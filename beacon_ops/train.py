@@ -111,6 +111,7 @@ class TrainConfig:
     seed: int = 42
     checkpoint: str | None = "window"
     autocast: str | None = None       # "bfloat16" / "float16" autocast dtype (GPU), None = off
+    attention: str = "auto"           # beacon_loss's attention backend
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -162,7 +163,8 @@ class Trainer:
         ctx = (torch.autocast(model.device.type, dtype=getattr(torch, c.autocast)) if c.autocast
                else torch.autocast(model.device.type, enabled=False))
         with ctx:
-            out = beacon_loss(model, ids, ratio=self.sampler, checkpoint=c.checkpoint)
+            out = beacon_loss(model, ids, ratio=self.sampler, checkpoint=c.checkpoint,
+                              attention=c.attention)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         params = [p for _, p in self.trainable]
@@ -275,6 +277,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--checkpoint", default="window", choices=["window", "layer", "none"])
+    p.add_argument("--attention", default="auto", choices=["auto", "op", "masked"],
+                   help="attention of the training forward: the beacon op, PyTorch SDPA with an explicit "
+                   "mask, or auto (the op where its backward kernel exists, else masked)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype (default bfloat16 on the GPU, float32 on the CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -316,7 +321,7 @@ def _train(args: argparse.Namespace) -> int:
                       weight_decay=args.weight_decay, clip=args.clip, params=params, rank=args.rank,
                       ratios=ratios, seed=args.seed,
                       checkpoint=None if args.checkpoint == "none" else args.checkpoint,
-                      autocast=None if dtype == "float32" else dtype)
+                      autocast=None if dtype == "float32" else dtype, attention=args.attention)
     trainer = Trainer(model, cfg, sampler, meta={"base_model": name})
     if args.resume:
         trainer.resume(args.resume)

@@ -7,6 +7,10 @@ detached, so the loss of window ``w`` sends gradients into the beacons of every 
 out-of-place cache per layer (``torch.cat``), using the model's own modules and weights
 (embeddings, norms, MLP, ``{q,k,v,o}_proj`` and ``beacon_{q,k,v,o}_proj``, LM head) and the
 autograd-enabled :func:`beacon_ops.attention.beacon_attention` (beacon mask in the kernel).
+Where the backward op has no kernel for the device (today: CUDA, whose build has the forward
+only), gradients go through PyTorch's ``scaled_dot_product_attention`` with the explicit mask of
+:func:`beacon_ops.reference.beacon_mask` instead (``attention="auto"``; a test checks that both
+give the same loss and gradients).
 
 Cache scheme (the choice the brief leaves open): keys are rotated once, at the positions of
 :func:`beacon_ops.positions.step_positions` (raw token ``t`` at ``M + t``, beacon ``j`` at the
@@ -46,8 +50,10 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .attention import beacon_attention
 from .llama import Llama, _project, _Rows
 from .positions import step_positions
+from .reference import beacon_mask
 
-__all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "beacon_loss", "rope"]
+__all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "beacon_loss", "rope",
+           "has_attention_backward"]
 
 STEP_RANDOM_RATIOS: tuple[int, ...] = (2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 8, 8, 16, 16, 32, 32, 64, 128)
 """Spec section 6's ``step-random`` list (duplicates act as weights)."""
@@ -125,6 +131,7 @@ class _Window:
     positions: Tensor      # int32 [R + B]: RoPE positions of the window's tokens
     mem_positions: Tensor  # int32 [B]: positions of its beacons once in memory
     keeps_raw: bool        # ratio 0 on a full window: raw keys join the memory
+    mask: Tensor | None = None  # bool [R + B, M + R + B] for the "masked" attention backend
 
 
 def _layer(model: Llama, i: int, w: _Window, rows: _Rows, h: Tensor, mem_k: Tensor,
@@ -151,11 +158,15 @@ def _layer(model: Llama, i: int, w: _Window, rows: _Rows, h: Tensor, mem_k: Tens
     def i32(x: int) -> Tensor:
         return torch.tensor([x], dtype=torch.int32, device=dev)
 
-    out, _ = beacon_attention(
-        q.contiguous(), keys.unsqueeze(0), vals.unsqueeze(0),
-        torch.tensor([0, n], dtype=torch.int32, device=dev), i32(w.mem), i32(w.raw),
-        i32(w.beacons), i32(w.ratio), max_seqlen_q=n, mode=bc.mode,
-        attend_previous=bc.attend_previous)
+    if w.mask is None:
+        out, _ = beacon_attention(
+            q.contiguous(), keys.unsqueeze(0), vals.unsqueeze(0),
+            torch.tensor([0, n], dtype=torch.int32, device=dev), i32(w.mem), i32(w.raw),
+            i32(w.beacons), i32(w.ratio), max_seqlen_q=n, mode=bc.mode,
+            attend_previous=bc.attend_previous)
+    else:  # plain PyTorch attention with the spec's explicit mask (differentiable anywhere)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], vals[None],
+                                             attn_mask=w.mask, enable_gqa=True)[0].transpose(0, 1)
     h = h + _project(out.reshape(n, -1), rows, at.o_proj, at.beacon_o_proj)
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     # compaction (spec section 5): beacons (re-rotated at their memory slots) or ratio-0 raw keys
@@ -211,8 +222,16 @@ def _plan(n_tokens: int, window: int, mode: str, ratio: int | Callable[[], int])
     return plans
 
 
+def has_attention_backward(device: torch.device | str) -> bool:
+    """Whether ``beacon::attention_backward`` has a kernel for ``device``'s type."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "beacon::attention_backward", key)
+
+
 def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequence[int] | None = None,
-                *, ratio: int | Callable[[], int] | None = None, checkpoint: str | None = None) -> BeaconLoss:
+                *, ratio: int | Callable[[], int] | None = None, checkpoint: str | None = None,
+                attention: str = "auto") -> BeaconLoss:
     """Mean next-token cross-entropy of one sequence, differentiable through all windows.
 
     Args:
@@ -224,6 +243,11 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
         ratio: an int (fixed), a callable drawing one per full window (e.g.
             :class:`StepRandomRatios`), or None for the model's fixed ``beacon.ratio``.
         checkpoint: None, ``"window"`` or ``"layer"``: non-reentrant gradient checkpointing.
+        attention: ``"op"`` (``beacon_attention``, mask in the kernel), ``"masked"`` (PyTorch
+            ``scaled_dot_product_attention`` with the explicit mask of
+            :func:`beacon_ops.reference.beacon_mask`) or ``"auto"``: the op, unless gradients
+            are needed on a device without a ``beacon::attention_backward`` kernel (the GPU
+            build has the forward only, so GPU training falls back to the masked path).
 
     Returns:
         :class:`BeaconLoss`; ``loss.backward()`` reaches the beacon parameters of every window.
@@ -242,6 +266,11 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
     labels = ids if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if labels.shape != ids.shape:
         raise ValueError(f"labels must have the shape of ids {tuple(ids.shape)}, got {tuple(labels.shape)}")
+    if attention not in ("auto", "op", "masked"):
+        raise ValueError(f"attention must be 'auto', 'op' or 'masked', got {attention!r}")
+    if attention == "auto":
+        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+        attention = "masked" if need_grad and not has_attention_backward(model.device) else "op"
     if ratio is None:
         if bc.ratio is None:
             raise ValueError("ratio: the model uses adapt-N; pass a fixed ratio or a sampler")
@@ -256,6 +285,9 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
     out = BeaconLoss(total)
     start = 0
     for w in _plan(len(ids), bc.window, bc.mode, ratio):
+        if attention == "masked":
+            w.mask = beacon_mask(w.mem, w.raw, w.beacons, w.ratio, w.raw + w.beacons, bc.mode,
+                                 bc.attend_previous).to(dev)
         if w.raw == bc.window:
             out.ratios.append(w.ratio)
         x, t = ids[start:start + w.raw], targets[start:start + w.raw]

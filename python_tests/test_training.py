@@ -16,6 +16,7 @@ from beacon_ops.llama import BeaconConfig, Llama
 from beacon_ops.train import TextSampler, TrainConfig, Trainer, lr_factor
 from beacon_ops.training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss
 
+from conftest import requires_cuda
 from llama_helpers import smollm2_or_skip, smollm2_tokens, tiny_config, tiny_model
 
 
@@ -68,6 +69,27 @@ def test_loss_equals_inference_variants(variant: str) -> None:
         with torch.no_grad():
             got = beacon_loss(m, ids).loss.item()
     assert abs(got - ref) <= 2e-5 * max(1.0, abs(ref)), (got, ref)
+
+
+@pytest.mark.parametrize("mode", ["step-expansion", "segmentation"])
+def test_masked_backend_matches_op(mode: str) -> None:
+    """The SDPA-with-explicit-mask backend (used where the backward op has no kernel) gives the
+    op's loss and beacon gradients."""
+    m = tiny_model(window=16, ratio=4, mode=mode)
+    trainable = make_beacon_trainable(m)
+    ids = torch.randint(0, 101, (60,), generator=torch.Generator().manual_seed(21))
+    grads = []
+    for backend in ("op", "masked"):
+        for _, p in trainable:
+            p.grad = None
+        out = beacon_loss(m, ids, attention=backend)
+        out.loss.backward()
+        grads.append((out.loss.item(), {n: p.grad.clone() for n, p in trainable if p.grad is not None}))
+    (l_op, g_op), (l_m, g_m) = grads
+    assert abs(l_op - l_m) <= 1e-5 * max(1.0, abs(l_op))
+    assert g_op.keys() == g_m.keys() and g_op
+    for n in g_op:
+        torch.testing.assert_close(g_m[n], g_op[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_bf16_autocast_loss() -> None:
@@ -150,6 +172,31 @@ def test_checkpointing_gives_same_gradients(checkpoint: str) -> None:
     beacon_loss(m, ids, checkpoint=checkpoint).loss.backward()
     for n, p in trainable:
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@requires_cuda
+def test_cuda_forward_and_gradients() -> None:
+    """On the GPU: the loss equals the GPU inference path, the beacon gradients equal the CPU
+    ones (fp32), and a bf16-autocast step follows the tolerance rule against fp32."""
+    m = tiny_model(window=16, ratio=4)
+    trainable = make_beacon_trainable(m)
+    ids = torch.randint(0, 101, (70,), generator=torch.Generator().manual_seed(12))
+    beacon_loss(m, ids).loss.backward()
+    cpu_grads = {n: p.grad.clone() for n, p in trainable}
+    m.cuda()
+    for _, p in trainable:
+        p.grad = None
+    ref = _inference_loss(m, ids)
+    out = beacon_loss(m, ids, checkpoint="window")
+    assert abs(out.loss.item() - ref) <= 2e-5 * max(1.0, abs(ref)), (out.loss.item(), ref)
+    out.loss.backward()
+    for n, p in trainable:
+        if n in cpu_grads:
+            torch.testing.assert_close(p.grad.cpu(), cpu_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = beacon_loss(m, ids).loss.item()
+    baseline = _inference_loss(tiny_model(window=16, ratio=4).to("cuda", torch.bfloat16), ids)
+    assert abs(low - ref) <= 2 * abs(baseline - ref) + 1e-3, (low, baseline, ref)
 
 
 # --- the trainer ---------------------------------------------------------------------------------
