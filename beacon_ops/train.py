@@ -344,12 +344,16 @@ def _train(args: argparse.Namespace) -> int:
         logf.close()
     size = os.path.getsize(args.out)
     print(f"saved {args.out} ({size / 2**20:.2f} MiB) after step {trainer.step}")
+    peak = torch.cuda.max_memory_allocated() if model.device.type == "cuda" else None
+    if peak is not None:
+        print(f"peak GPU memory {peak / 2**30:.2f} GiB")
     if hist:
         k = max(1, len(hist) // 10)
         first = sum(h.loss for h in hist[:k]) / k
         last = sum(h.loss for h in hist[-k:]) / k
         print(f"mean loss of the first {k} steps {first:.4f}, of the last {k} steps {last:.4f}")
     write_json({"model": name, "out": args.out, "bytes": size, "steps": trainer.step,
+                "peak_gpu_bytes": peak,
                 "seconds": time.perf_counter() - t0, "config": trainer.adapter_config(),
                 "history": [vars(h) for h in hist]}, args.json)
     return 0
