@@ -59,7 +59,8 @@ def _kjv_text() -> str | None:
     if exe is None:
         return None
     try:
-        out = subprocess.run([exe, "Gen1:1-Rev22:21"], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([exe, "Gen1:1-Rev22:21"], capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout if out.returncode == 0 and len(out.stdout) > 100_000 else None
