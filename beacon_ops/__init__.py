@@ -59,9 +59,7 @@ def build_info() -> dict[str, Any]:
     ``cutlass`` (CUTLASS version of the headers used, '' without CUDA), plus ``cuda_head_dims``
     and ``cuda_dtypes`` (the CUDA instantiations compiled in).
     """
-    info = dict(_C.build_info())
-    info["version"] = __version__ if info["version"] == __version__ else info["version"]
-    return info
+    return dict(_C.build_info())
 
 
 from . import ops  # noqa: E402,F401  (fake kernels, typed wrappers)
