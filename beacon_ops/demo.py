@@ -205,8 +205,8 @@ def _run_passkey(lm: Loaded, ids: list[int], attention: str, max_new: int, devic
 
 
 @command("demo", "passkey retrieval on a long prompt: beacon attention vs full attention")(_demo_args)
+@torch.no_grad()  # scoped, not global: the commands also run in-process (tests)
 def _demo(args: argparse.Namespace) -> int:
-    torch.set_grad_enabled(False)
     dtype = getattr(torch, args.dtype)
     lm = load_model(args.model, _beacon_config(args), dtype, args.device, args.adapter)
     tokens, window = args.tokens, args.window
@@ -274,10 +274,10 @@ def _ppl_args(p: argparse.ArgumentParser) -> None:
 
 
 @command("eval-ppl", "perplexity of a fixed target block at growing context lengths")(_ppl_args)
+@torch.no_grad()  # scoped, not global: the commands also run in-process (tests)
 def _eval_ppl(args: argparse.Namespace) -> int:
     import math
 
-    torch.set_grad_enabled(False)
     lm = load_model(args.model, _beacon_config(args), getattr(torch, args.dtype), args.device,
                     args.adapter)
     if not lm.real:
