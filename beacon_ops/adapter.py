@@ -1,11 +1,11 @@
-"""Trainable beacon parameters and their adapter file (spec section 7).
+"""Trainable beacon parameters and their adapter file (``docs/activation-beacon.md``, section 7).
 
 Only parameters whose name contains ``beacon`` are trained; the LLM is frozen.
 :func:`make_beacon_trainable` freezes the model and unfreezes ``model.beacon_embed_tokens`` and
 the chosen ``beacon_{q,k,v,o}_proj`` of every layer, either as full matrices or, with
 ``rank > 0``, as low-rank deltas from the layer's *base* projection (LoRA-style:
 ``W_beacon = W_base + B @ A`` with ``B = 0`` at the start, so training starts exactly at the
-spec's initialisation "beacon projection = copy of the base projection", and the saved result
+documented initialisation "beacon projection = copy of the base projection", and the saved result
 is small). A low-rank delta replaces whatever beacon matrix was loaded (it is a delta from the
 base projection, not from a released beacon checkpoint).
 

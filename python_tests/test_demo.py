@@ -1,4 +1,4 @@
-"""``python -m beacon_ops demo`` / ``eval-ppl`` (beacon_ops/demo.py), on the random tiny fallback."""
+"""``python -m beacon_ops demo`` / ``eval-ppl`` (beacon_ops/commands/), on the random tiny fallback."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,9 @@ import pytest
 
 import beacon_ops.checkpoints
 from beacon_ops.cli import main
-from beacon_ops.demo import FILLER, QUESTION, ByteTokenizer, _parse_lengths, passkey_prompt
+from beacon_ops.checkpoints import ByteTokenizer
+from beacon_ops.commands.eval_ppl import parse_lengths
+from beacon_ops.evaluation import FILLER, QUESTION, passkey_prompt
 
 
 def test_passkey_prompt_has_the_needle_at_its_depth():
@@ -23,9 +25,9 @@ def test_passkey_prompt_has_the_needle_at_its_depth():
 
 
 def test_lengths_parse_and_reject():
-    assert _parse_lengths("2k, 8k,1500") == [2048, 8192, 1500]
+    assert parse_lengths("2k, 8k,1500") == [2048, 8192, 1500]
     with pytest.raises(Exception, match="--lengths"):
-        _parse_lengths("2k,lots")
+        parse_lengths("2k,lots")
 
 
 @pytest.fixture

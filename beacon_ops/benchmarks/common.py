@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmarks: medians of repeated runs, device-synchronised."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
@@ -45,3 +46,33 @@ def copy_gbps(device: str, nbytes: int = 256 << 20) -> float:
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device)
     return 2 * nbytes / t / 1e9
+
+
+def busy_machine_threads() -> tuple[int | None, str]:
+    """``(1, reason)`` when the 1-minute load average is at least the CPU count, else
+    ``(None, "")``: on a busy machine parallel regions wait for descheduled threads (profiled
+    here: 2-25x slower with 2 threads on 2 shared cores), so benchmarks run single-threaded."""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load >= cpus:
+        return 1, f"load average {load:.1f} >= {cpus} CPUs"
+    return None, ""
+
+
+def print_table(rows: list[dict]) -> None:
+    """Print a list of flat dicts as an aligned text table."""
+    if not rows:
+        return
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
