@@ -1,4 +1,4 @@
-"""``python -m beacon_ops``: the command line.
+"""``python -m beacon_ops``: Activation Beacon from the command line.
 
 Subcommands are listed in :data:`beacon_ops.commands.COMMANDS`; each has ``--help``;
 machine-readable output goes to ``--json PATH``. A command-line mistake prints one line on

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import beacon_attention
-from .kv_cache import StepPlan
+from .kv_cache import StepPlan, check_ratio
 from .masks import step_mask
 from .positions import check_mode, rotate, step_positions
 
@@ -116,9 +116,7 @@ class TrainingKVCache:
 
     def set_ratio(self, b: int, r: int) -> None:
         """The ratio of the next full window (0 = keep its raw keys); it must divide the window."""
-        if r < 0 or (r > 0 and self.window % r):
-            raise ValueError(f"ratio={r} does not divide the window {self.window}")
-        self.ratio = int(r)
+        self.ratio = check_ratio(r, self.window)
 
     def begin_step(self, num_raw: Sequence[int]) -> TrainingStepPlan:
         (n,) = num_raw
