@@ -12,6 +12,7 @@ import argparse
 import os
 import platform
 import sys
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -19,8 +20,23 @@ from ..benchmarks import attention, compaction, cuda_attention, decode, llama, l
 from ..benchmarks.common import busy_machine_threads, print_table
 from .common import Command, UsageError, device_name, int_at_least, write_json
 
-KINDS = {"attention": attention, "long-context": long_context, "decode": decode,
-         "compaction": compaction, "llama": llama, "cuda-attention": cuda_attention}
+
+class Benchmark(NamedTuple):
+    """A benchmark kind: ``run(device, quick) -> dict`` and, when it draws any,
+    ``plot(result, folder) -> list of PNG paths``."""
+
+    run: Callable[[str, bool], dict]
+    plot: Callable[[dict, str], list[str]] | None = None
+
+
+KINDS: dict[str, Benchmark] = {
+    "attention": Benchmark(attention.run),
+    "long-context": Benchmark(long_context.run, long_context.plot),
+    "decode": Benchmark(decode.run),
+    "compaction": Benchmark(compaction.run),
+    "llama": Benchmark(llama.run, llama.plot),
+    "cuda-attention": Benchmark(cuda_attention.run),
+}
 """Every benchmark kind shipped, by name."""
 
 
@@ -65,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
         "quick": args.quick,
     }
     for kind in kinds:
-        mod = KINDS[kind]
+        bench = KINDS[kind]
         print(f"== {kind} ({args.device}{', quick' if args.quick else ''})")
-        res = mod.run(args.device, args.quick)
+        res = bench.run(args.device, args.quick)
         print_table(res.get("rows", []))
         for k, v in res.items():
             if k in ("rows", "plots"):
@@ -78,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"{k}: {v}")
         results[kind] = res
-        if args.plot and hasattr(mod, "plot"):
-            res["plots"] = mod.plot(res, args.plot)
+        if args.plot and bench.plot is not None:
+            res["plots"] = bench.plot(res, args.plot)
             print("plots: " + ", ".join(res["plots"] or []))
     results["machine"]["load_average_1_5_15min_at_end"] = os.getloadavg()
     print(f"load average (1, 5, 15 min): start {results['machine']['load_average_1_5_15min_at_start']}, "
