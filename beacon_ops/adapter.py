@@ -17,6 +17,7 @@ it into a freshly loaded model.
 from __future__ import annotations
 
 import json
+import os
 import math
 from typing import Any, Sequence
 
@@ -105,6 +106,16 @@ def make_beacon_trainable(model: Llama, params: Sequence[str] = BEACON_PROJS, ra
         if train:
             out.append((name, prm))
     return out
+
+
+SHIPPED_ADAPTER = "smollm2_beacon.safetensors"
+"""The trained SmolLM2-135M-Instruct adapter under ``beacon_ops/assets`` (provenance in its README)."""
+
+
+def shipped_adapter_path() -> str | None:
+    """Path of the shipped SmolLM2 adapter, or None when the package was installed without it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", SHIPPED_ADAPTER)
+    return path if os.path.exists(path) else None
 
 
 def adapter_tensors(model: Llama) -> dict[str, Tensor]:

