@@ -1,6 +1,6 @@
-// The condensed-cache ops on CUDA: rope_ (rotate in place), append_kv (write a step's keys,
-// rotated, and values into each sequence's last slots) and compact_ (all layers, after a full
-// window). Semantics: the schemas in csrc/beacon_ops.cpp, README.md's contract, and the moves of
+// The condensed-cache ops on CUDA, host side: rope_ (rotate in place), append_kv (write a step's
+// keys, rotated, and values into each sequence's last slots) and compact_ (all layers, after a
+// full window); the kernels are in cache_kernels.cuh. Semantics: the schemas in csrc/beacon_ops.cpp, README.md's contract, and the moves of
 // rope.h (compaction_plan / compaction_move); positions and rotation pairs also come only from
 // rope.h. Caches and rotated tensors are float32, float16 or bfloat16 (as on the CPU). Rotations
 // are computed in fp32 and rounded once (round to nearest even), without FMA contraction, so the

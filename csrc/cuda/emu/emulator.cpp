@@ -154,7 +154,13 @@ void thread_entry() {
   Run& R = *g_run;
   Thread* self = R.cur;
   fiber_started(self->fiber, R.scheduler);
-  (*R.body)();
+  std::string error;
+  try {
+    (*R.body)();
+  } catch (const std::exception& e) {  // never unwind across the fiber's stack boundary
+    error = e.what();
+  }
+  if (!error.empty()) fail(thread_name(*self) + ": " + error);
   // Exit: retire outstanding copies (they still land), then check nobody waits for us.
   self->groups.push_back(std::move(self->open));
   self->open.clear();
@@ -423,10 +429,14 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
   Run& R = run();
   Thread& self = *R.cur;
   if (reinterpret_cast<uintptr_t>(smem) % 16 != 0) fail("ldmatrix: row address not 16-byte aligned");
-  smem_read(R, smem, 16, static_cast<int16_t>(self.linear), trans ? "ldmatrix.trans" : "ldmatrix");
+  smem_byte(R, smem, 16, "ldmatrix");
   self.in_ptr = smem;
-  warp_collective(trans ? kOpLdmatrixT : kOpLdmatrix, [trans](Thread* lanes, int n) {
+  warp_collective(trans ? kOpLdmatrixT : kOpLdmatrix, [trans, &R](Thread* lanes, int n) {
     if (n != 32) fail("ldmatrix: needs a full warp");
+    // The warp reads when all its lanes are here (each lane's row, checked as that lane's read).
+    for (int i = 0; i < 32; ++i) {
+      smem_read(R, lanes[i].in_ptr, 16, static_cast<int16_t>(lanes[i].linear), trans ? "ldmatrix.trans" : "ldmatrix");
+    }
     uint16_t m[4][8][8];
     for (int i = 0; i < 32; ++i) std::memcpy(m[i / 8][i % 8], lanes[i].in_ptr, 16);
     for (int l = 0; l < 32; ++l) {

@@ -8,6 +8,12 @@
 
 #include "cuda/emu/emulator.h"
 
+namespace beacon {
+namespace emu {
+void run_selftest(const std::string& name);  // selftest.cpp
+}  // namespace emu
+}  // namespace beacon
+
 namespace {
 
 void set_schedule(const std::string& name, uint64_t seed) {
@@ -32,4 +38,6 @@ PYBIND11_MODULE(_cuda_emu, m) {
   m.def("set_sm_count", &beacon::emu::set_sm_count, pybind11::arg("sms"),
         "Multiprocessor count the ops' host code sizes its grids by.");
   m.def("launch_count", &beacon::emu::launch_count, "Kernel launches so far.");
+  m.def("run_selftest", &beacon::emu::run_selftest, pybind11::arg("name"),
+        "Runs a small kernel of selftest.cpp; raises RuntimeError when a check of the emulation fails.");
 }
