@@ -141,6 +141,7 @@ def main() -> int:
         missed += not caught
         rows.append((name, path, f"caught ({time.time() - t0:.0f} s)" if caught else f"MISSED (rc {rc})",
                      f"{what}: {first_failure(log)}"))
+        print(f"{name}: {rows[-1][2]}", file=sys.stderr, flush=True)  # progress
     print("| mutant | file | result | bug: first failure |")
     print("|---|---|---|---|")
     for r in rows:
