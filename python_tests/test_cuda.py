@@ -1,4 +1,6 @@
-"""The CUDA kernels (csrc/cuda) against independent references; skipped visibly without a GPU.
+"""The CUDA kernels (csrc/cuda) against independent references; skipped visibly without a GPU,
+or run on the host emulation of the kernels (BEACON_CUDA_EMU=1, make test-cuda-emu; see
+cuda_targets.py).
 
 - attention (prefill and split-KV decode) against an explicit-mask fp64 attention whose mask is
   built here from the spec's table (section 3), with FlashAttention's tolerance rule
@@ -15,18 +17,38 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
 
 import beacon_ops  # noqa: F401  (registers torch.ops.beacon)
 from beacon_ops.positions import beacon_position, rope_tables
-from conftest import requires_cuda
+from cuda_targets import cuda_targets
 
-pytestmark = requires_cuda
-ops = torch.ops.beacon
+ops = torch.ops.beacon       # the ops under test: set per target by the fixture below
+cpu_ops = torch.ops.beacon   # the CPU kernels (by device: CPU tensors)
+DEV = "cuda"                 # where the tensors of the ops under test live
 MODES = ("segmentation", "step-expansion", "full-coverage")
 LOW = (torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(autouse=True, params=cuda_targets())
+def target(request, monkeypatch):
+    """Runs every case on a GPU, or on the emulation in each schedule (cuda_targets.py)."""
+    t = request.param
+    if t.emulated and getattr(request.function, "gpu_only", False):
+        pytest.skip("needs a real GPU (CUDA graphs, opcheck on CUDA tensors)")
+    t.activate(request.node.nodeid)
+    monkeypatch.setattr(sys.modules[__name__], "ops", t.ops())
+    monkeypatch.setattr(sys.modules[__name__], "DEV", t.device)
+    return t
+
+
+def gpu_only(test):
+    """Marks a test that needs a real GPU (CUDA graphs, opcheck on CUDA tensors)."""
+    test.gpu_only = True
+    return test
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +100,8 @@ def masked_attention(q, k, v, cu, lens, mode, attend_previous, scale, dtype):
     return out, torch.where(seen, lse, torch.full_like(lse, math.inf))
 
 
-def make_cache(lens, kv_heads, cap, d, dtype, device="cuda", seed=0):
+def make_cache(lens, kv_heads, cap, d, dtype, device=None, seed=0):
+    device = device or DEV
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(len(lens), kv_heads, cap, d, generator=g).to(dtype)
     v = torch.randn(len(lens), kv_heads, cap, d, generator=g).to(dtype)
@@ -88,14 +111,16 @@ def make_cache(lens, kv_heads, cap, d, dtype, device="cuda", seed=0):
     return k.to(device), v.to(device)
 
 
-def int32(xs, device="cuda"):
+def int32(xs, device=None):
+    device = device or DEV
     return torch.tensor(xs, dtype=torch.int32, device=device)
 
 
-def run_attention(q, k, v, cu, lens, mode, attend_previous, max_seqlen_q, scale=0.0):
+def run_attention(q, k, v, cu, lens, mode, attend_previous, max_seqlen_q, scale=0.0, on=None):
+    """on: the op namespace (default: the ops under test)."""
     dev = q.device
     cols = list(zip(*lens)) if lens else ([], [], [], [])
-    return ops.attention(q, k, v, int32(cu, dev), int32(cols[0], dev), int32(cols[1], dev), int32(cols[2], dev),
+    return (on or ops).attention(q, k, v, int32(cu, dev), int32(cols[0], dev), int32(cols[1], dev), int32(cols[2], dev),
                          int32(cols[3], dev), max_seqlen_q, mode, attend_previous, scale)
 
 
@@ -134,7 +159,7 @@ def test_prefill_against_masked_reference(dtype, d, mode, attend_previous, group
     for n in PREFILL_NQ:
         cu.append(cu[-1] + n)
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(cu[-1], kv_heads * group, d, generator=g).to(dtype).cuda()
+    q = torch.randn(cu[-1], kv_heads * group, d, generator=g).to(dtype).to(DEV, copy=True)
     out, lse = run_attention(q, k, v, cu, PREFILL_LENS, mode, attend_previous, max(PREFILL_NQ))
     assert out.shape == q.shape and out.dtype == dtype and lse.dtype == torch.float32
     check_rule(out, lse, q, k, v, cu, PREFILL_LENS, mode, attend_previous, 1 / math.sqrt(d))
@@ -147,7 +172,7 @@ def test_prefill_long_memory_many_tiles_and_scale(d):
     lens = [(700, 256, 8, 32), (130, 77, 0, 32)]
     nq = [264, 77]
     k, v = make_cache(lens, 2, 1000, d, torch.bfloat16)
-    q = torch.randn(sum(nq), 8, d).to(torch.bfloat16).cuda()
+    q = torch.randn(sum(nq), 8, d).to(torch.bfloat16).to(DEV, copy=True)
     cu = [0, nq[0], nq[0] + nq[1]]
     out, lse = run_attention(q, k, v, cu, lens, "step-expansion", True, max(nq), scale=0.05)
     check_rule(out, lse, q, k, v, cu, lens, "step-expansion", True, 0.05)
@@ -163,7 +188,7 @@ def test_decode_matches_reference_and_prefill_path(dtype, d, group):
     kv_heads = 2
     k, v = make_cache(lens, kv_heads, 1024, d, dtype)
     cu = [0, 1, 2, 2, 3]
-    q = torch.randn(3, kv_heads * group, d).to(dtype).cuda()
+    q = torch.randn(3, kv_heads * group, d).to(dtype).to(DEV, copy=True)
     dec_o, dec_l = run_attention(q, k, v, cu, lens, "step-expansion", True, 1)
     pre_o, pre_l = run_attention(q, k, v, cu, lens, "step-expansion", True, 2)  # an upper bound: prefill
     ref_o, base_err = check_rule(dec_o, dec_l, q, k, v, cu, lens, "step-expansion", True, 1 / math.sqrt(d))
@@ -191,21 +216,22 @@ def test_cpu_and_cuda_agree(max_seqlen_q):
     k = torch.nan_to_num(k)  # the CPU kernel need not guard stale slots the same way
     v = torch.nan_to_num(v)
     q = torch.randn(cu[-1], 6, 128).to(torch.bfloat16)
-    cpu_o, cpu_l = run_attention(q, k, v, cu, lens, "segmentation", True, max_seqlen_q)
-    gpu_o, gpu_l = run_attention(q.cuda(), k.cuda(), v.cuda(), cu, lens, "segmentation", True, max_seqlen_q)
+    cpu_o, cpu_l = run_attention(q, k, v, cu, lens, "segmentation", True, max_seqlen_q, on=cpu_ops)
+    gpu_o, gpu_l = run_attention(q.to(DEV, copy=True), k.to(DEV, copy=True), v.to(DEV, copy=True), cu, lens, "segmentation", True, max_seqlen_q)
     ref_o, _ = masked_attention(q.double(), k.double(), v.double(), cu, lens, "segmentation", True,
                                 1 / math.sqrt(128), torch.float64)
-    base_o, _ = masked_attention(q.cuda(), k.cuda(), v.cuda(), cu, lens, "segmentation", True,
+    base_o, _ = masked_attention(q.to(DEV, copy=True), k.to(DEV, copy=True), v.to(DEV, copy=True), cu, lens, "segmentation", True,
                                  1 / math.sqrt(128), torch.bfloat16)
     base_err = (base_o.cpu() - ref_o).abs().max().item()
     assert (gpu_o.cpu().double() - cpu_o.double()).abs().max().item() <= 2 * base_err + 1e-4
     assert torch.allclose(gpu_l.cpu(), cpu_l, rtol=0, atol=1e-3)
 
 
+@gpu_only
 def test_attention_cuda_graph_capture():
     lens, nq = [(200, 30, 0, 8), (16, 9, 0, 8)], [1, 1]
     k, v = make_cache(lens, 2, 256, 128, torch.bfloat16)
-    q = torch.randn(2, 8, 128).to(torch.bfloat16).cuda()
+    q = torch.randn(2, 8, 128).to(torch.bfloat16).to(DEV, copy=True)
     cols = list(zip(*lens))
     args = [q, k, v, int32([0, 1, 2]), int32(cols[0]), int32(cols[1]), int32(cols[2]), int32(cols[3])]
     for mq in (1, 2):
@@ -227,7 +253,7 @@ def test_fp32_simple_path_against_reference(d, mode):
     cu = [0]
     for n in nq:
         cu.append(cu[-1] + n)
-    q = torch.randn(cu[-1], 6, d, device="cuda")
+    q = torch.randn(cu[-1], 6, d, device=DEV)
     for max_q in (max(nq), 10 * cu[-1]):  # an upper bound, even past total_q, is allowed
         out, lse = run_attention(q, k, v, cu, lens, mode, False, max_q)
         ref_o, ref_l = masked_attention(q, k, v, cu, lens, mode, False, 1 / math.sqrt(d), torch.float64)
@@ -242,7 +268,7 @@ def test_other_head_dims_simple_path(dtype, d):
     cu = [0]
     for n in PREFILL_NQ:
         cu.append(cu[-1] + n)
-    q = torch.randn(cu[-1], 4, d).to(dtype).cuda()
+    q = torch.randn(cu[-1], 4, d).to(dtype).to(DEV, copy=True)
     out, lse = run_attention(q, k, v, cu, PREFILL_LENS, "segmentation", True, max(PREFILL_NQ))
     check_rule(out, lse, q, k, v, cu, PREFILL_LENS, "segmentation", True, 1 / math.sqrt(d))
 
@@ -250,27 +276,29 @@ def test_other_head_dims_simple_path(dtype, d):
 def test_attention_errors_name_the_argument():
     lens = [(4, 4, 0, 0)]
     k, v = make_cache(lens, 1, 16, 64, torch.bfloat16)
-    q = torch.randn(2, 1, 64).to(torch.bfloat16).cuda()
+    q = torch.randn(2, 1, 64).to(torch.bfloat16).to(DEV, copy=True)
     with pytest.raises(TypeError, match="q must be bfloat16, float16 or float32"):
         run_attention(q.double(), k.double(), v.double(), [0, 2], lens, "step-expansion", True, 2)
     with pytest.raises(TypeError, match="k_cache must have q's dtype"):
         run_attention(q, k.half(), v, [0, 2], lens, "step-expansion", True, 2)
     with pytest.raises(ValueError, match="head_dim"):
         k512, v512 = make_cache(lens, 1, 16, 512, torch.bfloat16)
-        run_attention(torch.randn(2, 1, 512).to(torch.bfloat16).cuda(), k512, v512, [0, 2], lens,
+        run_attention(torch.randn(2, 1, 512).to(torch.bfloat16).to(DEV, copy=True), k512, v512, [0, 2], lens,
                       "step-expansion", True, 2)
-    with pytest.raises(RuntimeError, match="mem_len must be on"):
-        ops.attention(q, k, v, int32([0, 2]), int32([4], "cpu"), int32([4]), int32([0]), int32([0]), 2,
-                      "step-expansion", True, 0.0)
+    if DEV != "cpu":  # the emulated ops take CPU tensors: no second device to mix up
+        with pytest.raises(RuntimeError, match="mem_len must be on"):
+            ops.attention(q, k, v, int32([0, 2]), int32([4], "cpu"), int32([4]), int32([0]), int32([0]), 2,
+                          "step-expansion", True, 0.0)
     with pytest.raises(ValueError, match="mode"):
         run_attention(q, k, v, [0, 2], lens, "causal", True, 2)
 
 
+@gpu_only
 def test_attention_opcheck_cuda():
     lens, nq = [(40, 16, 2, 8), (8, 9, 0, 8)], [18, 3]
     k, v = make_cache(lens, 2, 80, 64, torch.bfloat16)
     k, v = torch.nan_to_num(k), torch.nan_to_num(v)
-    q = torch.randn(21, 4, 64).to(torch.bfloat16).cuda()
+    q = torch.randn(21, 4, 64).to(torch.bfloat16).to(DEV, copy=True)
     cols = list(zip(*lens))
     args = (q, k, v, int32([0, 18, 21]), int32(cols[0]), int32(cols[1]), int32(cols[2]), int32(cols[3]), 18,
             "step-expansion", True, 0.0)
@@ -315,12 +343,12 @@ def test_rope_cuda_bit_exact_vs_cpu(dtype, interleaved, d):
     cos, sin = tables(d, 300)
     x = torch.randn(37, 3, d).to(dtype)
     pos = torch.randint(0, 300, (37,), dtype=torch.int32)
-    xg = x.cuda()
-    ops.rope_(xg, pos.cuda(), cos.cuda(), sin.cuda(), interleaved)
+    xg = x.to(DEV, copy=True)
+    ops.rope_(xg, pos.to(DEV, copy=True), cos.to(DEV, copy=True), sin.to(DEV, copy=True), interleaved)
     ref = torch.stack([rotate_ref(x[i], int(pos[i]), cos, sin, interleaved) for i in range(37)])
     torch.testing.assert_close(xg.cpu(), ref.to(dtype))  # 1 ulp of dtype: fp32 vs fp64 math
     _need_cpu("rope_")
-    ops.rope_(x, pos, cos, sin, interleaved)
+    cpu_ops.rope_(x, pos, cos, sin, interleaved)
     assert torch.equal(xg.cpu(), x)
 
 
@@ -338,9 +366,9 @@ def test_append_kv_cuda_bit_exact_vs_cpu(dtype, interleaved):
     vn = torch.randn(22, heads, d).to(dtype)
     pos = torch.randint(0, 128, (22,), dtype=torch.int32)
     cols = [int32([x[i] for x in lens], "cpu") for i in range(3)]
-    kg, vg = kc.cuda(), vc.cuda()
-    ops.append_kv(kg, vg, kn.cuda(), vn.cuda(), int32(cu), *[c.cuda() for c in cols], pos.cuda(), cos.cuda(),
-                  sin.cuda(), interleaved)
+    kg, vg = kc.to(DEV, copy=True), vc.to(DEV, copy=True)
+    ops.append_kv(kg, vg, kn.to(DEV, copy=True), vn.to(DEV, copy=True), int32(cu), *[c.to(DEV, copy=True) for c in cols], pos.to(DEV, copy=True), cos.to(DEV, copy=True),
+                  sin.to(DEV, copy=True), interleaved)
     # Reference from the contract: token i of sequence b goes to slot end - n + i.
     k_ref, v_ref = kc.clone(), vc.clone()
     for b, (M, R, B) in enumerate(lens):
@@ -352,8 +380,39 @@ def test_append_kv_cuda_bit_exact_vs_cpu(dtype, interleaved):
     assert torch.equal(vg.cpu(), v_ref)
     torch.testing.assert_close(kg.cpu(), k_ref)  # 1 ulp of dtype: fp32 vs fp64 math
     _need_cpu("append_kv")
-    ops.append_kv(kc, vc, kn, vn, int32(cu, "cpu"), *cols, pos, cos, sin, interleaved)
+    cpu_ops.append_kv(kc, vc, kn, vn, int32(cu, "cpu"), *cols, pos, cos, sin, interleaved)
     assert torch.equal(kg.cpu(), kc) and torch.equal(vg.cpu(), vc)
+
+
+@pytest.mark.parametrize("dtype", CACHE_DTYPES, ids=str)
+def test_rope_and_append_kv_position_zero_copy_exactly(dtype):
+    # Position 0 is the identity: the CPU ops copy the row, so must the kernels (rotating by
+    # cos 1 / sin 0 turns -0.0 into +0.0 and inf into NaN). Every row also has a later
+    # position so both kernel paths run.
+    d, heads = 8, 2
+    cos, sin = tables(d, 16)
+    x = torch.randn(4, heads, d)
+    x[0, 0, :4] = torch.tensor([-0.0, float("inf"), -1.0, 3.0])
+    x[0, 0, 4:] = torch.tensor([-1.0, 1.0, -0.0, float("-inf")])
+    x[2] = x[0]
+    x = x.to(dtype)
+    pos = torch.tensor([0, 5, 0, 9], dtype=torch.int32)
+    xg = x.to(DEV, copy=True)
+    ops.rope_(xg, pos.to(DEV, copy=True), cos.to(DEV, copy=True), sin.to(DEV, copy=True), False)
+    ref = x.clone()
+    cpu_ops.rope_(ref, pos, cos, sin, False)
+    assert torch.equal(xg.cpu().view(torch.uint8), ref.view(torch.uint8))  # bits: -0.0 stays -0.0
+    assert torch.equal(ref[0].view(torch.uint8), x[0].view(torch.uint8))
+    kc = torch.zeros(1, heads, 8, d, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    kg, vg = kc.to(DEV, copy=True), vc.to(DEV, copy=True)
+    lens = [int32([0], "cpu"), int32([4], "cpu"), int32([0], "cpu")]
+    ops.append_kv(kg, vg, x.to(DEV, copy=True), x.to(DEV, copy=True), int32([0, 4]),
+                  *[t.to(DEV, copy=True) for t in lens], pos.to(DEV, copy=True), cos.to(DEV, copy=True),
+                  sin.to(DEV, copy=True), False)
+    cpu_ops.append_kv(kc, vc, x, x, int32([0, 4], "cpu"), *lens, pos, cos, sin, False)
+    assert torch.equal(kg.cpu().view(torch.uint8), kc.view(torch.uint8))
+    assert torch.equal(kc[0, :, 0].view(torch.uint8), x[0].view(torch.uint8))
 
 
 def compact_ref(k, v, mem, raw, bea, ratio, cos, sin, W, S, mode, interleaved):
@@ -396,46 +455,48 @@ def test_compact_cuda_bit_exact_vs_cpu(dtype, mode, interleaved, W, S):
     k = torch.randn(layers, 4, heads, cap, d).to(dtype)
     v = torch.randn(layers, 4, heads, cap, d).to(dtype)
     k_ref, v_ref, m_ref, r_ref, b_ref = compact_ref(k, v, mem, raw, bea, ratio, cos, sin, W, S, mode, interleaved)
-    kg, vg = k.cuda(), v.cuda()
+    kg, vg = k.to(DEV, copy=True), v.to(DEV, copy=True)
     lens_g = [int32(mem), int32(raw), int32(bea)]
-    ops.compact_(kg, vg, *lens_g, int32(ratio), cos.cuda(), sin.cuda(), W, S, mode, interleaved)
+    ops.compact_(kg, vg, *lens_g, int32(ratio), cos.to(DEV, copy=True), sin.to(DEV, copy=True), W, S, mode, interleaved)
     assert [t.cpu().tolist() for t in lens_g] == [m_ref, r_ref, b_ref]
     assert torch.equal(vg.cpu(), v_ref)
     torch.testing.assert_close(kg.cpu(), k_ref)  # 1 ulp of dtype: fp32 vs fp64 math
     _need_cpu("compact_")
     lens_c = [int32(mem, "cpu"), int32(raw, "cpu"), int32(bea, "cpu")]
-    ops.compact_(k, v, *lens_c, int32(ratio, "cpu"), cos, sin, W, S, mode, interleaved)
+    cpu_ops.compact_(k, v, *lens_c, int32(ratio, "cpu"), cos, sin, W, S, mode, interleaved)
     assert torch.equal(kg.cpu(), k) and torch.equal(vg.cpu(), v)
     assert [t.tolist() for t in lens_c] == [m_ref, r_ref, b_ref]
 
 
+@gpu_only
 def test_cache_ops_opcheck_cuda():
     d = 64
-    cos, sin = tables(d, 64, "cuda")
-    x = torch.randn(5, 2, d, device="cuda")
+    cos, sin = tables(d, 64, DEV)
+    x = torch.randn(5, 2, d, device=DEV)
     torch.library.opcheck(torch.ops.beacon.rope_.default, (x, int32([0, 1, 2, 3, 4]), cos, sin, False))
-    kc = torch.randn(2, 2, 40, d, device="cuda")
+    kc = torch.randn(2, 2, 40, d, device=DEV)
     vc = torch.randn_like(kc)
-    kn = torch.randn(3, 2, d, device="cuda")
+    kn = torch.randn(3, 2, d, device=DEV)
     vn = torch.randn_like(kn)
     torch.library.opcheck(torch.ops.beacon.append_kv.default,
                           (kc, vc, kn, vn, int32([0, 2, 3]), int32([1, 0]), int32([4, 1]), int32([0, 0]),
                            int32([3, 4, 0]), cos, sin, False))
-    k5 = torch.randn(2, 2, 2, 40, d, device="cuda")
+    k5 = torch.randn(2, 2, 2, 40, d, device=DEV)
     v5 = torch.randn_like(k5)
     torch.library.opcheck(torch.ops.beacon.compact_.default,
                           (k5, v5, int32([4, 0]), int32([16, 3]), int32([4, 0]), int32([4, 4]), cos, sin, 16, 16,
                            "step-expansion", False))
 
 
+@gpu_only
 def test_cache_ops_cuda_graph_capture():
     # Lengths live on the device and are never read on the host: append_kv and compact_ can be
     # captured once and replayed; the replay equals the eager call.
     d, W, S = 64, 16, 8
-    cos, sin = tables(d, 64, "cuda")
-    k = torch.randn(2, 2, 2, 48, d, device="cuda").to(torch.bfloat16)
+    cos, sin = tables(d, 64, DEV)
+    k = torch.randn(2, 2, 2, 48, d, device=DEV).to(torch.bfloat16)
     v = torch.randn_like(k)
-    kn = torch.randn(5, 2, d, device="cuda").to(torch.bfloat16)
+    kn = torch.randn(5, 2, d, device=DEV).to(torch.bfloat16)
     vn = torch.randn_like(kn)
     cu, pos = int32([0, 4, 5]), int32([12, 13, 14, 15, 7])
     lens0 = ([4, 2], [W, 8], [S // 2, 0])  # seq 0: its window fills this step (r = 2, 4 beacons)

@@ -8,14 +8,13 @@
 // fp32 inputs, and bf16/fp16 with any other head_dim <= 256, run the simple CUDA-core kernel of
 // attention_generic.cu: correct (fp32 accumulation, same mask and conventions), not fast.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <string>
 
 #include "beacon_mask.h"
+#include "cuda/device_runtime.h"
 #include "op_checks.h"
 #include "cuda/params.h"
 #include "cuda/static_switch.h"
@@ -43,7 +42,7 @@ bool aligned16(const at::Tensor& t) {
 // Split count for decode: enough blocks to fill the GPU a few times over, but every split keeps
 // at least 4 key tiles of work when the cache is full (the key count itself is on the device).
 int decode_num_splits(int64_t base_blocks, int64_t capacity) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = rt::sm_count();
   const int64_t want = (4 * static_cast<int64_t>(sms) + base_blocks - 1) / std::max<int64_t>(base_blocks, 1);
   const int64_t max_by_keys = std::max<int64_t>(1, (capacity + 255) / 256);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, max_by_keys, 128})));
@@ -56,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
                                                   int64_t max_seqlen_q, c10::string_view mode_str,
                                                   bool attend_previous, double softmax_scale) {
   const Mode mode = checks::parse_mode(mode_str, kOp);
-  TORCH_CHECK(q_in.is_cuda(), kOp, ": q must be a CUDA tensor, got ", q_in.device());
+  TORCH_CHECK(rt::is_device_tensor(q_in), kOp, ": q must be a CUDA tensor, got ", q_in.device());
   const at::Device device = q_in.device();
   TORCH_CHECK(k_cache.device() == device, kOp, ": k_cache must be on ", device, " like q, got ", k_cache.device());
   TORCH_CHECK(v_cache.device() == device, kOp, ": v_cache must be on ", device, " like q, got ", v_cache.device());
@@ -83,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
                 ": k_cache and v_cache must be 16-byte aligned with strides that are multiples of 8 elements");
   }
 
-  c10::cuda::CUDAGuard guard(device);
+  rt::DeviceGuard guard(device);
   at::Tensor q = !tensor_cores || aligned16(q_in) ? q_in : q_in.contiguous().clone();
   at::Tensor out = at::empty({total_q, heads, d}, q.options());
   at::Tensor lse = at::empty({total_q, heads}, q.options().dtype(at::kFloat));
@@ -130,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
                               : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   p.scale_log2 = p.scale * static_cast<float>(M_LOG2E);
 
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = rt::current_stream();
   if (!tensor_cores) {
     if (dt == at::kFloat) {
       run_attention_generic<float>(p, stream);
@@ -139,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
     } else {
       run_attention_generic<__nv_bfloat16>(p, stream);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    BEACON_CUDA_LAUNCH_CHECK();
     return {out, lse};
   }
 
@@ -167,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   TORCH_CHECK_VALUE(found, kOp, ": no CUDA kernel for head_dim ", d, " and dtype ", dt,
                     " in this build (built:", built_attention_instances(),
                     "). Rebuild with BEACON_OPS_HEADDIMS / BEACON_OPS_DTYPES including it");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  BEACON_CUDA_LAUNCH_CHECK();
   return {out, lse};
 }
 
@@ -175,4 +174,4 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
 }  // namespace cuda
 }  // namespace beacon
 
-TORCH_LIBRARY_IMPL(beacon, CUDA, m) { m.impl("attention", &beacon::cuda::attention_cuda); }
+BEACON_CUDA_LIBRARY_IMPL(m) { m.impl("attention", &beacon::cuda::attention_cuda); }

@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "beacon_mask.h"
+#include "cuda/backend.h"
 #include "cuda/kernel_traits.h"
 #include "cuda/params.h"
 #include "cuda/ptx.h"
@@ -61,7 +62,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_fwd_kernel(con
   constexpr int kNT = Kt::kNThreads;
   constexpr int kCh = Kt::kChunks;
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  BEACON_DYNAMIC_SMEM(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + Kt::kSmemQElems;      // [2][kBN][D]
   T* sV = sK + 2 * Kt::kSmemKVElems;  // [2][kBN][D]
@@ -319,7 +320,7 @@ void launch_attention_fwd(const AttnParams& p, int num_m_blocks, cudaStream_t st
   }
   const int splits = kSplit ? p.num_splits : 1;
   dim3 grid(num_m_blocks * splits, p.batch, p.num_kv_heads);
-  kernel<<<grid, Kt::kNThreads, smem, stream>>>(p);
+  BEACON_LAUNCH(kernel, grid, Kt::kNThreads, smem, stream)(p);
 }
 
 template <typename T, int kHeadDim>

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "beacon_mask.h"
+#include "cuda/backend.h"
 #include "cuda/params.h"
 #include "cuda/ptx.h"
 
@@ -130,7 +131,8 @@ void run_attention_generic(const AttnParams& p, cudaStream_t stream) {
   const int64_t warps = static_cast<int64_t>(p.total_q) * p.num_heads;
   const int threads = 128;
   const int64_t blocks = (warps * 32 + threads - 1) / threads;
-  beacon_attention_generic_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(p);
+  auto kernel = &beacon_attention_generic_kernel<T>;
+  BEACON_LAUNCH(kernel, static_cast<unsigned>(blocks), threads, 0, stream)(p);
 }
 
 template void run_attention_generic<float>(const AttnParams&, cudaStream_t);

@@ -64,7 +64,8 @@ void run_attention_decode(const AttnParams& p, cudaStream_t stream) {
   const int64_t n_items = static_cast<int64_t>(p.total_q) * p.num_heads;
   const int threads = 128;
   const int64_t blocks = (n_items * 32 + threads - 1) / threads;
-  beacon_splitkv_combine_kernel<T, kHeadDim><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(p);
+  auto combine = &beacon_splitkv_combine_kernel<T, kHeadDim>;
+  BEACON_LAUNCH(combine, static_cast<unsigned>(blocks), threads, 0, stream)(p);
 }
 
 }  // namespace cuda

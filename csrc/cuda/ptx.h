@@ -14,9 +14,25 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/backend.h"
+
 namespace beacon {
 namespace cuda {
 
+#if BEACON_CUDA_EMU
+// The host emulation (csrc/cuda/emu/emulator.cpp): the same instructions, warp-wide.
+inline void cp_async_16(void* smem, const void* gmem, bool pred) { emu::cp_async_16(smem, gmem, pred); }
+inline void cp_async_commit() { emu::cp_async_commit(); }
+template <int N>
+inline void cp_async_wait() { emu::cp_async_wait(N); }
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { emu::ldmatrix_x4(r, smem, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { emu::ldmatrix_x4(r, smem, true); }
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "mma_16816: bf16 or fp16 only");
+  emu::mma_m16n8k16(d, a, b0, b1, std::is_same_v<T, __nv_bfloat16>);
+}
+#else
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -65,6 +81,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
+#endif  // BEACON_CUDA_EMU
 
 // Two floats -> one register of two 16-bit values (x in the low half: the lower index).
 template <typename T>
