@@ -3,10 +3,9 @@
 //
 // Why not ATen: its fast cpublas::gemm(float) overloads are not exported from libtorch_cpu, and
 // the MKL that torch bundles runs its AVX2 kernels on AMD CPUs (half the AVX-512 peak of Zen 5).
-// So: a register-blocked AVX-512 micro-kernel (6 x 64 block of C in 24 zmm registers), chosen at
-// run time when the CPU has AVX-512F; otherwise the Fortran `sgemm_` that torch is linked with
-// (looked up in the already loaded libtorch_cpu); otherwise ATen matmuls on views.
-// BEACON_OPS_CPU_BLAS=sgemm or =generic forces the second or third path (tests, comparisons).
+// So, by cpu_isa() (cpu_isa.h): at level avx512 a register-blocked AVX-512 micro-kernel (6 x 64
+// block of C in 24 zmm registers); at avx2 the Fortran `sgemm_` that torch is linked with (looked
+// up in the already loaded libtorch_cpu); at portable, or without sgemm_, ATen matmuls on views.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,11 +13,10 @@
 #include <dlfcn.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
+#include "cpu/cpu_isa.h"
+
+#ifdef BEACON_CPU_X86
 #define BEACON_HAVE_AVX512_KERNEL 1
 #endif
 
@@ -44,14 +42,11 @@ inline SgemmFn find_sgemm() {
 }
 
 inline GemmPath gemm_path() {
+  using beacon::cpu::Isa;
   static const GemmPath path = [] {
-    const char* env = std::getenv("BEACON_OPS_CPU_BLAS");
-    const std::string force = env ? env : "";
-    if (force == "generic") return GemmPath::kGeneric;
-#ifdef BEACON_HAVE_AVX512_KERNEL
-    if (force != "sgemm" && __builtin_cpu_supports("avx512f")) return GemmPath::kAvx512;
-#endif
-    return find_sgemm() ? GemmPath::kSgemm : GemmPath::kGeneric;
+    if (beacon::cpu::cpu_has(Isa::kAvx512)) return GemmPath::kAvx512;
+    if (beacon::cpu::cpu_has(Isa::kAvx2) && find_sgemm()) return GemmPath::kSgemm;
+    return GemmPath::kGeneric;
   }();
   return path;
 }
