@@ -223,7 +223,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const T* kb = k_seq + k0 * P.k_s2;
         const T* vb = v_seq + k0 * P.v_s2;
         if (small) {
-          decode_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
+          decode_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores, k_block);
         } else {
           to_float(vb, P.v_s2, n, d, v_block);
           if (bf16_dot) {  // K straight from the cache, in pairs

@@ -410,10 +410,10 @@ void small_pv_avx2(const float* p, int rows, int n, const T* v, int64_t ldv, int
 #undef BEACON_AVX2_FMA
 #endif
 
-// Few-row tiles (decode, rows < 8): s [n x rows] = alpha * k q^T.
+// Few-row tiles (decode, rows < 8): s [n x rows] = alpha * k q^T. k_scratch: n x d floats.
 template <typename T>
 void decode_qk(const float* q, int rows, int d, const T* k, int64_t ldk, int n, float alpha,
-               float* s) {
+               float* s, float* k_scratch) {
 #ifdef BEACON_CPU_X86
   if constexpr (!std::is_same_v<T, at::Half>) {
     if (d % 16 == 0 && cpu_has(Isa::kAvx512)) {
@@ -422,6 +422,18 @@ void decode_qk(const float* q, int rows, int d, const T* k, int64_t ldk, int n, 
     }
   }
   if (cpu_has(Isa::kAvx2)) {
+    if constexpr (!std::is_same_v<T, float>) {
+      // Several rows (GQA) would widen every K element once per row: widen the block once
+      // (read from memory once, with prefetching), then take the dot products from the cache.
+      if (rows > 1) {
+        for (int c = 0; c < n; ++c) {
+          prefetch_key_row(k + (c + kPrefetchKeys) * ldk, d);
+          to_float(k + c * ldk, ldk, 1, d, k_scratch + static_cast<int64_t>(c) * d);
+        }
+        small_qk_avx2(q, rows, d, static_cast<const float*>(k_scratch), d, n, alpha, s);
+        return;
+      }
+    }
     small_qk_avx2(q, rows, d, k, ldk, n, alpha, s);
     return;
   }

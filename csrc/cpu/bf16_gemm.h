@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/block_gemm.h"  // the 6 x 64 micro-kernel pieces
 #include "cpu/cpu_isa.h"
 
 namespace beacon_cpu {
@@ -66,33 +67,12 @@ inline void gemm_bf16_pairs_portable(int M, int N, int Kp, float alpha, const ui
     c##i##2 = _mm512_dpbf16_ps(c##i##2, a, b2);                                     \
     c##i##3 = _mm512_dpbf16_ps(c##i##3, a, b3);                                     \
   }
-#define BEACON_ROW_STORE(i)                                                          \
-  if (i < mr) {                                                                      \
-    float* c = C + i * ldc;                                                          \
-    const __m512 r[4] = {c##i##0, c##i##1, c##i##2, c##i##3};                        \
-    for (int v = 0; v < 4; ++v) {                                                    \
-      __m512 x = _mm512_mul_ps(r[v], va);                                            \
-      if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m[v], c + 16 * v)); \
-      _mm512_mask_storeu_ps(c + 16 * v, m[v], x);                                    \
-    }                                                                                \
-  }
-
 BEACON_BF16_TARGET inline void micro_bf16_6x64(int Kp, float alpha, const uint16_t* A,
                                                int64_t lda, const uint32_t* Bp, int64_t ldb,
                                                bool accumulate, float* C, int64_t ldc, int mr,
                                                const __mmask16* m) {
-  const uint16_t* a0 = A;
-  const uint16_t* a1 = A + (mr > 1 ? 1 : mr - 1) * lda;
-  const uint16_t* a2 = A + (mr > 2 ? 2 : mr - 1) * lda;
-  const uint16_t* a3 = A + (mr > 3 ? 3 : mr - 1) * lda;
-  const uint16_t* a4 = A + (mr > 4 ? 4 : mr - 1) * lda;
-  const uint16_t* a5 = A + (mr > 5 ? 5 : mr - 1) * lda;
-  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
-  __m512 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
-  __m512 c20 = c00, c21 = c00, c22 = c00, c23 = c00;
-  __m512 c30 = c00, c31 = c00, c32 = c00, c33 = c00;
-  __m512 c40 = c00, c41 = c00, c42 = c00, c43 = c00;
-  __m512 c50 = c00, c51 = c00, c52 = c00, c53 = c00;
+  BEACON_6X64_ROW_POINTERS(uint16_t, A, lda)
+  BEACON_6X64_ACCUMULATORS
   for (int64_t p = 0; p < Kp; ++p) {
     const uint32_t* bp = Bp + p * ldb;
     const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi32(m[0], bp));
@@ -102,12 +82,9 @@ BEACON_BF16_TARGET inline void micro_bf16_6x64(int Kp, float alpha, const uint16
     BEACON_ROW_DOT(0) BEACON_ROW_DOT(1) BEACON_ROW_DOT(2)
     BEACON_ROW_DOT(3) BEACON_ROW_DOT(4) BEACON_ROW_DOT(5)
   }
-  const __m512 va = _mm512_set1_ps(alpha);
-  BEACON_ROW_STORE(0) BEACON_ROW_STORE(1) BEACON_ROW_STORE(2)
-  BEACON_ROW_STORE(3) BEACON_ROW_STORE(4) BEACON_ROW_STORE(5)
+  BEACON_6X64_STORE
 }
 #undef BEACON_ROW_DOT
-#undef BEACON_ROW_STORE
 
 BEACON_BF16_TARGET inline void gemm_bf16_pairs_avx512(int M, int N, int Kp, float alpha,
                                                       const uint16_t* A, int64_t lda,
@@ -117,11 +94,7 @@ BEACON_BF16_TARGET inline void gemm_bf16_pairs_avx512(int M, int N, int Kp, floa
   for (int j0 = 0; j0 < N; j0 += kNR) {
     const int nr = N - j0 < kNR ? N - j0 : kNR;
     __mmask16 masks[4];
-    for (int v = 0; v < 4; ++v) {
-      const int cols = nr - 16 * v;
-      masks[v] = cols >= 16 ? static_cast<__mmask16>(0xFFFF)
-                            : static_cast<__mmask16>(cols <= 0 ? 0 : (1u << cols) - 1);
-    }
+    column_masks(nr, masks);
     for (int i0 = 0; i0 < M; i0 += kMR)
       micro_bf16_6x64(Kp, alpha, A + i0 * lda, lda, Bp + j0, ldb, accumulate, C + i0 * ldc + j0,
                       ldc, M - i0 < kMR ? M - i0 : kMR, masks);
