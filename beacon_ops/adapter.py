@@ -1,11 +1,11 @@
-"""Trainable beacon parameters and their adapter file (spec section 7).
+"""Trainable beacon parameters and their adapter file (``docs/activation-beacon.md``, section 7).
 
 Only parameters whose name contains ``beacon`` are trained; the LLM is frozen.
 :func:`make_beacon_trainable` freezes the model and unfreezes ``model.beacon_embed_tokens`` and
 the chosen ``beacon_{q,k,v,o}_proj`` of every layer, either as full matrices or, with
 ``rank > 0``, as low-rank deltas from the layer's *base* projection (LoRA-style:
 ``W_beacon = W_base + B @ A`` with ``B = 0`` at the start, so training starts exactly at the
-spec's initialisation "beacon projection = copy of the base projection", and the saved result
+documented initialisation "beacon projection = copy of the base projection", and the saved result
 is small). A low-rank delta replaces whatever beacon matrix was loaded (it is a delta from the
 base projection, not from a released beacon checkpoint).
 
@@ -17,6 +17,7 @@ it into a freshly loaded model.
 from __future__ import annotations
 
 import json
+import os
 import math
 from typing import Any, Sequence
 
@@ -105,6 +106,16 @@ def make_beacon_trainable(model: Llama, params: Sequence[str] = BEACON_PROJS, ra
         if train:
             out.append((name, prm))
     return out
+
+
+SHIPPED_ADAPTER = "smollm2_beacon.safetensors"
+"""The trained SmolLM2-135M-Instruct adapter under ``beacon_ops/assets`` (provenance in its README)."""
+
+
+def shipped_adapter_path() -> str | None:
+    """Path of the shipped SmolLM2 adapter, or None when the package was installed without it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", SHIPPED_ADAPTER)
+    return path if os.path.exists(path) else None
 
 
 def adapter_tensors(model: Llama) -> dict[str, Tensor]:

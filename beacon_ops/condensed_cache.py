@@ -3,7 +3,7 @@
 Per layer and sequence the cache holds ``[memory | raw of the current window | beacons of the
 current window]`` from slot 0 (the contract of README.md); after every full window,
 :meth:`CondensedKVCache.compact` turns the window's beacons into memory and drops its raw
-tokens, in place, for all layers at once (spec sections 4-5). One K and one V tensor hold every
+tokens, in place, for all layers at once (``docs/activation-beacon.md``, sections 4-5). One K and one V tensor hold every
 layer; nothing is reallocated while a sequence is read.
 
 A step of the model::
@@ -21,26 +21,27 @@ kernels never synchronise to read lengths and a rejected call changes nothing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from .attention import beacon_attention
 from .cache_ops import append_kv, compact_, rope_
-from .positions import check_mode, rope_tables, step_positions
+from .kv_cache import StepPlan, check_ratio
+from .positions import check_mode, default_inv_freq, rope_tables, step_positions
 
 __all__ = ["RATIOS", "adapt_ratio", "StepPlan", "CondensedKVCache"]
 
 RATIOS: tuple[int, ...] = (0, 2, 4, 8, 16, 32, 64, 128)
-"""The condensing ratios of adapt-N (spec section 6); 0 means no beacons."""
+"""The condensing ratios of adapt-N (``docs/activation-beacon.md``, section 6); 0 means no beacons."""
 
 _CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def adapt_ratio(total_len: int, max_pos: int, window: int, n: int = 1024,
                 ratios: Sequence[int] = RATIOS) -> int:
-    """Condensing ratio chosen by adapt-N (spec section 6).
+    """Condensing ratio chosen by adapt-N (``docs/activation-beacon.md``, section 6).
 
     ``total_len`` is the number of input tokens known when the sequence's first window fills
     (the whole prompt at prefill) and ``n`` the allowance for generation. Returns the smallest
@@ -63,27 +64,6 @@ def adapt_ratio(total_len: int, max_pos: int, window: int, n: int = 1024,
         if maxlen >= need:
             return r
     return max(ratios)
-
-
-@dataclass
-class StepPlan:
-    """What :meth:`CondensedKVCache.begin_step` decided for one step (valid until the next
-    ``begin_step``, ``compact`` or ``reset``)."""
-
-    cu_seqlens: Tensor
-    """int32 ``[batch + 1]`` on the cache device: prefix sums of ``num_new``."""
-    num_raw: list[int]
-    """New raw tokens per sequence."""
-    num_beacons: list[int]
-    """Beacons per sequence (``stride // ratio`` on the step that completes a window with r > 0)."""
-    num_new: list[int]
-    """``num_raw + num_beacons``: the sequence's queries and appended keys this step."""
-    completes_window: list[bool]
-    """Whether the step fills the sequence's window (``raw_len == window`` afterwards)."""
-    max_seqlen_q: int
-    """``max(num_new)`` (0 for an empty step)."""
-    positions: Tensor
-    """int32 ``[sum(num_new)]`` on the cache device: RoPE positions of the step's tokens."""
 
 
 class CondensedKVCache:
@@ -141,7 +121,7 @@ class CondensedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
 
         if inv_freq is None:
-            inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            inv_freq = default_inv_freq(head_dim)
         if inv_freq.dim() != 1 or inv_freq.numel() != head_dim // 2:
             raise ValueError(f"CondensedKVCache: inv_freq must have shape [head_dim / 2 = {head_dim // 2}], "
                              f"got {tuple(inv_freq.shape)}")
@@ -155,6 +135,7 @@ class CondensedKVCache:
         self.host_raw_len = [0] * self.batch_size
         self.host_beacon_len = [0] * self.batch_size
         self.host_ratio = [0] * self.batch_size
+        self._ratio_set = [False] * self.batch_size
         self._plan: StepPlan | None = None
 
     # --- per-sequence state ------------------------------------------------------------------
@@ -180,13 +161,21 @@ class CondensedKVCache:
         """
         b = self._check_seq(b)
         r = int(r)
-        if r < 0 or (r > 0 and self.stride % r):
-            raise ValueError(f"set_ratio: r={r} must be 0 or divide stride={self.stride}")
+        check_ratio(r, self.stride, "set_ratio: r")
         if self.host_raw_len[b] == self.window:
             raise ValueError(f"set_ratio: sequence {b}'s window is already full; set the ratio before the "
                              "step that completes it (or after compact())")
         self.host_ratio[b] = r
         self.ratio[b] = r
+        self._ratio_set[b] = True
+
+    def has_ratio(self, b: int) -> bool:
+        """Whether :meth:`set_ratio` was called for sequence ``b`` since it was last reset."""
+        return self._ratio_set[self._check_seq(b)]
+
+    def max_position(self) -> int:
+        """The highest RoPE position of a memory or raw key (memory slot i has position i)."""
+        return max(m + r - 1 for m, r in zip(self.host_mem_len, self.host_raw_len))
 
     def reset(self, b: int | None = None) -> None:
         """Empty sequence ``b`` (every sequence when None): lengths and ratio back to 0.
@@ -196,6 +185,7 @@ class CondensedKVCache:
         seqs = range(self.batch_size) if b is None else [self._check_seq(b)]
         for s in seqs:
             self.host_mem_len[s] = self.host_raw_len[s] = self.host_beacon_len[s] = self.host_ratio[s] = 0
+            self._ratio_set[s] = False
         self._sync_lengths()
         self._plan = None
 
@@ -262,10 +252,12 @@ class CondensedKVCache:
         if x.device != self.device:
             raise ValueError(f"{name} must be on the cache's device {self.device}, got {x.device}")
 
-    def rotate_queries(self, q: Tensor, plan: StepPlan) -> None:
-        """Rotate the step's queries ``[total, heads, head_dim]`` in place at ``plan.positions``."""
+    def rotate_queries(self, q: Tensor, plan: StepPlan) -> Tensor:
+        """Rotate the step's queries ``[total, heads, head_dim]`` in place at ``plan.positions``;
+        returns ``q``."""
         self._check_plan(plan, q, "q", None)
         rope_(q, plan.positions, self.cos, self.sin, self.rope_interleaved)
+        return q
 
     def append(self, layer: int, k_new: Tensor, v_new: Tensor, plan: StepPlan) -> None:
         """Write the step's keys (rotated on the way) and values ``[total, kv_heads, head_dim]``
@@ -283,8 +275,6 @@ class CondensedKVCache:
     def attention(self, layer: int, q: Tensor, plan: StepPlan,
                   softmax_scale: float | None = None) -> tuple[Tensor, Tensor]:
         """Beacon attention of the step's (rotated) queries over layer ``layer``: ``(out, lse)``."""
-        from .attention import beacon_attention  # lazily: written alongside this module
-
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer={layer} is outside [0, num_layers={self.num_layers})")
         self._check_plan(plan, q, "q", None)
@@ -342,8 +332,7 @@ class CondensedKVCache:
         stride = window if stride is None else stride
         if window < 1 or not 1 <= stride <= window:
             raise ValueError(f"capacity_for: need 1 <= stride <= window, got window={window}, stride={stride}")
-        if ratio < 0 or (ratio > 0 and stride % ratio):
-            raise ValueError(f"capacity_for: ratio={ratio} must be 0 or divide stride={stride}")
+        check_ratio(ratio, stride, "capacity_for: ratio")
         if length < 0 or extra_tokens < 0:
             raise ValueError(f"capacity_for: length and extra_tokens must be >= 0, got {length}, {extra_tokens}")
         total = length + extra_tokens

@@ -1,4 +1,4 @@
-"""A plain KV cache (full or sliding-window causal attention) with the CondensedKVCache API.
+"""A plain KV cache (full or sliding-window causal attention) implementing :class:`~beacon_ops.kv_cache.KVCache`.
 
 The baseline of the demo and of ``eval-ppl``, and the path that must reproduce the base model
 (Hugging Face's ``LlamaForCausalLM``) exactly. Same calls as :class:`~beacon_ops.CondensedKVCache`
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache_ops import rope_
-from .condensed_cache import StepPlan
-from .positions import rope_tables
+from .kv_cache import StepPlan
+from .positions import default_inv_freq, rope_tables
 
 __all__ = ["FullKVCache", "FullStepPlan"]
 
@@ -50,13 +50,21 @@ class FullKVCache:
         self.length = [0] * batch_size  # tokens seen (absolute position of the next one)
         self.start = [0] * batch_size   # absolute position of slot 0 (sliding window)
         if inv_freq is None:
-            inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+            inv_freq = default_inv_freq(head_dim)
         self.cos, self.sin = rope_tables(inv_freq.to(device), capacity + 1)
         self.interleaved = rope_interleaved
         self.plan: FullStepPlan | None = None
 
     def room(self, b: int) -> int:
         return min(self.chunk, self.capacity - self.length[b])
+
+    def has_ratio(self, b: int) -> bool:
+        """Always: a plain cache has no beacons (ratio 0)."""
+        return True
+
+    def set_ratio(self, b: int, r: int) -> None:
+        if r != 0:
+            raise ValueError(f"set_ratio: a plain KV cache has no beacons, the ratio must be 0, got {r}")
 
     def max_position(self) -> int:
         return max(self.length) - 1
@@ -88,8 +96,9 @@ class FullKVCache:
                                  max(num_raw), torch.tensor(positions, dtype=torch.int32, device=dev))
         return self.plan
 
-    def rotate_queries(self, q: Tensor, plan: FullStepPlan) -> None:
+    def rotate_queries(self, q: Tensor, plan: FullStepPlan) -> Tensor:
         rope_(q, plan.positions, self.cos, self.sin, self.interleaved)
+        return q
 
     def append(self, layer: int, k_new: Tensor, v_new: Tensor, plan: FullStepPlan) -> None:
         k_rot = k_new.contiguous().clone()

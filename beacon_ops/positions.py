@@ -1,4 +1,5 @@
-"""RoPE positions of the condensed cache (spec section 4), mirrored by ``csrc/rope.h``.
+"""RoPE positions of the condensed cache (``docs/activation-beacon.md``, section 4), mirrored by
+``csrc/rope.h``, and the RoPE helpers every cache shares.
 
 Positions restart every window. Memory slot ``i`` has position ``i``; raw token ``t`` of the
 window has position ``M + t`` (both equal their cache slot); beacon ``j`` of the window has
@@ -69,6 +70,33 @@ def step_positions(
                 f"num_new={n} must lie in [beacon_len, raw_len + beacon_len] = [{b_len}, {r_len + b_len}]")
         out.extend(slot_position(s, m, r_len, ratio_b, window, mode) for s in range(end - n, end))
     return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def default_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE inverse frequencies ``theta ** (-2i / head_dim)`` (fp32, ``[head_dim / 2]``), as
+    Hugging Face computes them; the only place that computes them (scalings apply on top)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+           interleaved: bool = False) -> torch.Tensor:
+    """Out-of-place, differentiable RoPE of ``x`` ``[n, heads, head_dim]`` at ``positions`` ``[n]``.
+
+    Same arithmetic as the ``rope_`` op (fp32 angles ``pos * inv_freq`` as in
+    :func:`rope_tables`, rotation in fp32, result in ``x``'s dtype). ``interleaved``: pairs
+    ``(2i, 2i+1)`` (GGUF layout) instead of ``(i, i + head_dim/2)``.
+    """
+    ang = positions.to(torch.float32)[:, None] * inv_freq.float()[None, :]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    xf = x.float()
+    if interleaved:
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    else:
+        half = x.shape[-1] // 2
+        x0, x1 = xf[..., :half], xf[..., half:]
+        out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.to(x.dtype)
 
 
 def rope_tables(inv_freq: torch.Tensor, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:

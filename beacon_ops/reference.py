@@ -1,12 +1,12 @@
 """Plain PyTorch reference of ``torch.ops.beacon.attention``: an explicit boolean mask.
 
-The mask is written here directly from the table of the spec (``activation-beacon.md``,
-section 3), independently of ``csrc/beacon_mask.h``, so that tests compare two separate
+The mask is written here directly from the table of ``docs/activation-beacon.md``,
+section 3, independently of ``csrc/beacon_mask.h``, so that tests compare two separate
 derivations. Attention is computed in fp64 (or fp32) with that mask. The same mask gives the
 exact number of allowed (query, key) pairs, used for FLOP counting (``4 * head_dim * pairs``
 per head).
 
-A beacon's raw range is clipped to the raw keys present (``raw_len``); the spec's ranges always
+A beacon's raw range is clipped to the raw keys present (``raw_len``); the documented ranges always
 lie inside the window, so this matters only for lengths the op accepts but a model never
 produces.
 """
@@ -123,7 +123,7 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def worked_example() -> list[dict]:
-    """The spec's worked example (section 3): step-expansion, ``W = S = 8``, ``r = 4``.
+    """The worked example of ``docs/activation-beacon.md``, section 3: step-expansion, ``W = S = 8``, ``r = 4``.
 
     Returns one dict per window with ``mask`` (bool ``[10, keys]``, rows t.. then b0, b1) and
     ``positions`` (int list, the RoPE position of each query row, from

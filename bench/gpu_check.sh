@@ -18,8 +18,8 @@
 # /tmp/site/cutlass_library/source, which holds include/cutlass and include/cute) and any
 # of the other wheels whose module the machine cannot import.
 #
-# Through the device tool (a later session):  run(command="bash bench/gpu_check.sh",
-#   carry=[".whl"], timeout_s=560)   -- the files under $OUT come back.
+# On the GPU machine:  bash bench/gpu_check.sh   (with the .whl/ folder next to the checkout;
+#   the files under $OUT are the results).
 # Here, without a GPU:  bash bench/gpu_check.sh --no-gpu   (wheels, build, import, test
 #   collection; the GPU steps are reported as SKIP).
 set -u -o pipefail
@@ -46,7 +46,7 @@ SITE="${SITE:-/tmp/site}"
 BUILD_DIR="${BUILD_DIR:-build/gpu}"
 JOBS="${JOBS:-$(nproc)}"
 T0=$(date +%s)
-DEADLINE="${DEADLINE:-465}"  # seconds for the whole script (the device tool's 8-minute slot)
+DEADLINE="${DEADLINE:-465}"  # seconds for the whole script (an 8-minute budget)
 declare -a SUMMARY=()
 FAILED=0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU proof of beacon training (issue 8): build (unless beacon_ops already has CUDA kernels),
+# GPU proof of beacon training: build (unless beacon_ops already has CUDA kernels),
 # run python_tests/test_training.py (its CUDA test: GPU loss == GPU inference path, GPU beacon
 # gradients == CPU ones, bf16 autocast within the tolerance rule), then a short bf16 training run
 # `python -m beacon_ops train` at the paper's setting (window 1024, chunks 1.2K-8K, step-random
@@ -11,8 +11,8 @@
 # The CUDA build has no attention_backward kernel, so training on the GPU uses the masked-SDPA
 # backend of beacon_ops.training (attention="auto"); the forward-only paths use the CUDA op.
 #
-# Through the device tool:  run(command="bash bench/gpu_train.sh", carry=[".whl"], timeout_s=400)
-# (after bench/gpu_check.sh has built the CUDA kernels on the same warm machine)
+# On the GPU machine:  bash bench/gpu_train.sh   (about 400 s; after bench/gpu_check.sh has built
+# the CUDA kernels there; the .whl/ folder as for gpu_check.sh)
 # Here, without a GPU:      bash bench/gpu_train.sh --no-gpu   (CPU, a 2-step run)
 set -u -o pipefail
 

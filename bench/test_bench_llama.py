@@ -4,7 +4,7 @@ Run with ``pytest bench/ --benchmark-only`` (kept out of the default ``pytest py
 Prefill of a 4K input (only the last token's logits) and one whole-model decode step after it,
 each with the condensed cache (r = 32) and with a plain full KV cache, grouped side by side.
 Before timing, the suite checks that both attentions give the same logits on an input shorter
-than one window (the spec: such inputs must reproduce the base model), so the two timed paths
+than one window (docs/activation-beacon.md: such inputs must reproduce the base model), so the two timed paths
 are the same model. Peak memory is measured by ``python -m beacon_ops bench llama`` (a fresh
 process per configuration), not here. CUDA cases skip without a GPU.
 """
@@ -15,8 +15,9 @@ import torch
 
 pytest.importorskip("beacon_ops.llama", reason="beacon_ops.llama not available")
 
-from beacon_ops.bench_cli import busy_machine_threads  # noqa: E402
-from beacon_ops.benchmarks.llama import WINDOW, _build  # noqa: E402
+from beacon_ops.benchmarks.common import busy_machine_threads  # noqa: E402
+from beacon_ops.generation import decode_step, prefill  # noqa: E402
+from beacon_ops.benchmarks.llama import WINDOW, build_model  # noqa: E402
 
 LENGTH = 4 * 1024
 DECODE_ROUNDS = 16
@@ -48,10 +49,10 @@ def _sync(device: str) -> None:
 @pytest.fixture(scope="module", params=DEVICES)
 def model(request):
     device = request.param
-    m = _build("small-random", torch.float32, device)
+    m = build_model("small-random", torch.float32, device)
     ids = torch.randint(2, m.config.vocab_size, (WINDOW // 2,), generator=torch.Generator().manual_seed(1))
-    beacon = m.prefill(ids, logits="last", attention="beacon", progress=False)
-    full = m.prefill(ids, logits="last", attention="full", progress=False)
+    beacon = prefill(m, ids, logits="last", attention="beacon", progress=False)
+    full = prefill(m, ids, logits="last", attention="full", progress=False)
     assert (beacon - full).abs().max().item() <= 1e-4 * max(1.0, full.abs().max().item())
     return m
 
@@ -68,7 +69,7 @@ def test_llama_prefill(benchmark, model, attention: str) -> None:
     benchmark.extra_info.update(tokens=LENGTH, ratio=32 if attention == "beacon" else 0)
 
     def run() -> None:
-        model.prefill(ids, logits="last", attention=attention, progress=False)
+        prefill(model, ids, logits="last", attention=attention, progress=False)
         _sync(device)
 
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
@@ -77,14 +78,14 @@ def test_llama_prefill(benchmark, model, attention: str) -> None:
 @pytest.mark.parametrize("attention", ["beacon", "full"])
 def test_llama_decode_step(benchmark, model, attention: str) -> None:
     device = str(model.device.type)
-    logits = model.prefill(_ids(model), logits="last", attention=attention, progress=False,
+    logits = prefill(model, _ids(model), logits="last", attention=attention, progress=False,
                            extra_tokens=DECODE_ROUNDS + 2)
     tok = [int(logits[0].argmax())]
     benchmark.group = f"llama decode step after {LENGTH // 1024}K {device}"
     benchmark.extra_info.update(context=LENGTH, ratio=32 if attention == "beacon" else 0)
 
     def step() -> None:
-        out = model.decode_step(tok)
+        out = decode_step(model, tok)
         _sync(device)
         tok[0] = int(out[0].argmax())
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from beacon_ops.benchmarks.long_context import (DTYPES, WINDOW, Prefill, causal_pairs,
                                                 sdpa_inputs)
-from beacon_ops.bench_cli import busy_machine_threads
+from beacon_ops.benchmarks.common import busy_machine_threads
 from beacon_ops.reference import reference_attention
 
 LENGTH = 16 * 1024

@@ -1,6 +1,6 @@
 """From-scratch reference of Activation Beacon's windowed algorithm (test helper).
 
-Written from ``shared/docs/activation-beacon.md`` alone, the way the official code works: one
+Written from ``docs/activation-beacon.md`` alone, the way the official code works: one
 sequence at a time, window by window; per layer the memory's and the window's keys are cached
 *before* RoPE and the whole cache is re-rotated at every step from positions computed here;
 attention is a plain softmax over an explicit boolean mask. Shares no code with the package

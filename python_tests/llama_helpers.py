@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from beacon_ops.condensed_cache import CondensedKVCache as CACHE_CLS
+from beacon_ops.checkpoints import random_llama
 from beacon_ops.llama import BeaconConfig, Llama, LlamaConfig
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
@@ -25,14 +25,8 @@ def tiny_config(**kw) -> LlamaConfig:
 def tiny_model(config: LlamaConfig | None = None, seed: int = 0, **beacon) -> Llama:
     """A random tiny Llama; beacon parameters drawn independently of the base ones."""
     config = config or tiny_config()
-    torch.manual_seed(seed)
-    m = Llama(config, BeaconConfig(**beacon), cache_cls=CACHE_CLS)
-    for name, p in m.named_parameters():
-        if "norm" in name:
-            torch.nn.init.uniform_(p, 0.5, 1.5)
-        else:
-            torch.nn.init.normal_(p, std=0.3 if "embed" in name else 0.15)
-    return m.eval()
+    return random_llama(config, BeaconConfig(**beacon), seed=seed, std=0.15, embed_std=0.3,
+                        norm_range=(0.5, 1.5)).eval()
 
 
 def hf_twin(model: Llama):

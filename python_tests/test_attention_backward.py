@@ -1,7 +1,7 @@
 """Backward of torch.ops.beacon.attention: beacon::attention_backward and the autograd formula.
 
 Everything is checked against an independent reference: attention with the explicit boolean
-mask of the spec table (beacon_ops.reference.beacon_mask, written apart from beacon_mask.h),
+mask table of docs/activation-beacon.md (beacon_ops.reference.beacon_mask, written apart from beacon_mask.h),
 differentiated by PyTorch's autograd. The attention around the mask is written here so that
 its gradients stay finite for rows that see no key.
 """
@@ -20,7 +20,7 @@ MODES = ["segmentation", "step-expansion", "full-coverage"]
 
 
 # ------------------------------------------------------------------------------------------
-# The reference: explicit mask from the spec table, plain PyTorch attention.
+# The reference: explicit mask from the table of docs/activation-beacon.md, plain PyTorch attention.
 
 @dataclass
 class Seq:
@@ -57,7 +57,7 @@ class Case:
 
 
 def spec_mask(s: Seq, capacity: int, mode: str, attend_previous: bool) -> torch.Tensor:
-    """[n_q, capacity] bool: the spec-table mask of beacon_ops.reference, padded to capacity."""
+    """[n_q, capacity] bool: the documented mask of beacon_ops.reference, padded to capacity."""
     mask = beacon_mask(s.mem, s.raw, s.beacon, s.ratio, s.n_q, mode, attend_previous)
     return torch.nn.functional.pad(mask, (0, capacity - mask.shape[1]), value=False)
 

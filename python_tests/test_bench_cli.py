@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from beacon_ops.bench_cli import print_table, print_value
+from beacon_ops.benchmarks.common import print_table, print_value
 
 
 def test_threads_list_and_bad_values():

@@ -14,11 +14,13 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from beacon_ops.checkpoints import (
-    load_checkpoint, load_gguf, load_hf, permute_rope_rows, tokenizer_from_gguf, unpermute_rope_rows,
+    load_checkpoint, load_gguf, load_hf, load_llama, load_weights, permute_rope_rows, tokenizer_from_gguf,
+    unpermute_rope_rows,
 )
+from beacon_ops.generation import prefill
 from beacon_ops.llama import BeaconConfig, Llama
 
-from llama_helpers import CACHE_CLS, hf_twin, long_text, smollm2_hf, smollm2_or_skip, tiny_config, tiny_model
+from llama_helpers import hf_twin, long_text, smollm2_hf, smollm2_or_skip, tiny_config, tiny_model
 
 TOL = 1e-4
 
@@ -42,25 +44,25 @@ def test_hf_folder_sharded_roundtrip(tmp_path, tied):
         if tied and name == "lm_head.weight":
             continue
         assert torch.equal(state[name], t), name
-    loaded = Llama.from_checkpoint(str(tmp_path), BeaconConfig(window=16, ratio=0), cache_cls=CACHE_CLS)
+    loaded = load_llama(str(tmp_path), BeaconConfig(window=16, ratio=0))
     x = _ids(40)
     with torch.no_grad():
         ref = hf(x[None]).logits[0]
-    assert (loaded.prefill([x], logits="all")[0] - ref).abs().max() <= TOL
+    assert (prefill(loaded, [x], logits="all")[0] - ref).abs().max() <= TOL
 
 
 def test_missing_beacon_parameters_are_initialised_from_the_base(tmp_path):
     model = tiny_model(window=16, ratio=4)
     base = {k: v for k, v in model.state_dict().items() if "beacon" not in k}
-    fresh = Llama(model.config, model.beacon, cache_cls=CACHE_CLS)
-    fresh.load_weights(base)
+    fresh = Llama(model.config, model.beacon)
+    load_weights(fresh, base)
     a = fresh.model.layers[1].self_attn
     assert torch.equal(a.beacon_q_proj.weight, a.q_proj.weight)
     assert torch.equal(a.beacon_o_proj.weight, a.o_proj.weight)
     eos = model.config.eos_token_id
     assert torch.equal(fresh.model.beacon_embed_tokens.weight[0], fresh.model.embed_tokens.weight[eos])
     # a checkpoint that has them keeps them (the released checkpoint's names)
-    fresh.load_weights(model.state_dict())
+    load_weights(fresh, model.state_dict())
     assert torch.equal(fresh.model.layers[1].self_attn.beacon_k_proj.weight,
                        model.model.layers[1].self_attn.beacon_k_proj.weight)
 
@@ -68,17 +70,17 @@ def test_missing_beacon_parameters_are_initialised_from_the_base(tmp_path):
 def test_bad_checkpoints_are_named(tmp_path):
     model = tiny_model(window=16, ratio=4)
     sd = model.state_dict()
-    fresh = Llama(model.config, model.beacon, cache_cls=CACHE_CLS)
+    fresh = Llama(model.config, model.beacon)
     with pytest.raises(ValueError, match="unknown tensors.*model.layers.0.self_attn.q_bias"):
-        fresh.load_weights({**sd, "model.layers.0.self_attn.q_bias": torch.zeros(3)})
+        load_weights(fresh, {**sd, "model.layers.0.self_attn.q_bias": torch.zeros(3)})
     with pytest.raises(ValueError, match="missing tensors.*model.layers.1.mlp.up_proj.weight"):
-        fresh.load_weights({k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"})
+        load_weights(fresh, {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"})
     with pytest.raises(ValueError, match="lm_head.weight"):
-        fresh.load_weights({k: v for k, v in sd.items() if k != "lm_head.weight"})
+        load_weights(fresh, {k: v for k, v in sd.items() if k != "lm_head.weight"})
     bad = dict(sd)
     bad["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(5, 48)
     with pytest.raises(ValueError, match=r"k_proj.weight.*\(5, 48\).*\(16, 48\)"):
-        fresh.load_weights(bad)
+        load_weights(fresh, bad)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf(str(tmp_path))
     hf_twin(model).save_pretrained(tmp_path, max_shard_size="40KB")
@@ -114,10 +116,10 @@ def test_interleaved_rope_with_permuted_rows_is_the_same_model(ratio):
         elif k.endswith("k_proj.weight"):
             v = permute_rope_rows(v, c.num_kv_heads)
         sd[k] = v
-    inter = Llama(tiny_config(rope_interleaved=True), model.beacon, cache_cls=CACHE_CLS)
-    inter.load_weights(sd)
+    inter = Llama(tiny_config(rope_interleaved=True), model.beacon)
+    load_weights(inter, sd)
     x = _ids(60, seed=3)  # several windows: compaction re-rotates interleaved pairs too
-    assert (inter.prefill([x], logits="all")[0] - model.prefill([x], logits="all")[0]).abs().max() <= TOL
+    assert (prefill(inter, [x], logits="all")[0] - prefill(model, [x], logits="all")[0]).abs().max() <= TOL
 
 
 # --- GGUF -------------------------------------------------------------------------------------------
@@ -186,12 +188,12 @@ def test_gguf_roundtrip_unpermutes_and_dequantises(tmp_path):
     # keeping llama.cpp's rows with interleaved RoPE gives the same model
     cfg_i, state_i = load_gguf(str(tmp_path / "tiny.gguf"), unpermute=False)
     assert cfg_i.rope_interleaved
-    a = Llama(config, BeaconConfig(window=16, ratio=4), cache_cls=CACHE_CLS)
-    a.load_weights(state)
-    b = Llama(cfg_i, BeaconConfig(window=16, ratio=4), cache_cls=CACHE_CLS)
-    b.load_weights(state_i)
+    a = Llama(config, BeaconConfig(window=16, ratio=4))
+    load_weights(a, state)
+    b = Llama(cfg_i, BeaconConfig(window=16, ratio=4))
+    load_weights(b, state_i)
     x = _ids(50, seed=4)
-    assert (a.prefill([x], logits="all")[0] - b.prefill([x], logits="all")[0]).abs().max() <= TOL
+    assert (prefill(a, [x], logits="all")[0] - prefill(b, [x], logits="all")[0]).abs().max() <= TOL
 
 
 def test_gguf_bad_files_are_named(tmp_path):

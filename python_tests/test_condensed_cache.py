@@ -15,7 +15,7 @@ from conftest import DEVICES
 
 
 # ---------------------------------------------------------------------------------------------
-# adapt-N (spec section 6): Llama-2, max_pos 4096, window 1024.
+# adapt-N (``docs/activation-beacon.md``, section 6): Llama-2, max_pos 4096, window 1024.
 @pytest.mark.parametrize("length, ratio", [
     (1, 0), (3072, 0), (3073, 2), (6144, 2), (6145, 4), (12288, 4), (12289, 8), (24576, 8),
     (24577, 16), (49152, 16), (49153, 32), (98304, 32), (98305, 64), (196608, 64), (196609, 128),

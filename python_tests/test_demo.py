@@ -1,4 +1,4 @@
-"""``python -m beacon_ops demo`` / ``eval-ppl`` (beacon_ops/demo.py), on the random tiny fallback."""
+"""``python -m beacon_ops demo`` / ``eval-ppl`` (beacon_ops/commands/), on the random tiny fallback."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,9 @@ import pytest
 
 import beacon_ops.checkpoints
 from beacon_ops.cli import main
-from beacon_ops.demo import FILLER, QUESTION, ByteTokenizer, _parse_lengths, passkey_prompt
+from beacon_ops.checkpoints import ByteTokenizer
+from beacon_ops.commands.eval_ppl import parse_lengths
+from beacon_ops.evaluation import FILLER, QUESTION, passkey_prompt
 
 
 def test_passkey_prompt_has_the_needle_at_its_depth():
@@ -23,9 +25,9 @@ def test_passkey_prompt_has_the_needle_at_its_depth():
 
 
 def test_lengths_parse_and_reject():
-    assert _parse_lengths("2k, 8k,1500") == [2048, 8192, 1500]
+    assert parse_lengths("2k, 8k,1500") == [2048, 8192, 1500]
     with pytest.raises(Exception, match="--lengths"):
-        _parse_lengths("2k,lots")
+        parse_lengths("2k,lots")
 
 
 @pytest.fixture
@@ -62,3 +64,51 @@ def test_demo_falls_back_and_reports(tmp_path, no_smollm2, capsys):
     # path is then the base model, so both greedy answers agree
     assert beacon["ratio"] == 0 and beacon["answer"] == full["answer"]
     assert 1 <= beacon["new_tokens"] <= 3 and beacon["prefill_tok_s"] > 0
+
+
+def test_eval_passkey_grid_table_heatmap(tmp_path, no_smollm2, capsys):
+    out = tmp_path / "pk.json"
+    assert main(["eval-passkey", "--lengths", "400,1100", "--depths", "0,1", "--window", "128",
+                 "--methods", "beacon,full,sliding", "--full-max", "600", "--json", str(out),
+                 "--plot", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| length | beacon | full | sliding |" in printed and "skipped" in printed
+    res = json.loads(out.read_text())["results"]
+    # 2 lengths x 2 depths for beacon and sliding; full attention only where it fits (400 <= 600)
+    assert sorted((r["method"], r["length"]) for r in res) == sorted(
+        [(m, n) for m in ("beacon", "sliding") for n in (400, 400, 1100, 1100)] + [("full", 400)] * 2)
+    assert all(r["correct"] == (str(r["key"]) in r["answer"]) for r in res)
+    # adapt-N: r = 0 at 400 tokens, 2 at 1100 (+1024 generation allowance > the 2048 context)
+    assert {r["length"]: r["ratio"] for r in res if r["method"] == "beacon"} == {400: 0, 1100: 2}
+    # r = 0 is the base model: beacon answers equal full attention's where both ran
+    for r in res:
+        if r["method"] == "full":
+            twin = next(x for x in res if x["method"] == "beacon" and x["length"] == r["length"]
+                        and x["depth"] == r["depth"])
+            assert twin["answer"] == r["answer"] and twin["key"] == r["key"]
+    assert (tmp_path / "passkey_heatmap.png").stat().st_size > 1000
+
+
+def test_shipped_adapter_is_the_default_for_smollm2_only(monkeypatch):
+    import argparse
+
+    from beacon_ops import adapter as adapter_mod
+    from beacon_ops.commands import common
+
+    monkeypatch.setattr(common, "smollm2_path", lambda: "/x/SmolLM2.gguf")
+    monkeypatch.setattr(common, "shipped_adapter_path", lambda: "/x/shipped.safetensors")
+    monkeypatch.setattr(common, "read_adapter_config", lambda p: {"window": 512})
+    a = argparse.Namespace(adapter="auto", model=None, window=None, default_window=1024)
+    common.resolve_adapter(a)
+    assert a.adapter == "/x/shipped.safetensors" and a.window == 512
+    a = argparse.Namespace(adapter="none", model=None, window=None, default_window=1024)
+    common.resolve_adapter(a)
+    assert a.adapter is None and a.window == 1024
+    a = argparse.Namespace(adapter="auto", model="other.gguf", window=256, default_window=1024)
+    common.resolve_adapter(a)
+    assert a.adapter is None and a.window == 256
+    # the shipped file, when present, is a valid adapter for SmolLM2's shapes and says its window
+    path = adapter_mod.shipped_adapter_path()
+    if path:
+        cfg = adapter_mod.read_adapter_config(path)
+        assert cfg["window"] > 0 and cfg["rank"] >= 0

@@ -2,7 +2,7 @@
 
 The reference here follows the official code: keys are kept *before* RoPE and the whole cache
 is re-rotated at every step (memory slot i at position i, raw token t at M + t, beacon j at the
-mode's position), and the mask is built explicitly from the spec table. beacon_ops instead
+mode's position), and the mask is built explicitly from the table of docs/activation-beacon.md. beacon_ops instead
 caches rotated keys and re-rotates only what compaction moves; both must give the same outputs.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _beacon_pos(mem: int, j: int, r: int, window: int, mode: str) -> int:
 
 def _visible(row_kind: str, idx: int, mem: int, raw: int, nb: int, r: int, mode: str,
              attend_previous: bool) -> torch.Tensor:
-    """Boolean row of the spec's mask over keys [memory | raw | beacons] (section 3 table)."""
+    """Boolean row of the documented mask over keys [memory | raw | beacons] (section 3 table)."""
     row = torch.zeros(mem + raw + nb, dtype=torch.bool)
     if row_kind == "raw":
         row[: mem + idx + 1] = True

@@ -14,10 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from beacon_ops.checkpoints import load_llama
+from beacon_ops.generation import decode_step, generate, prefill, sample, sequence_loss
 from beacon_ops.llama import BeaconConfig, Llama
 
 from beacon_reference import reference_logits
-from llama_helpers import (CACHE_CLS, LLAMA3_SCALING, hf_twin, smollm2_hf, smollm2_or_skip, smollm2_tokens,
+from llama_helpers import (LLAMA3_SCALING, hf_twin, smollm2_hf, smollm2_or_skip, smollm2_tokens,
                            tiny_config, tiny_model)
 
 MODES = ["segmentation", "step-expansion", "full-coverage"]
@@ -46,7 +48,7 @@ def test_full_attention_matches_transformers(tied, scaling):
     model = tiny_model(tiny_config(tie_word_embeddings=tied, rope_scaling=scaling), window=16)
     hf = hf_twin(model)
     seqs = [_ids(70, seed=1), _ids(29, seed=2)]  # batch 2, different lengths, several chunks
-    out = model.prefill(seqs, logits="all", attention="full")
+    out = prefill(model, seqs, logits="all", attention="full")
     for o, x in zip(out, seqs):
         assert (o - _hf_logits(hf, x)).abs().max() <= TINY_TOL
 
@@ -57,7 +59,7 @@ def test_beacon_input_within_window_is_base_model(mode):
     model = tiny_model(window=32, ratio=4, mode=mode)
     hf = hf_twin(model)
     seqs = [_ids(31, seed=3), _ids(12, seed=4)]
-    out = model.prefill(seqs, logits="all")
+    out = prefill(model, seqs, logits="all")
     for o, x in zip(out, seqs):
         assert (o - _hf_logits(hf, x)).abs().max() <= TINY_TOL
 
@@ -67,7 +69,7 @@ def test_ratio_zero_any_length_is_base_model(stride):
     model = tiny_model(tiny_config(rope_scaling=LLAMA3_SCALING), window=16, stride=stride, ratio=0)
     hf = hf_twin(model)
     seqs = [_ids(75, seed=5), _ids(40, seed=6)]
-    out = model.prefill(seqs, logits="all")
+    out = prefill(model, seqs, logits="all")
     for o, x in zip(out, seqs):
         assert (o - _hf_logits(hf, x)).abs().max() <= TINY_TOL
 
@@ -78,15 +80,15 @@ def test_ratio_zero_generation_is_base_model():
     model = tiny_model(window=8, stride=4, ratio=0)
     hf = hf_twin(model)
     prompts = [_ids(13, seed=7), _ids(6, seed=8)]
-    new = model.generate(prompts, max_new_tokens=12, eos_token_id=[])
+    new = generate(model, prompts, max_new_tokens=12, eos_token_id=[])
     for p, n in zip(prompts, new):
         full = torch.cat([p, torch.tensor(n)])
         ref = _hf_logits(hf, full)
         assert n == ref[len(p) - 1:-1].argmax(-1).tolist()
     # teacher-forced decode: logits of every decode step
-    model.prefill(prompts, extra_tokens=12)
+    prefill(model, prompts, extra_tokens=12)
     for t in range(12):
-        got = model.decode_step([int(new[0][t]), int(new[1][t])])
+        got = decode_step(model, [int(new[0][t]), int(new[1][t])])
         for b, p in enumerate(prompts):
             ref = _hf_logits(hf, torch.cat([p, torch.tensor(new[b][:t + 1])]))[-1]
             assert (got[b] - ref).abs().max() <= TINY_TOL
@@ -99,7 +101,7 @@ def test_ratio_zero_generation_is_base_model():
 def test_beacon_prefill_matches_reference(mode, window, stride, ratio):
     model = tiny_model(window=window, stride=stride, ratio=ratio, mode=mode)
     seqs = [_ids(window + 3 * stride + 5, seed=9), _ids(window + stride + 3, seed=10)]  # >= 3 windows
-    out = model.prefill(seqs, logits="all")
+    out = prefill(model, seqs, logits="all")
     for o, x in zip(out, seqs):
         assert (o - _ref(model, x)).abs().max() <= TINY_TOL
 
@@ -107,8 +109,8 @@ def test_beacon_prefill_matches_reference(mode, window, stride, ratio):
 def test_beacons_change_the_output():
     # the beacon tests above would notice a wrong beacon path: later windows differ from r = 0
     x = _ids(60, seed=11)
-    with_beacons = tiny_model(window=16, ratio=4).prefill([x], logits="all")[0]
-    without = tiny_model(window=16, ratio=0).prefill([x], logits="all")[0]
+    with_beacons = prefill(tiny_model(window=16, ratio=4), [x], logits="all")[0]
+    without = prefill(tiny_model(window=16, ratio=0), [x], logits="all")[0]
     assert (with_beacons[:16] - without[:16]).abs().max() <= TINY_TOL
     assert (with_beacons[16:] - without[16:]).abs().max() > 100 * TINY_TOL
 
@@ -119,7 +121,7 @@ def test_beacon_options_match_reference(attend_previous, params):
     model = tiny_model(window=16, ratio=4, attend_previous=attend_previous, beacon_params=params)
     assert model.model.layers[0].self_attn.beacon_k_proj is None or "k" in params
     x = _ids(70, seed=12)
-    assert (model.prefill([x], logits="all")[0] - _ref(model, x)).abs().max() <= TINY_TOL
+    assert (prefill(model, [x], logits="all")[0] - _ref(model, x)).abs().max() <= TINY_TOL
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -128,14 +130,14 @@ def test_beacon_generation_across_windows_matches_reference(mode):
     model = tiny_model(window=8, stride=4, ratio=2, mode=mode)
     prompts = [_ids(11, seed=13), _ids(5, seed=14)]
     cont = [_ids(14, seed=15).tolist(), _ids(14, seed=16).tolist()]
-    model.prefill(prompts, extra_tokens=14)
-    steps = [model.decode_step([cont[0][t], cont[1][t]]) for t in range(14)]
+    prefill(model, prompts, extra_tokens=14)
+    steps = [decode_step(model, [cont[0][t], cont[1][t]]) for t in range(14)]
     for b, p in enumerate(prompts):
         ref = _ref(model, torch.cat([p, torch.tensor(cont[b])]))
         got = torch.stack([s[b] for s in steps])
         assert (got - ref[len(p):]).abs().max() <= TINY_TOL
     # greedy generate = the reference's argmax chain
-    new = model.generate([prompts[0]], max_new_tokens=10, eos_token_id=[])[0]
+    new = generate(model, [prompts[0]], max_new_tokens=10, eos_token_id=[])[0]
     ref = _ref(model, torch.cat([prompts[0], torch.tensor(new)]))
     assert new == ref[len(prompts[0]) - 1:-1].argmax(-1).tolist()
 
@@ -143,9 +145,9 @@ def test_beacon_generation_across_windows_matches_reference(mode):
 def test_decode_skips_finished_sequences():
     model = tiny_model(window=8, ratio=2)
     prompts = [_ids(9, seed=17), _ids(7, seed=18)]
-    model.prefill(prompts, extra_tokens=4)
-    model.decode_step([5, None])
-    got = model.decode_step([6, 7])
+    prefill(model, prompts, extra_tokens=4)
+    decode_step(model, [5, None])
+    got = decode_step(model, [6, 7])
     ref0 = _ref(model, torch.cat([prompts[0], torch.tensor([5, 6])]))[-1]
     ref1 = _ref(model, torch.cat([prompts[1], torch.tensor([7])]))[-1]
     assert (got[0] - ref0).abs().max() <= TINY_TOL and (got[1] - ref1).abs().max() <= TINY_TOL
@@ -154,21 +156,21 @@ def test_decode_skips_finished_sequences():
 def test_generation_stops_at_eos():
     model = tiny_model(window=8, ratio=2)
     p = _ids(10, seed=19)
-    free = model.generate([p], max_new_tokens=6, eos_token_id=[])[0]
+    free = generate(model, [p], max_new_tokens=6, eos_token_id=[])[0]
     stop = free[2]
-    assert model.generate([p], max_new_tokens=6, eos_token_id=stop)[0] == free[:free.index(stop) + 1]
+    assert generate(model, [p], max_new_tokens=6, eos_token_id=stop)[0] == free[:free.index(stop) + 1]
 
 
 def test_sampling_top_p_keeps_the_nucleus():
     logits = torch.tensor([[3.0, 2.0, 0.0, -1.0]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(logits[0], -1)  # 0.705, 0.259, 0.035, 0.013
-    draws = Llama.sample(logits, temperature=1.0, top_p=0.9, generator=g)
+    draws = sample(logits, temperature=1.0, top_p=0.9, generator=g)
     assert set(draws.tolist()) == {0, 1}  # the smallest prefix with mass >= 0.9
     frac0 = (draws == 0).float().mean().item()
     assert abs(frac0 - (p[0] / (p[0] + p[1])).item()) < 0.05
-    assert Llama.sample(logits[:3], temperature=0.7, top_p=0.5, generator=g).tolist() == [0, 0, 0]
-    assert Llama.sample(logits[:1]).tolist() == [0]
+    assert sample(logits[:3], temperature=0.7, top_p=0.5, generator=g).tolist() == [0, 0, 0]
+    assert sample(logits[:1]).tolist() == [0]
 
 
 # --- loss --------------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def test_loss_shifts_labels_once_over_the_whole_sequence():
     labels = [x.clone() for x in seqs]
     labels[0][:20] = -100  # only targets from position 20 on
     with torch.no_grad():
-        loss = model(seqs, labels)
+        loss = sequence_loss(model, seqs, labels)
     total, count = 0.0, 0
     for x, lb in zip(seqs, labels):
         ref = _ref(model, x)[:-1]
@@ -194,13 +196,13 @@ def test_loss_shifts_labels_once_over_the_whole_sequence():
 def test_bad_input_is_named():
     model = tiny_model(window=8, ratio=2)
     with pytest.raises(ValueError, match="token ids must lie in"):
-        model.prefill([[1, 2, 101]])
+        prefill(model, [[1, 2, 101]])
     with pytest.raises(ValueError, match="token ids must lie in"):
-        model.prefill([[1, -1]])
+        prefill(model, [[1, -1]])
     with pytest.raises(ValueError, match="empty"):
-        model.prefill([[]])
+        prefill(model, [[]])
     with pytest.raises(ValueError, match="empty batch"):
-        model.prefill([])
+        prefill(model, [])
     with pytest.raises(ValueError, match="S % r"):
         BeaconConfig(window=8, stride=6, ratio=4)
     with pytest.raises(ValueError, match="mode"):
@@ -208,27 +210,27 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="stride"):
         BeaconConfig(window=8, stride=9)
     with pytest.raises(RuntimeError, match="prefill first"):
-        tiny_model(window=8, ratio=2).decode_step([1])
-    model.prefill([[1, 2, 3]])
+        decode_step(tiny_model(window=8, ratio=2), [1])
+    prefill(model, [[1, 2, 3]])
     with pytest.raises(ValueError, match="tokens"):
-        model.decode_step([1, 2])
+        decode_step(model, [1, 2])
     with pytest.raises(ValueError, match="labels"):
-        model([[1, 2, 3]], [[1, 2]])
+        sequence_loss(model, [[1, 2, 3]], [[1, 2]])
 
 
 def test_warns_when_positions_pass_max_pos():
     model = tiny_model(tiny_config(max_position_embeddings=24), window=8, ratio=0)
     with pytest.warns(RuntimeWarning, match="max_position_embeddings"):
-        model.prefill([_ids(40, seed=22)])
+        prefill(model, [_ids(40, seed=22)])
     model = tiny_model(tiny_config(max_position_embeddings=24), window=8, ratio=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model.prefill([_ids(40, seed=22)])  # memory 2 per window: positions stay < 24
+        prefill(model, [_ids(40, seed=22)])  # memory 2 per window: positions stay < 24
 
 
 def test_memory_is_condensed():
     model = tiny_model(window=16, ratio=8)
-    model.prefill([_ids(16 * 5 + 3, seed=23)])
+    prefill(model, [_ids(16 * 5 + 3, seed=23)])
     c = model.session.cache
     assert (c.host_mem_len[0], c.host_raw_len[0]) == (5 * 2, 3)
 
@@ -237,7 +239,7 @@ def test_memory_is_condensed():
 @pytest.fixture(scope="module")
 def smol():
     path = smollm2_or_skip()
-    ours = Llama.from_checkpoint(path, BeaconConfig(window=512, ratio=0), cache_cls=CACHE_CLS).eval()
+    ours = load_llama(path, BeaconConfig(window=512, ratio=0)).eval()
     hf = smollm2_hf()
     ids = smollm2_tokens()
     with torch.no_grad():
@@ -249,9 +251,9 @@ def smol():
 def test_smollm2_matches_transformers(smol):
     ours, hf, ids, ref = smol
     # the beacon path with ratio 0 over 3 windows of 512, and full attention: the base model
-    full = ours.prefill([ids[:300]], logits="all", attention="full")[0]  # a prefix: causal
+    full = prefill(ours, [ids[:300]], logits="all", attention="full")[0]  # a prefix: causal
     assert (full - ref[:300]).abs().max() <= 1e-3
-    beacon = ours.prefill([ids], logits="all")[0]
+    beacon = prefill(ours, [ids], logits="all")[0]
     assert (beacon - ref).abs().max() <= 1e-3
 
 
@@ -259,17 +261,17 @@ def test_smollm2_matches_transformers(smol):
 def test_smollm2_generation_matches_transformers(smol):
     ours, hf, ids, ref = smol
     prompt = ids[:500]  # the window (512) fills during generation
-    new = ours.generate([prompt], max_new_tokens=20, eos_token_id=[])[0]
+    new = generate(ours, [prompt], max_new_tokens=20, eos_token_id=[])[0]
     with torch.no_grad():
         ref = hf(torch.cat([prompt, torch.tensor(new)])[None]).logits[0]
     assert new == ref[len(prompt) - 1:-1].argmax(-1).tolist()
 
 
 def test_adapt_ratio_per_sequence():
-    # adapt-N (spec section 6) with max_pos 64, W 16, N 16: maxlen(r) = 48 r + 16 (maxlen(0) = 64)
+    # adapt-N (``docs/activation-beacon.md``, section 6) with max_pos 64, W 16, N 16: maxlen(r) = 48 r + 16 (maxlen(0) = 64)
     model = tiny_model(tiny_config(max_position_embeddings=64), window=16, ratio=None, adapt_n=16)
     seqs = [_ids(100, seed=24), _ids(40, seed=25)]  # 116 tokens -> r = 4; 56 tokens -> r = 0
-    out = model.prefill(seqs, logits="all")
+    out = prefill(model, seqs, logits="all")
     assert model.session.cache.host_ratio == [4, 0]
     for o, x, r in zip(out, seqs, (4, 0)):
         ref = reference_logits(model.state_dict(), model.config, x.tolist(), window=16, stride=16,
@@ -280,4 +282,4 @@ def test_adapt_ratio_per_sequence():
 def test_adapt_ratio_that_does_not_divide_the_stride_is_named():
     model = tiny_model(tiny_config(max_position_embeddings=64), window=16, stride=12, ratio=None, adapt_n=16)
     with pytest.raises(ValueError, match="ratio=8 does not divide the stride 12"):
-        model.prefill([_ids(300, seed=26)])  # 316 tokens: 48 r + 16 >= 316 -> r = 8
+        prefill(model, [_ids(300, seed=26)])  # 316 tokens: 48 r + 16 >= 316 -> r = 8

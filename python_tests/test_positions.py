@@ -1,4 +1,4 @@
-"""beacon_ops.positions against the spec (section 4 and the worked example of section 3) and
+"""beacon_ops.positions against ``docs/activation-beacon.md`` (section 4 and the worked example of section 3) and
 rope_tables against Hugging Face's rotary embedding."""
 from __future__ import annotations
 

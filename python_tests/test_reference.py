@@ -1,5 +1,6 @@
-"""The explicit-mask reference (beacon_ops.reference) against the spec's worked example and
-against independent computations (causal SDPA, hand-built masks)."""
+"""The explicit-mask reference (beacon_ops.reference) against the worked example of the mask
+(``docs/activation-beacon.md``, section 3) and against independent computations (causal SDPA,
+hand-built masks)."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from beacon_ops.positions import MODES
 from beacon_ops.reference import allowed_pairs, beacon_mask, reference_attention, worked_example
 
-# Spec (activation-beacon.md) section 3, step-expansion, W = S = 8, r = 4: rows t.., b0, b1.
+# docs/activation-beacon.md, section 3, step-expansion, W = S = 8, r = 4: rows t.., b0, b1.
 WINDOW1 = [
     [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
     [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -117,3 +119,17 @@ def test_reference_lse_and_gqa_match_a_hand_computation():
             p = torch.softmax(s, 0)
             assert torch.allclose(res.out[i, h], p @ vh[mask[i]], atol=1e-12)
             assert abs(res.lse[i, h].item() - torch.logsumexp(s, 0).item()) < 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("attend_previous", [True, False])
+def test_production_mask_equals_reference(mode, attend_previous):
+    """beacon_ops.masks.step_mask (index comparisons, used by the masked training backend)
+    against the reference's row-by-row mask, over every shape a step can have."""
+    from beacon_ops.masks import step_mask
+
+    for M, R, B, r in [(0, 8, 2, 4), (3, 8, 4, 2), (5, 6, 0, 0), (2, 16, 2, 8), (0, 5, 3, 4), (7, 12, 3, 4)]:
+        for n_raw in range(0, R + 1, 3):
+            want = beacon_mask(M, R, B, r, n_raw + B, mode, attend_previous)
+            got = step_mask(M, R, B, r, n_raw + B, mode, attend_previous)
+            assert torch.equal(got, want), (M, R, B, r, n_raw, mode)

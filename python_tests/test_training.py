@@ -1,6 +1,6 @@
 """Beacon training: the differentiable forward, the trainer, the adapter file.
 
-The reference for semantics is the inference path ``Llama.forward(ids, labels)`` (in-place
+The reference for semantics is the inference path ``generation.sequence_loss`` (in-place
 condensed cache ops, written apart from beacon_ops.training); gradients are checked against
 finite differences of that inference path.
 """
@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from beacon_ops.adapter import LowRankDelta, load_beacon_adapter, make_beacon_trainable
+from beacon_ops.checkpoints import load_weights
+from beacon_ops.generation import sequence_loss
 from beacon_ops.llama import BeaconConfig, Llama
 from beacon_ops.train import TextSampler, TrainConfig, Trainer, lr_factor
 from beacon_ops.training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss
@@ -32,7 +34,7 @@ def _one_thread():
 
 def _inference_loss(model: Llama, ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
     with torch.no_grad():
-        out = model([ids], None if labels is None else [labels], progress=False)
+        out = sequence_loss(model, [ids], None if labels is None else [labels], progress=False)
     model.reset()
     return float(out)
 
@@ -115,7 +117,7 @@ def test_smollm2_loss_equals_inference() -> None:
 
     config, state = load_checkpoint(smollm2_or_skip())
     m = Llama(config, BeaconConfig(window=256, ratio=4))
-    m.load_weights(state)
+    load_weights(m, state)
     ids = smollm2_tokens(700)
     ref = _inference_loss(m.eval(), ids)
     with torch.no_grad():
@@ -318,7 +320,7 @@ def test_low_rank_adapter_size_and_start(tmp_path) -> None:
     """A rank-r adapter holds r * (in + out) numbers per projection plus the beacon embedding,
     and starts exactly at the untrained model (B = 0)."""
     m = tiny_model(window=16, ratio=4)
-    with torch.no_grad():  # the spec's initialisation: beacon projections copy the base ones
+    with torch.no_grad():  # the documented initialisation: beacon projections copy the base ones
         for layer in m.model.layers:
             for p in "qkvo":
                 getattr(layer.self_attn, f"beacon_{p}_proj").weight.copy_(
@@ -397,12 +399,12 @@ def test_shipped_smollm2_adapter_beats_untrained() -> None:
                            "smollm2_beacon_r8_w256.safetensors")
     config, state = load_checkpoint(path)
     m = Llama(config, BeaconConfig(window=256, ratio=8))
-    m.load_weights(state)
+    load_weights(m, state)
     untrained = _inference_loss(m.eval(), ids)
     load_beacon_adapter(m, adapter)
     trained = _inference_loss(m, ids)
     with torch.no_grad():
-        full = float(m([ids], attention="full", progress=False))
+        full = float(sequence_loss(m, [ids], attention="full", progress=False))
     m.reset()
     # measured: untrained 5.44, trained 4.14, full attention 3.97 nats
     assert trained < untrained - 0.8, (untrained, trained)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..cache_ops import compact_
-from ..positions import rope_tables
+from ..positions import default_inv_freq, rope_tables
 from .common import sync, time_fn
 
 HEADS, HEAD_DIM, MEMORY, WINDOW = 8, 128, 3072, 1024
@@ -49,7 +49,7 @@ def make_case(device: str, dtype: torch.dtype, layers: int, ratio: int, stride: 
     i32 = lambda x: torch.tensor([x], dtype=torch.int32, device=device)  # noqa: E731
     full = [i32(MEMORY), i32(WINDOW), i32(beacons)]
     mem_len, raw_len, beacon_len, ratio_t = i32(0), i32(0), i32(0), i32(ratio)
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, HEAD_DIM, 2, device=device).float() / HEAD_DIM))
+    inv_freq = default_inv_freq(HEAD_DIM).to(device)
     cos, sin = rope_tables(inv_freq, cap + WINDOW + 1)
 
     def restore() -> None:

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     import beacon_ops  # noqa: F401  (registers the ops)
-    from ..bench_cli import print_table
+    from .common import print_table
 
     res = run("cuda", args.quick)
     print_table(res["rows"])

@@ -34,10 +34,8 @@ beacons in fp32 and in bf16, side by side, for the whole-model effect of the bf1
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -56,39 +54,7 @@ SMALL = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers
 
 
 # --- the child: one configuration ----------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
-
-
-def _reset_peak(device: str) -> float:
-    """Reset the peak-memory counter; returns the current level in bytes."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return float(torch.cuda.memory_allocated())
-    # Give freed heap pages back to the OS first (loading a checkpoint leaves hundreds of MB of
-    # free but resident heap), so that the prefill's allocations show in the resident set.
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kb("VmRSS") * 1024.0
-
-
-def _peak(device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated())
-    return _status_kb("VmHWM") * 1024.0
-
-
-def _build(model_name: str, dtype: torch.dtype, device: str):
+def build_model(model_name: str, dtype: torch.dtype, device: str):
     from ..llama import BeaconConfig, Llama, LlamaConfig
 
     beacon = BeaconConfig(window=WINDOW, ratio=RATIO)
@@ -102,9 +68,9 @@ def _build(model_name: str, dtype: torch.dtype, device: str):
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
         return model.to(device, dtype).eval()
-    from ..checkpoints import smollm2_path
+    from ..checkpoints import load_llama, smollm2_path
 
-    return Llama.from_checkpoint(smollm2_path(), beacon, dtype=dtype).to(device).eval()
+    return load_llama(smollm2_path(), beacon, dtype=dtype).to(device).eval()
 
 
 def _sync(device: str) -> None:
@@ -114,24 +80,27 @@ def _sync(device: str) -> None:
 
 def child(cfg: dict) -> dict:
     """Run one configuration (see the module docstring) and return its row."""
+    from ..generation import decode_step, prefill
+    from ..memory import read_peak, reset_peak
+
     device, attention, length = cfg["device"], cfg["attention"], cfg["length"]
     dtype = getattr(torch, cfg["dtype"])
-    model = _build(cfg["model"], dtype, device)
+    model = build_model(cfg["model"], dtype, device)
     vocab = model.config.vocab_size
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, vocab, (length,), generator=g)
     # Warm-up: one full window (beacons and compaction included), then forget it.
-    model.prefill(ids[:WINDOW], logits="last", attention=attention, progress=False)
+    prefill(model, ids[:WINDOW], logits="last", attention=attention, progress=False)
     model.reset()
-    base = _reset_peak(device)
+    base = reset_peak(device)
     _sync(device)
     t0 = time.perf_counter()
-    logits = model.prefill(ids, logits="last", attention=attention, progress=False,
+    logits = prefill(model, ids, logits="last", attention=attention, progress=False,
                            extra_tokens=cfg["decode_steps"] + 1)
     _sync(device)
     prefill_s = time.perf_counter() - t0
-    peak = _peak(device)
+    peak = read_peak(device)
     cache = model.session.cache
     cache_bytes = sum(t.numel() * t.element_size() for t in (cache.k, cache.v))
     tok = int(logits[0].argmax())
@@ -139,7 +108,7 @@ def child(cfg: dict) -> dict:
     for _ in range(cfg["decode_steps"]):
         _sync(device)
         t0 = time.perf_counter()
-        out = model.decode_step([tok])
+        out = decode_step(model, [tok])
         _sync(device)
         times.append(time.perf_counter() - t0)
         tok = int(out[0].argmax())

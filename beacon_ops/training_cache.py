@@ -1,0 +1,198 @@
+"""TrainingKVCache: a differentiable, out-of-place KV cache for beacon training.
+
+The inference caches write K/V in place, so no gradient flows from one window to the next.
+Training needs the memory *not* detached (``docs/activation-beacon.md``, section 7): the loss of
+window ``w`` sends gradients into the beacons of every earlier window. This cache implements
+:class:`~beacon_ops.kv_cache.KVCache` with new tensors at every step (``torch.cat``), so
+:meth:`beacon_ops.llama.Llama.step` runs unchanged and autograd sees the whole read.
+
+Scheme: keys are rotated once, at the positions of :func:`~beacon_ops.positions.step_positions`
+(raw token ``t`` at ``M + t``, beacon ``j`` at the mode's beacon position). Memory slot ``i``
+always has position ``i``, so when a window is compacted its beacons' *pre-RoPE* keys are
+rotated at ``M .. M + B - 1`` and appended to the memory; nothing in the memory is ever rotated
+again. This equals the inference cache's "rotate by the position difference" up to fp32
+rounding (rotations compose).
+
+One sequence (batch 1), stride = window, whole windows per step. The ratio of each full
+window is set with :meth:`TrainingKVCache.set_ratio` before its step and holds for that window
+only. The last window's beacons are skipped (nothing reads them); ratio 0 on a full window
+keeps its raw keys as memory (the base model). Every layer operation reads its inputs from the
+step's plan, never from the cache's current state, so a layer can be recomputed by gradient
+checkpointing after the cache has moved on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import beacon_attention
+from .kv_cache import StepPlan, check_ratio
+from .masks import step_mask
+from .positions import check_mode, rotate, step_positions
+
+__all__ = ["TrainingKVCache", "TrainingStepPlan", "has_attention_backward"]
+
+
+def has_attention_backward(device: torch.device | str) -> bool:
+    """Whether ``beacon::attention_backward`` has a kernel for ``device``'s type."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "beacon::attention_backward", key)
+
+
+@dataclass
+class TrainingStepPlan(StepPlan):
+    """A step of :class:`TrainingKVCache`: one window, with the memory it reads."""
+
+    mem_len: int = 0
+    raw_len: int = 0
+    beacon_len: int = 0
+    ratio: int = 0
+    keeps_raw: bool = False                 # ratio 0 on a full window: raw keys join the memory
+    mem_k: list[Tensor] = field(default_factory=list)  # per layer [kv_heads, M, head_dim]
+    mem_v: list[Tensor] = field(default_factory=list)
+    mask: Tensor | None = None              # [R + B, M + R + B] for the masked backend
+    new: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    """Per layer: the step's pre-RoPE keys and values, and the layer's whole keys and values."""
+
+
+class TrainingKVCache:
+    """Out-of-place K/V of one sequence, window by window (see the module docstring).
+
+    Args:
+        num_layers, num_kv_heads, head_dim: the model's shape.
+        length: tokens of the sequence (the last window's beacons are skipped).
+        window: raw tokens per window ``W`` (= stride).
+        mode, attend_previous: the beacon attention settings.
+        inv_freq: RoPE inverse frequencies ``[head_dim / 2]``; ``rope_interleaved``: pair layout.
+        attention: ``"op"`` (``beacon_attention``, mask in the kernel) or ``"masked"`` (PyTorch
+            ``scaled_dot_product_attention`` with :func:`~beacon_ops.masks.step_mask`).
+        dtype, device: of the (initially empty) memory.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, length: int, *,
+                 window: int, mode: str = "step-expansion", attend_previous: bool = True,
+                 inv_freq: Tensor, rope_interleaved: bool = False, attention: str = "op",
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        if attention not in ("op", "masked"):
+            raise ValueError(f"attention must be 'op' or 'masked', got {attention!r}")
+        if window < 1 or length < 1:
+            raise ValueError(f"window and length must be >= 1, got {window} and {length}")
+        self.num_layers, self.length, self.window = num_layers, length, window
+        self.mode, self.attend_previous = check_mode(mode), attend_previous
+        self.inv_freq, self.rope_interleaved = inv_freq, rope_interleaved
+        self.backend, self.device = attention, torch.device(device)
+        empty = torch.zeros(num_kv_heads, 0, head_dim, device=self.device, dtype=dtype)
+        self.mem_k = [empty] * num_layers
+        self.mem_v = [empty] * num_layers
+        self.mem_len = 0
+        self.seen = 0                 # raw tokens read so far
+        self.ratio: int | None = None  # the current window's ratio (None: not set)
+        self._plan: TrainingStepPlan | None = None
+
+    # --- state (for window checkpointing: a window recomputed from the state it started from) ---
+    def state(self) -> tuple[dict[str, Any], list[Tensor]]:
+        """``(host state, memory tensors)`` of the cache between two steps."""
+        return ({"mem_len": self.mem_len, "seen": self.seen, "ratio": self.ratio},
+                self.mem_k + self.mem_v)
+
+    def load_state(self, host: dict[str, Any], memory: Sequence[Tensor]) -> None:
+        """Return to a state of :meth:`state`."""
+        n = self.num_layers
+        self.mem_len, self.seen, self.ratio = host["mem_len"], host["seen"], host["ratio"]
+        self.mem_k, self.mem_v = list(memory[:n]), list(memory[n:])
+        self._plan = None
+
+    # --- the KVCache protocol --------------------------------------------------------------------
+    def room(self, b: int) -> int:
+        return min(self.window, self.length - self.seen)
+
+    def has_ratio(self, b: int) -> bool:
+        return self.ratio is not None
+
+    def set_ratio(self, b: int, r: int) -> None:
+        """The ratio of the next full window (0 = keep its raw keys); it must divide the window."""
+        self.ratio = check_ratio(r, self.window)
+
+    def begin_step(self, num_raw: Sequence[int]) -> TrainingStepPlan:
+        (n,) = num_raw
+        if n != self.room(0):
+            raise ValueError(f"num_raw: a training step reads whole windows ({self.room(0)} tokens), got {n}")
+        full = n == self.window
+        if full and self.ratio is None:
+            raise ValueError("set_ratio: the ratio of a full window must be set before its step")
+        r = self.ratio if full else 0
+        last = self.seen + n >= self.length
+        nb = self.window // r if full and r and not last else 0  # nothing reads the last beacons
+        m = self.mem_len
+        dev = self.device
+        mask = None
+        if self.backend == "masked":
+            mask = step_mask(m, n, nb, r, n + nb, self.mode, self.attend_previous, device=dev)
+        self._plan = TrainingStepPlan(
+            cu_seqlens=torch.tensor([0, n + nb], dtype=torch.int32, device=dev), num_raw=[n],
+            num_beacons=[nb], num_new=[n + nb], completes_window=[full], max_seqlen_q=n + nb,
+            positions=step_positions([m], [n], [nb], [r], [n + nb], self.window, self.mode, device=dev),
+            mem_len=m, raw_len=n, beacon_len=nb, ratio=r, keeps_raw=full and r == 0 and not last,
+            mem_k=self.mem_k, mem_v=self.mem_v, mask=mask)
+        return self._plan
+
+    def rotate_queries(self, q: Tensor, plan: StepPlan) -> Tensor:
+        return rotate(q, plan.positions, self.inv_freq, self.rope_interleaved)
+
+    def append(self, layer: int, k_new: Tensor, v_new: Tensor, plan: StepPlan) -> None:
+        dt = v_new.dtype  # the attention op wants one dtype for q, k and v (autocast may differ)
+        k_rot = rotate(k_new, plan.positions, self.inv_freq, self.rope_interleaved).to(dt)
+        # [kv_heads, M + R + B, head_dim]: memory | raw | beacons
+        keys = torch.cat([plan.mem_k[layer].to(dt), k_rot.transpose(0, 1)], dim=1)
+        vals = torch.cat([plan.mem_v[layer].to(dt), v_new.transpose(0, 1)], dim=1)
+        plan.new[layer] = (k_new, v_new, keys, vals)
+
+    def attention(self, layer: int, q: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor | None]:
+        _, _, keys, vals = plan.new[layer]
+        q = q.to(vals.dtype)
+        if plan.mask is None:
+            dev, n = q.device, q.shape[0]
+
+            def i32(x: int) -> Tensor:
+                return torch.tensor([x], dtype=torch.int32, device=dev)
+
+            return beacon_attention(q.contiguous(), keys.unsqueeze(0), vals.unsqueeze(0), plan.cu_seqlens,
+                                    i32(plan.mem_len), i32(plan.raw_len), i32(plan.beacon_len),
+                                    i32(plan.ratio), max_seqlen_q=n, mode=self.mode,
+                                    attend_previous=self.attend_previous)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], vals[None],
+                                             attn_mask=plan.mask, enable_gqa=True)[0].transpose(0, 1)
+        return out, None
+
+    def compact(self) -> None:
+        """Beacons (re-rotated at their memory slots) or ratio-0 raw keys join the memory."""
+        p = self._plan
+        if p is None:
+            return
+        # new lists: the plan (read again if a layer is recomputed) keeps the old memory
+        self.mem_k, self.mem_v = list(self.mem_k), list(self.mem_v)
+        if p.beacon_len:
+            pos = torch.arange(p.mem_len, p.mem_len + p.beacon_len, dtype=torch.int32, device=self.device)
+            for i in range(self.num_layers):
+                k, v, keys, vals = p.new[i]
+                bk = rotate(k[p.raw_len:], pos, self.inv_freq, self.rope_interleaved).to(vals.dtype)
+                self.mem_k[i] = torch.cat([keys[:, :p.mem_len], bk.transpose(0, 1)], dim=1)
+                self.mem_v[i] = torch.cat([vals[:, :p.mem_len], v[p.raw_len:].transpose(0, 1)], dim=1)
+        elif p.keeps_raw:
+            for i in range(self.num_layers):
+                self.mem_k[i], self.mem_v[i] = p.new[i][2], p.new[i][3]
+        self.mem_len += p.beacon_len if p.beacon_len else (p.raw_len if p.keeps_raw else 0)
+        self.seen += p.raw_len
+        self.ratio = None
+        self._plan = None
+
+    def max_position(self) -> int:
+        return self.mem_len + self.window - 1
+
+    def bytes_in_use(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.mem_k + self.mem_v)

