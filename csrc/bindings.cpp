@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "build_info.h"
+#include "cpu/cpu_isa.h"
 
 namespace py = pybind11;
 
@@ -42,6 +43,9 @@ PYBIND11_MODULE(_C, m) {
     d["cutlass"] = std::string(BEACON_OPS_CUTLASS_VERSION);
     d["cuda_head_dims"] = split(BEACON_OPS_HEADDIMS, ',');
     d["cuda_dtypes"] = split(BEACON_OPS_DTYPES, ',');
+    // The CPU kernels' instruction set: what this CPU has, and what they use (BEACON_OPS_CPU_ISA).
+    d["cpu_isa_detected"] = std::string(beacon::cpu::isa_name(beacon::cpu::detected_isa()));
+    d["cpu_isa"] = std::string(beacon::cpu::isa_name(beacon::cpu::cpu_isa()));
     return d;
   });
 }

@@ -353,28 +353,51 @@ def test_mismatched_devices_named():
         _call(c, mem_len=c.mem.to("meta"))
 
 
-# --- the GEMM fallbacks (chosen once per process, so checked in a subprocess) ------------------
-_FALLBACK_SCRIPT = r"""
+# --- every instruction-set path of the CPU kernel (chosen once per process from the CPU, capped by
+# BEACON_OPS_CPU_ISA, so each is checked in a subprocess) -----------------------------------------
+ISA_LEVELS = ("portable", "avx2", "avx512", "avx512bf16")
+
+_ISA_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
+import beacon_ops
 from test_attention import make_case, check
-for dtype in (torch.float32, torch.bfloat16):
+print(beacon_ops.build_info()["cpu_isa"])
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    # GEMM tiles (partial blocks, GQA 3, head_dim 72: not a multiple of 16 or 32)
     c = make_case("cpu", dtype, mem=[300, 7], raw=[260, 70], beacon=[32, 0], ratio=[8, 0],
                   nq=[292, 70], heads=6, kv_heads=2, head_dim=72)
     check(c)
     check(c, "segmentation", attend_previous=False)
+    for d in (64, 128):  # full blocks of the vector kernels, and decode (few-row tiles)
+        c = make_case("cpu", dtype, mem=[700, 37], raw=[300, 1], beacon=[40, 0], ratio=[8, 0],
+                      nq=[340, 1], heads=8, kv_heads=2, head_dim=d)
+        check(c)
+        c = make_case("cpu", dtype, mem=[1000, 3], raw=[3, 1], beacon=[0, 0], ratio=[0, 0],
+                      nq=[1, 1], heads=4, kv_heads=4, head_dim=d)
+        check(c)
 print("ok")
 """
 
 
-@pytest.mark.parametrize("path", ["sgemm", "generic"])
-def test_gemm_fallback_paths(path):
+def _detected_isa() -> str:
+    import beacon_ops
+
+    return beacon_ops.build_info()["cpu_isa_detected"]
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_cpu_isa_paths(isa):
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, BEACON_OPS_CPU_BLAS=path)
+    detected = _detected_isa()
+    if ISA_LEVELS.index(isa) > ISA_LEVELS.index(detected):
+        pytest.skip(f"this CPU's widest level is {detected}")
+    env = dict(os.environ, BEACON_OPS_CPU_ISA=isa)
     here = os.path.dirname(os.path.abspath(__file__))
-    res = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT, here], env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, here], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    assert res.stdout.split()[0] == isa  # the cap took effect

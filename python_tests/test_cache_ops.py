@@ -436,7 +436,7 @@ def test_ops_compile_with_fake_kernels():
 
 # ---------------------------------------------------------------------------------------------
 # The CPU row kernels have portable, AVX2, AVX-512 and AVX-512-BF16 implementations (chosen at run time,
-# capped by BEACON_OPS_CPU_ISA): they must agree bit for bit, special values included (NaN
+# capped by BEACON_OPS_CPU_ISA, cpu_isa.h): they must agree bit for bit, special values included (NaN
 # payloads aside: only where NaNs are must agree).
 _ISA_SCRIPT = r"""
 import sys

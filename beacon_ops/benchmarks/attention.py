@@ -1,15 +1,21 @@
-"""``bench attention``: the beacon attention op against SDPA, side by side in one run.
+"""``bench attention``: the beacon attention op against its peers, side by side in one run.
 
-Two steps of one sequence (head_dim 128, 8 q heads over 8 kv heads by default):
+Two steps of one sequence (head_dim 128, 8 q heads over 8 kv heads):
 - prefill: a window completing (W raw queries + W/r beacon queries, step-expansion) over
-  memory M; useful work = exact allowed (query, key) pairs from the reference mask;
-- decode: one raw query over memory M + raw R.
-Compared with SDPA full causal on square shapes with the same number of keys (GFLOP/s with
-the exact causal pair count), SDPA with the materialised beacon mask (time), and a matmul of
-similar size (the machine's ceiling, measured in the same run). FLOPs = 4 * head_dim * pairs
-per head.
+  memory M; useful work = exact allowed (query, key) pairs of the mask, FLOPs = 4 * head_dim *
+  pairs per head;
+- decode: one raw query over memory M + raw R; memory-bound, so measured in K/V bytes read per
+  second against a plain copy (read + write bytes per second).
+Peers, each measured in the same run at the same thread count: a ``torch.matmul`` of similar
+size in the same dtype (the machine's ceiling), SDPA full causal on square shapes with the same
+number of keys (GFLOP/s with the exact causal pair count), SDPA with the materialised beacon mask
+(time), FlexAttention (``torch.compile``d, the same mask as a BlockMask; time), and for decode
+plain SDPA over the same keys and a tensor copy. One row per (step, dtype, threads); the thread
+counts come from ``--threads`` (default: torch's, and 1).
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +24,24 @@ from ..attention import beacon_attention
 from ..reference import allowed_pairs, beacon_mask
 from .common import sync, time_fn
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# Printed column headers (short, with units) of the row keys; the JSON keeps the keys.
+COLUMNS = {
+    "step": "step", "dtype": "dtype", "threads": "thr", "q": "q", "keys": "keys",
+    "op_ms": "op ms", "op_gflops": "op GF/s", "matmul_gflops": "mm GF/s",
+    "vs_matmul": "op/mm", "sdpa_causal_gflops": "causal GF/s", "vs_sdpa_causal": "op/causal",
+    "sdpa_masked_ms": "masked ms", "speedup_vs_sdpa_masked": "x masked",
+    "flex_ms": "flex ms", "speedup_vs_flex": "x flex",
+    "sdpa_ms": "sdpa ms", "speedup_vs_sdpa": "x sdpa", "op_gbps": "op GB/s", "copy_gbps": "copy GB/s", "vs_copy": "op/copy",
+}
+
 
 def time_best(fn, device: str, min_time: float = 0.3, max_reps: int = 50) -> float:
     """Fastest of repeated runs of ``fn()`` (seconds). The shared 2-core machines are loaded by
     other jobs; a run can only be slowed down by them, so the minimum is the robust statistic
     (``time_fn``'s median swings by 10x under load)."""
     time_fn(fn, device, min_time=0.0, max_reps=1)  # warm-up
-    import time
-
     best, total, reps = float("inf"), 0.0, 0
     while (total < min_time or reps < 3) and reps < max_reps:
         t0 = time.perf_counter()
@@ -35,7 +51,26 @@ def time_best(fn, device: str, min_time: float = 0.3, max_reps: int = 50) -> flo
         best, total, reps = min(best, dt), total + dt, reps + 1
     return best
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+def time_best_interleaved(fns: dict, device: str, min_time: float = 0.3,
+                          max_reps: int = 50) -> dict:
+    """Fastest run (seconds) of each ``fns[name]()``, the calls taken in turn (one of each per
+    round), so that a change of the machine's load affects them alike: ratios of these minima
+    are what this benchmark reports."""
+    for fn in fns.values():  # warm-up
+        fn()
+    sync(device)
+    best = {k: float("inf") for k in fns}
+    total, reps = 0.0, 0
+    while (total < min_time * len(fns) or reps < 3) and reps < max_reps:
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            dt = time.perf_counter() - t0
+            best[k], total = min(best[k], dt), total + dt
+        reps += 1
+    return best
 
 
 def _inputs(device, dtype, heads, kv_heads, d, mem, raw, beacon, ratio, nq):
@@ -60,94 +95,151 @@ def matmul_gflops_best(device: str, dtype: torch.dtype, n: int = 1024) -> float:
     return 2 * n**3 / time_best(lambda: a @ b, device) / 1e9
 
 
+def flex_step_fn(q, k, v, mask: torch.Tensor, enable_gqa: bool):
+    """A call of ``torch.compile``d FlexAttention with ``mask`` ([q, keys] bool) as a BlockMask,
+    or None with the reason when this torch cannot build it."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        nq, nk = mask.shape
+
+        def mask_mod(b, h, qi, ki):
+            return mask[qi, ki]
+
+        block_mask = create_block_mask(mask_mod, None, None, nq, nk, device=str(q.device))
+        flex = torch.compile(flex_attention, dynamic=False)
+        qf = q.transpose(0, 1)[None]
+        fn = lambda: flex(qf, k, v, block_mask=block_mask, enable_gqa=enable_gqa)  # noqa: E731
+        fn()  # compile now, outside the timing
+        return fn, None
+    except Exception as e:  # noqa: BLE001  (torch versions or compilers without flex on CPU)
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
 def measure_step(device: str, dtype: torch.dtype, *, heads: int, kv_heads: int, d: int, mem: int,
                  raw: int, beacon: int, ratio: int, nq: int, mode: str = "step-expansion",
-                 masked_sdpa: bool = True) -> dict:
-    """Times one step of the op, causal SDPA with as many keys, and SDPA with the beacon mask."""
+                 masked_sdpa: bool = True, flex: bool = False, ceiling: bool = False) -> dict:
+    """Times one step of the op, causal SDPA with as many keys (decode: plain SDPA over the same
+    keys), SDPA with the beacon mask and (``flex``) compiled FlexAttention with the same mask,
+    their calls interleaved (see time_best_interleaved); with ``ceiling``, in the same rounds a
+    1024^3 ``torch.matmul`` in the step's dtype (prefill) or a 256 MB copy (decode)."""
     q, k, v, lens = _inputs(device, dtype, heads, kv_heads, d, mem, raw, beacon, ratio, nq)
     n_keys = mem + raw + beacon
+    gqa = heads != kv_heads
     pairs = allowed_pairs([0, nq], [mem], [raw], [beacon], [ratio], mode)
-    t_op = time_best(lambda: beacon_attention(q, k, v, *lens, max_seqlen_q=nq, mode=mode), device)
-    gf_op = 4 * d * pairs * heads / t_op / 1e9
-    row = {"step": "prefill" if nq > 1 else "decode", "dtype": str(dtype).split(".")[-1],
-           "q": nq, "keys": n_keys, "pairs": pairs, "op_ms": t_op * 1e3, "op_gflops": gf_op}
-
-    # SDPA full causal, square, same number of keys (its own flash kernel on the CPU).
-    if nq > 1:
+    fns = {"op": lambda: beacon_attention(q, k, v, *lens, max_seqlen_q=nq, mode=mode)}
+    if nq > 1:  # SDPA full causal, square, same number of keys (its own flash kernel on the CPU)
         qs = torch.randn(1, heads, n_keys, d, device=device, dtype=dtype)
         ks = torch.randn(1, kv_heads, n_keys, d, device=device, dtype=dtype)
         vs = torch.randn(1, kv_heads, n_keys, d, device=device, dtype=dtype)
-        t_causal = time_best(lambda: F.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=True, enable_gqa=heads != kv_heads), device)
-        causal_pairs = n_keys * (n_keys + 1) // 2
-        row["sdpa_causal_ms"] = t_causal * 1e3
-        row["sdpa_causal_gflops"] = 4 * d * causal_pairs * heads / t_causal / 1e9
-        del qs, ks, vs
+        fns["causal"] = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
+                                                               enable_gqa=gqa)
     else:  # one query that sees every key: plain SDPA over the same keys
-        qd, kd, vd = q.transpose(0, 1)[None], k[:, :, :n_keys], v[:, :, :n_keys]
-        t_full = time_best(lambda: F.scaled_dot_product_attention(
-            qd, kd, vd, enable_gqa=heads != kv_heads), device)
-        row["sdpa_causal_ms"] = t_full * 1e3
-        row["sdpa_causal_gflops"] = 4 * d * n_keys * heads / t_full / 1e9
-
-    if masked_sdpa:
-        mask = beacon_mask(mem, raw, beacon, ratio, nq, mode).to(device)
+        qd = q.transpose(0, 1)[None]
+        fns["sdpa"] = lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=gqa)
+    mask = beacon_mask(mem, raw, beacon, ratio, nq, mode).to(device) if nq > 1 else None
+    if masked_sdpa and mask is not None:
         qm = q.transpose(0, 1)[None]
-        t_masked = time_best(lambda: F.scaled_dot_product_attention(
-            qm, k, v, attn_mask=mask, enable_gqa=heads != kv_heads), device)
-        row["sdpa_masked_ms"] = t_masked * 1e3
-        row["speedup_vs_sdpa_masked"] = t_masked / t_op
-    row["ratio_gflops_vs_sdpa_causal"] = gf_op / row["sdpa_causal_gflops"]
+        fns["masked"] = lambda: F.scaled_dot_product_attention(qm, k, v, attn_mask=mask,
+                                                               enable_gqa=gqa)
+    flex_error = None
+    if flex and mask is not None:
+        fn, flex_error = flex_step_fn(q, k, v, mask, gqa)
+        if fn is not None:
+            fns["flex"] = fn
+    if ceiling and nq > 1:
+        a = torch.randn(1024, 1024, device=device, dtype=dtype)
+        b = torch.randn(1024, 1024, device=device, dtype=dtype)
+        fns["mm"] = lambda: a @ b
+    elif ceiling:
+        src = torch.empty(64 << 20, device=device, dtype=torch.float32).uniform_()
+        dst = torch.empty_like(src)
+        fns["copy"] = lambda: dst.copy_(src)
+    t = time_best_interleaved(fns, device)
+
+    t_op = t["op"]
+    gf_op = 4 * d * pairs * heads / t_op / 1e9
+    row = {"step": "prefill" if nq > 1 else "decode", "dtype": str(dtype).split(".")[-1],
+           "q": nq, "keys": n_keys, "pairs": pairs, "op_ms": t_op * 1e3, "op_gflops": gf_op}
+    if "causal" in t:
+        causal_pairs = n_keys * (n_keys + 1) // 2
+        row["sdpa_causal_ms"] = t["causal"] * 1e3
+        row["sdpa_causal_gflops"] = 4 * d * causal_pairs * heads / t["causal"] / 1e9
+        row["vs_sdpa_causal"] = gf_op / row["sdpa_causal_gflops"]
+    if "sdpa" in t:
+        row["sdpa_ms"] = t["sdpa"] * 1e3
+        row["speedup_vs_sdpa"] = t["sdpa"] / t_op
+        row["op_gbps"] = 2 * k.numel() * k.element_size() / t_op / 1e9
+    if "masked" in t:
+        row["sdpa_masked_ms"] = t["masked"] * 1e3
+        row["speedup_vs_sdpa_masked"] = t["masked"] / t_op
+    if "flex" in t:
+        row["flex_ms"] = t["flex"] * 1e3
+        row["speedup_vs_flex"] = t["flex"] / t_op
+    if flex_error:
+        row["flex_error"] = flex_error
+    if "mm" in t:
+        row["matmul_gflops"] = 2 * 1024**3 / t["mm"] / 1e9
+        row["vs_matmul"] = gf_op / row["matmul_gflops"]
+    if "copy" in t:
+        row["copy_gbps"] = 2 * src.numel() * 4 / t["copy"] / 1e9
+        row["vs_copy"] = row["op_gbps"] / row["copy_gbps"]
     return row
 
 
-def run(device: str, quick: bool) -> dict:
-    """Prefill (W=1024, r=8, memory 3072) and decode (memory 3072 + raw 512), fp32 and bf16."""
+def default_thread_counts(device: str) -> list[int]:
+    """Torch's thread count, and 1 (on the shared machines a one-thread ratio is far less
+    disturbed by other jobs than a two-thread one)."""
+    n = torch.get_num_threads()
+    return [n] if device != "cpu" or n == 1 else [n, 1]
+
+
+def run(device: str, quick: bool, threads: list[int] | None = None) -> dict:
+    """Prefill (W=1024, r=8, memory 3072; also 9216 unless quick) and decode (memory 3072 + raw
+    512), fp32 and bf16, at each thread count of ``threads``."""
     heads, kv_heads, d = 8, 8, 128
     W, r, M = 1024, 8, 3072
     B = W // r
+    thread_counts = threads or default_thread_counts(device)
+    configs = [M] if quick else [M, 3 * M]
+    default_threads = torch.get_num_threads()
     rows = []
-    summary: dict[str, dict[str, float]] = {
-        "ratio_gflops_vs_sdpa_causal": {}, "speedup_vs_sdpa_masked": {},
-        "ratio_gflops_vs_matmul": {}, "matmul_gflops": {},
-        "decode_ratio_gflops_vs_sdpa": {}, "decode_speedup_vs_sdpa": {},
-    }
-    configs = [(M, W, B, r, W + B)] if quick else [(M, W, B, r, W + B), (3 * M, W, B, r, W + B)]
-    for name, dtype in DTYPES.items():
-        mm = matmul_gflops_best(device, dtype)
-        summary["matmul_gflops"][name] = mm
-        for i, (mem, raw, beacon, ratio, nq) in enumerate(configs):
-            row = measure_step(device, dtype, heads=heads, kv_heads=kv_heads, d=d, mem=mem,
-                               raw=raw, beacon=beacon, ratio=ratio, nq=nq)
-            row["ratio_gflops_vs_matmul"] = row["op_gflops"] / mm
-            row["sdpa_causal_vs_matmul"] = row["sdpa_causal_gflops"] / mm
-            rows.append(row)
-            if i == 0:
-                summary["ratio_gflops_vs_sdpa_causal"][name] = row["ratio_gflops_vs_sdpa_causal"]
-                summary["speedup_vs_sdpa_masked"][name] = row["speedup_vs_sdpa_masked"]
-                summary["ratio_gflops_vs_matmul"][name] = row["ratio_gflops_vs_matmul"]
-        if device == "cpu":
-            # Also on one thread: the shared 2-core machines are loaded by other jobs, and a
-            # one-thread ratio is far less disturbed by that than a two-thread one.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                one = measure_step(device, dtype, heads=heads, kv_heads=kv_heads, d=d, mem=M,
-                                   raw=W, beacon=B, ratio=r, nq=W + B)
-            finally:
-                torch.set_num_threads(threads)
-            one["step"] = "prefill-1thread"
-            rows.append(one)
-            summary.setdefault("ratio_gflops_vs_sdpa_causal_1thread", {})[name] = (
-                one["ratio_gflops_vs_sdpa_causal"])
-            summary.setdefault("speedup_vs_sdpa_masked_1thread", {})[name] = (
-                one["speedup_vs_sdpa_masked"])
-        dec = measure_step(device, dtype, heads=heads, kv_heads=kv_heads, d=d, mem=M, raw=512,
-                           beacon=0, ratio=r, nq=1)
-        dec["ratio_gflops_vs_matmul"] = dec["op_gflops"] / mm
-        rows.append(dec)
-        summary["decode_ratio_gflops_vs_sdpa"][name] = dec["ratio_gflops_vs_sdpa_causal"]
-        summary["decode_speedup_vs_sdpa"][name] = dec["sdpa_causal_ms"] / dec["op_ms"]
-    return {"rows": rows, "config": {"heads": heads, "kv_heads": kv_heads, "head_dim": d,
-                                     "window": W, "ratio": r, "memory": M, "decode_raw": 512,
-                                     "mode": "step-expansion"}, **summary}
+    try:
+        for n_threads in thread_counts:
+            torch.set_num_threads(n_threads)
+            for dtype in DTYPES.values():
+                for mem in configs:
+                    row = measure_step(device, dtype, heads=heads, kv_heads=kv_heads, d=d,
+                                       mem=mem, raw=W, beacon=B, ratio=r, nq=W + B,
+                                       flex=mem == M, ceiling=mem == M)
+                    rows.append({"threads": n_threads, **row})
+                dec = measure_step(device, dtype, heads=heads, kv_heads=kv_heads, d=d, mem=M,
+                                   raw=512, beacon=0, ratio=r, nq=1, ceiling=True)
+                rows.append({"threads": n_threads, **dec})
+    finally:
+        torch.set_num_threads(default_threads)
+    for row in rows:
+        row["dtype"] = {"float32": "fp32", "bfloat16": "bf16"}.get(row["dtype"], row["dtype"])
+    # The headline ratios: the prefill over memory M and the decode, per dtype and thread count.
+    summary: dict[str, dict[str, float]] = {}
+    for row in rows:
+        key = f"{row['dtype']} {row['threads']}thr"
+        if row["step"] == "prefill" and row["keys"] == M + W + B:
+            for metric in ("vs_matmul", "vs_sdpa_causal", "speedup_vs_sdpa_masked",
+                           "speedup_vs_flex"):
+                if metric in row:
+                    summary.setdefault(f"prefill_{metric}", {})[key] = row[metric]
+            if "flex_error" in row:
+                summary.setdefault("flex_unavailable", {})[key] = row["flex_error"]
+        elif row["step"] == "decode":
+            summary.setdefault("decode_vs_copy", {})[key] = row["vs_copy"]
+            summary.setdefault("decode_speedup_vs_sdpa", {})[key] = row["speedup_vs_sdpa"]
+    return {"rows": rows, "columns": COLUMNS, "summary": summary,
+            "targets": {"prefill_vs_matmul": "bf16 >= 0.7, fp32 >= 0.8 (one thread)",
+                        "prefill_speedup_vs_flex": ">= 2", "prefill_vs_sdpa_causal": ">= 1.0",
+                        "decode_vs_copy": ">= 0.8"},
+            "config": {"heads": heads, "kv_heads": kv_heads, "head_dim": d, "window": W,
+                       "ratio": r, "memory": configs, "decode_raw": 512, "mode": "step-expansion",
+                       "threads": thread_counts,
+                       "units": "GF/s: 1e9 useful FLOP/s (4 * head_dim * allowed pairs * heads); "
+                                "GB/s: K/V bytes read (op) or read + written (copy) per second"}}

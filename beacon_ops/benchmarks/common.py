@@ -58,13 +58,16 @@ def busy_machine_threads() -> tuple[int | None, str]:
     return None, ""
 
 
-def print_table(rows: list[dict]) -> None:
-    """Print a list of flat dicts as an aligned text table."""
+def print_table(rows: list[dict], columns: dict[str, str] | None = None) -> None:
+    """Print a list of flat dicts as an aligned text table; with ``columns`` (key -> header),
+    only those keys, in that order, under those headers."""
     if not rows:
         return
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
+    if columns:
+        cols = [k for k in columns if k in cols]
 
     def fmt(v):
         if isinstance(v, float):
@@ -72,7 +75,25 @@ def print_table(rows: list[dict]) -> None:
         return str(v)
 
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    heads = [columns.get(c, c) if columns else c for c in cols]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+    print("  ".join(h.rjust(w) for h, w in zip(heads, widths)))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def print_value(name: str, value) -> None:
+    """Print a summary figure: a list of dicts as a table, a dict of dicts (metric -> {case:
+    value}) as a table with one row per metric, anything else on one line."""
+    if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+        print(f"{name}:")
+        print_table(value)
+    elif (isinstance(value, dict) and value
+          and all(isinstance(x, dict) and x for x in value.values())):
+        print(f"{name}:")
+        print_table([{"": metric, **cases} for metric, cases in value.items()])
+    elif isinstance(value, dict):
+        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in value.items()))
+    else:
+        print(f"{name}: {value}")

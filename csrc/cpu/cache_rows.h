@@ -3,24 +3,22 @@
 //
 // Three implementations give bit-identical results (multiply, multiply, add/subtract in fp32; no
 // FMA contraction; round-to-nearest-even conversions; NaN payloads aside): a portable one, and
-// on x86-64 AVX2 + F16C and AVX-512 ones chosen at run time (the build targets baseline x86-64,
-// so the compiler alone would use SSE2 and scalar fp16/bf16 conversions, several times slower).
+// on x86-64 AVX2 + F16C and AVX-512 ones chosen at run time by cpu_isa() (cpu_isa.h; the build
+// targets baseline x86-64, so the compiler alone would use SSE2 and scalar fp16/bf16 conversions,
+// several times slower).
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <type_traits>
 
+#include "cpu/cpu_isa.h"
 #include "rope.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define BEACON_ROWS_X86 1
-#include <immintrin.h>
+#ifdef BEACON_CPU_X86
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12 warns about _mm512_undefined_ps() inside its own intrinsics headers (a false positive).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -59,7 +57,7 @@ inline void rotate_row_portable(const T* src, T* dst, const float* c, const floa
   }
 }
 
-#ifdef BEACON_ROWS_X86
+#ifdef BEACON_CPU_X86
 // GCC contracts multiply + add into FMA by default (-ffp-contract=fast) wherever the target has
 // FMA (AVX-512 implies it), which would make the paths differ in the last bit.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -174,29 +172,7 @@ BEACON_AVX2 void rotate_rows_avx2(const T* src, int64_t src_stride, T* dst, int6
 #undef BEACON_AVX512_BF16
 #undef BEACON_AVX512_NS
 
-// The widest instruction set the CPU has, capped by BEACON_OPS_CPU_ISA=portable|avx2|avx512|
-// avx512bf16 (for tests that compare the paths, and for debugging). 0 portable, 1 AVX2 + F16C,
-// 2 AVX-512 (F, BW, VL, DQ), 3 AVX-512 with BF16 (used for bf16 stores only).
-inline int cpu_isa_level() {
-  static const int level = [] {
-    int cpu = 0;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
-      cpu = 1;
-      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-        cpu = 2;
-        if (__builtin_cpu_supports("avx512bf16")) cpu = 3;
-      }
-    }
-    const char* cap = std::getenv("BEACON_OPS_CPU_ISA");
-    if (cap == nullptr) return cpu;
-    const std::string c(cap);
-    const int limit = c == "portable" ? 0 : c == "avx2" ? 1 : c == "avx512" ? 2 : 3;
-    return cpu < limit ? cpu : limit;
-  }();
-  return level;
-}
-#endif  // BEACON_ROWS_X86
+#endif  // BEACON_CPU_X86
 
 template <typename T>
 inline void rotate_rows_portable(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t nrows,
@@ -223,17 +199,18 @@ template <typename T>
 inline void rotate_rows(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t nrows, int64_t D,
                         const Angles& a, bool interleaved) {
   const int64_t half = D / 2;
-#ifdef BEACON_ROWS_X86
-  const int isa = cpu_isa_level();
-  if (isa >= 2 && half % (interleaved ? 8 : 16) == 0) {
-    if (isa >= 3 && std::is_same_v<T, c10::BFloat16>) {
+#ifdef BEACON_CPU_X86
+  using beacon::cpu::Isa;
+  const Isa isa = beacon::cpu::cpu_isa();
+  if (beacon::cpu::cpu_has(Isa::kAvx512) && half % (interleaved ? 8 : 16) == 0) {
+    if (isa == Isa::kAvx512Bf16 && std::is_same_v<T, c10::BFloat16>) {
       avx512bf16::rotate_rows_avx512(src, src_stride, dst, dst_stride, nrows, D, a, interleaved);
     } else {
       avx512::rotate_rows_avx512(src, src_stride, dst, dst_stride, nrows, D, a, interleaved);
     }
     return;
   }
-  if (isa >= 1 && half % 8 == 0) {
+  if (beacon::cpu::cpu_has(Isa::kAvx2) && half % 8 == 0) {
     rotate_rows_avx2(src, src_stride, dst, dst_stride, nrows, D, a, interleaved);
     return;
   }

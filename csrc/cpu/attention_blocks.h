@@ -1,0 +1,456 @@
+// Per-block arithmetic of the CPU attention forward (attention.cpp drives it): the online-softmax
+// bookkeeping, widening of 16-bit blocks to fp32, and the few-row (decode) products that read the
+// cache in place. Each loop is compiled for AVX-512F, AVX2 and the baseline, and the variant is
+// chosen at run time by cpu_isa() (cpu_isa.h), so BEACON_OPS_CPU_ISA caps it like every other
+// CPU kernel.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "cpu/cpu_isa.h"
+
+namespace beacon::cpu::attn {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// `name(params)` runs `name##_body(args)` compiled for the level cpu_isa() picks. The bodies are
+// always_inline so that each variant compiles them (and what they inline) for its own target.
+#define BEACON_ALWAYS_INLINE inline __attribute__((always_inline))
+#ifdef BEACON_CPU_X86
+#define BEACON_ISA_VARIANTS(name, params, args)                                               \
+  __attribute__((target("avx512f"))) inline void name##_avx512 params { name##_body args; }   \
+  __attribute__((target("avx2"))) inline void name##_avx2 params { name##_body args; }        \
+  inline void name##_portable params { name##_body args; }                                    \
+  inline void name params {                                                                   \
+    switch (cpu_isa()) {                                                                      \
+      case Isa::kPortable: name##_portable args; return;                                      \
+      case Isa::kAvx2: name##_avx2 args; return;                                              \
+      default: name##_avx512 args; return;                                                    \
+    }                                                                                         \
+  }
+#else
+#define BEACON_ISA_VARIANTS(name, params, args) \
+  inline void name params { name##_body args; }
+#endif
+
+// exp(x) for x <= 88, 0 below -87.3 (so masked -inf scores give exactly 0). Cephes' expf
+// polynomial (about 1 ulp), written branch-free so the loops around it vectorise.
+BEACON_ALWAYS_INLINE float fast_exp(float x) {
+  // Ternaries, not std::fmin/fmax: those become libm calls that block vectorisation.
+  const float xl = x < -87.3f ? -87.3f : x;
+  const float xc = xl > 88.3f ? 88.3f : xl;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float t = xc * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  int32_t ti;
+  std::memcpy(&ti, &t, 4);
+  const int32_t ni = ti - 0x4B400000;  // the integer n (bits of t minus bits of the shifter)
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t scale_bits = (ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, 4);
+  return x < -87.3f ? 0.0f : y * scale;
+}
+
+// The pieces of the update: the block's row maxima and the correction factors (m_blk then holds
+// zeros for the block's sums), the exp pass over rows [r0, rows), and the new row sums.
+BEACON_ALWAYS_INLINE void softmax_begin(const float* st, int n, int rows, float* row_max,
+                                        float* corr, float* m_blk, float* m_use) {
+  for (int r = 0; r < rows; ++r) m_blk[r] = kNegInf;
+  for (int c = 0; c < n; ++c) {
+    const float* s = st + static_cast<int64_t>(c) * rows;
+#pragma omp simd
+    for (int r = 0; r < rows; ++r) m_blk[r] = s[r] > m_blk[r] ? s[r] : m_blk[r];
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float m_old = row_max[r];
+    const float m_new = m_blk[r] > m_old ? m_blk[r] : m_old;
+    // A row that has seen nothing yet keeps max -inf; exp(-inf - 0) = 0 gives it zero weights.
+    m_use[r] = m_new == kNegInf ? 0.0f : m_new;
+    corr[r] = m_new == kNegInf ? 1.0f : (m_old == kNegInf ? 0.0f : std::exp(m_old - m_new));
+    row_max[r] = m_new;
+    m_blk[r] = 0.0f;  // now the block's sum
+  }
+}
+BEACON_ALWAYS_INLINE void softmax_exp(float* st, int n, int rows, int r0, float* m_blk,
+                                      const float* m_use) {
+  for (int c = 0; c < n; ++c) {
+    float* s = st + static_cast<int64_t>(c) * rows;
+#pragma omp simd
+    for (int r = r0; r < rows; ++r) {
+      const float p = fast_exp(s[r] - m_use[r]);
+      s[r] = p;
+      m_blk[r] += p;
+    }
+  }
+}
+BEACON_ALWAYS_INLINE void softmax_end(int rows, float* row_sum, const float* corr,
+                                      const float* m_blk) {
+  for (int r = 0; r < rows; ++r) row_sum[r] = row_sum[r] * corr[r] + m_blk[r];
+}
+
+// Online-softmax update of one key block. Scores are stored transposed, st[c * rows + r] (key c,
+// row r), so every step vectorises across rows. Turns the scores (already scaled) into
+// probabilities relative to each row's new running max and returns in corr[r] the factor for the
+// row's previous accumulator. m_blk, m_use: scratch of `rows` floats.
+BEACON_ALWAYS_INLINE void softmax_update_body(float* st, int n, int rows, float* row_max,
+                                              float* row_sum, float* corr, float* m_blk,
+                                              float* m_use) {
+  softmax_begin(st, n, rows, row_max, corr, m_blk, m_use);
+  softmax_exp(st, n, rows, 0, m_blk, m_use);
+  softmax_end(rows, row_sum, corr, m_blk);
+}
+
+#ifdef BEACON_CPU_X86
+// fast_exp on 8 lanes with the same operations in the same order (no FMA contraction), so lane
+// results equal the scalar ones bit for bit. GCC leaves the scalar loop unvectorised for AVX2
+// (its ternaries stay branches), which made the softmax cost as much as the two GEMMs.
+__attribute__((target("avx2"))) inline __m256 fast_exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  // Operand order as the scalar ternaries for NaN (max/min return their second operand then).
+  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(lo, x));
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 t = _mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), shifter);
+  const __m256 n = _mm256_sub_ps(t, shifter);
+  const __m256i ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000));
+  __m256 r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_add_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(2.12194440e-4f)));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(
+      _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
+  const __m256 scale =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
+  // x < -87.3 (masked -inf scores included) gives exactly 0.
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), _mm256_mul_ps(y, scale));
+}
+
+// softmax_update_body with the exp pass written for AVX2 (the other passes vectorise as is).
+__attribute__((target("avx2"))) inline void softmax_update_avx2(
+    float* st, int n, int rows, float* row_max, float* row_sum, float* corr, float* m_blk,
+    float* m_use) {
+  softmax_begin(st, n, rows, row_max, corr, m_blk, m_use);
+  const int r8 = rows - rows % 8;
+  for (int c = 0; c < n; ++c) {
+    float* s = st + static_cast<int64_t>(c) * rows;
+    for (int r = 0; r < r8; r += 8) {
+      const __m256 p = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + r), _mm256_loadu_ps(m_use + r)));
+      _mm256_storeu_ps(s + r, p);
+      _mm256_storeu_ps(m_blk + r, _mm256_add_ps(_mm256_loadu_ps(m_blk + r), p));
+    }
+  }
+  softmax_exp(st, n, rows, r8, m_blk, m_use);  // the last rows % 8 rows
+  softmax_end(rows, row_sum, corr, m_blk);
+}
+
+__attribute__((target("avx512f"))) inline void softmax_update_avx512(
+    float* st, int n, int rows, float* row_max, float* row_sum, float* corr, float* m_blk,
+    float* m_use) {
+  softmax_update_body(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
+}
+#endif
+
+inline void softmax_update(float* st, int n, int rows, float* row_max, float* row_sum,
+                           float* corr, float* m_blk, float* m_use) {
+#ifdef BEACON_CPU_X86
+  if (cpu_has(Isa::kAvx512)) {
+    softmax_update_avx512(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
+    return;
+  }
+  if (cpu_has(Isa::kAvx2)) {
+    softmax_update_avx2(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
+    return;
+  }
+#endif
+  softmax_update_body(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
+}
+
+// acc [rows x d] row r *= corr[r].
+BEACON_ALWAYS_INLINE void scale_rows_body(float* acc, int rows, int d, const float* corr) {
+  for (int r = 0; r < rows; ++r) {
+    const float a = corr[r];
+    if (a == 1.0f) continue;
+    float* x = acc + static_cast<int64_t>(r) * d;
+#pragma omp simd
+    for (int c = 0; c < d; ++c) x[c] *= a;
+  }
+}
+BEACON_ISA_VARIANTS(scale_rows, (float* acc, int rows, int d, const float* corr),
+                    (acc, rows, d, corr))
+
+inline float load_f32(float x) { return x; }
+inline float load_f32(at::BFloat16 x) {
+  const uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float load_f32(at::Half x) { return static_cast<float>(x); }
+
+// rows x d block with row stride ld -> contiguous fp32 [rows x d].
+template <typename T>
+BEACON_ALWAYS_INLINE void to_float_body(const T* src, int64_t ld, int rows, int d, float* dst) {
+  for (int r = 0; r < rows; ++r) {
+    const T* x = src + r * ld;
+    float* y = dst + static_cast<int64_t>(r) * d;
+#pragma omp simd
+    for (int c = 0; c < d; ++c) y[c] = load_f32(x[c]);
+  }
+}
+
+// Few-row tiles (decode): dot products straight from the cache, which is read once; a GEMM
+// call per block would cost more than the arithmetic. s [n x rows] = alpha * k q^T (transposed).
+template <typename T>
+BEACON_ALWAYS_INLINE void small_qk_generic_body(const float* q, int rows, int d, const T* k, int64_t ldk,
+                                        int n, float alpha, float* s) {
+  for (int c = 0; c < n; ++c) {
+    const T* kc = k + c * ldk;
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + static_cast<int64_t>(r) * d;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int i = 0; i < d; ++i) dot += qr[i] * load_f32(kc[i]);
+      s[static_cast<int64_t>(c) * rows + r] = dot * alpha;
+    }
+  }
+}
+// acc [rows x d] += p v, p stored transposed [n x rows].
+template <typename T>
+BEACON_ALWAYS_INLINE void small_pv_body(const float* p, int rows, int n, const T* v, int64_t ldv,
+                                        int d, float* acc) {
+  for (int c = 0; c < n; ++c) {
+    const T* vc = v + c * ldv;
+    for (int r = 0; r < rows; ++r) {
+      const float pr = p[static_cast<int64_t>(c) * rows + r];
+      if (pr == 0.0f) continue;
+      float* a = acc + static_cast<int64_t>(r) * d;
+#pragma omp simd
+      for (int i = 0; i < d; ++i) a[i] += pr * load_f32(vc[i]);
+    }
+  }
+}
+
+#define BEACON_TYPED_KERNELS(T)                                                                \
+  BEACON_ISA_VARIANTS(to_float, (const T* src, int64_t ld, int rows, int d, float* dst),       \
+                      (src, ld, rows, d, dst))                                                 \
+  BEACON_ISA_VARIANTS(small_qk_generic,                                                        \
+                      (const float* q, int rows, int d, const T* k, int64_t ldk, int n,        \
+                       float alpha, float* s),                                                 \
+                      (q, rows, d, k, ldk, n, alpha, s))                                       \
+  BEACON_ISA_VARIANTS(small_pv, (const float* p, int rows, int n, const T* v, int64_t ldv,     \
+                                 int d, float* acc),                                           \
+                      (p, rows, n, v, ldv, d, acc))
+BEACON_TYPED_KERNELS(float)
+BEACON_TYPED_KERNELS(at::BFloat16)
+BEACON_TYPED_KERNELS(at::Half)
+#undef BEACON_TYPED_KERNELS
+
+#ifdef BEACON_CPU_X86
+// Explicit AVX-512 dot products for decode (the auto-vectorised loop reduces through memory):
+// two accumulators per row, one horizontal sum per (key, row). head_dim % 16 == 0.
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+__attribute__((target("avx512f"))) inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// GCC 12 warns falsely inside _mm512_reduce_add_ps (-Wmaybe-uninitialized in its header).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <typename T>
+__attribute__((target("avx512f"))) void small_qk_avx512(const float* q, int rows, int d,
+                                                        const T* k, int64_t ldk, int n,
+                                                        float alpha, float* s) {
+  for (int c = 0; c < n; ++c) {
+    const T* kc = k + c * ldk;
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + static_cast<int64_t>(r) * d;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int i = 0;
+      for (; i + 32 <= d; i += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), load16(kc + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i + 16), load16(kc + i + 16), a1);
+      }
+      if (i < d) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), load16(kc + i), a0);
+      s[static_cast<int64_t>(c) * rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * alpha;
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+#ifdef BEACON_CPU_X86
+// AVX2 decode kernels: the cache is read once, each line of it exactly once, with software
+// prefetches a few keys ahead (the per-head K and V streams are short and alternate, so the
+// hardware prefetchers alone left decode at about half of copy bandwidth). head_dim % 8 == 0.
+#define BEACON_AVX2_FMA __attribute__((target("avx2,fma,f16c")))
+BEACON_AVX2_FMA inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+BEACON_AVX2_FMA inline __m256 load8f(const at::BFloat16* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+BEACON_AVX2_FMA inline __m256 load8f(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Keys ahead of the one being read whose rows are prefetched.
+constexpr int kPrefetchKeys = 8;
+template <typename T>
+inline void prefetch_key_row(const T* row, int d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < static_cast<int64_t>(d) * static_cast<int64_t>(sizeof(T)); off += 64)
+    _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
+// s [n x rows] = alpha * k q^T: four keys at a time (each q vector loaded once per four keys,
+// one horizontal sum per four dot products).
+template <typename T>
+BEACON_AVX2_FMA void small_qk_avx2(const float* q, int rows, int d, const T* k, int64_t ldk, int n,
+                                   float alpha, float* s) {
+  const __m128 va = _mm_set1_ps(alpha);
+  int c = 0;
+  for (; c + 4 <= n; c += 4) {
+    const T* k0 = k + c * ldk;
+    for (int j = 0; j < 4; ++j) prefetch_key_row(k0 + (kPrefetchKeys + j) * ldk, d);
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + static_cast<int64_t>(r) * d;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int i = 0; i < d; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + i);
+        a0 = _mm256_fmadd_ps(qv, load8f(k0 + i), a0);
+        a1 = _mm256_fmadd_ps(qv, load8f(k0 + ldk + i), a1);
+        a2 = _mm256_fmadd_ps(qv, load8f(k0 + 2 * ldk + i), a2);
+        a3 = _mm256_fmadd_ps(qv, load8f(k0 + 3 * ldk + i), a3);
+      }
+      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+      const __m128 sum = _mm_mul_ps(
+          _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), va);
+      alignas(16) float out[4];
+      _mm_store_ps(out, sum);
+      for (int j = 0; j < 4; ++j) s[static_cast<int64_t>(c + j) * rows + r] = out[j];
+    }
+  }
+  for (; c < n; ++c) {
+    const T* kc = k + c * ldk;
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + static_cast<int64_t>(r) * d;
+      __m256 a = _mm256_setzero_ps();
+      for (int i = 0; i < d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), load8f(kc + i), a);
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      s[static_cast<int64_t>(c) * rows + r] =
+          _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1))) * alpha;
+    }
+  }
+}
+
+// acc [rows x d] += p v (p transposed [n x rows]) for ROWS rows: 16 columns of every row in
+// registers per pass over the keys, so each cache line of V is loaded once per pass and each
+// pass reads other lines; the first pass prefetches whole rows ahead.
+template <int ROWS, typename T>
+BEACON_AVX2_FMA void small_pv_rows_avx2(const float* p, int n, const T* v, int64_t ldv, int d,
+                                        float* acc) {
+  for (int i0 = 0; i0 < d; i0 += 16) {
+    const bool two = i0 + 16 <= d;  // else 8 columns (d % 8 == 0)
+    __m256 lo[ROWS], hi[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      lo[r] = _mm256_loadu_ps(acc + r * d + i0);
+      hi[r] = two ? _mm256_loadu_ps(acc + r * d + i0 + 8) : _mm256_setzero_ps();
+    }
+    for (int c = 0; c < n; ++c) {
+      const T* vc = v + c * ldv + i0;
+      if (i0 == 0) prefetch_key_row(v + (c + kPrefetchKeys) * ldv, d);
+      const __m256 v0 = load8f(vc);
+      const __m256 v1 = two ? load8f(vc + 8) : _mm256_setzero_ps();
+      const float* pc = p + static_cast<int64_t>(c) * ROWS;
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256 pr = _mm256_broadcast_ss(pc + r);
+        lo[r] = _mm256_fmadd_ps(pr, v0, lo[r]);
+        hi[r] = _mm256_fmadd_ps(pr, v1, hi[r]);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      _mm256_storeu_ps(acc + r * d + i0, lo[r]);
+      if (two) _mm256_storeu_ps(acc + r * d + i0 + 8, hi[r]);
+    }
+  }
+}
+
+template <typename T>
+void small_pv_avx2(const float* p, int rows, int n, const T* v, int64_t ldv, int d, float* acc) {
+  switch (rows) {
+    case 1: small_pv_rows_avx2<1>(p, n, v, ldv, d, acc); return;
+    case 2: small_pv_rows_avx2<2>(p, n, v, ldv, d, acc); return;
+    case 3: small_pv_rows_avx2<3>(p, n, v, ldv, d, acc); return;
+    case 4: small_pv_rows_avx2<4>(p, n, v, ldv, d, acc); return;
+    case 5: small_pv_rows_avx2<5>(p, n, v, ldv, d, acc); return;
+    case 6: small_pv_rows_avx2<6>(p, n, v, ldv, d, acc); return;
+    default: small_pv_rows_avx2<7>(p, n, v, ldv, d, acc); return;
+  }
+}
+#undef BEACON_AVX2_FMA
+#endif
+
+// Few-row tiles (decode, rows < 8): s [n x rows] = alpha * k q^T. k_scratch: n x d floats.
+template <typename T>
+void decode_qk(const float* q, int rows, int d, const T* k, int64_t ldk, int n, float alpha,
+               float* s, float* k_scratch) {
+#ifdef BEACON_CPU_X86
+  if constexpr (!std::is_same_v<T, at::Half>) {
+    if (d % 16 == 0 && cpu_has(Isa::kAvx512)) {
+      small_qk_avx512(q, rows, d, k, ldk, n, alpha, s);
+      return;
+    }
+  }
+  if (cpu_has(Isa::kAvx2)) {
+    if constexpr (!std::is_same_v<T, float>) {
+      // Several rows (GQA) would widen every K element once per row: widen the block once
+      // (read from memory once, with prefetching), then take the dot products from the cache.
+      if (rows > 1) {
+        for (int c = 0; c < n; ++c) {
+          prefetch_key_row(k + (c + kPrefetchKeys) * ldk, d);
+          to_float(k + c * ldk, ldk, 1, d, k_scratch + static_cast<int64_t>(c) * d);
+        }
+        small_qk_avx2(q, rows, d, static_cast<const float*>(k_scratch), d, n, alpha, s);
+        return;
+      }
+    }
+    small_qk_avx2(q, rows, d, k, ldk, n, alpha, s);
+    return;
+  }
+#endif
+  small_qk_generic(q, rows, d, k, ldk, n, alpha, s);
+}
+
+// Few-row tiles (decode, rows < 8): acc [rows x d] += p v, p stored transposed [n x rows].
+template <typename T>
+void decode_pv(const float* p, int rows, int n, const T* v, int64_t ldv, int d, float* acc) {
+#ifdef BEACON_CPU_X86
+  if (rows <= 7 && cpu_has(Isa::kAvx2)) {
+    small_pv_avx2(p, rows, n, v, ldv, d, acc);
+    return;
+  }
+#endif
+  small_pv(p, rows, n, v, ldv, d, acc);
+}
+
+}  // namespace beacon::cpu::attn

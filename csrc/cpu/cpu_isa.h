@@ -1,0 +1,70 @@
+// The one place that decides which instruction set the CPU kernels use.
+//
+// The build targets baseline x86-64, so every kernel that uses AVX2 or AVX-512 is compiled with
+// a function-level target attribute and chosen at run time from cpu_isa(): the widest level the
+// CPU has, capped by the environment variable BEACON_OPS_CPU_ISA=portable|avx2|avx512|avx512bf16
+// (tests force each path with it; a cap above what the CPU has changes nothing).
+//   portable    plain C++ (compiler's baseline); GEMMs through ATen matmuls on views
+//   avx2        AVX2 + FMA + F16C; GEMMs through torch's BLAS (sgemm_)
+//   avx512      AVX-512 F/BW/VL/DQ; the project's fp32 GEMM micro-kernel
+//   avx512bf16  also AVX-512-BF16: bf16 dot products (vdpbf16ps) and bf16 conversions
+#pragma once
+
+#include <cstdlib>
+#include <string>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BEACON_CPU_X86 1
+#include <immintrin.h>
+#endif
+
+namespace beacon::cpu {
+
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+// The cap named by BEACON_OPS_CPU_ISA (kAvx512Bf16, i.e. no cap, when unset or unknown).
+inline Isa isa_cap_from_env() {
+  const char* env = std::getenv("BEACON_OPS_CPU_ISA");
+  const std::string c = env ? env : "";
+  if (c == "portable") return Isa::kPortable;
+  if (c == "avx2") return Isa::kAvx2;
+  if (c == "avx512") return Isa::kAvx512;
+  return Isa::kAvx512Bf16;
+}
+
+// What the CPU supports, ignoring the cap.
+inline Isa detected_isa() {
+#ifdef BEACON_CPU_X86
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")))
+    return Isa::kPortable;
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
+    return Isa::kAvx2;
+  return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
+#else
+  return Isa::kPortable;
+#endif
+}
+
+// The level the kernels use: detected once per process, capped by BEACON_OPS_CPU_ISA.
+inline Isa cpu_isa() {
+  static const Isa level = [] {
+    const Isa cpu = detected_isa(), cap = isa_cap_from_env();
+    return static_cast<int>(cpu) < static_cast<int>(cap) ? cpu : cap;
+  }();
+  return level;
+}
+
+inline bool cpu_has(Isa level) { return static_cast<int>(cpu_isa()) >= static_cast<int>(level); }
+
+inline const char* isa_name(Isa level) {
+  switch (level) {
+    case Isa::kPortable: return "portable";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    default: return "avx512bf16";
+  }
+}
+
+}  // namespace beacon::cpu
