@@ -554,32 +554,16 @@ def _ref_backward(a: dict):
 
 
 def _rotate(x, positions, cos, sin, interleaved):
-    import torch
+    """x [n, heads, D] rotated at positions [n] (fp64, from the tables' rows)."""
     pos = positions.long()
-    c, s = cos[pos].double(), sin[pos].double()
-    xx = x.double()
-    if interleaved:
-        x0, x1 = xx[..., 0::2], xx[..., 1::2]
-    else:
-        half = xx.shape[-1] // 2
-        x0, x1 = xx[..., :half], xx[..., half:]
-    c, s = c[:, None, :], s[:, None, :]
-    y0, y1 = x0 * c - x1 * s, x1 * c + x0 * s
-    if interleaved:
-        return torch.stack([y0, y1], dim=-1).flatten(-2)
-    return torch.cat([y0, y1], dim=-1)
-
-
-def _positions_of_slots(mem, raw, ratio, window, mode, slots):
-    from beacon_ops.positions import slot_position
-    return [slot_position(s, mem, raw, ratio, window, mode) for s in slots]
+    return _rotate_tab(x.double(), cos[pos].double(), sin[pos].double(), interleaved)
 
 
 def _ref_compact(a: dict):
     """Expected (k, v, mem, raw, beacon) after compaction, from the spec's moves (torch.cat)."""
     import torch
     from beacon_ops.positions import beacon_position
-    k, v = a["k_cache"].clone().double(), a["v_cache"].clone()
+    k = a["k_cache"].double()
     mem, raw, bea, rat = (a[n].tolist() for n in ("mem_len", "raw_len", "beacon_len", "ratio"))
     W, S, mode = a["window"], a["stride"], a["beacon_mode"]
     k_out, v_out = a["k_cache"].double().clone(), a["v_cache"].clone()
@@ -611,6 +595,7 @@ def _ref_compact(a: dict):
 
 
 def _rotate_tab(x, c, s, interleaved):
+    """x [n, heads, D] rotated row by row by the angles whose cos/sin are c, s [n, D/2]."""
     import torch
     if interleaved:
         x0, x1 = x[..., 0::2], x[..., 1::2]
@@ -870,6 +855,12 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=err, env=env)
         err.close()
+        # The worker says when its imports are done: the per-case timeout starts after that
+        # (importing torch takes long on a loaded machine, and is no hang of an op).
+        assert self.proc.stdout
+        ready, _, _ = select.select([self.proc.stdout], [], [], 900)
+        if not ready or self.proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the fuzz worker did not start (see its stderr)")
 
     def ask(self, request: dict, timeout: float) -> dict:
         if self.proc is None or self.proc.poll() is not None:
@@ -953,6 +944,8 @@ def _serve() -> None:
     import torch
     import beacon_ops  # noqa: F401
     torch.set_num_threads(1)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
     for line in sys.stdin:
         req = json.loads(line)
         if req.get("crash"):  # the driver's own test: die as a segfault would
