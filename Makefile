@@ -67,3 +67,25 @@ test-cpu-only:
 	BEACON_OPS_CUDA=0 $(CPU_PY) -m pip install -q --no-build-isolation --no-deps .
 	cd /tmp && $(abspath $(CPU_PY)) -m beacon_ops info --json | grep '"cuda_compiled": false'
 	cd /tmp && $(abspath $(CPU_PY)) -m pytest -q -rs -p no:cacheprovider $(abspath python_tests) $(PYTEST_ARGS)
+
+# Sanitizers: a CPU-only build with AddressSanitizer + UndefinedBehaviorSanitizer in its own
+# build folder, installed with the Python sources into $(SAN_DIR)/pkg, then the op and cache
+# tests and the default fuzz size against it. The interpreter is not instrumented, so the ASan
+# runtime is preloaded, with libstdc++ (else ASan aborts while torch imports triton). Any report
+# aborts the process: the test (or the fuzz worker's crash) fails.
+SAN_DIR   ?= build/sanitize
+SAN_TESTS ?= test_cache_ops.py test_condensed_cache.py test_attention.py test_attention_backward.py test_fuzz.py
+CXX       ?= g++
+.PHONY: test-sanitize
+test-sanitize: venv
+	$(PY) -m cmake -S . -B $(SAN_DIR) -G Ninja -DBEACON_OPS_CUDA=OFF -DBEACON_OPS_SANITIZE=ON \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPython_EXECUTABLE=$(abspath $(PY))
+	$(PY) -m cmake --build $(SAN_DIR) -j $(JOBS)
+	rm -rf $(SAN_DIR)/pkg && mkdir -p $(SAN_DIR)/pkg
+	cp -r beacon_ops $(SAN_DIR)/pkg/ && rm -f $(SAN_DIR)/pkg/beacon_ops/_C*.so
+	$(PY) -m cmake --install $(SAN_DIR) --prefix $(abspath $(SAN_DIR)/pkg)
+	cd $(SAN_DIR)/pkg && \
+	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider -x $(addprefix $(abspath python_tests)/,$(SAN_TESTS)) \
+	  $(PYTEST_ARGS)

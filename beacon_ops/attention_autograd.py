@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .op_arguments import require_tensors, scalar_scale
+
 __all__ = ["beacon_attention_backward"]
 
 
@@ -39,23 +41,21 @@ def beacon_attention_backward(
         softmax_scale: the forward's scale; ``None`` (or ``<= 0``, as in the forward) means
             ``head_dim ** -0.5``.
 
+    Raises:
+        TypeError / ValueError / RuntimeError naming the offending argument, as the forward
+        (the same native checks, plus ``dout``, ``out`` and ``lse``).
+
     Returns:
         ``(dq, dk_cache, dv_cache)`` shaped and typed like ``q``, ``k_cache``, ``v_cache``
         (accumulated in fp32). For grouped KV heads ``dk_cache``/``dv_cache`` sum over the
         query heads of each group; cache slots no query attends get zero.
     """
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
+    require_tensors("beacon_attention_backward", dout=dout, q=q, k_cache=k_cache, v_cache=v_cache, out=out,
+                    lse=lse, cu_seqlens_q=cu_seqlens_q, mem_len=mem_len, raw_len=raw_len, beacon_len=beacon_len,
+                    ratio=ratio)
     return torch.ops.beacon.attention_backward(
         dout, q, k_cache, v_cache, out, lse, cu_seqlens_q, mem_len, raw_len, beacon_len, ratio,
-        max_seqlen_q, mode, attend_previous, float(softmax_scale))
-
-
-@torch.library.register_fake("beacon::attention_backward")
-def _attention_backward_fake(dout, q, k_cache, v_cache, out, lse, cu_seqlens_q, mem_len,
-                             raw_len, beacon_len, ratio, max_seqlen_q, mode, attend_previous,
-                             softmax_scale):
-    return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
+        max_seqlen_q, mode, bool(attend_previous), scalar_scale("beacon_attention_backward", softmax_scale))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:

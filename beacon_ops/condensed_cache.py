@@ -21,6 +21,7 @@ kernels never synchronise to read lengths and a rejected call changes nothing.
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -140,9 +141,13 @@ class CondensedKVCache:
 
     # --- per-sequence state ------------------------------------------------------------------
     def _check_seq(self, b: int) -> int:
+        try:
+            b = operator.index(b)
+        except TypeError:
+            raise TypeError(f"sequence index b must be an integer, got {b!r}") from None
         if not 0 <= b < self.batch_size:
             raise IndexError(f"sequence index b={b} is outside [0, batch_size={self.batch_size})")
-        return int(b)
+        return b
 
     def _sync_lengths(self) -> None:
         """Copy the host shadows to the device length tensors."""
@@ -160,7 +165,10 @@ class CondensedKVCache:
         ``r`` must be 0 or a divisor of the stride; the window must not be full yet.
         """
         b = self._check_seq(b)
-        r = int(r)
+        try:
+            r = operator.index(r)
+        except TypeError:
+            raise TypeError(f"set_ratio: r must be an integer, got {r!r}") from None
         check_ratio(r, self.stride, "set_ratio: r")
         if self.host_raw_len[b] == self.window:
             raise ValueError(f"set_ratio: sequence {b}'s window is already full; set the ratio before the "
@@ -206,9 +214,15 @@ class CondensedKVCache:
         beacons: list[int] = []
         completes: list[bool] = []
         for b, n in enumerate(num_raw):
-            n = int(n)
+            try:
+                n = operator.index(n)  # an integer: 1.5 tokens is a mistake, not 1
+            except TypeError:
+                raise TypeError(f"begin_step: num_raw[{b}] must be an integer, got {n!r}") from None
             if n < 0:
                 raise ValueError(f"begin_step: num_raw[{b}]={n} must be >= 0")
+            if self.host_beacon_len[b] > 0:
+                raise ValueError(f"begin_step: sequence {b}'s window is full with its beacons appended: call "
+                                 "compact() first")
             room = self.room(b)
             if n > room:
                 hint = " (the window is full: call compact() first)" if room == 0 else ""
@@ -224,18 +238,22 @@ class CondensedKVCache:
             raws.append(n)
             beacons.append(nb)
             completes.append(done)
-        for b in range(self.batch_size):
-            self.host_raw_len[b] += raws[b]
-            self.host_beacon_len[b] += beacons[b]
-        self._sync_lengths()
+        # Everything is computed from the prospective lengths first; the shadows and the device
+        # tensors change only once nothing can raise any more.
+        raw_after = [r + n for r, n in zip(self.host_raw_len, raws)]
+        beacon_after = [b_len + nb for b_len, nb in zip(self.host_beacon_len, beacons)]
         num_new = [n + nb for n, nb in zip(raws, beacons)]
         cu = [0]
         for n in num_new:
             cu.append(cu[-1] + n)
-        positions = step_positions(self.host_mem_len, self.host_raw_len, self.host_beacon_len, self.host_ratio,
-                                   num_new, self.window, self.mode, device=self.device)
+        positions = step_positions(self.host_mem_len, raw_after, beacon_after, self.host_ratio, num_new,
+                                   self.window, self.mode, device=self.device)
+        cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=self.device)
+        self.host_raw_len[:] = raw_after
+        self.host_beacon_len[:] = beacon_after
+        self._sync_lengths()
         self._plan = StepPlan(
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=self.device),
+            cu_seqlens=cu_seqlens,
             num_raw=raws, num_beacons=beacons, num_new=num_new, completes_window=completes,
             max_seqlen_q=max(num_new, default=0), positions=positions)
         return self._plan

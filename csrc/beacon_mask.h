@@ -40,16 +40,21 @@ BEACON_HD int imax(int a, int b) { return a > b ? a : b; }
 // Number of keys of the sequence: M + R + B.
 BEACON_HD int num_keys(const SeqLens& L) { return L.mem + L.raw + L.beacon; }
 
-// Beacon j's raw range [lo, hi) within the window (raw indices), for the mode.
+// Beacon j's raw range [lo, hi) within the window (raw indices), for the mode. The products
+// j * r can exceed int for any ratio the op accepts (its window is not an op argument), so they
+// are formed in 64 bits and clipped to R before narrowing.
 BEACON_HD void beacon_raw_range(const SeqLens& L, int j, Mode mode, int* lo, int* hi) {
-  const int r = L.ratio;
+  const long long r = L.ratio, raw = L.raw;
+  long long l = 0, h = raw;  // full coverage: the whole window
   switch (mode) {
-    case Mode::kSegmentation: *lo = j * r; *hi = (j + 1) * r; break;
-    case Mode::kStepExpansion: *lo = 0; *hi = (j + 1) * r; break;
-    default: *lo = 0; *hi = L.raw; break;  // full coverage: the whole window
+    case Mode::kSegmentation: l = j * r; h = (j + 1) * r; break;
+    case Mode::kStepExpansion: h = (j + 1) * r; break;
+    default: break;
   }
-  *hi = imin(*hi, L.raw);
-  *lo = imin(*lo, *hi);
+  h = h < raw ? h : raw;
+  l = l < h ? l : h;
+  *lo = static_cast<int>(l);
+  *hi = static_cast<int>(h);
 }
 
 // Spans of local query row q (0 <= q < n_q) of a sequence with n_q queries this step.

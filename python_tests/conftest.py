@@ -15,3 +15,8 @@ requires_cuda = pytest.mark.skipif(
 )
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="test_fuzz.py: 1000 calls per op and interface, 200 cache schedules")

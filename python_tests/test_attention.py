@@ -284,14 +284,16 @@ def _call(c, **kw):
 @pytest.mark.parametrize("name,make,match", [
     ("q rank", lambda c: dict(q=c.q[0]), "q must have shape"),
     ("k rank", lambda c: dict(k_cache=c.k[0]), "k_cache must have shape"),
-    ("v shape", lambda c: dict(v_cache=c.v[:, :, :-1]), "v_cache must have the shape"),
+    ("v shape", lambda c: dict(v_cache=c.v[:, :, :-1]), "v_cache must have k_cache's shape"),
     ("head_dim mismatch", lambda c: dict(k_cache=c.k[..., :16], v_cache=c.v[..., :16]),
      "k_cache head_dim"),
-    ("head_dim not multiple of 8", lambda c: dict(q=c.q[..., :12]), "head_dim must be a multiple"),
+    ("head_dim not multiple of 8",
+     lambda c: dict(q=c.q[..., :12], k_cache=c.k[..., :12], v_cache=c.v[..., :12]),
+     "head_dim must be a multiple"),
     ("heads not multiple", lambda c: dict(q=c.q[:, :3]), "kv_heads"),
-    ("k dtype", lambda c: dict(k_cache=c.k.double()), "k_cache must have the dtype"),
-    ("v dtype", lambda c: dict(v_cache=c.v.half()), "v_cache must have the dtype"),
-    ("q dtype", lambda c: dict(q=c.q.double()), "q must be float32"),
+    ("k dtype", lambda c: dict(k_cache=c.k.double()), "k_cache must have q's dtype"),
+    ("v dtype", lambda c: dict(v_cache=c.v.half()), "v_cache must have q's dtype"),
+    ("q dtype", lambda c: dict(q=c.q.double()), "q must be bfloat16, float16 or float32"),
     ("q stride", lambda c: dict(q=c.q.transpose(1, 2).contiguous().transpose(1, 2)),
      "q must be contiguous in head_dim"),
     ("k stride", lambda c: dict(k_cache=c.k.transpose(2, 3).contiguous().transpose(2, 3)),
@@ -347,9 +349,9 @@ def test_bad_lengths_named(device, name, lens, match):
 
 def test_mismatched_devices_named():
     c = _good("cpu")
-    with pytest.raises(ValueError, match="k_cache must be on the device of q"):
+    with pytest.raises(ValueError, match="k_cache must be on q's device"):
         _call(c, k_cache=c.k.to("meta"))
-    with pytest.raises(ValueError, match="mem_len must be on the device of q"):
+    with pytest.raises(ValueError, match="mem_len must be on q's device"):
         _call(c, mem_len=c.mem.to("meta"))
 
 

@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "attn_params.h"
 #include "beacon_mask.h"
 #include "op_checks.h"
 #include "cpu/attention_blocks.h"
@@ -90,13 +91,9 @@ struct Tile {
   int64_t cost;  // for scheduling
 };
 
-struct Problem {
-  int64_t heads, kv_heads, group, head_dim;
+// The call's parameters (attn_params.h) and the query tiling.
+struct Problem : beacon::HostAttnParams {
   int tokens_per_tile, rows_per_tile;
-  float scale;
-  Mode mode;
-  bool attend_previous;
-  int64_t q_s0, q_s1, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2;
 };
 
 // Tiles with fewer rows than this use the dot-product kernels instead of GEMMs.
@@ -185,7 +182,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       for (int t = 0; t < n_tok; ++t) {
         spans[t] = beacon::row_spans(L, nq, tile.t0 + t, P.mode, P.attend_previous);
         key_end = std::max(key_end, beacon::key_end(spans[t]));
-        to_float(q_data + (row0 + t) * P.q_s0 + kvh * G * P.q_s1, P.q_s1, G, d,
+        to_float(q_data + (row0 + t) * P.q_row_stride + kvh * G * P.q_head_stride, P.q_head_stride, G, d,
                  q_tile + static_cast<int64_t>(t) * G * d);
       }
       // The QK^T GEMM reads Q^T [d x rows]: fp32, or bf16 pairs for the bf16 dot products.
@@ -193,8 +190,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       if (!small && bf16_dot) {
         for (int r = 0; r < rows; ++r)
           beacon_cpu::pack_row_pairs_transposed(
-              reinterpret_cast<const uint16_t*>(q_data + (row0 + r / G) * P.q_s0 +
-                                                (kvh * G + r % G) * P.q_s1),
+              reinterpret_cast<const uint16_t*>(q_data + (row0 + r / G) * P.q_row_stride +
+                                                (kvh * G + r % G) * P.q_head_stride),
               d, q_pairs + r, rows);
       } else if (!small) {
         for (int r = 0; r < rows; ++r)
@@ -205,8 +202,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         row_sum[r] = 0.0f;
       }
       if (small) std::fill(acc, acc + static_cast<int64_t>(rows) * d, 0.0f);
-      const T* k_seq = k_data + tile.b * P.k_s0 + kvh * P.k_s1;
-      const T* v_seq = v_data + tile.b * P.v_s0 + kvh * P.v_s1;
+      const T* k_seq = k_data + tile.b * P.k_batch_stride + kvh * P.k_head_stride;
+      const T* v_seq = v_data + tile.b * P.v_batch_stride + kvh * P.v_head_stride;
 
       bool first = true;
       for (int k0 = 0; k0 < key_end; k0 += key_block) {
@@ -220,18 +217,18 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         if (kind == BlockKind::kSkip) continue;
 
         // scores^T [n x rows] = scale * K_block Q^T.
-        const T* kb = k_seq + k0 * P.k_s2;
-        const T* vb = v_seq + k0 * P.v_s2;
+        const T* kb = k_seq + k0 * P.k_row_stride;
+        const T* vb = v_seq + k0 * P.v_row_stride;
         if (small) {
-          decode_qk(q_tile, rows, d, kb, P.k_s2, n, P.scale, scores, k_block);
+          decode_qk(q_tile, rows, d, kb, P.k_row_stride, n, P.scale, scores, k_block);
         } else {
-          to_float(vb, P.v_s2, n, d, v_block);
+          to_float(vb, P.v_row_stride, n, d, v_block);
           if (bf16_dot) {  // K straight from the cache, in pairs
             beacon_cpu::gemm_bf16_pairs(n, rows, d / 2, P.scale,
-                                        reinterpret_cast<const uint16_t*>(kb), P.k_s2, q_pairs,
+                                        reinterpret_cast<const uint16_t*>(kb), P.k_row_stride, q_pairs,
                                         rows, false, scores, rows);
           } else {
-            to_float(kb, P.k_s2, n, d, k_block);
+            to_float(kb, P.k_row_stride, n, d, k_block);
             beacon_cpu::block_gemm(n, rows, d, P.scale, k_block, d, 1, q_t, rows, false, scores,
                                    rows);
           }
@@ -253,7 +250,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         if (!first) scale_rows(acc, rows, d, corr);
         // acc [rows x d] (+)= P V, P(r, c) = scores[c * rows + r].
         if (small)
-          decode_pv(scores, rows, n, vb, P.v_s2, d, acc);
+          decode_pv(scores, rows, n, vb, P.v_row_stride, d, acc);
         else
           beacon_cpu::block_gemm(rows, d, n, 1.0f, scores, 1, rows, v_block, d, !first, acc, d);
         first = false;
@@ -279,13 +276,6 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   });
 }
 
-// A length vector of q's device (CPU), then the shared int32 [n] rules.
-void check_lengths_tensor(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& q) {
-  TORCH_CHECK(t.device() == q.device(), name, " must be on the same device as q (", q.device(),
-              "), got ", t.device());
-  beacon::checks::check_int_vector_shape(kOp, t, name, n);
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                  const at::Tensor& v_cache,
                                                  const at::Tensor& cu_seqlens_q,
@@ -294,51 +284,24 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const at::Tensor& ratio, int64_t max_seqlen_q,
                                                  c10::string_view mode_str, bool attend_previous,
                                                  double softmax_scale) {
-  const Mode mode = beacon::checks::parse_mode(mode_str, kOp);
-  TORCH_CHECK(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel, got ", q.device());
-  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
-    TORCH_CHECK(t->device() == q.device(), name, " must be on the same device as q (", q.device(),
-                "), got ", t->device());
-  }
-  beacon::checks::check_attention_args(kOp, q, k_cache, v_cache, max_seqlen_q);
-  const int64_t total_q = q.size(0), heads = q.size(1), d = q.size(2);
-  const int64_t batch = k_cache.size(0), kv_heads = k_cache.size(1), capacity = k_cache.size(2);
+  const Mode mode = beacon::checks::check_attention(kOp, q, k_cache, v_cache, cu_seqlens_q, mem_len, raw_len,
+                                                    beacon_len, ratio, max_seqlen_q, mode_str, softmax_scale);
+  const int64_t d = q.size(2);
   // The CPU kernel's head_dim rule (the CUDA kernels have their own).
   TORCH_CHECK_VALUE(d > 0 && d % 8 == 0 && d <= 256, kOp,
                     ": q head_dim must be a multiple of 8 in [8, 256], got ", d);
-  check_lengths_tensor(cu_seqlens_q, "cu_seqlens_q", batch + 1, q);
-  check_lengths_tensor(mem_len, "mem_len", batch, q);
-  check_lengths_tensor(raw_len, "raw_len", batch, q);
-  check_lengths_tensor(beacon_len, "beacon_len", batch, q);
-  check_lengths_tensor(ratio, "ratio", batch, q);
-
   const std::vector<SeqLens> lens = beacon::cpu::read_step_lengths(
-      cu_seqlens_q, mem_len, raw_len, beacon_len, ratio, total_q, max_seqlen_q, capacity);
-  const at::Tensor cu_c = cu_seqlens_q.contiguous();
-  const int32_t* cu = cu_c.const_data_ptr<int32_t>();
+      cu_seqlens_q, mem_len, raw_len, beacon_len, ratio, q.size(0), max_seqlen_q, k_cache.size(2));
+  const int32_t* cu = cu_seqlens_q.const_data_ptr<int32_t>();
 
   Problem P;
-  P.heads = heads;
-  P.kv_heads = kv_heads;
-  P.group = heads / kv_heads;
-  P.head_dim = d;
+  static_cast<beacon::HostAttnParams&>(P) =
+      beacon::fill_attn_params(q, k_cache, v_cache, max_seqlen_q, mode, attend_previous, softmax_scale);
+  at::Tensor out = at::empty({P.total_q, P.heads, d}, q.options());
+  at::Tensor lse = at::empty({P.total_q, P.heads}, q.options().dtype(at::kFloat));
+  if (P.heads == 0) return {out, lse};  // nothing to compute (and no GQA group to tile by)
   P.tokens_per_tile = static_cast<int>(std::max<int64_t>(1, tile_sizes().query_rows / P.group));
   P.rows_per_tile = static_cast<int>(P.tokens_per_tile * P.group);
-  P.scale = softmax_scale > 0 ? static_cast<float>(softmax_scale)
-                              : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-  P.mode = mode;
-  P.attend_previous = attend_previous;
-  P.q_s0 = q.stride(0);
-  P.q_s1 = q.stride(1);
-  P.k_s0 = k_cache.stride(0);
-  P.k_s1 = k_cache.stride(1);
-  P.k_s2 = k_cache.stride(2);
-  P.v_s0 = v_cache.stride(0);
-  P.v_s1 = v_cache.stride(1);
-  P.v_s2 = v_cache.stride(2);
-
-  at::Tensor out = at::empty({total_q, heads, d}, q.options());
-  at::Tensor lse = at::empty({total_q, heads}, q.options().dtype(at::kFloat));
   switch (q.scalar_type()) {
     case at::kFloat: attention_kernel<float>(q, k_cache, v_cache, lens, cu, P, out, lse); break;
     case at::kBFloat16:

@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "attn_params.h"
 #include "beacon_mask.h"
 #include "cpu/step_lengths.h"
 #include "op_checks.h"
@@ -46,65 +47,16 @@ struct Sequences {
   std::vector<int> q_start, n_q;
 };
 
-void check_int_vector(const at::Tensor& t, const char* name, int64_t n) {
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kInt, name, ": expected int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, ": expected shape [", n, "], got ",
-              t.sizes());
-}
-
-// Every check of the op, in one place, before anything is computed. Returns the sequences.
-Sequences check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k_cache,
-                       const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse,
-                       const at::Tensor& cu_seqlens_q, const at::Tensor& mem_len,
-                       const at::Tensor& raw_len, const at::Tensor& beacon_len,
-                       const at::Tensor& ratio, int64_t max_seqlen_q, double softmax_scale) {
-  const std::pair<const at::Tensor*, const char*> floats[] = {
-      {&dout, "dout"}, {&q, "q"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"},
-      {&out, "out"}, {&lse, "lse"}};
-  for (const auto& [t, name] : floats)
-    TORCH_CHECK(t->device().is_cpu(), name, ": expected a CPU tensor, got ", t->device());
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
-                  dtype == at::kDouble,
-              "q: expected float32, bfloat16, float16 or float64, got ", dtype);
-  TORCH_CHECK(q.dim() == 3, "q: expected [total_q, heads, head_dim], got ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4,
-              "k_cache: expected [batch, kv_heads, capacity, head_dim], got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache: expected the shape of k_cache ",
-              k_cache.sizes(), ", got ", v_cache.sizes());
-  for (const auto& [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"},
-                                {&out, "out"}, {&dout, "dout"}})
-    TORCH_CHECK(t->scalar_type() == dtype, name, ": expected ", dtype, " like q, got ",
-                t->scalar_type());
-  TORCH_CHECK(out.sizes() == q.sizes(), "out: expected the shape of q ", q.sizes(), ", got ",
-              out.sizes());
-  TORCH_CHECK(dout.sizes() == q.sizes(), "dout: expected the shape of q ", q.sizes(), ", got ",
-              dout.sizes());
-  const int64_t total_q = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t batch = k_cache.size(0), kv_heads = k_cache.size(1);
-  const int64_t capacity = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == dim, "k_cache: head_dim ", k_cache.size(3),
-              " differs from q's ", dim);
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "k_cache: kv_heads ", kv_heads,
-              " must divide q's heads ", heads);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: expected float32, got ",
-              lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == total_q && lse.size(1) == heads,
-              "lse: expected [", total_q, ", ", heads, "], got ", lse.sizes());
-  TORCH_CHECK(std::isfinite(softmax_scale), "softmax_scale: expected a finite number, got ",
-              softmax_scale);
-
-  check_int_vector(cu_seqlens_q, "cu_seqlens_q", batch + 1);
-  check_int_vector(mem_len, "mem_len", batch);
-  check_int_vector(raw_len, "raw_len", batch);
-  check_int_vector(beacon_len, "beacon_len", batch);
-  check_int_vector(ratio, "ratio", batch);
+// Reads the sequences' lengths (checked against each other and the cache; the arguments'
+// metadata was checked by check_attention_backward).
+Sequences read_sequences(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& cu_seqlens_q,
+                         const at::Tensor& mem_len, const at::Tensor& raw_len, const at::Tensor& beacon_len,
+                         const at::Tensor& ratio, int64_t max_seqlen_q) {
   Sequences s;
-  s.lens = beacon::cpu::read_step_lengths(cu_seqlens_q, mem_len, raw_len, beacon_len, ratio,
-                                          total_q, max_seqlen_q, capacity);
-  auto cu = cu_seqlens_q.accessor<int, 1>();
-  for (int64_t b = 0; b < batch; ++b) {
+  s.lens = beacon::cpu::read_step_lengths(cu_seqlens_q, mem_len, raw_len, beacon_len, ratio, q.size(0),
+                                          max_seqlen_q, k_cache.size(2));
+  const int32_t* cu = cu_seqlens_q.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < k_cache.size(0); ++b) {
     s.q_start.push_back(cu[b]);
     s.n_q.push_back(cu[b + 1] - cu[b]);
   }
@@ -263,10 +215,10 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k_cache,
     const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse,
-    const Sequences& seqs, Mode mode, bool attend_previous, double softmax_scale) {
+    const Sequences& seqs, const beacon::HostAttnParams& params) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
-  const int64_t total_q = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t kv_heads = k_cache.size(1), group = heads / kv_heads;
+  const int64_t total_q = params.total_q, heads = params.heads, dim = params.head_dim;
+  const int64_t kv_heads = params.kv_heads, group = params.group;
   // [total_q, heads, ...] -> [kv_heads, total_q, group, ...]: one GQA group's rows contiguous.
   // This also widens to T and makes a strided (e.g. expanded) dout contiguous.
   auto grouped = [&](const at::Tensor& t) {
@@ -294,13 +246,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   p.total_q = total_q;
   p.kv_heads = kv_heads;
   p.group = group;
-  p.capacity = k_cache.size(2);
+  p.capacity = params.capacity;
   p.dim = dim;
-  // As the forward: a scale <= 0 means 1/sqrt(head_dim).
-  p.scale = static_cast<T>(softmax_scale > 0 ? softmax_scale
-                                             : 1.0 / std::sqrt(static_cast<double>(dim)));
-  p.mode = mode;
-  p.attend_previous = attend_previous;
+  p.scale = static_cast<T>(params.scale);  // as the forward: a scale <= 0 means 1/sqrt(head_dim)
+  p.mode = params.mode;
+  p.attend_previous = params.attend_previous;
   p.seqs = &seqs;
   p.options = at::TensorOptions().dtype(acc);
   const int batch = static_cast<int>(seqs.lens.size());
@@ -353,17 +303,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& cu_seqlens_q, const at::Tensor& mem_len, const at::Tensor& raw_len,
     const at::Tensor& beacon_len, const at::Tensor& ratio, int64_t max_seqlen_q,
     c10::string_view mode, bool attend_previous, double softmax_scale) {
-  // RuntimeError, as for the other bad arguments of this op (its tests expect that).
-  const Mode mode_enum = beacon::checks::parse_mode(mode, "beacon.attention_backward",
-                                                    /*runtime_error=*/true);
-  const Sequences seqs = check_inputs(dout, q, k_cache, v_cache, out, lse, cu_seqlens_q,
-                                      mem_len, raw_len, beacon_len, ratio, max_seqlen_q,
-                                      softmax_scale);
+  constexpr const char* op = "beacon.attention_backward";
+  const Mode mode_enum = beacon::checks::check_attention_backward(
+      op, dout, q, k_cache, v_cache, out, lse, cu_seqlens_q, mem_len, raw_len, beacon_len, ratio, max_seqlen_q,
+      mode, softmax_scale);
+  TORCH_CHECK_VALUE(q.size(2) >= 1, op, ": q head_dim must be >= 1, got ", q.size(2));
+  const Sequences seqs =
+      read_sequences(q, k_cache, cu_seqlens_q, mem_len, raw_len, beacon_len, ratio, max_seqlen_q);
+  const beacon::HostAttnParams params =
+      beacon::fill_attn_params(q, k_cache, v_cache, max_seqlen_q, mode_enum, attend_previous, softmax_scale);
+  if (params.heads == 0)  // no query heads: no gradient flows
+    return {at::zeros_like(q), at::zeros_like(k_cache), at::zeros_like(v_cache)};
   auto grads = q.scalar_type() == at::kDouble
-                   ? run_backward<double>(dout, q, k_cache, v_cache, out, lse, seqs, mode_enum,
-                                          attend_previous, softmax_scale)
-                   : run_backward<float>(dout, q, k_cache, v_cache, out, lse, seqs, mode_enum,
-                                         attend_previous, softmax_scale);
+                   ? run_backward<double>(dout, q, k_cache, v_cache, out, lse, seqs, params)
+                   : run_backward<float>(dout, q, k_cache, v_cache, out, lse, seqs, params);
   const auto dtype = q.scalar_type();
   return {std::get<0>(grads).to(dtype), std::get<1>(grads).to(dtype),
           std::get<2>(grads).to(dtype)};

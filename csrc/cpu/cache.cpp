@@ -2,8 +2,9 @@
 // step's keys, rotated, and values into each sequence's last slots) and compact_ (in-place
 // compaction of all layers after a full window, spec section 5).
 //
-// Positions, rotation pairs and compaction moves come from rope.h; this file only validates,
-// schedules (at::parallel_for over tokens, or over (layer, sequence, head) planes) and moves rows
+// Positions, rotation pairs and compaction moves come from positions.h, rope.h and
+// compaction.h; this file only validates (op_checks.h, then the length values), schedules
+// (at::parallel_for over tokens, or over (layer, sequence, head) planes) and moves rows
 // (csrc/cpu/cache_rows.h: vectorised rotation, chosen at run time for the CPU).
 // Every check runs before the first write, so a call that raises leaves caches and lengths as
 // they were. Rotations are computed in fp32 and rounded once.
@@ -15,9 +16,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
+#include "compaction.h"
 #include "cpu/cache_rows.h"
 #include "op_checks.h"
 #include "rope.h"
@@ -25,25 +28,12 @@
 namespace beacon {
 namespace {
 
-using checks::check_no_overlap;
-
-void check_cpu_contiguous(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU like the other arguments, got ",
-              t.device());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (strides ", t.strides(), ")");
-}
-
-// An int32 vector [n] on the CPU (lengths, positions, cu_seqlens).
-void check_int_vector(const char* op, const at::Tensor& t, const char* name, int64_t n) {
-  checks::check_int_vector_shape(op, t, name, n);
-  check_cpu_contiguous(op, t, name);
-}
-
-// cos/sin tables: the shared dtype and shape rules, then CPU and contiguous.
-void check_tables(const char* op, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
-  checks::check_tables_shape(op, cos, sin, head_dim);
-  check_cpu_contiguous(op, cos, "cos");
-  check_cpu_contiguous(op, sin, "sin");
+// The CPU kernels index rows of these tensors as dense arrays (the shared checks only require
+// head_dim to be contiguous).
+void check_contiguous(const char* op, std::initializer_list<checks::Arg> args) {
+  for (const checks::Arg& a : args)
+    TORCH_CHECK_VALUE(a.t.is_contiguous(), op, ": ", a.name, " must be contiguous for the CPU kernel, got strides ",
+                      a.t.strides());
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -51,11 +41,9 @@ void check_tables(const char* op, const at::Tensor& cos, const at::Tensor& sin, 
 void rope_cpu(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
               bool interleaved) {
   constexpr const char* op = "beacon.rope_";
-  checks::check_rope_input(op, x);
-  check_cpu_contiguous(op, x, "x");
+  checks::check_rope(op, x, positions, cos, sin);
+  check_contiguous(op, {{x, "x"}});
   const int64_t n = x.size(0), heads = x.size(1), D = x.size(2);
-  check_int_vector(op, positions, "positions", n);
-  check_tables(op, cos, sin, D);
   const int32_t* pos = positions.data_ptr<int32_t>();
   const int64_t rows = cos.size(0);
   for (int64_t i = 0; i < n; ++i) {
@@ -86,22 +74,11 @@ void append_kv_cpu(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_n
                    const at::Tensor& beacon_len, const at::Tensor& positions, const at::Tensor& cos,
                    const at::Tensor& sin, bool interleaved) {
   constexpr const char* op = "beacon.append_kv";
-  checks::check_cache_pair(op, k_cache, v_cache, 4);
-  check_cpu_contiguous(op, k_cache, "k_cache");
-  check_cpu_contiguous(op, v_cache, "v_cache");
-  check_no_overlap(op, k_cache, "k_cache", v_cache, "v_cache");
-  checks::check_new_kv(op, k_cache, v_cache, k_new, v_new);
-  check_cpu_contiguous(op, k_new, "k_new");
-  check_cpu_contiguous(op, v_new, "v_new");
-  checks::check_new_kv_no_alias(op, k_cache, v_cache, k_new, v_new);
+  checks::check_append_kv(op, k_cache, v_cache, k_new, v_new, cu_seqlens, mem_len, raw_len, beacon_len, positions,
+                          cos, sin);
+  check_contiguous(op, {{k_cache, "k_cache"}, {v_cache, "v_cache"}, {k_new, "k_new"}, {v_new, "v_new"}});
   const int64_t batch = k_cache.size(0), heads = k_cache.size(1), cap = k_cache.size(2), D = k_cache.size(3);
   const int64_t total = k_new.size(0);
-  check_int_vector(op, cu_seqlens, "cu_seqlens", batch + 1);
-  check_int_vector(op, mem_len, "mem_len", batch);
-  check_int_vector(op, raw_len, "raw_len", batch);
-  check_int_vector(op, beacon_len, "beacon_len", batch);
-  check_int_vector(op, positions, "positions", total);
-  check_tables(op, cos, sin, D);
 
   const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
   const int32_t* mem = mem_len.data_ptr<int32_t>();
@@ -176,19 +153,11 @@ void compact_cpu(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at:
                  at::Tensor beacon_len, const at::Tensor& ratio, const at::Tensor& cos, const at::Tensor& sin,
                  int64_t window, int64_t stride, c10::string_view mode_str, bool interleaved) {
   constexpr const char* op = "beacon.compact_";
-  const Mode mode = checks::parse_mode(mode_str, op);
-  checks::check_cache_pair(op, k_cache, v_cache, 5);
-  check_cpu_contiguous(op, k_cache, "k_cache");
-  check_cpu_contiguous(op, v_cache, "v_cache");
-  check_no_overlap(op, k_cache, "k_cache", v_cache, "v_cache");
+  const Mode mode = checks::check_compact(op, k_cache, v_cache, mem_len, raw_len, beacon_len, ratio, cos, sin,
+                                         window, stride, mode_str);
+  check_contiguous(op, {{k_cache, "k_cache"}, {v_cache, "v_cache"}});
   const int64_t layers = k_cache.size(0), batch = k_cache.size(1), heads = k_cache.size(2);
   const int64_t cap = k_cache.size(3), D = k_cache.size(4);
-  check_int_vector(op, mem_len, "mem_len", batch);
-  check_int_vector(op, raw_len, "raw_len", batch);
-  check_int_vector(op, beacon_len, "beacon_len", batch);
-  check_int_vector(op, ratio, "ratio", batch);
-  check_tables(op, cos, sin, D);
-  checks::check_compact_args(op, mem_len, raw_len, beacon_len, window, stride);
   const int W = static_cast<int>(window), S = static_cast<int>(stride);
 
   int32_t* mem = mem_len.data_ptr<int32_t>();

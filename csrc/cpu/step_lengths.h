@@ -25,11 +25,13 @@ inline std::vector<SeqLens> read_step_lengths(const at::Tensor& cu_seqlens_q, co
   TORCH_CHECK(cu[0] == 0, "cu_seqlens_q must start at 0, got ", cu[0]);
   TORCH_CHECK(cu[batch] == total_q, "cu_seqlens_q must end at total_q = q.size(0) = ", total_q,
               ", got ", cu[batch]);
+  // The whole vector first: a decreasing step is a cu_seqlens_q problem, not a max_seqlen_q one.
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(cu[b + 1] >= cu[b], "cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b, "] = ", cu[b],
+                " > cu_seqlens_q[", b + 1, "] = ", cu[b + 1]);
   std::vector<SeqLens> lens(batch);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t nq = static_cast<int64_t>(cu[b + 1]) - cu[b];
-    TORCH_CHECK(nq >= 0, "cu_seqlens_q must be non-decreasing, got cu_seqlens_q[", b, "] = ", cu[b],
-                " > cu_seqlens_q[", b + 1, "] = ", cu[b + 1]);
     TORCH_CHECK(nq <= max_seqlen_q, "max_seqlen_q (", max_seqlen_q, ") is smaller than sequence ", b,
                 "'s query count ", nq);
     const SeqLens L{m_c.const_data_ptr<int32_t>()[b], r_c.const_data_ptr<int32_t>()[b],

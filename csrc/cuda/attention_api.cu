@@ -13,6 +13,7 @@
 #include <cmath>
 #include <string>
 
+#include "attn_params.h"
 #include "beacon_mask.h"
 #include "cuda/device_runtime.h"
 #include "op_checks.h"
@@ -24,12 +25,6 @@ namespace cuda {
 namespace {
 
 constexpr const char* kOp = "beacon.attention";
-
-void check_int_vector(const at::Tensor& t, const char* name, int64_t n, const at::Device& device) {
-  checks::check_int_vector_shape(kOp, t, name, n);
-  TORCH_CHECK(t.device() == device, kOp, ": ", name, " must be on ", device, " like q, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous");
-}
 
 bool aligned16(const at::Tensor& t) {
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
@@ -54,26 +49,19 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
                                                   const at::Tensor& beacon_len, const at::Tensor& ratio,
                                                   int64_t max_seqlen_q, c10::string_view mode_str,
                                                   bool attend_previous, double softmax_scale) {
-  const Mode mode = checks::parse_mode(mode_str, kOp);
-  TORCH_CHECK(rt::is_device_tensor(q_in), kOp, ": q must be a CUDA tensor, got ", q_in.device());
+  const Mode mode = checks::check_attention(kOp, q_in, k_cache, v_cache, cu_seqlens_q, mem_len, raw_len, beacon_len,
+                                            ratio, max_seqlen_q, mode_str, softmax_scale);
+  TORCH_CHECK_VALUE(rt::is_device_tensor(q_in), kOp, ": q must be a CUDA tensor, got ", q_in.device());
   const at::Device device = q_in.device();
-  TORCH_CHECK(k_cache.device() == device, kOp, ": k_cache must be on ", device, " like q, got ", k_cache.device());
-  TORCH_CHECK(v_cache.device() == device, kOp, ": v_cache must be on ", device, " like q, got ", v_cache.device());
-  checks::check_attention_args(kOp, q_in, k_cache, v_cache, max_seqlen_q);
+  const HostAttnParams hp =
+      fill_attn_params(q_in, k_cache, v_cache, max_seqlen_q, mode, attend_previous, softmax_scale);
   const auto dt = q_in.scalar_type();
-  const int64_t total_q = q_in.size(0), heads = q_in.size(1), d = q_in.size(2);
-  const int64_t batch = k_cache.size(0), kv_heads = k_cache.size(1), capacity = k_cache.size(2);
+  const int64_t total_q = hp.total_q, heads = hp.heads, d = hp.head_dim;
+  const int64_t batch = hp.batch, kv_heads = hp.kv_heads, capacity = hp.capacity;
   TORCH_CHECK_VALUE(capacity < (int64_t{1} << 31) && total_q < (int64_t{1} << 31), kOp,
                     ": capacity and total_q must fit in int32");
   TORCH_CHECK_VALUE(batch <= 65535 && kv_heads <= 65535, kOp, ": batch and kv_heads must be at most 65535 on CUDA");
-  check_int_vector(cu_seqlens_q, "cu_seqlens_q", batch + 1, device);
-  check_int_vector(mem_len, "mem_len", batch, device);
-  check_int_vector(raw_len, "raw_len", batch, device);
-  check_int_vector(beacon_len, "beacon_len", batch, device);
-  check_int_vector(ratio, "ratio", batch, device);
   TORCH_CHECK_VALUE(total_q == 0 || max_seqlen_q >= 1, kOp, ": max_seqlen_q must be >= 1 when q has rows");
-  // An upper bound is allowed; no sequence has more queries than q has rows.
-  max_seqlen_q = std::min(max_seqlen_q, total_q);
   TORCH_CHECK_VALUE(d >= 1 && d <= 256, kOp, ": head_dim must lie in [1, 256] on CUDA, got ", d);
   // Tensor cores for bf16/fp16 with head_dim 64 / 128, the simple kernel otherwise.
   const bool tensor_cores = dt != at::kFloat && (d == 64 || d == 128);
@@ -94,21 +82,22 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
     return {out, lse};
   }
 
+  // The shared host parameters, then the device pointers.
   AttnParams p{};
   p.q = q.data_ptr();
   p.out = out.data_ptr();
-  p.q_row_stride = q.stride(0);
+  p.q_row_stride = q.stride(0);  // q may be an aligned copy of q_in
   p.q_head_stride = q.stride(1);
   p.o_row_stride = out.stride(0);
   p.o_head_stride = out.stride(1);
   p.k = k_cache.data_ptr();
   p.v = v_cache.data_ptr();
-  p.k_batch_stride = k_cache.stride(0);
-  p.k_head_stride = k_cache.stride(1);
-  p.k_row_stride = k_cache.stride(2);
-  p.v_batch_stride = v_cache.stride(0);
-  p.v_head_stride = v_cache.stride(1);
-  p.v_row_stride = v_cache.stride(2);
+  p.k_batch_stride = hp.k_batch_stride;
+  p.k_head_stride = hp.k_head_stride;
+  p.k_row_stride = hp.k_row_stride;
+  p.v_batch_stride = hp.v_batch_stride;
+  p.v_head_stride = hp.v_head_stride;
+  p.v_row_stride = hp.v_row_stride;
   p.lse = lse.data_ptr<float>();
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
   p.mem_len = mem_len.data_ptr<int>();
@@ -118,15 +107,14 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   p.batch = static_cast<int>(batch);
   p.num_heads = static_cast<int>(heads);
   p.num_kv_heads = static_cast<int>(kv_heads);
-  p.group = static_cast<int>(heads / kv_heads);
+  p.group = static_cast<int>(hp.group);
   p.head_dim = static_cast<int>(d);
   p.capacity = static_cast<int>(capacity);
   p.total_q = static_cast<int>(total_q);
-  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
-  p.mode = static_cast<int>(mode);
-  p.attend_previous = attend_previous;
-  p.scale = softmax_scale > 0 ? static_cast<float>(softmax_scale)
-                              : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  p.max_seqlen_q = static_cast<int>(hp.max_seqlen_q);
+  p.mode = static_cast<int>(hp.mode);
+  p.attend_previous = hp.attend_previous;
+  p.scale = hp.scale;
   p.scale_log2 = p.scale * static_cast<float>(M_LOG2E);
 
   cudaStream_t stream = rt::current_stream();
@@ -142,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
     return {out, lse};
   }
 
-  const bool decode = max_seqlen_q == 1;
+  const bool decode = hp.max_seqlen_q == 1;
   at::Tensor out_accum, lse_accum;
   if (decode) {
     const int64_t m_blocks = (static_cast<int64_t>(p.group) + 15) / 16;

@@ -1,10 +1,11 @@
 // The condensed-cache ops on CUDA, host side: rope_ (rotate in place), append_kv (write a step's
 // keys, rotated, and values into each sequence's last slots) and compact_ (all layers, after a
-// full window); the kernels are in cache_kernels.cuh. Semantics: the schemas in csrc/beacon_ops.cpp, README.md's contract, and the moves of
-// rope.h (compaction_plan / compaction_move); positions and rotation pairs also come only from
-// rope.h. Caches and rotated tensors are float32, float16 or bfloat16 (as on the CPU). Rotations
-// are computed in fp32 and rounded once (round to nearest even), without FMA contraction, so the
-// results are bit-identical to the CPU kernels.
+// full window); the kernels are in cache_kernels.cuh. Semantics: the schemas in
+// csrc/beacon_ops.cpp, README.md's contract, and the moves of compaction.h (compaction_plan /
+// compaction_move); positions and rotation pairs come only from positions.h and rope.h. Caches
+// and rotated tensors are float32, float16 or bfloat16 (as on the CPU). Rotations are computed
+// in fp32 and rounded once (round to nearest even), without FMA contraction, so the results are
+// bit-identical to the CPU kernels.
 //
 // Host-side validation checks shapes, dtypes, devices and strides only; it never reads the
 // lengths (they live on the device: no synchronisation, CUDA-graph capturable). The kernels read
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <string>
 
+#include "compaction.h"
 #include "cuda/cache_kernels.cuh"
 #include "cuda/device_runtime.h"
 #include "op_checks.h"

@@ -1,7 +1,7 @@
 // The kernels of the condensed-cache ops (rope_, append_kv, compact_); their host code, checks
 // and launches are in cache.cu. Semantics: the schemas in csrc/beacon_ops.cpp, README.md's
-// contract, and the moves of rope.h (compaction_plan / compaction_move); positions and rotation
-// pairs also come only from rope.h. Rotations are computed in fp32 and rounded once (round to
+// contract, and the moves of compaction.h (compaction_plan / compaction_move); positions come
+// only from positions.h, rotation pairs only from rope.h. Rotations are computed in fp32 and rounded once (round to
 // nearest even), without FMA contraction, and position / delta 0 is an exact copy, so the
 // results are bit-identical to the CPU kernels. The kernels read the lengths and protect memory
 // themselves (see cache.cu). No torch headers here: T is float, c10::Half or c10::BFloat16 (their
@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "cuda/backend.h"
+#include "compaction.h"
 #include "rope.h"
 
 namespace beacon {
