@@ -13,6 +13,12 @@ A step's batch is token ids (language modelling on every token), an ``(ids, labe
 a :class:`beacon_ops.long_tasks.Sample` (e.g. a synthetic long-context task with loss on its
 answer only); the training data and its held-out evaluation texts are described in
 :mod:`beacon_ops.long_tasks`. Jane Austen, an evaluation text, is never a default.
+
+An optimizer step reads ``batch_size`` samples (gradient accumulation). In a ``torch.distributed``
+process group (:mod:`beacon_ops.distributed`, e.g. under ``torchrun``) they are shared among the
+ranks and the beacon gradients summed with one all-reduce; the samples and ratios of a step do
+not depend on the world size, so a run (and its resumption) gives the same result on any number
+of processes, up to fp32 rounding.
 """
 from __future__ import annotations
 

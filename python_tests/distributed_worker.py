@@ -23,7 +23,7 @@ def make_trainer(dist: Distributed | None = None) -> Trainer:
     g = torch.Generator().manual_seed(5)
     docs = [torch.randint(0, 101, (400,), generator=g).tolist() for _ in range(4)]
     cfg = TrainConfig(steps=STEPS, lr=1e-2, warmup=1, ratios=(2, 4, 8), checkpoint=None, batch_size=BATCH)
-    return Trainer(tiny_model(seed=0, window=16), cfg, TextSampler(docs, 40, 90, seed=1), dist=dist)
+    return Trainer(tiny_model(seed=0, window=16), cfg, TextSampler(docs, 24, 70, seed=1), dist=dist)
 
 
 def main() -> None:
