@@ -123,10 +123,10 @@ def test_interleaved_rope_with_permuted_rows_is_the_same_model(ratio):
 
 
 # --- GGUF -------------------------------------------------------------------------------------------
-def _write_gguf(path, model: Llama, quantize_ffn: bool) -> None:
-
+def _write_gguf(path, model: Llama, quantize_ffn: bool, arch: str = "llama") -> None:
+    """What llama.cpp's converter writes: q/k rows permuted for ``llama`` only, biases as ``*.bias``."""
     c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -149,10 +149,13 @@ def _write_gguf(path, model: Llama, quantize_ffn: bool) -> None:
             continue
         if k.startswith("model.layers."):
             i, rest = k[len("model.layers."):].split(".", 1)
-            name = f"blk.{i}.{layer[rest[:-len('.weight')]]}.weight"
+            rest, kind = rest.rsplit(".", 1)
+            name = f"blk.{i}.{layer[rest]}.{kind}"
         else:
             name = names[k]
-        if k.endswith("q_proj.weight"):
+        if arch != "llama":
+            pass
+        elif k.endswith("q_proj.weight"):
             v = permute_rope_rows(v, c.num_heads)
         elif k.endswith("k_proj.weight"):
             v = permute_rope_rows(v, c.num_kv_heads)
@@ -194,6 +197,25 @@ def test_gguf_roundtrip_unpermutes_and_dequantises(tmp_path):
     load_weights(b, state_i)
     x = _ids(50, seed=4)
     assert (prefill(a, [x], logits="all")[0] - prefill(b, [x], logits="all")[0]).abs().max() <= TOL
+
+
+def test_qwen2_gguf_keeps_rows_and_loads_biases(tmp_path):
+    # llama.cpp writes Qwen2 with Hugging Face's rotate-half rows and q/k/v biases
+    model = tiny_model(tiny_config(attention_bias=("q", "k", "v")), window=16, ratio=0)
+    _write_gguf(tmp_path / "qwen2.gguf", model, quantize_ffn=False, arch="qwen2")
+    config, state = load_gguf(str(tmp_path / "qwen2.gguf"))
+    assert config.attention_bias == ("q", "k", "v") and not config.rope_interleaved
+    assert "model.layers.1.self_attn.k_proj.bias" in state
+    for k, v in model.state_dict().items():
+        if "beacon" not in k:
+            assert torch.equal(state[k], v), k
+    loaded = Llama(config, model.beacon)
+    load_weights(loaded, state)
+    # beacon projections start as copies of the layer's, bias included
+    at = loaded.model.layers[0].self_attn
+    assert torch.equal(at.beacon_q_proj.bias, at.q_proj.bias) and at.beacon_o_proj.bias is None
+    x = _ids(50, seed=5)  # ratio 0: the base model only, so the logits must agree
+    assert (prefill(loaded, [x], logits="all")[0] - prefill(model, [x], logits="all")[0]).abs().max() <= TOL
 
 
 def test_gguf_bad_files_are_named(tmp_path):

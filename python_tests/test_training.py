@@ -346,6 +346,28 @@ def test_low_rank_adapter_size_and_start(tmp_path) -> None:
     assert size < full_size / 2
 
 
+def test_low_rank_delta_keeps_the_base_bias() -> None:
+    """Qwen2-style q/k/v biases: a rank-r delta adds to the base weight and keeps the base bias,
+    so it starts exactly at beacon projections copied from the layer's (bias included)."""
+    m = tiny_model(tiny_config(attention_bias=("q", "k", "v")), window=16, ratio=4)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            for p in "qkvo":
+                base, beacon = getattr(layer.self_attn, f"{p}_proj"), getattr(layer.self_attn, f"beacon_{p}_proj")
+                beacon.weight.copy_(base.weight)
+                if base.bias is not None:
+                    beacon.bias.copy_(base.bias)
+    ids = torch.randint(0, 101, (50,), generator=torch.Generator().manual_seed(5))
+    before = _inference_loss(m, ids)
+    make_beacon_trainable(m, rank=2)
+    at = m.model.layers[0].self_attn
+    assert at.beacon_k_proj.bias is at.k_proj.bias and at.beacon_o_proj.bias is None
+    assert _inference_loss(m, ids) == pytest.approx(before, abs=1e-6)
+    loss = beacon_loss(m, ids).loss  # the differentiable path runs the delta's forward
+    loss.backward()
+    assert at.beacon_k_proj.lora_B.grad is not None and at.beacon_k_proj.lora_B.grad.abs().sum() > 0
+
+
 # --- small pieces ---------------------------------------------------------------------------------
 def test_step_random_ratios() -> None:
     a, b = StepRandomRatios(), StepRandomRatios()
