@@ -99,6 +99,9 @@ def config_from_hf(cfg: dict[str, Any]) -> LlamaConfig:
     if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
         raise ValueError("config.json: only a SiLU MLP without biases is supported (hidden_act="
                          f"{cfg.get('hidden_act')!r}, mlp_bias={cfg.get('mlp_bias')!r})")
+    # transformers 5 writes RoPE settings as one ``rope_parameters`` dict (theta and scaling)
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     try:
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
@@ -111,8 +114,8 @@ def config_from_hf(cfg: dict[str, Any]) -> LlamaConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or hidden // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             bos_token_id=cfg.get("bos_token_id"),

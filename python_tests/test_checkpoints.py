@@ -14,7 +14,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from beacon_ops.checkpoints import (
-    load_checkpoint, load_gguf, load_hf, load_llama, load_weights, permute_rope_rows, tokenizer_from_gguf,
+    config_from_hf, load_checkpoint, load_gguf, load_hf, load_llama, load_weights, permute_rope_rows, tokenizer_from_gguf,
     unpermute_rope_rows,
 )
 from beacon_ops.generation import prefill
@@ -120,6 +120,27 @@ def test_interleaved_rope_with_permuted_rows_is_the_same_model(ratio):
     load_weights(inter, sd)
     x = _ids(60, seed=3)  # several windows: compaction re-rotates interleaved pairs too
     assert (prefill(inter, [x], logits="all")[0] - prefill(model, [x], logits="all")[0]).abs().max() <= TOL
+
+
+_HF_SHAPE = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                 num_attention_heads=6, num_key_value_heads=2)
+
+
+def test_config_families_and_rope_parameters():
+    assert config_from_hf({**_HF_SHAPE, "model_type": "qwen2"}).attention_bias == ("q", "k", "v")
+    assert config_from_hf({**_HF_SHAPE, "model_type": "mistral", "sliding_window": 8}).attention_bias == ()
+    assert config_from_hf({**_HF_SHAPE, "model_type": "llama", "attention_bias": True}).attention_bias == tuple("qkvo")
+    # transformers 5 keeps theta and scaling in one dict
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 500.0}
+    c = config_from_hf({**_HF_SHAPE, "model_type": "llama", "rope_parameters": rope})
+    assert c.rope_theta == 500.0 and c.rope_scaling["rope_type"] == "llama3"
+    c = config_from_hf({**_HF_SHAPE, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}})
+    assert c.rope_theta == 7.0 and c.rope_scaling is None
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        config_from_hf({**_HF_SHAPE, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="mlp_bias"):
+        config_from_hf({**_HF_SHAPE, "mlp_bias": True})
 
 
 # --- GGUF -------------------------------------------------------------------------------------------
