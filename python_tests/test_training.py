@@ -55,9 +55,11 @@ def test_loss_equals_inference(mode: str, ratio: int, length: int) -> None:
     assert abs(got - ref) <= 2e-5 * max(1.0, abs(ref)), (got, ref)
 
 
-@pytest.mark.parametrize("variant", ["interleaved", "no-attend-previous", "grad-enabled"])
+@pytest.mark.parametrize("variant", ["interleaved", "no-attend-previous", "grad-enabled", "biases"])
 def test_loss_equals_inference_variants(variant: str) -> None:
-    if variant == "interleaved":  # GGUF row layout: RoPE on pairs (2i, 2i+1)
+    if variant == "biases":  # biases on all four projections and their beacon copies
+        m = tiny_model(tiny_config(attention_bias=("q", "k", "v", "o")), window=16, ratio=4)
+    elif variant == "interleaved":  # GGUF row layout: RoPE on pairs (2i, 2i+1)
         m = tiny_model(tiny_config(rope_interleaved=True), window=16, ratio=4)
     elif variant == "no-attend-previous":
         m = tiny_model(window=16, ratio=4, attend_previous=False)
@@ -65,7 +67,7 @@ def test_loss_equals_inference_variants(variant: str) -> None:
         m = tiny_model(window=16, ratio=4)
     ids = torch.randint(0, 101, (58,), generator=torch.Generator().manual_seed(3))
     ref = _inference_loss(m, ids)
-    if variant == "grad-enabled":  # the training path proper (torch.cat projections, autograd)
+    if variant in ("grad-enabled", "biases"):  # the training path proper (torch.cat projections, autograd)
         got = beacon_loss(m, ids, checkpoint="layer").loss.item()
     else:
         with torch.no_grad():
