@@ -58,8 +58,13 @@ class LowRankDelta(nn.Module):
     def weight(self) -> Tensor:
         return self._base.weight + (self.lora_B @ self.lora_A).to(self._base.weight.dtype)
 
+    @property
+    def bias(self) -> Tensor | None:
+        """The base projection's bias (not trained)."""
+        return self._base.bias
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -1,4 +1,12 @@
-"""Loading Llama checkpoints without transformers: Hugging Face folders and GGUF files.
+"""Loading Llama-family checkpoints without transformers: Hugging Face folders and GGUF files.
+
+Families (each is :class:`~beacon_ops.llama.Llama` with its own config keys, read here):
+
+* ``llama`` (Llama 1-3, SmolLM2; Llama-3 ``rope_scaling``; ``attention_bias`` = biases on all
+  four projections);
+* ``mistral`` (no biases; ``sliding_window`` is ignored: with beacons the attention span is
+  bounded by the beacon window anyway, and without them the model attends to everything);
+* ``qwen2`` (biases on q/k/v, not o; ``use_sliding_window`` is ignored likewise).
 
 Two sources give the same result, a :class:`~beacon_ops.llama.LlamaConfig` and a state dict with
 Hugging Face parameter names (``model.layers.{i}.self_attn.q_proj.weight``, ...):
@@ -37,7 +45,8 @@ from .llama import BeaconConfig, Llama, LlamaConfig
 __all__ = [
     "Tokenizer", "ByteTokenizer", "load_hf", "load_gguf", "load_checkpoint", "tokenizer_from_gguf",
     "smollm2_path", "unpermute_rope_rows", "permute_rope_rows", "load_weights", "load_llama",
-    "random_llama", "tiny_random_llama", "LoadedModel", "load_model",
+    "random_llama", "tiny_random_llama", "LoadedModel", "load_model", "config_from_hf", "HF_FAMILIES",
+    "GGUF_FAMILIES", "initial_beacon_embedding",
 ]
 
 
@@ -69,10 +78,30 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # --- Hugging Face folders -----------------------------------------------------------------------
-def _config_from_hf(cfg: dict[str, Any]) -> LlamaConfig:
+HF_FAMILIES = ("llama", "mistral", "qwen2", "activation-beacon", "beacon_llama")
+"""``model_type`` values of ``config.json`` that load (the ``beacon_*`` ones are released beacon models)."""
+
+
+def _attention_bias(cfg: dict[str, Any], arch: str) -> tuple[str, ...]:
+    if arch == "qwen2":
+        return ("q", "k", "v")
+    if arch == "mistral":
+        return ()
+    return ("q", "k", "v", "o") if cfg.get("attention_bias") else ()
+
+
+def config_from_hf(cfg: dict[str, Any]) -> LlamaConfig:
+    """A :class:`~beacon_ops.llama.LlamaConfig` from a Hugging Face ``config.json`` of a
+    Llama, Mistral or Qwen2 model (``transformers``' ``config.to_dict()`` works too)."""
     arch = cfg.get("model_type", "llama")
-    if arch not in ("llama", "mistral", "activation-beacon", "beacon_llama"):
-        raise ValueError(f"config.json: model_type {arch!r} is not a Llama model")
+    if arch not in HF_FAMILIES:
+        raise ValueError(f"config.json: model_type {arch!r} is not one of {HF_FAMILIES}")
+    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
+        raise ValueError("config.json: only a SiLU MLP without biases is supported (hidden_act="
+                         f"{cfg.get('hidden_act')!r}, mlp_bias={cfg.get('mlp_bias')!r})")
+    # transformers 5 writes RoPE settings as one ``rope_parameters`` dict (theta and scaling)
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     try:
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
@@ -85,12 +114,13 @@ def _config_from_hf(cfg: dict[str, Any]) -> LlamaConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or hidden // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
+            attention_bias=_attention_bias(cfg, arch),
         )
     except KeyError as e:
         raise ValueError(f"config.json: missing required field {e.args[0]!r}") from None
@@ -104,7 +134,7 @@ def load_hf(folder: str) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"checkpoint folder {folder!r} has no config.json")
     with open(cfg_path) as f:
-        config = _config_from_hf(json.load(f))
+        config = config_from_hf(json.load(f))
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -130,6 +160,10 @@ _GGUF_LAYER_NAMES = {
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -155,11 +189,17 @@ def _hf_name(gguf_name: str) -> str:
     raise ValueError(f"GGUF tensor {gguf_name!r} is not a known Llama tensor")
 
 
-def load_gguf(path: str, *, unpermute: bool = True) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Read a llama.cpp GGUF Llama file into fp32 tensors with Hugging Face names.
+GGUF_FAMILIES = ("llama", "qwen2")
+"""``general.architecture`` values that load (llama.cpp writes Mistral models as ``llama``)."""
 
-    ``unpermute=True`` converts q/k rows to rotate-half (``rope_interleaved=False``);
+
+def load_gguf(path: str, *, unpermute: bool = True) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """Read a llama.cpp GGUF Llama or Qwen2 file into fp32 tensors with Hugging Face names.
+
+    Llama: ``unpermute=True`` converts q/k rows to rotate-half (``rope_interleaved=False``);
     ``unpermute=False`` keeps llama.cpp's interleaved rows and sets ``rope_interleaved=True``.
+    Qwen2 files keep the rotate-half rows of Hugging Face (llama.cpp permutes only ``llama``), and
+    their q/k/v biases load as ``*_proj.bias``.
     """
     import gguf
 
@@ -167,9 +207,11 @@ def load_gguf(path: str, *, unpermute: bool = True) -> tuple[LlamaConfig, dict[s
         raise FileNotFoundError(f"GGUF file {path!r} does not exist")
     reader = gguf.GGUFReader(path)
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF file {path!r}: general.architecture is {arch!r}, expected 'llama'")
-    a = "llama."
+    if arch not in GGUF_FAMILIES:
+        raise ValueError(f"GGUF file {path!r}: general.architecture is {arch!r}, expected one of "
+                         f"{GGUF_FAMILIES}")
+    a = arch + "."
+    unpermute = unpermute and arch == "llama"
     heads = int(_field(reader, a + "attention.head_count"))
     kv_heads = int(_field(reader, a + "attention.head_count_kv", heads))
     hidden = int(_field(reader, a + "embedding_length"))
@@ -194,7 +236,9 @@ def load_gguf(path: str, *, unpermute: bool = True) -> tuple[LlamaConfig, dict[s
         tie_word_embeddings="output.weight" not in names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        rope_interleaved=not unpermute,
+        rope_interleaved=arch == "llama" and not unpermute,
+        attention_bias=tuple(p for p, g in zip("qkvo", ("attn_q", "attn_k", "attn_v", "attn_output"))
+                             if f"blk.0.{g}.bias" in names),
     )
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
@@ -284,6 +328,15 @@ class ByteTokenizer:
 
 
 # --- weights into a model -----------------------------------------------------------------------
+def initial_beacon_embedding(config: LlamaConfig, embed_weight: Tensor) -> Tensor:
+    """The documented start of ``beacon_embed_tokens``: a copy of the EOS row, ``[1, hidden]``."""
+    eos = config.eos_ids
+    if not eos or not 0 <= eos[0] < embed_weight.shape[0]:
+        raise ValueError("cannot initialise beacon_embed_tokens: the config has no "
+                         f"valid eos_token_id (got {config.eos_token_id})")
+    return embed_weight[eos[0]:eos[0] + 1].detach().clone()
+
+
 def load_weights(model: Llama, state: dict[str, Tensor]) -> None:
     """Load a state dict with Hugging Face names into ``model``, strictly.
 
@@ -309,12 +362,8 @@ def load_weights(model: Llama, state: dict[str, Tensor]) -> None:
             continue
         if name == "model.beacon_embed_tokens.weight":
             emb = full.get("model.embed_tokens.weight")
-            eos = model.config.eos_ids
             if emb is not None:
-                if not eos or not 0 <= eos[0] < emb.shape[0]:
-                    raise ValueError("cannot initialise beacon_embed_tokens: the config has no "
-                                     f"valid eos_token_id (got {model.config.eos_token_id})")
-                full[name] = emb[eos[0]:eos[0] + 1].clone()
+                full[name] = initial_beacon_embedding(model.config, emb)
         else:
             full[name] = full.get(name.replace("beacon_", ""))
             if full[name] is None:

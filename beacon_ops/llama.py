@@ -1,7 +1,8 @@
 """A minimal Llama with Activation Beacon, in the spirit of gpt-fast's ``model.py``.
 
 The model is an ordinary Llama (RMSNorm, RoPE with optional Llama-3/linear scaling, grouped KV
-heads, SwiGLU MLP, tied or untied LM head). Activation Beacon (``docs/activation-beacon.md``)
+heads, SwiGLU MLP, tied or untied LM head, optional attention biases); Mistral and Qwen2 are this
+model with other config keys (:mod:`beacon_ops.checkpoints` reads them). Activation Beacon (``docs/activation-beacon.md``)
 adds, per layer, ``self_attn.beacon_{q,k,v,o}_proj`` (which of the four exist is configurable;
 beacon rows use the layer's own projection for the others) and one model-level
 ``beacon_embed_tokens`` row. Beacons share the norms, the MLP, RoPE and the LM head.
@@ -52,6 +53,7 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     rope_interleaved: bool = False  # llama.cpp row layout (pairs (2i, 2i+1)) instead of rotate-half
+    attention_bias: tuple[str, ...] = ()  # projections with a bias: Qwen2 ("q", "k", "v"), all 4 or none
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -59,6 +61,10 @@ class LlamaConfig:
                              f"({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        bad = set(self.attention_bias) - set(BEACON_PROJS)
+        if bad:
+            raise ValueError(f"attention_bias may only contain {BEACON_PROJS}, got {sorted(bad)}")
+        self.attention_bias = tuple(p for p in BEACON_PROJS if p in self.attention_bias)
 
     @property
     def eos_ids(self) -> list[int]:
@@ -179,7 +185,11 @@ def _project(x: Tensor, rows: _Rows, main: nn.Linear, beacon: nn.Linear | None) 
         return torch.cat([(beacon if b else main)(x[s:e]) for s, e, b in rows.runs])
     out = x.new_empty(x.shape[0], main.out_features)
     for s, e, is_beacon in rows.runs:
-        torch.matmul(x[s:e], (beacon if is_beacon else main).weight.t(), out=out[s:e])
+        lin = beacon if is_beacon else main
+        if lin.bias is None:
+            torch.matmul(x[s:e], lin.weight.t(), out=out[s:e])
+        else:
+            torch.addmm(lin.bias, x[s:e], lin.weight.t(), out=out[s:e])
     return out
 
 
@@ -191,8 +201,9 @@ class Attention(nn.Module):
         shapes = {"q": (c.hidden_size, q_dim), "k": (c.hidden_size, kv_dim),
                   "v": (c.hidden_size, kv_dim), "o": (q_dim, c.hidden_size)}
         for p, (i, o) in shapes.items():
-            setattr(self, f"{p}_proj", nn.Linear(i, o, bias=False))
-            setattr(self, f"beacon_{p}_proj", nn.Linear(i, o, bias=False) if p in beacon_params else None)
+            bias = p in c.attention_bias  # a beacon projection copies its layer's, bias included
+            setattr(self, f"{p}_proj", nn.Linear(i, o, bias=bias))
+            setattr(self, f"beacon_{p}_proj", nn.Linear(i, o, bias=bias) if p in beacon_params else None)
 
     def forward(self, x: Tensor, layer: int, cache: KVCache, plan: StepPlan, rows: _Rows) -> Tensor:
         c, n = self.c, x.shape[0]

@@ -14,7 +14,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from beacon_ops.checkpoints import (
-    load_checkpoint, load_gguf, load_hf, load_llama, load_weights, permute_rope_rows, tokenizer_from_gguf,
+    config_from_hf, load_checkpoint, load_gguf, load_hf, load_llama, load_weights, permute_rope_rows, tokenizer_from_gguf,
     unpermute_rope_rows,
 )
 from beacon_ops.generation import prefill
@@ -122,11 +122,32 @@ def test_interleaved_rope_with_permuted_rows_is_the_same_model(ratio):
     assert (prefill(inter, [x], logits="all")[0] - prefill(model, [x], logits="all")[0]).abs().max() <= TOL
 
 
-# --- GGUF -------------------------------------------------------------------------------------------
-def _write_gguf(path, model: Llama, quantize_ffn: bool) -> None:
+_HF_SHAPE = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                 num_attention_heads=6, num_key_value_heads=2)
 
+
+def test_config_families_and_rope_parameters():
+    assert config_from_hf({**_HF_SHAPE, "model_type": "qwen2"}).attention_bias == ("q", "k", "v")
+    assert config_from_hf({**_HF_SHAPE, "model_type": "mistral", "sliding_window": 8}).attention_bias == ()
+    assert config_from_hf({**_HF_SHAPE, "model_type": "llama", "attention_bias": True}).attention_bias == tuple("qkvo")
+    # transformers 5 keeps theta and scaling in one dict
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 500.0}
+    c = config_from_hf({**_HF_SHAPE, "model_type": "llama", "rope_parameters": rope})
+    assert c.rope_theta == 500.0 and c.rope_scaling["rope_type"] == "llama3"
+    c = config_from_hf({**_HF_SHAPE, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}})
+    assert c.rope_theta == 7.0 and c.rope_scaling is None
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        config_from_hf({**_HF_SHAPE, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="mlp_bias"):
+        config_from_hf({**_HF_SHAPE, "mlp_bias": True})
+
+
+# --- GGUF -------------------------------------------------------------------------------------------
+def _write_gguf(path, model: Llama, quantize_ffn: bool, arch: str = "llama") -> None:
+    """What llama.cpp's converter writes: q/k rows permuted for ``llama`` only, biases as ``*.bias``."""
     c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -149,10 +170,13 @@ def _write_gguf(path, model: Llama, quantize_ffn: bool) -> None:
             continue
         if k.startswith("model.layers."):
             i, rest = k[len("model.layers."):].split(".", 1)
-            name = f"blk.{i}.{layer[rest[:-len('.weight')]]}.weight"
+            rest, kind = rest.rsplit(".", 1)
+            name = f"blk.{i}.{layer[rest]}.{kind}"
         else:
             name = names[k]
-        if k.endswith("q_proj.weight"):
+        if arch != "llama":
+            pass
+        elif k.endswith("q_proj.weight"):
             v = permute_rope_rows(v, c.num_heads)
         elif k.endswith("k_proj.weight"):
             v = permute_rope_rows(v, c.num_kv_heads)
@@ -194,6 +218,25 @@ def test_gguf_roundtrip_unpermutes_and_dequantises(tmp_path):
     load_weights(b, state_i)
     x = _ids(50, seed=4)
     assert (prefill(a, [x], logits="all")[0] - prefill(b, [x], logits="all")[0]).abs().max() <= TOL
+
+
+def test_qwen2_gguf_keeps_rows_and_loads_biases(tmp_path):
+    # llama.cpp writes Qwen2 with Hugging Face's rotate-half rows and q/k/v biases
+    model = tiny_model(tiny_config(attention_bias=("q", "k", "v")), window=16, ratio=0)
+    _write_gguf(tmp_path / "qwen2.gguf", model, quantize_ffn=False, arch="qwen2")
+    config, state = load_gguf(str(tmp_path / "qwen2.gguf"))
+    assert config.attention_bias == ("q", "k", "v") and not config.rope_interleaved
+    assert "model.layers.1.self_attn.k_proj.bias" in state
+    for k, v in model.state_dict().items():
+        if "beacon" not in k:
+            assert torch.equal(state[k], v), k
+    loaded = Llama(config, model.beacon)
+    load_weights(loaded, state)
+    # beacon projections start as copies of the layer's, bias included
+    at = loaded.model.layers[0].self_attn
+    assert torch.equal(at.beacon_q_proj.bias, at.q_proj.bias) and at.beacon_o_proj.bias is None
+    x = _ids(50, seed=5)  # ratio 0: the base model only, so the logits must agree
+    assert (prefill(loaded, [x], logits="all")[0] - prefill(model, [x], logits="all")[0]).abs().max() <= TOL
 
 
 def test_gguf_bad_files_are_named(tmp_path):

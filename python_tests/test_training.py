@@ -55,9 +55,11 @@ def test_loss_equals_inference(mode: str, ratio: int, length: int) -> None:
     assert abs(got - ref) <= 2e-5 * max(1.0, abs(ref)), (got, ref)
 
 
-@pytest.mark.parametrize("variant", ["interleaved", "no-attend-previous", "grad-enabled"])
+@pytest.mark.parametrize("variant", ["interleaved", "no-attend-previous", "grad-enabled", "biases"])
 def test_loss_equals_inference_variants(variant: str) -> None:
-    if variant == "interleaved":  # GGUF row layout: RoPE on pairs (2i, 2i+1)
+    if variant == "biases":  # biases on all four projections and their beacon copies
+        m = tiny_model(tiny_config(attention_bias=("q", "k", "v", "o")), window=16, ratio=4)
+    elif variant == "interleaved":  # GGUF row layout: RoPE on pairs (2i, 2i+1)
         m = tiny_model(tiny_config(rope_interleaved=True), window=16, ratio=4)
     elif variant == "no-attend-previous":
         m = tiny_model(window=16, ratio=4, attend_previous=False)
@@ -65,7 +67,7 @@ def test_loss_equals_inference_variants(variant: str) -> None:
         m = tiny_model(window=16, ratio=4)
     ids = torch.randint(0, 101, (58,), generator=torch.Generator().manual_seed(3))
     ref = _inference_loss(m, ids)
-    if variant == "grad-enabled":  # the training path proper (torch.cat projections, autograd)
+    if variant in ("grad-enabled", "biases"):  # the training path proper (torch.cat projections, autograd)
         got = beacon_loss(m, ids, checkpoint="layer").loss.item()
     else:
         with torch.no_grad():
@@ -344,6 +346,28 @@ def test_low_rank_adapter_size_and_start(tmp_path) -> None:
     size, full_size = os.path.getsize(path), os.path.getsize(full_path)
     assert expected * 4 <= size <= expected * 4 + 16384  # fp32 tensors + header
     assert size < full_size / 2
+
+
+def test_low_rank_delta_keeps_the_base_bias() -> None:
+    """Qwen2-style q/k/v biases: a rank-r delta adds to the base weight and keeps the base bias,
+    so it starts exactly at beacon projections copied from the layer's (bias included)."""
+    m = tiny_model(tiny_config(attention_bias=("q", "k", "v")), window=16, ratio=4)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            for p in "qkvo":
+                base, beacon = getattr(layer.self_attn, f"{p}_proj"), getattr(layer.self_attn, f"beacon_{p}_proj")
+                beacon.weight.copy_(base.weight)
+                if base.bias is not None:
+                    beacon.bias.copy_(base.bias)
+    ids = torch.randint(0, 101, (50,), generator=torch.Generator().manual_seed(5))
+    before = _inference_loss(m, ids)
+    make_beacon_trainable(m, rank=2)
+    at = m.model.layers[0].self_attn
+    assert at.beacon_k_proj.bias is at.k_proj.bias and at.beacon_o_proj.bias is None
+    assert _inference_loss(m, ids) == pytest.approx(before, abs=1e-6)
+    loss = beacon_loss(m, ids).loss  # the differentiable path runs the delta's forward
+    loss.backward()
+    assert at.beacon_k_proj.lora_B.grad is not None and at.beacon_k_proj.lora_B.grad.abs().sum() > 0
 
 
 # --- small pieces ---------------------------------------------------------------------------------

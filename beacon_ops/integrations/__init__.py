@@ -1,0 +1,1 @@
+"""Activation Beacon inside other libraries' models (optional dependencies, imported on demand)."""
