@@ -113,7 +113,7 @@ def make_beacon_trainable(model: Llama, params: Sequence[str] = BEACON_PROJS, ra
     return out
 
 
-SHIPPED_ADAPTER = "smollm2_beacon.safetensors"
+SHIPPED_ADAPTER = "smollm2_beacon_r8_w256.safetensors"
 """The trained SmolLM2-135M-Instruct adapter under ``beacon_ops/assets`` (provenance in its README)."""
 
 

@@ -34,27 +34,10 @@ namespace {
 
 // ------------------------------------------------------------------------------------------------
 // Host side.
-using checks::check_no_overlap;
-
-void check_on(const char* op, const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " like the cache, got ", t.device());
-}
-
-void check_int_vector(const char* op, const at::Tensor& t, const char* name, int64_t n, const at::Device& device) {
-  checks::check_int_vector_shape(op, t, name, n);
-  check_on(op, t, name, device);
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-// cos/sin tables: the shared dtype and shape rules, then device, contiguity and int32 rows.
-void check_tables(const char* op, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim,
-                  const at::Device& device) {
-  checks::check_tables_shape(op, cos, sin, head_dim);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{cos, "cos"}, {sin, "sin"}}) {
-    check_on(op, t, name, device);
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  }
-  TORCH_CHECK_VALUE(cos.size(0) < (int64_t{1} << 31), op, ": cos has too many rows");
+// The device-independent checks are op_checks.h's, shared with the CPU and meta kernels; here
+// only what is CUDA's own: the tensors live on a CUDA device.
+void check_on_device(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(rt::is_device_tensor(t), op, ": ", name, " must be a CUDA tensor, got ", t.device());
 }
 
 // Whether every given tensor allows 16-byte vectors of N elements (pointer and strides).
@@ -79,15 +62,10 @@ unsigned grid_for(int64_t items, int threads) {
 void rope_cuda(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                bool interleaved) {
   constexpr const char* op = "beacon.rope_";
-  TORCH_CHECK(rt::is_device_tensor(x), op, ": x must be a CUDA tensor, got ", x.device());
-  checks::check_rope_input(op, x);
-  TORCH_CHECK(x.stride(2) == 1, op, ": x must be contiguous in head_dim");
+  checks::check_rope(op, x, positions, cos, sin);
+  check_on_device(op, x, "x");
   const at::Device device = x.device();
   const int64_t n = x.size(0), heads = x.size(1), D = x.size(2);
-  check_int_vector(op, positions, "positions", n, device);
-  check_tables(op, cos, sin, D, device);
-  check_no_overlap(op, x, "x", cos, "cos");
-  check_no_overlap(op, x, "x", sin, "sin");
   if (n == 0 || heads == 0 || D == 0) return;
   rt::DeviceGuard guard(device);
   cudaStream_t stream = rt::current_stream();
@@ -112,36 +90,17 @@ void rope_cuda(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos,
   BEACON_CUDA_LAUNCH_CHECK();
 }
 
-// A (k_cache, v_cache) pair of the given rank on one CUDA device, contiguous in head_dim.
-void check_cache_pair(const char* op, const at::Tensor& k, const at::Tensor& v, int64_t rank) {
-  TORCH_CHECK(rt::is_device_tensor(k), op, ": k_cache must be a CUDA tensor, got ", k.device());
-  checks::check_cache_pair(op, k, v, rank);
-  check_on(op, v, "v_cache", k.device());
-  TORCH_CHECK(k.stride(rank - 1) == 1, op, ": k_cache must be contiguous in head_dim");
-  TORCH_CHECK(v.stride(rank - 1) == 1, op, ": v_cache must be contiguous in head_dim");
-  check_no_overlap(op, k, "k_cache", v, "v_cache");
-}
-
 void append_kv_cuda(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k_new, const at::Tensor& v_new,
                     const at::Tensor& cu_seqlens, const at::Tensor& mem_len, const at::Tensor& raw_len,
                     const at::Tensor& beacon_len, const at::Tensor& positions, const at::Tensor& cos,
                     const at::Tensor& sin, bool interleaved) {
   constexpr const char* op = "beacon.append_kv";
-  check_cache_pair(op, k_cache, v_cache, 4);
+  checks::check_append_kv(op, k_cache, v_cache, k_new, v_new, cu_seqlens, mem_len, raw_len, beacon_len,
+                          positions, cos, sin);
+  check_on_device(op, k_cache, "k_cache");
   const at::Device device = k_cache.device();
   const int64_t batch = k_cache.size(0), heads = k_cache.size(1), cap = k_cache.size(2), D = k_cache.size(3);
-  check_on(op, k_new, "k_new", device);
-  check_on(op, v_new, "v_new", device);
-  TORCH_CHECK(k_new.stride(-1) == 1 && v_new.stride(-1) == 1, op, ": k_new and v_new must be contiguous in head_dim");
-  checks::check_new_kv(op, k_cache, v_cache, k_new, v_new);
-  checks::check_new_kv_no_alias(op, k_cache, v_cache, k_new, v_new);
   const int64_t total = k_new.size(0);
-  check_int_vector(op, cu_seqlens, "cu_seqlens", batch + 1, device);
-  check_int_vector(op, mem_len, "mem_len", batch, device);
-  check_int_vector(op, raw_len, "raw_len", batch, device);
-  check_int_vector(op, beacon_len, "beacon_len", batch, device);
-  check_int_vector(op, positions, "positions", total, device);
-  check_tables(op, cos, sin, D, device);
   TORCH_CHECK_VALUE(cap < (int64_t{1} << 31) && total < (int64_t{1} << 31), op,
                     ": capacity and the token count must fit in int32");
   if (total == 0 || heads == 0 || D == 0 || batch == 0) return;
@@ -189,17 +148,12 @@ void compact_cuda(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at
                   at::Tensor beacon_len, const at::Tensor& ratio, const at::Tensor& cos, const at::Tensor& sin,
                   int64_t window, int64_t stride, c10::string_view mode_str, bool interleaved) {
   constexpr const char* op = "beacon.compact_";
-  const Mode mode = checks::parse_mode(mode_str, op);
-  check_cache_pair(op, k_cache, v_cache, 5);
+  const Mode mode = checks::check_compact(op, k_cache, v_cache, mem_len, raw_len, beacon_len, ratio, cos, sin,
+                                          window, stride, mode_str);
+  check_on_device(op, k_cache, "k_cache");
   const at::Device device = k_cache.device();
   const int64_t layers = k_cache.size(0), batch = k_cache.size(1), heads = k_cache.size(2);
   const int64_t cap = k_cache.size(3), D = k_cache.size(4);
-  check_int_vector(op, mem_len, "mem_len", batch, device);
-  check_int_vector(op, raw_len, "raw_len", batch, device);
-  check_int_vector(op, beacon_len, "beacon_len", batch, device);
-  check_int_vector(op, ratio, "ratio", batch, device);
-  check_tables(op, cos, sin, D, device);
-  checks::check_compact_args(op, mem_len, raw_len, beacon_len, window, stride);
   // Compaction rotates by position differences up to the window (full-coverage beacons).
   TORCH_CHECK_INDEX(cos.size(0) > window, op, ": the cos/sin tables need more than window = ", window,
                     " rows (compaction rotates keys by position differences up to the window), got ", cos.size(0));
