@@ -95,7 +95,7 @@ def test_shipped_adapter_is_the_default_for_smollm2_only(monkeypatch):
     from beacon_ops import adapter as adapter_mod
     from beacon_ops.commands import common
 
-    monkeypatch.setattr(common, "smollm2_path", lambda: "/x/SmolLM2.gguf")
+    monkeypatch.setattr(beacon_ops.checkpoints, "smollm2_path", lambda: "/x/SmolLM2.gguf")
     monkeypatch.setattr(common, "shipped_adapter_path", lambda: "/x/shipped.safetensors")
     monkeypatch.setattr(common, "read_adapter_config", lambda p: {"window": 512})
     a = argparse.Namespace(adapter="auto", model=None, window=None, default_window=1024)

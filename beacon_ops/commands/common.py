@@ -10,8 +10,9 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .. import checkpoints
 from ..adapter import read_adapter_config, shipped_adapter_path
-from ..checkpoints import LoadedModel, load_model, smollm2_path
+from ..checkpoints import LoadedModel, load_model
 from ..kv_cache import check_ratio
 from ..llama import BeaconConfig
 from ..positions import MODES
@@ -133,7 +134,7 @@ def resolve_adapter(args: argparse.Namespace) -> None:
     """``--adapter auto`` -> the shipped adapter's path (default model only) or None, ``none`` ->
     None; ``--window`` defaults to the adapter's window (else the command's default)."""
     if args.adapter == "auto":
-        args.adapter = shipped_adapter_path() if args.model is None and smollm2_path() else None
+        args.adapter = shipped_adapter_path() if args.model is None and checkpoints.smollm2_path() else None
         if args.adapter:
             print(f"beacon adapter: the shipped {os.path.basename(args.adapter)} "
                   "(--adapter none for untrained beacons)")
