@@ -302,23 +302,17 @@ class LongTaskMixture:
             lead, rest = passage[:8], passage[8:]
             q = (f"Earlier in the text there is a passage that begins with \"{head.strip()}\". "
                  "Recite it word for word, continuing from its beginning:\n")
+            prompt = "\n\n" + q + (f"{self.eos}\n<|im_start|>assistant\n" if chat else "")
+            e = self.tok.encode(prompt)
+            ids += e + lead
+            labels += [IGNORE] * (len(e) + len(lead))
+            answer_start = len(ids)
+            ids += rest
+            labels += rest
             if chat:
-                pieces_tail = [("\n\n" + q + f"{self.eos}\n<|im_start|>assistant\n", False)]
-                e = self.tok.encode(pieces_tail[0][0])
-                ids += e + lead
-                labels += [IGNORE] * (len(e) + len(lead))
-                ids += rest
-                labels += rest
                 e = self.tok.encode(self.eos)
                 ids += e
                 labels += e
-            else:
-                e = self.tok.encode("\n\n" + q)
-                ids += e + lead
-                labels += [IGNORE] * (len(e) + len(lead)) 
-                ids += rest
-                labels += rest
-            answer_start = len(ids) - len(rest) - (len(self.tok.encode(self.eos)) if chat else 0)
             return Sample(ids, labels, "recall", chat, fact_pos, answer_start)
         cuts = [self._boundary(hay, int(d * len(hay))) for d in t.depths]
         prev = 0
