@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from beacon_ops import CondensedKVCache, beacon_attention, beacon_attention_backward, compact_, rope_
+from beacon_ops import CondensedKVCache, append_kv, beacon_attention, beacon_attention_backward, compact_, rope_
 from beacon_ops.reference import reference_attention
 
 BAD_CALL = (RuntimeError, ValueError, TypeError, IndexError)
@@ -140,3 +140,63 @@ def test_begin_step_that_raises_changes_nothing():
             cache.begin_step(bad)
         assert (list(cache.host_raw_len), list(cache.host_beacon_len)) == (before[0], before[1])
         assert torch.equal(cache.raw_len, before[2]) and torch.equal(cache.beacon_len, before[3])
+
+
+@pytest.mark.parametrize("strided", ["dout", "out", "lse", "all", "expanded dout"])
+def test_backward_takes_strided_dout_out_lse(strided):
+    """dout, out and lse need not be contiguous (autograd may pass an expanded dout): the result
+    is bit-identical to the one for contiguous copies of the same values."""
+    a = attention_args(heads=4, kv_heads=2)
+    out, lse = beacon_attention(*a.values(), max_seqlen_q=5)
+    dout = torch.randn(1, 4, 1).expand_as(out) if strided == "expanded dout" else torch.randn_like(out)
+    given = {"dout": dout, "out": out, "lse": lse}
+    for name in given:
+        if strided in (name, "all"):  # the same values, the last dimension not contiguous
+            given[name] = given[name].transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not all(t.is_contiguous() for t in given.values())
+    rest = list(a.values())[3:]
+    got = beacon_attention_backward(given["dout"], a["q"], a["k_cache"], a["v_cache"], given["out"], given["lse"],
+                                    *rest, max_seqlen_q=5)
+    want = beacon_attention_backward(dout.contiguous(), a["q"], a["k_cache"], a["v_cache"], out, lse, *rest,
+                                     max_seqlen_q=5)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_ratio_zero_named_only_for_a_sequence_with_beacons():
+    a = attention_args()  # sequence 0 has 2 beacons (ratio 2), sequence 1 none (ratio 0)
+    a["ratio"] = i32([2, 0])
+    out, _ = beacon_attention(*a.values(), max_seqlen_q=5)
+    torch.testing.assert_close(out.double(), reference_attention(*a.values()).out, atol=1e-5, rtol=1e-5)
+    a["ratio"] = i32([0, 0])
+    with pytest.raises(BAD_CALL, match="ratio|beacon_len"):
+        beacon_attention(*a.values(), max_seqlen_q=5)
+
+
+def test_append_kv_more_new_tokens_than_raw_and_beacons_named():
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4)
+    cos, sin = torch.ones(8, 2), torch.zeros(8, 2)
+    saved = (k.clone(), v.clone())
+    with pytest.raises(BAD_CALL, match="raw_len|cu_seqlens"):  # 3 new tokens, raw_len + beacon_len = 2
+        append_kv(k, v, torch.randn(3, 1, 4), torch.randn(3, 1, 4), i32([0, 3]), i32([1]), i32([1]), i32([1]),
+                  i32([1, 2, 3]), cos, sin)
+    assert torch.equal(k, saved[0]) and torch.equal(v, saved[1])
+
+
+def test_compact_needs_table_rows_only_where_keys_rotate():
+    """With ratio 0 nothing moves, so one cos/sin row is enough; with beacons the keys rotate by
+    position differences the tables must cover, or compact_ raises and changes nothing."""
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 1, 8, 4), torch.randn(1, 2, 1, 8, 4)
+    cos, sin = torch.ones(1, 2), torch.zeros(1, 2)
+    mem, raw, bea = i32([0, 2]), i32([4, 4]), i32([0, 0])
+    before = (k.clone(), v.clone())
+    compact_(k, v, mem, raw, bea, i32([0, 0]), cos, sin, window=4, stride=4, mode="segmentation")
+    assert mem.tolist() == [4, 6] and raw.tolist() == [0, 0] and bea.tolist() == [0, 0]
+    assert torch.equal(k, before[0]) and torch.equal(v, before[1])
+    mem, raw, bea = i32([0, 2]), i32([4, 4]), i32([2, 0])
+    with pytest.raises(IndexError, match="cos/sin tables have 1 rows"):
+        compact_(k, v, mem, raw, bea, i32([2, 0]), cos, sin, window=4, stride=4, mode="segmentation")
+    assert mem.tolist() == [0, 2] and raw.tolist() == [4, 4] and bea.tolist() == [2, 0]
+    assert torch.equal(k, before[0]) and torch.equal(v, before[1])
