@@ -3,6 +3,7 @@
 #                prompt on SmolLM2-135M with beacon attention; DEMO_ARGS passes options)
 #   make test    set up, build, run the test suite
 #   make test-cuda-emu   the CUDA kernels on the host emulation (csrc/cuda/emu; no GPU needed)
+#   make test-cuda-emu-sanitize   the same under ASan + UBSan (a subset of the cases)
 # Set-up: a venv in $(VENV) with torch $(TORCH_SPEC) (the CUDA build, so the CUDA kernels compile
 # even on a machine without a GPU), the build tools and the test/demo extras; then an in-place
 # build (CMake + ninja) of the native library into beacon_ops/.
@@ -89,3 +90,27 @@ test-sanitize: venv
 	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider -x $(addprefix $(abspath python_tests)/,$(SAN_TESTS)) \
 	  $(PYTEST_ARGS)
+
+# The CUDA host emulation under ASan + UBSan: _cuda_emu alone, in its own build folder, with the
+# (head dim 64, bf16) instantiations only (the sanitizers check memory accesses, which the other
+# instantiations share; test-cuda-emu runs them all), loaded through BEACON_CUDA_EMU_LIB next to
+# the in-place _C, the runtimes preloaded as for test-sanitize. A subset of the emulated cases,
+# one (random) schedule: every kernel and op at least once. Any report aborts: the test fails
+# (--capture=sys: the report reaches the terminal, not pytest's capture of the dying process).
+EMU_SAN_DIR   ?= build/sanitize-cuda-emu
+EMU_SAN_TESTS ?= test_cuda_emu.py test_cuda.py
+EMU_SAN_K     ?= test_cuda_emu or errors_name or 64-bf16 and (prefill_against and 1-True or decode) \
+  or long_memory and 64 or simple_path and (segmentation-40 or 96-bf16) \
+  or bfloat16 and (rope or append_kv or compact and (16-8 or 32-8-True-segmentation))
+.PHONY: test-cuda-emu-sanitize
+test-cuda-emu-sanitize: build
+	$(PY) -m cmake -S . -B $(EMU_SAN_DIR) -G Ninja -DBEACON_OPS_CUDA=OFF -DBEACON_OPS_CUDA_EMU=ON \
+	  -DBEACON_OPS_CUDA_EMU_SANITIZE=ON -DBEACON_OPS_HEADDIMS=64 -DBEACON_OPS_DTYPES=bf16 \
+	  -DPython_EXECUTABLE=$(abspath $(PY))
+	$(PY) -m cmake --build $(EMU_SAN_DIR) -j $(JOBS) --target _cuda_emu
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  BEACON_CUDA_EMU=1 BEACON_CUDA_EMU_SCHEDULES=random \
+	  BEACON_CUDA_EMU_LIB="$$(ls $(abspath $(EMU_SAN_DIR))/_cuda_emu*.so)" \
+	  $(PY) -m pytest -q -p no:cacheprovider -x --capture=sys $(addprefix python_tests/,$(EMU_SAN_TESTS)) \
+	  -k "$(EMU_SAN_K)" $(PYTEST_ARGS)

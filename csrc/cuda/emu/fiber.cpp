@@ -18,6 +18,7 @@
 #endif
 #endif
 #if BEACON_EMU_ASAN
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -62,6 +63,9 @@ namespace emu {
 void fiber_allocate(Fiber& f, size_t stack_size) {
   if (f.mapping != nullptr) return;
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+#if BEACON_EMU_ASAN
+  stack_size *= 4;  // instrumented frames are larger (a redzone around every stack array)
+#endif
   stack_size = (stack_size + page - 1) / page * page;
   const size_t total = stack_size + page;
   void* m = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -78,8 +82,19 @@ void fiber_free(Fiber& f) {
   f = Fiber{};
 }
 
+// A reused stack may hold the poisoned redzones of frames that never returned (a thread that
+// exited from inside a function, or one abandoned when its launch failed): clear them.
+static void unpoison_stack(Fiber& f) {
+#if BEACON_EMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(f.stack_lo, f.stack_size);
+#else
+  (void)f;
+#endif
+}
+
 #if defined(__x86_64__)
 void fiber_prepare(Fiber& f, void (*entry)()) {
+  unpoison_stack(f);
   auto top = (reinterpret_cast<uintptr_t>(f.stack_lo) + f.stack_size) & ~uintptr_t{15};
   void** sp = reinterpret_cast<void**>(top);
   *--sp = nullptr;                              // keeps entry's frame 16-byte aligned
@@ -95,6 +110,7 @@ void fiber_prepare(Fiber& f, void (*entry)()) {
 static inline void raw_switch(Fiber& from, Fiber& to) { beacon_emu_switch(&from.sp, to.sp); }
 #else
 void fiber_prepare(Fiber& f, void (*entry)()) {
+  unpoison_stack(f);
   auto* ctx = new ucontext_t;  // kept in f.sp (freed with the process; fibers are reused)
   getcontext(ctx);
   ctx->uc_stack.ss_sp = f.stack_lo;

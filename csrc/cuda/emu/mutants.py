@@ -1,12 +1,14 @@
 """Shows that the CUDA host emulation catches kernel bugs: injects each known bug below, one at
-a time, into a scratch copy of the repository and checks that ``make test-cuda-emu`` fails.
+a time, into a scratch copy of the repository and checks that ``make test-cuda-emu`` fails (or
+``make test-cuda-emu-sanitize``, the ASan + UBSan build, for a bug only a sanitizer can see).
 Not run by CI (each mutant rebuilds part of _cuda_emu and runs the emulated suite).
 
     python csrc/cuda/emu/mutants.py [--venv PATH] [--quick] [--only NAME ...] [--keep DIR]
                                     [--no-baseline] [--timeout SECONDS]
 
 --quick builds only the (head dim 64, bf16) instantiations and runs each mutant's suite on the
-tests of the kernel it touches (-k) instead of the whole of test_cuda.py. Prints a Markdown table: mutant, where, caught or MISSED, the first failure.
+tests of the kernel it touches (-k) instead of the whole of test_cuda.py (or of the sanitizer
+target's subset). Prints a Markdown table: mutant, where, caught or MISSED, the first failure.
 Exit status 1 if a mutant was missed or the unmutated copy fails.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
-# name, file, original text, mutated text, what the bug is, -k expression for --quick
+# name, file, original text, mutated text, what the bug is, -k expression for --quick[, make target]
+PLAIN, SANITIZED = "test-cuda-emu", "test-cuda-emu-sanitize"
 MUTANTS = [
     ("no-barrier-after-wait", "csrc/cuda/attention_fwd.cuh",
      "    __syncthreads();     // ... and everyone else's\n", "\n",
@@ -70,6 +73,11 @@ MUTANTS = [
      "for (int off = 16; off > 0; off >>= 1) max_lse", "for (int off = 8; off > 0; off >>= 1) max_lse",
      "split-KV combine: max reduction misses half the warp (splits past lane 16 ignored)",
      "decode and bf16 and 64"),
+    ("out-of-bounds-read", "csrc/cuda/cache_kernels.cuh",
+     "    const int p = pos[t];\n",
+     "    const int p = pos[t], p_next = *static_cast<const volatile int*>(pos + t + 1);\n    (void)p_next;\n",
+     "rope_: reads the next token's position, past the positions tensor for the last token (results unchanged)",
+     "rope and bfloat16", SANITIZED),
 ]
 
 
@@ -83,8 +91,8 @@ def run(cmd: list[str], cwd: str, timeout: int) -> tuple[int, str]:
 
 
 def first_failure(log: str) -> str:
-    for pat in (r"cuda emulation: [^\n]*", r"^E\s+(AssertionError[^\n]*|assert [^\n]*)", r"^FAILED [^\n]*",
-                r"error: [^\n]*"):
+    for pat in (r"ERROR: AddressSanitizer: [^\n]*", r"runtime error: [^\n]*", r"cuda emulation: [^\n]*",
+                r"^E\s+(AssertionError[^\n]*|assert [^\n]*)", r"^FAILED [^\n]*", r"error: [^\n]*"):
         m = re.search(pat, log, re.M)
         if m:
             return m.group(0).strip()[:160]
@@ -112,21 +120,25 @@ def main() -> int:
     cmake_args = "-DBEACON_OPS_CUDA=0"
     if args.quick:  # only the (64, bf16) instantiations: the quick cases use no other
         cmake_args += " -DBEACON_OPS_HEADDIMS=64 -DBEACON_OPS_DTYPES=bf16"
-    make = ["make", "test-cuda-emu", f"VENV={os.path.abspath(args.venv)}", "JOBS=2", f"CMAKE_ARGS={cmake_args}"]
-    chosen = [m for m in MUTANTS if args.only is None or m[0] in args.only]
+    chosen = [m if len(m) == 7 else m + (PLAIN,) for m in MUTANTS if args.only is None or m[0] in args.only]
 
-    def suite(k: str | None) -> list[str]:
+    def suite(target: str, k: str | None) -> list[str]:
+        make = ["make", target, f"VENV={os.path.abspath(args.venv)}", "JOBS=2", f"CMAKE_ARGS={cmake_args}"]
+        if target == SANITIZED:  # its own subset of the cases, narrowed by -k with --quick
+            return make + ([f"EMU_SAN_K={k}"] if k else [])
         extra = "-x -p no:cacheprovider" + (f" -k '{k}'" if k else "")
         return make + [f"PYTEST_ARGS={extra}"]
 
-    every_k = " or ".join(sorted({f"({m[5]})" for m in chosen}))
-    rc, log = (0, "") if args.no_baseline else run(suite(every_k if args.quick else None), scratch, args.timeout)
-    if rc != 0:
-        print(f"the unmutated copy fails (rc {rc}): {first_failure(log)}", file=sys.stderr)
-        print(log[-3000:], file=sys.stderr)
-        return 1
+    for target in sorted({m[6] for m in chosen}):
+        every_k = " or ".join(sorted({f"({m[5]})" for m in chosen if m[6] == target}))
+        rc, log = (0, "") if args.no_baseline else run(suite(target, every_k if args.quick else None), scratch,
+                                                          args.timeout)
+        if rc != 0:
+            print(f"the unmutated copy fails {target} (rc {rc}): {first_failure(log)}", file=sys.stderr)
+            print(log[-3000:], file=sys.stderr)
+            return 1
     rows, missed = [], 0
-    for name, path, old, new, what, k in chosen:
+    for name, path, old, new, what, k, target in chosen:
         full = os.path.join(scratch, path)
         text = open(full).read()
         if text.count(old) != 1:
@@ -135,7 +147,7 @@ def main() -> int:
             continue
         open(full, "w").write(text.replace(old, new))
         t0 = time.time()
-        rc, log = run(suite(k if args.quick else None), scratch, args.timeout)
+        rc, log = run(suite(target, k if args.quick else None), scratch, args.timeout)
         open(full, "w").write(text)
         caught = rc not in (0, 124)  # a timeout is not a catch: the emulation reports deadlocks
         missed += not caught
