@@ -64,6 +64,22 @@ def test_fuzz_cache_schedules(request, tmp_path):
     assert "Sanitizer" not in stderr and "runtime error:" not in stderr, stderr[-3000:]
 
 
+# Seeds of the long size where the harness once failed while building the case (rope_,
+# attention_backward 204/400, append_kv 944) or judged a valid call invalid (the others): each
+# case is now built and classified as a named error or a correct result.
+HARNESS_REGRESSIONS = {"rope_": (276, 367, 445, 482, 507, 584, 637, 675, 852, 928), "append_kv": (247, 944),
+                       "attention": (350,), "attention_backward": (191, 201, 204, 400, 584, 875, 950),
+                       "compact_": (417, 637)}
+
+
+@pytest.mark.parametrize("op,seed", [(op, s) for op, seeds in HARNESS_REGRESSIONS.items() for s in seeds])
+def test_harness_regressions(op, seed):
+    import beacon_ops  # noqa: F401  (in this process: these cases neither crash nor hang)
+    for interface in fuzzing.INTERFACES:
+        answer = fuzzing.run_case(op, interface, seed)
+        assert answer["outcome"] in ("named", "correct"), answer
+
+
 def test_worker_records_a_crash(tmp_path):
     """A worker that dies mid-case is recorded as a crash and replaced for the next case."""
     answers = fuzzing.fuzz([dict(crash=True), dict(op="rope_", interface="raw", seed=0)],
