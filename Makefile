@@ -95,7 +95,8 @@ test-sanitize: venv
 # (head dim 64, bf16) instantiations only (the sanitizers check memory accesses, which the other
 # instantiations share; test-cuda-emu runs them all), loaded through BEACON_CUDA_EMU_LIB next to
 # the in-place _C, the runtimes preloaded as for test-sanitize. A subset of the emulated cases,
-# one (random) schedule: every kernel and op at least once. Any report aborts: the test fails
+# every kernel and op at least once, in test-cuda-emu's two schedules (reverse: grids sized for 16
+# multiprocessors, several decode splits; random: for 1). Any report aborts: the test fails
 # (--capture=sys: the report reaches the terminal, not pytest's capture of the dying process).
 EMU_SAN_DIR   ?= build/sanitize-cuda-emu
 EMU_SAN_TESTS ?= test_cuda_emu.py test_cuda.py
@@ -110,7 +111,7 @@ test-cuda-emu-sanitize: build
 	$(PY) -m cmake --build $(EMU_SAN_DIR) -j $(JOBS) --target _cuda_emu
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  BEACON_CUDA_EMU=1 BEACON_CUDA_EMU_SCHEDULES=random \
+	  BEACON_CUDA_EMU=1 BEACON_CUDA_EMU_SCHEDULES=reverse,random \
 	  BEACON_CUDA_EMU_LIB="$$(ls $(abspath $(EMU_SAN_DIR))/_cuda_emu*.so)" \
 	  $(PY) -m pytest -q -p no:cacheprovider -x --capture=sys $(addprefix python_tests/,$(EMU_SAN_TESTS)) \
 	  -k "$(EMU_SAN_K)" $(PYTEST_ARGS)
