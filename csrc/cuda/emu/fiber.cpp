@@ -64,7 +64,7 @@ void fiber_allocate(Fiber& f, size_t stack_size) {
   if (f.mapping != nullptr) return;
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
 #if BEACON_EMU_ASAN
-  stack_size *= 4;  // instrumented frames are larger (a redzone around every stack array)
+  stack_size *= 4;  // headroom: instrumented frames are larger (a redzone around each stack array)
 #endif
   stack_size = (stack_size + page - 1) / page * page;
   const size_t total = stack_size + page;
