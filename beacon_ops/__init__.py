@@ -55,9 +55,14 @@ def build_info() -> dict[str, Any]:
     """What this build contains.
 
     Returns a dict with keys ``version`` (package version), ``torch`` (the torch version it was
-    built against), ``cuda_compiled`` (bool), ``cuda_archs`` (e.g. ``['sm_80', 'sm_90a']``),
-    ``cutlass`` (CUTLASS version of the headers used, '' without CUDA), plus ``cuda_head_dims``
-    and ``cuda_dtypes`` (the CUDA instantiations compiled in).
+    built against), ``cuda_compiled`` (bool), ``cuda_archs`` (the GPU code compiled in, e.g.
+    ``['sm_80', 'sm_90', 'compute_90']``; ``compute_*`` is PTX), ``cutlass`` (version of the
+    optional CUTLASS headers on the CUDA include path, '' when absent or without CUDA),
+    ``cuda_head_dims`` and ``cuda_dtypes`` (the tensor-core instantiations selected, [] without
+    CUDA), ``cuda_kernels`` (the CUDA kernel kinds compiled in, each with its instantiations, e.g.
+    ``{'prefill': ['hdim64_bf16', ...], 'decode': [...], 'attention_generic': [], 'cache': []}``;
+    an empty list: one kernel for every head dim and dtype it accepts; ``{}`` without CUDA),
+    ``cpu_isa_detected`` and ``cpu_isa`` (the CPU kernels' instruction set: detected, used).
     """
     return dict(_C.build_info())
 

@@ -12,11 +12,11 @@
 # The GPU machine has its own Python (3.12) + torch (2.11, cu130), nvcc, cmake, ninja, pytest
 # and no internet. What it lacks travels in the git-ignored folder .whl/ (fill it here with
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --platform manylinux2014_x86_64 --platform any -d .whl nvidia-cutlass==4.2.0.0 pybind11 \
+#     --platform manylinux2014_x86_64 --platform any -d .whl pybind11 \
 #     hypothesis sortedcontainers attrs pytest-benchmark py-cpuinfo expecttest
-# ): the CUTLASS headers (always installed into /tmp/site; CUTLASS_DIR points at
-# /tmp/site/cutlass_library/source, which holds include/cutlass and include/cute) and any
-# of the other wheels whose module the machine cannot import.
+# ): the wheels whose module the machine cannot import are installed into /tmp/site. The
+# optional CUTLASS headers (no kernel needs them) are used when an nvidia-cutlass wheel is there
+# too: CUTLASS_DIR then points at /tmp/site/cutlass_library/source.
 #
 # On the GPU machine:  bash bench/gpu_check.sh   (with the .whl/ folder next to the checkout;
 #   the files under $OUT are the results).
@@ -100,7 +100,7 @@ install_wheels() {
   local whl mod
   for whl in .whl/*.whl; do
     case "$(basename "$whl")" in
-      nvidia_cutlass-*) mod="" ;;  # headers: always
+      nvidia_cutlass-*) mod="" ;;  # optional headers: always, when present
       pybind11-*) mod=pybind11 ;;
       hypothesis-*) mod=hypothesis ;;
       sortedcontainers-*) mod=sortedcontainers ;;
@@ -116,14 +116,13 @@ install_wheels() {
     fi
     "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$whl" || return 1
   done
-  test -d "$SITE/cutlass_library/source/include/cute" && test -d "$SITE/cutlass_library/source/include/cutlass"
 }
 export -f install_wheels
 export PY SITE
 if ls .whl/*.whl > /dev/null 2>&1; then
   step wheels 120 install_wheels
 else
-  skip wheels "no .whl folder: using installed packages (CUTLASS from the nvidia-cutlass package)"
+  skip wheels "no .whl folder: using installed packages"
 fi
 export PYTHONPATH="$ROOT${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d "$SITE/cutlass_library/source/include/cute" ]; then
@@ -131,7 +130,7 @@ if [ -d "$SITE/cutlass_library/source/include/cute" ]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 2. Build (in place, all cores; default archs 8.0;9.0a unless BEACON_OPS_CUDA_ARCHS is set).
+# 2. Build (in place, all cores; default archs 8.0;9.0+PTX unless BEACON_OPS_CUDA_ARCHS is set).
 PYBIND_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())' 2>/dev/null || true)"
 build() {
   rm -f beacon_ops/_C*.so beacon_ops/_build.json

@@ -50,7 +50,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" >> "$LOG" 2>&1
 if [ "$NO_GPU" = 0 ]; then
   if ! "$PY" -c "import beacon_ops, sys; sys.exit(0 if beacon_ops.build_info()['cuda_compiled'] else 1)" 2>/dev/null; then
-    # the build (wheels, CUTLASS, CMake flags) is gpu_check.sh's; build outputs stay on a warm machine
+    # the build (wheels, CMake flags) is gpu_check.sh's; build outputs stay on a warm machine
     log "beacon_ops has no CUDA kernels here: run bench/gpu_check.sh first (same machine), then this"
     exit 1
   fi

@@ -26,6 +26,19 @@ std::vector<std::string> split(const std::string& s, char sep) {
   if (!cur.empty()) out.push_back(cur);
   return out;
 }
+
+// BEACON_OPS_CUDA_KERNELS ("kind=inst inst,kind=,...", cmake/kernel_list.cmake) as
+// {kind: [instance, ...]}; an empty list: one kernel for every head dim / dtype it accepts.
+py::dict kernel_kinds(const std::string& s) {
+  py::dict d;
+  for (const std::string& entry : split(s, ',')) {
+    const size_t eq = entry.find('=');
+    std::vector<std::string> insts;
+    for (const std::string& inst : split(entry.substr(eq + 1), ' ')) insts.push_back(inst);
+    d[py::str(entry.substr(0, eq))] = insts;
+  }
+  return d;
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -36,13 +49,16 @@ PYBIND11_MODULE(_C, m) {
     d["torch"] = BEACON_OPS_TORCH_VERSION;
 #ifdef BEACON_WITH_CUDA
     d["cuda_compiled"] = true;
+    d["cuda_head_dims"] = split(BEACON_OPS_HEADDIMS, ',');
+    d["cuda_dtypes"] = split(BEACON_OPS_DTYPES, ',');
 #else
     d["cuda_compiled"] = false;
+    d["cuda_head_dims"] = std::vector<std::string>{};
+    d["cuda_dtypes"] = std::vector<std::string>{};
 #endif
     d["cuda_archs"] = split(BEACON_OPS_CUDA_ARCHS, ',');
     d["cutlass"] = std::string(BEACON_OPS_CUTLASS_VERSION);
-    d["cuda_head_dims"] = split(BEACON_OPS_HEADDIMS, ',');
-    d["cuda_dtypes"] = split(BEACON_OPS_DTYPES, ',');
+    d["cuda_kernels"] = kernel_kinds(BEACON_OPS_CUDA_KERNELS);
     // The CPU kernels' instruction set: what this CPU has, and what they use (BEACON_OPS_CPU_ISA).
     d["cpu_isa_detected"] = std::string(beacon::cpu::isa_name(beacon::cpu::detected_isa()));
     d["cpu_isa"] = std::string(beacon::cpu::isa_name(beacon::cpu::cpu_isa()));

@@ -29,9 +29,11 @@ def run(args: argparse.Namespace) -> int:
         write_json(info, "-")
         return 0
     for k in ("version", "torch", "torch_runtime", "cuda_compiled", "cuda_archs", "cutlass",
-              "cuda_head_dims", "cuda_dtypes", "cuda_available", "cpu_isa_detected", "cpu_isa",
-              "ops"):
+              "cuda_head_dims", "cuda_dtypes", "cuda_kernels", "cuda_available", "cpu_isa_detected",
+              "cpu_isa", "ops"):
         v = info.get(k)
+        if isinstance(v, dict):  # cuda_kernels: kind (instances)
+            v = ", ".join(f"{kind} ({' '.join(insts)})" if insts else kind for kind, insts in v.items())
         print(f"{k:>16}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
     write_json(info, args.json)
     return 0

@@ -24,8 +24,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <type_traits>
 #include <cstring>
 #include <limits>
@@ -50,24 +48,9 @@ using namespace beacon::cpu::attn;
 
 constexpr const char* kOp = "beacon.attention";
 
-// Tile sizes (rows of a query tile, keys of a key block); chosen by bench attention.
-// BEACON_OPS_CPU_TILES="rows,keys" overrides them (for tuning).
-struct TileSizes {
-  int query_rows = 192;  // three 64-wide panels of the 6 x 64 micro-kernel
-  int key_block = 256;
-};
-
-const TileSizes& tile_sizes() {
-  static const TileSizes sizes = [] {
-    TileSizes t;
-    if (const char* env = std::getenv("BEACON_OPS_CPU_TILES")) {
-      int a = 0, b = 0;
-      if (std::sscanf(env, "%d,%d", &a, &b) == 2 && a > 0 && b > 0) t = {a, b};
-    }
-    return t;
-  }();
-  return sizes;
-}
+// Tile sizes, chosen by timing candidates with `python -m beacon_ops bench attention`.
+constexpr int kQueryTileRows = 192;  // rows of a query tile: three 64-wide panels of the 6 x 64 micro-kernel
+constexpr int kKeyBlock = 256;       // keys of a key block
 
 // Set row r's masked-out scores of the key block [k0, k0 + n) to -inf (transposed storage).
 void mask_column(float* st, int n, int rows, int r, int k0, const RowSpans& sp) {
@@ -131,7 +114,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   // Per-thread fp32 scratch: Q tile and its transpose, transposed scores, accumulator, row
   // state, and the key and value blocks in fp32 (16-bit blocks widened; fp32 blocks copied too:
   // a hot, contiguous block measured about 7% faster than reading the cache in place).
-  const int key_block = tile_sizes().key_block;
+  const int key_block = kKeyBlock;
   const int64_t q_elems = static_cast<int64_t>(rows_max) * d;
   const int64_t s_elems = static_cast<int64_t>(rows_max) * key_block;
   const int64_t kv_elems = static_cast<int64_t>(key_block) * d;
@@ -300,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   at::Tensor out = at::empty({P.total_q, P.heads, d}, q.options());
   at::Tensor lse = at::empty({P.total_q, P.heads}, q.options().dtype(at::kFloat));
   if (P.heads == 0) return {out, lse};  // nothing to compute (and no GQA group to tile by)
-  P.tokens_per_tile = static_cast<int>(std::max<int64_t>(1, tile_sizes().query_rows / P.group));
+  P.tokens_per_tile = static_cast<int>(std::max<int64_t>(1, kQueryTileRows / P.group));
   P.rows_per_tile = static_cast<int>(P.tokens_per_tile * P.group);
   switch (q.scalar_type()) {
     case at::kFloat: attention_kernel<float>(q, k_cache, v_cache, lens, cu, P, out, lse); break;

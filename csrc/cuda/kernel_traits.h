@@ -57,7 +57,7 @@ using DecodeTraits = KernelTraits<kHeadDim, 16, 64, 1, T>;
 // PTXAS_USAGE, measured with `-Xptxas -v` (CMAKE_ARGS=-DBEACON_OPS_PTXAS_VERBOSE=ON), nvcc 13.0,
 // registers per thread; every kernel: 0 bytes stack frame, 0 bytes spill stores/loads;
 // static shared memory 128 bytes (plus the dynamic tiles above). bf16 and fp16 alike.
-//   kernel                                sm_80   sm_90a
+//   kernel                                sm_80   sm_90 (sm_90a: the same)
 //   prefill  D=64  (64x64 tile, 4 warps)   136     135
 //   prefill  D=128 (64x64 tile, 4 warps)   177     181
 //   decode   D=64  (16x64 tile, 1 warp)    138     138

@@ -40,6 +40,9 @@ function(_beacon_gencode archs out_flags out_names)
       list(APPEND flags "-gencode=arch=compute_${a},code=compute_${a}")
     endif()
     list(APPEND names "sm_${a}")
+    if(ptx)
+      list(APPEND names "compute_${a}")  # PTX, compiled by the driver for newer GPUs
+    endif()
   endforeach()
   set(${out_flags} "${flags}" PARENT_SCOPE)
   set(${out_names} "${names}" PARENT_SCOPE)
@@ -95,8 +98,12 @@ macro(beacon_detect_cuda)
        AND NOT "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
       set(BEACON_OPS_CUDA_ARCHS "$ENV{TORCH_CUDA_ARCH_LIST}")
     endif()
+    # The default matches what the kernels use: sm_80 instructions (mma.sync, ldmatrix,
+    # cp.async; nothing of sm_90a such as wgmma). sm_80 code also runs on sm_86 / sm_89; sm_90
+    # code on H100 / H200; the compute_90 PTX lets the driver compile for newer GPUs. Another list
+    # (e.g. "9.0" for a quicker Hopper-only build): BEACON_OPS_CUDA_ARCHS or TORCH_CUDA_ARCH_LIST.
     if(BEACON_OPS_CUDA_ARCHS STREQUAL "")
-      set(BEACON_OPS_CUDA_ARCHS "8.0;9.0a")
+      set(BEACON_OPS_CUDA_ARCHS "8.0;9.0+PTX")
     endif()
     _beacon_gencode("${BEACON_OPS_CUDA_ARCHS}" BEACON_CUDA_GENCODE BEACON_CUDA_ARCH_NAMES)
     message(STATUS "beacon_ops: CUDA kernels ON (nvcc ${_nvcc_version}, archs ${BEACON_CUDA_ARCH_NAMES}, "
