@@ -5,11 +5,15 @@
 # (build_info()["cutlass"], '' when absent).
 #   CUTLASS_DIR (CMake variable or environment): a CUTLASS checkout (include/cutlass,
 #   include/cute); must hold the headers when given.
+#   otherwise third_party/cutlass, when a checkout has been placed there (it is not committed);
 #   otherwise: the `nvidia-cutlass` wheel of the Python that runs the build, if installed
 #   (pip install --no-deps nvidia-cutlass==4.2.0.0: headers under cutlass_library/source/include).
 # Sets CUTLASS_INCLUDE_DIR ('' when absent) and CUTLASS_VERSION ('' when absent).
 if(NOT DEFINED CUTLASS_DIR AND DEFINED ENV{CUTLASS_DIR})
   set(CUTLASS_DIR "$ENV{CUTLASS_DIR}")
+endif()
+if((NOT DEFINED CUTLASS_DIR OR CUTLASS_DIR STREQUAL "") AND EXISTS "${CMAKE_CURRENT_SOURCE_DIR}/third_party/cutlass/include")
+  set(CUTLASS_DIR "${CMAKE_CURRENT_SOURCE_DIR}/third_party/cutlass")   # a checkout placed there
 endif()
 set(_beacon_cutlass_required OFF)
 if(DEFINED CUTLASS_DIR AND NOT CUTLASS_DIR STREQUAL "")
