@@ -15,6 +15,7 @@
 
 #include "attn_params.h"
 #include "beacon_mask.h"
+#include "cuda/alignment.h"
 #include "cuda/device_runtime.h"
 #include "op_checks.h"
 #include "cuda/params.h"
@@ -25,14 +26,6 @@ namespace cuda {
 namespace {
 
 constexpr const char* kOp = "beacon.attention";
-
-bool aligned16(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-  for (int i = 0; i + 1 < t.dim(); ++i) {
-    if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
-  }
-  return true;
-}
 
 // Split count for decode: enough blocks to fill the GPU a few times over, but every split keeps
 // at least 4 key tiles of work when the cache is full (the key count itself is on the device).
