@@ -37,10 +37,14 @@ def _cpu_has_backward() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("beacon::attention_backward", "CPU")
 
 
-def run_backward(target, case, inputs, lengths, dout, out, lse):
-    """The op under test on the target's device; gradients back on the CPU."""
+def run_backward(target, case, inputs, lengths, dout, out, lse, view=None):
+    """The op under test on the target's device; gradients back on the CPU. ``view``: a map
+    from argument name (dout, q, k_cache, v_cache) to a function applied on the device."""
     dev = target.device
     args = [t.to(dev, copy=True) for t in (dout, *inputs, out, lse, *lengths)]
+    for i, name in enumerate(("dout", "q", "k_cache", "v_cache")):
+        if view and name in view:
+            args[i] = view[name](args[i])
     kw = op_kwargs(case)
     grads = target.ops().attention_backward(*args, kw["max_seqlen_q"], kw["mode"], kw["attend_previous"],
                                            kw["softmax_scale"])
@@ -119,6 +123,60 @@ def test_low_precision_tolerance_rule(target, dtype, dim):
         cpu = beacon_ops.beacon_attention_backward(dout, *inputs, out, lse, *lengths, **op_kwargs(case))
         for name, g, c in zip(("dq", "dk_cache", "dv_cache"), got, cpu):
             assert (g.double() - c.double()).abs().max().item() <= 2 * errs[name][1] + 1e-3, name
+
+
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 40), (torch.float16, 96)], ids=["bf16-40", "fp16-96"])
+def test_generic_path_other_head_dims(target, dtype, dim):
+    # Head dims without a tensor-core instantiation run the generic kernels.
+    case = Case(STEP, heads=4, kv_heads=2, dim=dim, mode="step-expansion")
+    inputs, lengths = make_inputs(case, dtype)
+    dout, _ = random_grads(case, inputs)
+    dout = dout.to(dtype)
+    out, lse = forward_cpu(case, inputs, lengths)
+    got = run_backward(target, case, inputs, lengths, dout, out.to(dtype), lse)
+    want = grads_of_reference(case, inputs, lengths, dout.float())
+    base = grads_of_reference(case, inputs, lengths, dout, dtype=dtype)
+    for name, g, w, bl in zip(("dq", "dk_cache", "dv_cache"), got, want, base):
+        assert g.dtype == dtype, name
+        err, base_err = (g.double() - w).abs().max().item(), (bl.double() - w).abs().max().item()
+        assert err <= 2 * base_err + 1e-3, (name, err, base_err)
+
+
+def test_fp64_generic_path(target):
+    case = Case(STEP, heads=4, kv_heads=1, dim=8, mode="full-coverage", attend_previous=False)
+    inputs, lengths = make_inputs(case, torch.float64)
+    dout, _ = random_grads(case, inputs)
+    out, lse = reference_attention(*inputs, case)
+    got = run_backward(target, case, inputs, lengths, dout.double(), out, lse.float())
+    want = grads_of_reference(case, inputs, lengths, dout)
+    for name, g, w in zip(("dq", "dk_cache", "dv_cache"), got, want):
+        assert g.dtype == torch.float64, name
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6, msg=name)  # lse is fp32
+
+
+def test_unaligned_views(target):
+    # q and dout views whose rows are not 16-byte aligned are copied for the tensor-core path;
+    # an unaligned cache view takes the generic path. Both give the aligned inputs' gradients.
+    seqs = [Seq(mem=9, raw=20, beacon=2, ratio=8, n_q=22)]
+    case = Case(seqs, heads=2, kv_heads=1, dim=64, slack=1)
+    (q, k, v), lengths = make_inputs(case, torch.bfloat16)
+    dout, _ = random_grads(case, (q,))
+    dout = dout.to(torch.bfloat16)
+    out, lse = forward_cpu(case, (q, k, v), lengths)
+    want = run_backward(target, case, (q, k, v), lengths, dout, out, lse)
+
+    def shifted(t):  # the same values, one element past an aligned address
+        s = torch.cat([torch.zeros(1, dtype=t.dtype, device=t.device), t.flatten()])[1:].view(t.shape)
+        assert s.data_ptr() % 16 != 0
+        return s
+
+    got = run_backward(target, case, (q, k, v), lengths, dout, out, lse, view={"q": shifted, "dout": shifted})
+    for name, g, w in zip(("dq", "dk_cache", "dv_cache"), got, want):
+        assert torch.equal(g, w), name
+    got = run_backward(target, case, (q, k, v), lengths, dout, out, lse,
+                       view={"k_cache": shifted, "v_cache": shifted})
+    for name, g, w in zip(("dq", "dk_cache", "dv_cache"), got, want):
+        assert (g.float() - w.float()).abs().max().item() <= 0.05 * w.float().abs().max().item(), name
 
 
 def test_masked_rows_and_unattended_slots_get_zero_gradient(target):
