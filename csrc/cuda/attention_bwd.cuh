@@ -112,6 +112,26 @@ struct BwdSmem {
   __device__ bool valid(int i) const { return rows[i * Kt::kRowInts + 4] != 0; }
 };
 
+// The (sequence, KV head) of a block (blockIdx.y, blockIdx.z): its queries and lengths.
+struct BwdSeq {
+  int b, kv_head;
+  int q_start, nq, n_rows;  // n_rows = nq * group packed (query, head) rows
+  SeqLens L;
+  int nk;                   // keys present, clamped to the capacity (never read past the cache)
+};
+
+__device__ __forceinline__ BwdSeq block_seq(const AttnParams& p) {
+  BwdSeq s;
+  s.b = blockIdx.y;
+  s.kv_head = blockIdx.z;
+  s.q_start = p.cu_seqlens_q[s.b];
+  s.nq = p.cu_seqlens_q[s.b + 1] - s.q_start;
+  s.n_rows = s.nq * p.group;
+  s.L = SeqLens{p.mem_len[s.b], p.raw_len[s.b], p.beacon_len[s.b], p.ratio[s.b]};
+  s.nk = imax(0, imin(num_keys(s.L), p.capacity));
+  return s;
+}
+
 // One warp per (query, head): delta = rowsum(dout * out) in the accumulation type.
 template <typename T>
 __global__ void __launch_bounds__(128) beacon_attention_bwd_delta_kernel(const AttnBwdParams p) {
@@ -242,11 +262,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dkdv_kerne
   using A = typename Kt::A;
   constexpr int kBM = Kt::kBlockM, kBN = Kt::kBlockN, kNT = Kt::kNThreads;
   const int d = Kt::kHeadDim > 0 ? Kt::kHeadDim : p.head_dim;
-  const int b = blockIdx.y, kv_head = blockIdx.z, tid = threadIdx.x;
-  const int q_start = p.cu_seqlens_q[b];
-  const int nq = p.cu_seqlens_q[b + 1] - q_start;
-  const SeqLens L{p.mem_len[b], p.raw_len[b], p.beacon_len[b], p.ratio[b]};
-  const int nk = imax(0, imin(num_keys(L), p.capacity));
+  const BwdSeq sq = block_seq(p);
+  const int b = sq.b, kv_head = sq.kv_head, q_start = sq.q_start, nq = sq.nq, nk = sq.nk, tid = threadIdx.x;
+  const SeqLens& L = sq.L;
   const int k0 = blockIdx.x * kBN;
   if (nq <= 0 || k0 >= nk) return;  // uniform; the host zero-filled dK and dV
   const int n_keys = imin(kBN, nk - k0);
@@ -256,7 +274,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dkdv_kerne
   stage_keys<Kt>(p, s, d, b, kv_head, k0, n_keys);
   for (int e = tid; e < 2 * kBN * d; e += kNT) s.acc[e] = 0;
 
-  const int n_rows = nq * p.group;
+  const int n_rows = sq.n_rows;
   for (int row0 = 0; row0 < n_rows; row0 += kBM) {
     const RowInfo cls = make_row(p, L, q_start, nq, kv_head, tid < kBM ? row0 + tid : 0x7fffffff);
     if (tid < kBM) stage_row<Kt>(p, s, tid, cls);  // the last readers passed the barrier below
@@ -299,14 +317,12 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dq_kernel(
   using A = typename Kt::A;
   constexpr int kBM = Kt::kBlockM, kBN = Kt::kBlockN, kNT = Kt::kNThreads;
   const int d = Kt::kHeadDim > 0 ? Kt::kHeadDim : p.head_dim;
-  const int b = blockIdx.y, kv_head = blockIdx.z, tid = threadIdx.x;
-  const int q_start = p.cu_seqlens_q[b];
-  const int nq = p.cu_seqlens_q[b + 1] - q_start;
-  const int n_rows = nq * p.group;
+  const BwdSeq sq = block_seq(p);
+  const int b = sq.b, kv_head = sq.kv_head, q_start = sq.q_start, nq = sq.nq, n_rows = sq.n_rows, nk = sq.nk;
+  const SeqLens& L = sq.L;
+  const int tid = threadIdx.x;
   const int row0 = blockIdx.x * kBM;
   if (nq <= 0 || row0 >= n_rows) return;  // uniform
-  const SeqLens L{p.mem_len[b], p.raw_len[b], p.beacon_len[b], p.ratio[b]};
-  const int nk = imax(0, imin(num_keys(L), p.capacity));
 
   BEACON_DYNAMIC_SMEM(smem_raw);
   const BwdSmem<Kt> s(smem_raw, d);

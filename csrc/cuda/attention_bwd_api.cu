@@ -15,6 +15,7 @@
 #include "attn_params.h"
 #include "beacon_mask.h"
 #include "cuda/alignment.h"
+#include "cuda/device_params.h"
 #include "cuda/device_runtime.h"
 #include "cuda/params.h"
 #include "cuda/static_switch.h"
@@ -37,13 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   TORCH_CHECK_VALUE(rt::is_device_tensor(q_in), kOp, ": q must be a CUDA tensor, got ", q_in.device());
   const HostAttnParams hp = fill_attn_params(q_in, k_cache, v_cache, max_seqlen_q, mode, attend_previous, softmax_scale);
   const auto dt = q_in.scalar_type();
-  const int64_t total_q = hp.total_q, heads = hp.heads, d = hp.head_dim;
-  const int64_t batch = hp.batch, kv_heads = hp.kv_heads, capacity = hp.capacity;
-  TORCH_CHECK_VALUE(capacity < (int64_t{1} << 31) && total_q < (int64_t{1} << 31), kOp,
-                    ": capacity and total_q must fit in int32");
-  TORCH_CHECK_VALUE(batch <= 65535 && kv_heads <= 65535, kOp, ": batch and kv_heads must be at most 65535 on CUDA");
-  TORCH_CHECK_VALUE(total_q == 0 || max_seqlen_q >= 1, kOp, ": max_seqlen_q must be >= 1 when q has rows");
-  TORCH_CHECK_VALUE(d >= 1 && d <= 256, kOp, ": head_dim must lie in [1, 256] on CUDA, got ", d);
+  const int64_t total_q = hp.total_q, heads = hp.heads, d = hp.head_dim, batch = hp.batch;
+  check_cuda_sizes(kOp, hp, max_seqlen_q);
 
   rt::DeviceGuard guard(q_in.device());
   // Zero-filled: cache slots no row sees (and rows outside every sequence) keep gradient 0.
@@ -52,10 +48,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   at::Tensor dv = at::zeros(v_cache.sizes(), v_cache.options().memory_format(at::MemoryFormat::Contiguous));
   if (total_q == 0 || heads == 0 || batch == 0) return {dq, dk, dv};
 
-  // out.sum() hands over an expanded dout (stride 0 everywhere): the kernels need head_dim
-  // contiguous, and read rows and heads through strides.
-  // The tensor-core kernels copy rows with 16-byte cp.async: q and dout are copied when not
-  // aligned for it; an unaligned cache view takes the generic path.
+  // The kernels read rows and heads through strides but need head_dim contiguous (out.sum()
+  // hands over a dout expanded with stride 0 everywhere). The tensor-core kernels copy rows
+  // with 16-byte cp.async: q and dout are copied when not aligned for it; an unaligned cache
+  // view takes the generic path.
   const bool tensor_cores = (dt == at::kBFloat16 || dt == at::kHalf) && (d == 64 || d == 128) &&
                             aligned16(k_cache) && aligned16(v_cache);
   auto ready = [&](const at::Tensor& t) {
@@ -69,39 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   at::Tensor delta = at::empty({total_q, heads}, q_in.options().dtype(wide ? at::kDouble : at::kFloat));
 
   AttnBwdParams p{};
-  p.q = q.data_ptr();
-  p.q_row_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
-  p.out = out.data_ptr();
-  p.o_row_stride = out.stride(0);
-  p.o_head_stride = out.stride(1);
-  p.k = k_cache.data_ptr();
-  p.v = v_cache.data_ptr();
-  p.k_batch_stride = hp.k_batch_stride;
-  p.k_head_stride = hp.k_head_stride;
-  p.k_row_stride = hp.k_row_stride;
-  p.v_batch_stride = hp.v_batch_stride;
-  p.v_head_stride = hp.v_head_stride;
-  p.v_row_stride = hp.v_row_stride;
-  p.lse = lse.data_ptr<float>();
-  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
-  p.mem_len = mem_len.data_ptr<int>();
-  p.raw_len = raw_len.data_ptr<int>();
-  p.beacon_len = beacon_len.data_ptr<int>();
-  p.ratio = ratio.data_ptr<int>();
-  p.batch = static_cast<int>(batch);
-  p.num_heads = static_cast<int>(heads);
-  p.num_kv_heads = static_cast<int>(kv_heads);
-  p.group = static_cast<int>(hp.group);
-  p.head_dim = static_cast<int>(d);
-  p.capacity = static_cast<int>(capacity);
-  p.total_q = static_cast<int>(total_q);
-  p.max_seqlen_q = static_cast<int>(hp.max_seqlen_q);
-  p.mode = static_cast<int>(hp.mode);
-  p.attend_previous = hp.attend_previous;
-  p.scale = hp.scale;
-  p.scale_log2 = p.scale * static_cast<float>(M_LOG2E);
-  p.num_splits = 1;
+  fill_device_params(p, hp, q, out, lse, k_cache, v_cache, cu_seqlens_q, mem_len, raw_len, beacon_len, ratio);
   p.dout = dout.data_ptr();
   p.do_row_stride = dout.stride(0);
   p.do_head_stride = dout.stride(1);

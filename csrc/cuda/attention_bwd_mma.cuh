@@ -167,16 +167,13 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dkdv_mma_k
   float* sDelta = sLse + 2 * kRows;                              // [2][kRows]
   int* sSpans = reinterpret_cast<int*>(sDelta + 2 * kRows);      // [2][kRows][4]
 
-  const int b = blockIdx.y, kv_head = blockIdx.z;
+  const BwdSeq sq = block_seq(p);
+  const int b = sq.b, kv_head = sq.kv_head, q_start = sq.q_start, nq = sq.nq, n_rows = sq.n_rows, nk = sq.nk;
+  const SeqLens& L = sq.L;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int q_start = p.cu_seqlens_q[b];
-  const int nq = p.cu_seqlens_q[b + 1] - q_start;
-  const SeqLens L{p.mem_len[b], p.raw_len[b], p.beacon_len[b], p.ratio[b]};
-  const int nk = imax(0, imin(num_keys(L), p.capacity));
   const int k0 = blockIdx.x * kKeys;
   if (nq <= 0 || k0 >= nk) return;  // uniform; the host zero-filled dK and dV
   const int k1 = imin(k0 + kKeys, nk);
-  const int n_rows = nq * p.group;
   const int n_tiles = (n_rows + kRows - 1) / kRows;
 
   // Block-uniform kind of row tile t for the block's keys (barrier votes: every thread calls).
@@ -298,14 +295,12 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dq_mma_ker
   T* sK = sdO + Kt::kSmemQElems;      // [2][kBN][D]
   T* sV = sK + 2 * Kt::kSmemKVElems;  // [2][kBN][D]
 
-  const int b = blockIdx.y, kv_head = blockIdx.z;
+  const BwdSeq sq = block_seq(p);
+  const int b = sq.b, kv_head = sq.kv_head, q_start = sq.q_start, nq = sq.nq, n_rows = sq.n_rows, nk = sq.nk;
+  const SeqLens& L = sq.L;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int q_start = p.cu_seqlens_q[b];
-  const int nq = p.cu_seqlens_q[b + 1] - q_start;
   const int row0 = blockIdx.x * kBM;
-  if (nq <= 0 || row0 >= nq * p.group) return;  // uniform
-  const SeqLens L{p.mem_len[b], p.raw_len[b], p.beacon_len[b], p.ratio[b]};
-  const int nk = imax(0, imin(num_keys(L), p.capacity));
+  if (nq <= 0 || row0 >= n_rows) return;  // uniform
 
   const RowInfo cls_row = make_row(p, L, q_start, nq, kv_head, tid < kBM ? row0 + tid : 0x7fffffff);
   const RowInfo row_a = make_row(p, L, q_start, nq, kv_head, row0 + warp * 16 + lane / 4);
@@ -345,7 +340,6 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dq_mma_ker
     return n_tiles;
   };
 
-  const int n_rows = nq * p.group;
   cp_async_rows<Kt, kBM>(sQ, p.q, p.q_row_stride, p.q_head_stride, p, q_start, n_rows, kv_head, row0);
   cp_async_rows<Kt, kBM>(sdO, p.dout, p.do_row_stride, p.do_head_stride, p, q_start, n_rows, kv_head, row0);
   cp_async_commit();
