@@ -70,6 +70,18 @@ MUTANTS = [
      "for (int off = 16; off > 0; off >>= 1) max_lse", "for (int off = 8; off > 0; off >>= 1) max_lse",
      "split-KV combine: max reduction misses half the warp (splits past lane 16 ignored)",
      "decode and bf16 and 64"),
+    ("bwd-boundary-mask-dropped", "csrc/cuda/attention_bwd_mma.cuh",
+     "        if (partial) {\n          const int* sp = cSpans", "        if (false) {\n          const int* sp = cSpans",
+     "backward dK/dV: boundary tiles not masked (keys a row does not see get probability mass)",
+     "low_precision and bf16 and 64"),
+    ("bwd-no-barrier-after-wait", "csrc/cuda/attention_bwd_mma.cuh",
+     "    __syncthreads();     // ... and everyone's, with the rows' LSE, delta and spans\n", "\n",
+     "backward dK/dV: no __syncthreads after cp.async.wait_group (row tile read before other threads' copies land)",
+     "low_precision and bf16 and 64"),
+    ("bwd-ds-without-delta", "csrc/cuda/attention_bwd_mma.cuh",
+     "dp[nt][j] = prob * (dp[nt][j] - dlt[j / 2]);  // dS", "dp[nt][j] = prob * dp[nt][j];  // dS",
+     "backward dQ: dS = P dP without subtracting delta = rowsum(dout * out)",
+     "low_precision and bf16 and 64"),
 ]
 
 
