@@ -98,12 +98,21 @@ def test_fp32_against_fp64_autograd_and_cpu(target, mode, attend_previous):
             torch.testing.assert_close(g, c, atol=1e-5, rtol=1e-5, msg=name)
 
 
+# Prefill: GQA group 3, 108 rows and 76 keys of the first sequence span several row and key
+# tiles; decode: one query per sequence (max_seqlen_q 1), GQA group 8, long memory.
+LOW_PRECISION_STEPS = {
+    "prefill": ([Seq(mem=40, raw=32, beacon=4, ratio=8, n_q=36), Seq(mem=6, raw=10, beacon=0, ratio=4, n_q=1)],
+                6, 2),
+    "decode": ([Seq(mem=150, raw=7, beacon=0, ratio=8, n_q=1), Seq(mem=0, raw=3, beacon=0, ratio=0, n_q=1)], 8, 1),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("dim", [64, 128])
-def test_low_precision_tolerance_rule(target, dtype, dim):
-    # GQA group 3: 108 rows and 76 keys of the first sequence span several 32 x 32 tiles.
-    seqs = [Seq(mem=40, raw=32, beacon=4, ratio=8, n_q=36), Seq(mem=6, raw=10, beacon=0, ratio=4, n_q=1)]
-    case = Case(seqs, heads=6, kv_heads=2, dim=dim, mode="segmentation", attend_previous=False, slack=4)
+@pytest.mark.parametrize("step", list(LOW_PRECISION_STEPS))
+def test_low_precision_tolerance_rule(target, step, dtype, dim):
+    seqs, heads, kv_heads = LOW_PRECISION_STEPS[step]
+    case = Case(seqs, heads=heads, kv_heads=kv_heads, dim=dim, mode="segmentation", attend_previous=False, slack=4)
     inputs, lengths = make_inputs(case, dtype)
     dout, _ = random_grads(case, inputs)
     dout = dout.to(dtype)
