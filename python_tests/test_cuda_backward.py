@@ -98,12 +98,15 @@ def test_fp32_against_fp64_autograd_and_cpu(target, mode, attend_previous):
             torch.testing.assert_close(g, c, atol=1e-5, rtol=1e-5, msg=name)
 
 
-# Prefill: GQA group 3, 108 rows and 76 keys of the first sequence span several row and key
-# tiles; decode: one query per sequence (max_seqlen_q 1), GQA group 8, long memory.
+# (sequences, heads, kv_heads, mode, attend_previous). Prefill: GQA group 3, 108 rows and 76
+# keys of the first sequence span several row and key tiles; decode: one query per sequence
+# (max_seqlen_q 1), GQA group 8, long memory.
+_PREFILL = [Seq(mem=40, raw=32, beacon=4, ratio=8, n_q=36), Seq(mem=6, raw=10, beacon=0, ratio=4, n_q=1)]
 LOW_PRECISION_STEPS = {
-    "prefill": ([Seq(mem=40, raw=32, beacon=4, ratio=8, n_q=36), Seq(mem=6, raw=10, beacon=0, ratio=4, n_q=1)],
-                6, 2),
-    "decode": ([Seq(mem=150, raw=7, beacon=0, ratio=8, n_q=1), Seq(mem=0, raw=3, beacon=0, ratio=0, n_q=1)], 8, 1),
+    "prefill-segmentation": (_PREFILL, 6, 2, "segmentation", False),
+    "prefill-full-coverage": (_PREFILL, 6, 2, "full-coverage", True),
+    "decode": ([Seq(mem=150, raw=7, beacon=0, ratio=8, n_q=1), Seq(mem=0, raw=3, beacon=0, ratio=0, n_q=1)], 8, 1,
+               "step-expansion", True),
 }
 
 
@@ -111,8 +114,8 @@ LOW_PRECISION_STEPS = {
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("step", list(LOW_PRECISION_STEPS))
 def test_low_precision_tolerance_rule(target, step, dtype, dim):
-    seqs, heads, kv_heads = LOW_PRECISION_STEPS[step]
-    case = Case(seqs, heads=heads, kv_heads=kv_heads, dim=dim, mode="segmentation", attend_previous=False, slack=4)
+    seqs, heads, kv_heads, mode, attend_previous = LOW_PRECISION_STEPS[step]
+    case = Case(seqs, heads=heads, kv_heads=kv_heads, dim=dim, mode=mode, attend_previous=attend_previous, slack=4)
     inputs, lengths = make_inputs(case, dtype)
     dout, _ = random_grads(case, inputs)
     dout = dout.to(dtype)
