@@ -47,10 +47,10 @@ run: build
 	$(PY) -m beacon_ops demo $(DEMO_ARGS)
 
 # The CUDA kernels on the host emulation: build _cuda_emu too, then run test_cuda.py's cases on
-# it, each in two thread schedules (python_tests/cuda_targets.py).
+# it (and test_cuda_backward.py's), each in two thread schedules (python_tests/cuda_targets.py).
 test-cuda-emu: venv
 	$(MAKE) build CMAKE_ARGS="$(CMAKE_ARGS) -DBEACON_OPS_CUDA_EMU=ON -DBEACON_OPS_CUDA_EMU_SANITIZE=OFF"
-	BEACON_CUDA_EMU=1 $(PY) -m pytest python_tests/test_cuda_emu.py python_tests/test_cuda.py -q $(PYTEST_ARGS)
+	BEACON_CUDA_EMU=1 $(PY) -m pytest python_tests/test_cuda_emu.py python_tests/test_cuda.py python_tests/test_cuda_backward.py -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf build beacon_ops/_C*.so beacon_ops/_cuda_emu*.so beacon_ops/_build.json

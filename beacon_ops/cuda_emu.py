@@ -19,7 +19,7 @@ import torch
 import beacon_ops  # noqa: F401  (registers torch.ops.beacon, whose schemas are copied)
 
 NAMESPACE = "beacon_cuda_emu"
-OPS = ("attention", "rope_", "append_kv", "compact_")
+OPS = ("attention", "attention_backward", "rope_", "append_kv", "compact_")
 SCHEDULES = ("forward", "reverse", "random")
 
 _module: ModuleType | None = None

@@ -5,9 +5,10 @@ over a :class:`~beacon_ops.training_cache.TrainingKVCache`: the memory is *not* 
 loss of window ``w`` sends gradients into the beacons of every earlier window
 (``docs/activation-beacon.md``, section 7). Attention is the autograd-enabled
 :func:`beacon_ops.attention.beacon_attention` (beacon mask in the kernel); where the backward op
-has no kernel for the device (today: CUDA, whose build has the forward only), PyTorch's
+has no kernel for the device (a build without the CUDA kernels, or another device type), PyTorch's
 ``scaled_dot_product_attention`` with the explicit mask of :func:`beacon_ops.masks.step_mask`
-(``attention="auto"``; a test checks that both give the same loss and gradients).
+(``attention="auto"``; a test checks that both give the same loss and gradients). The CPU and
+CUDA backward kernels cover every dtype and head dim their forward accepts.
 
 Semantics follow the inference path :func:`beacon_ops.generation.sequence_loss` (a test checks
 equality): labels are shifted once over the whole sequence, then cut into windows; beacon rows
@@ -106,8 +107,8 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
         attention: ``"op"`` (``beacon_attention``, mask in the kernel), ``"masked"`` (PyTorch
             ``scaled_dot_product_attention`` with the explicit mask of
             :func:`beacon_ops.masks.step_mask`) or ``"auto"``: the op, unless gradients
-            are needed on a device without a ``beacon::attention_backward`` kernel (the GPU
-            build has the forward only, so GPU training falls back to the masked path).
+            are needed on a device without a ``beacon::attention_backward`` kernel (CPU and
+            CUDA have one; ``"op"`` never falls back: it raises where the op cannot run).
 
     Returns:
         :class:`BeaconLoss`; ``loss.backward()`` reaches the beacon parameters of every window.

@@ -158,8 +158,11 @@ if [ "$NO_GPU" = 1 ]; then
   step collect 120 "$PY" -m pytest python_tests -q -p no:cacheprovider --collect-only
 else
   step test_cuda 150 "$PY" -m pytest python_tests/test_cuda.py -q -p no:cacheprovider -rs
+  # The CUDA backward: its kernel tests, and autograd through the op on CUDA tensors.
+  step test_cuda_backward 90 "$PY" -m pytest python_tests/test_cuda_backward.py \
+    python_tests/test_attention_backward.py -q -p no:cacheprovider -rs -k cuda
   step test_suite 100 "$PY" -m pytest python_tests -q -p no:cacheprovider -x -rs \
-    --ignore=python_tests/test_cuda.py
+    --ignore=python_tests/test_cuda.py --ignore=python_tests/test_cuda_backward.py
 fi
 
 # ---------------------------------------------------------------------------------------------

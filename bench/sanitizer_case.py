@@ -1,7 +1,8 @@
 """Small CUDA calls for compute-sanitizer (memcheck / racecheck), run by bench/gpu_check.sh.
 
 Covers the prefill kernel (boundary, full and skipped tiles; GQA group 3; beacons), the split-KV
-decode kernels, the simple fp32 path, rope_, append_kv and compact_ (carried-raw shift in several rounds). Sizes are
+decode kernels, the simple fp32 path, the backward (tensor-core and generic kernels), rope_,
+append_kv and compact_ (carried-raw shift in several rounds). Sizes are
 tiny: the sanitizers slow kernels down by orders of magnitude.
 """
 from __future__ import annotations
@@ -27,7 +28,14 @@ def main() -> None:
         cu = torch.tensor([0, 68, 108], dtype=torch.int32, device=dev)
         q = torch.randn(108, kvh * group, d, device=dev, dtype=dtype)
         for mode in ("segmentation", "step-expansion", "full-coverage"):
-            ops.attention(q, k, v, cu, mem, raw, bea, rat, 68, mode, True, 0.0)
+            out, lse = ops.attention(q, k, v, cu, mem, raw, bea, rat, 68, mode, True, 0.0)
+            ops.attention_backward(torch.randn_like(out), q, k, v, out, lse, cu, mem, raw, bea, rat, 68, mode,
+                                   True, 0.0)
+        # The generic backward (fp32).
+        out, lse = ops.attention(q.float(), k.float(), v.float(), cu, mem, raw, bea, rat, 68, "step-expansion",
+                                 True, 0.0)
+        ops.attention_backward(torch.randn_like(out), q.float(), k.float(), v.float(), out, lse, cu, mem, raw, bea,
+                               rat, 68, "step-expansion", True, 0.0)
         # The simple CUDA-core path (fp32).
         ops.attention(q.float(), k.float(), v.float(), cu, mem, raw, bea, rat, 68, "segmentation", False, 0.0)
         # Decode: one query per sequence (one sequence idle).

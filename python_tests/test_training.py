@@ -16,9 +16,9 @@ from beacon_ops.checkpoints import load_weights
 from beacon_ops.generation import sequence_loss
 from beacon_ops.llama import BeaconConfig, Llama
 from beacon_ops.train import TextSampler, TrainConfig, Trainer, lr_factor
-from beacon_ops.training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss
+from beacon_ops.training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss, has_attention_backward
 
-from conftest import requires_cuda
+from conftest import DEVICES, requires_cuda
 from llama_helpers import smollm2_or_skip, smollm2_tokens, tiny_config, tiny_model
 
 
@@ -75,11 +75,14 @@ def test_loss_equals_inference_variants(variant: str) -> None:
     assert abs(got - ref) <= 2e-5 * max(1.0, abs(ref)), (got, ref)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["step-expansion", "segmentation"])
-def test_masked_backend_matches_op(mode: str) -> None:
+def test_masked_backend_matches_op(mode: str, device: str) -> None:
     """The SDPA-with-explicit-mask backend (used where the backward op has no kernel) gives the
-    op's loss and beacon gradients."""
-    m = tiny_model(window=16, ratio=4, mode=mode)
+    op's loss and beacon gradients; on both devices the op has its backward kernel, so
+    attention="auto" trains through it."""
+    assert has_attention_backward(device)
+    m = tiny_model(window=16, ratio=4, mode=mode).to(device)
     trainable = make_beacon_trainable(m)
     ids = torch.randint(0, 101, (60,), generator=torch.Generator().manual_seed(21))
     grads = []

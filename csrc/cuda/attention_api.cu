@@ -15,6 +15,8 @@
 
 #include "attn_params.h"
 #include "beacon_mask.h"
+#include "cuda/alignment.h"
+#include "cuda/device_params.h"
 #include "cuda/device_runtime.h"
 #include "op_checks.h"
 #include "cuda/params.h"
@@ -25,14 +27,6 @@ namespace cuda {
 namespace {
 
 constexpr const char* kOp = "beacon.attention";
-
-bool aligned16(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-  for (int i = 0; i + 1 < t.dim(); ++i) {
-    if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
-  }
-  return true;
-}
 
 // Split count for decode: enough blocks to fill the GPU a few times over, but every split keeps
 // at least 4 key tiles of work when the cache is full (the key count itself is on the device).
@@ -58,11 +52,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   const auto dt = q_in.scalar_type();
   const int64_t total_q = hp.total_q, heads = hp.heads, d = hp.head_dim;
   const int64_t batch = hp.batch, kv_heads = hp.kv_heads, capacity = hp.capacity;
-  TORCH_CHECK_VALUE(capacity < (int64_t{1} << 31) && total_q < (int64_t{1} << 31), kOp,
-                    ": capacity and total_q must fit in int32");
-  TORCH_CHECK_VALUE(batch <= 65535 && kv_heads <= 65535, kOp, ": batch and kv_heads must be at most 65535 on CUDA");
-  TORCH_CHECK_VALUE(total_q == 0 || max_seqlen_q >= 1, kOp, ": max_seqlen_q must be >= 1 when q has rows");
-  TORCH_CHECK_VALUE(d >= 1 && d <= 256, kOp, ": head_dim must lie in [1, 256] on CUDA, got ", d);
+  check_cuda_sizes(kOp, hp, max_seqlen_q);
   // Tensor cores for bf16/fp16 with head_dim 64 / 128, the simple kernel otherwise.
   const bool tensor_cores = dt != at::kFloat && (d == 64 || d == 128);
   if (tensor_cores) {
@@ -82,40 +72,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
     return {out, lse};
   }
 
-  // The shared host parameters, then the device pointers.
   AttnParams p{};
-  p.q = q.data_ptr();
-  p.out = out.data_ptr();
-  p.q_row_stride = q.stride(0);  // q may be an aligned copy of q_in
-  p.q_head_stride = q.stride(1);
-  p.o_row_stride = out.stride(0);
-  p.o_head_stride = out.stride(1);
-  p.k = k_cache.data_ptr();
-  p.v = v_cache.data_ptr();
-  p.k_batch_stride = hp.k_batch_stride;
-  p.k_head_stride = hp.k_head_stride;
-  p.k_row_stride = hp.k_row_stride;
-  p.v_batch_stride = hp.v_batch_stride;
-  p.v_head_stride = hp.v_head_stride;
-  p.v_row_stride = hp.v_row_stride;
-  p.lse = lse.data_ptr<float>();
-  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
-  p.mem_len = mem_len.data_ptr<int>();
-  p.raw_len = raw_len.data_ptr<int>();
-  p.beacon_len = beacon_len.data_ptr<int>();
-  p.ratio = ratio.data_ptr<int>();
-  p.batch = static_cast<int>(batch);
-  p.num_heads = static_cast<int>(heads);
-  p.num_kv_heads = static_cast<int>(kv_heads);
-  p.group = static_cast<int>(hp.group);
-  p.head_dim = static_cast<int>(d);
-  p.capacity = static_cast<int>(capacity);
-  p.total_q = static_cast<int>(total_q);
-  p.max_seqlen_q = static_cast<int>(hp.max_seqlen_q);
-  p.mode = static_cast<int>(hp.mode);
-  p.attend_previous = hp.attend_previous;
-  p.scale = hp.scale;
-  p.scale_log2 = p.scale * static_cast<float>(M_LOG2E);
+  fill_device_params(p, hp, q, out, lse, k_cache, v_cache, cu_seqlens_q, mem_len, raw_len, beacon_len,
+                     ratio);  // q may be an aligned copy of q_in
 
   cudaStream_t stream = rt::current_stream();
   if (!tensor_cores) {

@@ -5,7 +5,8 @@
 //   BEACON_LAUNCH(kernel, grid, block, smem, stream)(args);  kernel<<<grid, block, smem, stream>>>
 //   BEACON_GLOBAL_READ(p, bytes), BEACON_GLOBAL_WRITE(p, bytes)
 //       global-memory accesses the emulation checks for races within a launch (no code on the
-//       GPU); the cache kernels mark their data moves with them.
+//       GPU); the cache kernels mark their data moves with them, the backward its gradient
+//       writes.
 #pragma once
 
 #if BEACON_CUDA_EMU

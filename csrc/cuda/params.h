@@ -52,6 +52,19 @@ struct AttnParams {
   float* lse_accum;
 };
 
+// The backward (attention_bwd.cuh): the forward's parameters (q, k, v, out, lse, lengths,
+// sizes; out and lse are read) plus the incoming gradient and the outputs.
+struct AttnBwdParams : AttnParams {
+  const void* dout;  // like q
+  int64_t do_row_stride, do_head_stride;
+  void* dq;          // like q
+  int64_t dq_row_stride, dq_head_stride;
+  void* dk;          // dk and dv [batch, num_kv_heads, capacity, head_dim], the same strides
+  void* dv;
+  int64_t dkv_batch_stride, dkv_head_stride, dkv_row_stride;
+  void* delta;       // [total_q, num_heads] rowsum(dout * out), fp32 (fp64 for fp64 inputs)
+};
+
 // Launchers, one explicit instantiation per (dtype, head dim) in csrc/cuda/instantiations/.
 // T is __nv_bfloat16 or __half.
 template <typename T, int kHeadDim>
@@ -67,6 +80,14 @@ void run_attention_decode(const AttnParams& params, cudaStream_t stream);
 // __nv_bfloat16.
 template <typename T>
 void run_attention_generic(const AttnParams& params, cudaStream_t stream);
+
+// Backward (attention_bwd.cuh): the compiled (dtype, head dim) instantiations, and the generic
+// path for the rest (T float, double, __half or __nv_bfloat16; head_dim <= 256). dq, dk and dv
+// must be zero-filled; delta must hold total_q * num_heads accumulators.
+template <typename T, int kHeadDim>
+void run_attention_backward(const AttnBwdParams& params, cudaStream_t stream);
+template <typename T>
+void run_attention_backward_generic(const AttnBwdParams& params, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace beacon
