@@ -99,10 +99,12 @@ test-sanitize: venv
 # multiprocessors, several decode splits; random: for 1). Any report aborts: the test fails
 # (--capture=sys: the report reaches the terminal, not pytest's capture of the dying process).
 EMU_SAN_DIR   ?= build/sanitize-cuda-emu
-EMU_SAN_TESTS ?= test_cuda_emu.py test_cuda.py
+EMU_SAN_TESTS ?= test_cuda_emu.py test_cuda.py test_cuda_backward.py
 EMU_SAN_K     ?= test_cuda_emu or errors_name or 64-bf16 and (prefill_against and 1-True or decode) \
   or long_memory and 64 or simple_path and (segmentation-40 or 96-bf16) \
-  or bfloat16 and (rope or append_kv or compact and (16-8 or 32-8-True-segmentation))
+  or bfloat16 and (rope or append_kv or compact and (16-8 or 32-8-True-segmentation)) \
+  or low_precision and 64-bf16 or generic_path_other and bf16-40 or unaligned_views \
+  or fp32_against and full-coverage-True
 .PHONY: test-cuda-emu-sanitize
 test-cuda-emu-sanitize: build
 	$(PY) -m cmake -S . -B $(EMU_SAN_DIR) -G Ninja -DBEACON_OPS_CUDA=OFF -DBEACON_OPS_CUDA_EMU=ON \
