@@ -388,7 +388,7 @@ def test_compact_rejects_bad_arguments(device):
         "cos and sin must have the same rows": dict(sin=c.sin[:5]),
         "stride": dict(stride=9),
         "window": dict(window=0),
-        "mode": dict(mode="causal"),
+        "mode": dict(mode="sliding"),
         "must not share memory": dict(v=c.k),
         "ratio must be on k_cache's device": dict(ratio=c.ratio.to("meta")),
     }
