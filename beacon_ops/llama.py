@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .kv_cache import KVCache, StepPlan, check_ratio
 from .positions import check_mode, default_inv_freq
+from .variants import check_variant, mask_kind
 
 __all__ = ["LlamaConfig", "BeaconConfig", "Llama", "rope_inv_freq", "check_token_ids", "BEACON_PROJS"]
 
@@ -78,6 +79,11 @@ class BeaconConfig:
 
     ``ratio``: a fixed condensing ratio (0 = no beacons, the base model) or None for adapt-N with
     ``adapt_n`` (section 6). ``beacon_params``: which of q/k/v/o have beacon copies.
+
+    ``variant``: ``"v1"`` (sections 3-5, the default) or ``"v3"``, the newer rules of the released
+    beacon models (section 9), with ``placement`` (``"append"`` or ``"interleave"``) and
+    ``sink_size`` (tokens of the first window kept in front of the memory); see
+    :mod:`beacon_ops.variants` for what each combination means and which are rejected.
     """
 
     window: int = 1024
@@ -87,18 +93,28 @@ class BeaconConfig:
     ratio: int | None = None
     adapt_n: int = 1024
     beacon_params: tuple[str, ...] = BEACON_PROJS
+    variant: str = "v1"
+    placement: str = "append"
+    sink_size: int = 0
 
     def __post_init__(self) -> None:
         self.stride = self.window if self.stride is None else self.stride
         check_mode(self.mode)
         if not 0 < self.stride <= self.window:
             raise ValueError(f"stride must lie in [1, window={self.window}], got {self.stride}")
+        check_variant(self.variant, self.placement, self.mode, self.sink_size, self.window, self.stride)
         if self.ratio is not None:
             check_ratio(self.ratio, self.stride)
         bad = set(self.beacon_params) - set(BEACON_PROJS)
         if bad:
             raise ValueError(f"beacon_params may only contain {BEACON_PROJS}, got {sorted(bad)}")
         self.beacon_params = tuple(p for p in BEACON_PROJS if p in self.beacon_params)
+
+    @property
+    def attention_mask_kind(self) -> tuple[str, bool]:
+        """``(mode, attend_previous)`` for the attention op and the caches (mask kind of
+        :func:`beacon_ops.variants.mask_kind`)."""
+        return mask_kind(self.variant, self.mode, self.attend_previous)
 
 
 def rope_inv_freq(config: LlamaConfig) -> Tensor:
@@ -161,8 +177,8 @@ class MLP(nn.Module):
 class _Rows:
     """The packed rows of a step as contiguous runs ``(start, end, is_beacon)``.
 
-    Per sequence the raw rows come first, then its beacons, so a step has at most two runs per
-    sequence; slicing runs avoids gathers and scatters.
+    Per sequence the raw rows come first, then its beacons (two runs), or, with interleaved
+    beacons, raw runs with one beacon after each; slicing runs avoids gathers and scatters.
     """
 
     runs: list[tuple[int, int, bool]]
@@ -295,12 +311,22 @@ class Llama(nn.Module):
         emb = self.model.embed_tokens
         for bi, ch in enumerate(chunks):
             nb = plan.num_beacons[bi]
-            parts.append(emb(ch))
-            if len(ch):
-                runs.append((off, off + len(ch), False))
-            if nb:
-                parts.append(self.model.beacon_embed_tokens.weight.expand(nb, -1).to(parts[-1].dtype))
-                runs.append((off + len(ch), off + len(ch) + nb, True))
+            # beacon slots among the sequence's new tokens: after its raw tokens, or interleaved
+            slots = plan.beacon_slots[bi] if plan.beacon_slots is not None else range(len(ch), len(ch) + nb)
+            raw_emb = emb(ch)
+            t = p = 0  # next raw token, next slot
+            for slot in [*slots, len(ch) + nb]:
+                if slot > p:  # the raw tokens before this beacon
+                    parts.append(raw_emb[t:t + slot - p])
+                    runs.append((off + p, off + slot, False))
+                    t += slot - p
+                if slot < len(ch) + nb:
+                    if runs and runs[-1][2] and runs[-1][1] == off + slot:  # extend a run of beacons
+                        runs[-1] = (runs[-1][0], off + slot + 1, True)
+                    else:
+                        runs.append((off + slot, off + slot + 1, True))
+                    parts.append(self.model.beacon_embed_tokens.weight.to(raw_emb.dtype))
+                p = slot + 1
             off += len(ch) + nb
         h = torch.cat(parts)
         rows = _Rows(runs)
