@@ -178,17 +178,38 @@ class _Rows:
     """The packed rows of a step as contiguous runs ``(start, end, is_beacon)``.
 
     Per sequence the raw rows come first, then its beacons (two runs), or, with interleaved
-    beacons, raw runs with one beacon after each; slicing runs avoids gathers and scatters.
+    beacons, raw runs with one beacon after each. A few runs are sliced (no gathers and
+    scatters); many (interleaved beacons) are gathered by index, which costs one copy instead
+    of a small matmul per run.
     """
 
     runs: list[tuple[int, int, bool]]
+    _index: tuple[Tensor, Tensor] | None = None
+
+    MAX_SLICED_RUNS = 8
 
     @property
     def has_beacons(self) -> bool:
         return any(b for _, _, b in self.runs)
 
+    @property
+    def gathered(self) -> bool:
+        """Whether the rows are many runs, handled by index (see the class docstring)."""
+        return len(self.runs) > self.MAX_SLICED_RUNS
+
+    def index(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Row indices ``(raw, beacon)``, each in order (int64 on ``device``)."""
+        if self._index is None:
+            raw = [i for s, e, b in self.runs if not b for i in range(s, e)]
+            bea = [i for s, e, b in self.runs if b for i in range(s, e)]
+            self._index = (torch.tensor(raw, dtype=torch.long, device=device),
+                           torch.tensor(bea, dtype=torch.long, device=device))
+        return self._index
+
     def raw(self, h: Tensor) -> Tensor:
         """``h``'s raw rows, in order."""
+        if self.gathered:
+            return h.index_select(0, self.index(h.device)[0])
         parts = [h[s:e] for s, e, b in self.runs if not b]
         return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else h[:0]
 
@@ -197,6 +218,10 @@ def _project(x: Tensor, rows: _Rows, main: nn.Linear, beacon: nn.Linear | None) 
     """``main`` on raw rows, ``beacon`` (when it exists) on beacon rows."""
     if beacon is None or not rows.has_beacons:
         return main(x)
+    if rows.gathered:  # out-of-place index_copy: differentiable, every row written once
+        raw_i, beacon_i = rows.index(x.device)
+        out = x.new_zeros(x.shape[0], main.out_features)
+        return out.index_copy(0, raw_i, main(x[raw_i])).index_copy(0, beacon_i, beacon(x[beacon_i]))
     if torch.is_grad_enabled():  # out= is not differentiable
         return torch.cat([(beacon if b else main)(x[s:e]) for s, e, b in rows.runs])
     out = x.new_empty(x.shape[0], main.out_features)

@@ -469,7 +469,7 @@ def compact_ref(k, v, mem, raw, bea, ratio, cos, sin, W, S, mode, interleaved):
 
 
 @pytest.mark.parametrize("dtype", CACHE_DTYPES, ids=str)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + NEW_KINDS)
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("W,S", [(16, 16), (16, 8), (32, 8)])
 def test_compact_cuda_bit_exact_vs_cpu(dtype, mode, interleaved, W, S):
