@@ -54,6 +54,8 @@ def ratio_for_length(model: Llama, total: int) -> int:
     b = model.beacon
     if b.ratio is not None:
         return b.ratio
+    if b.adapt_ratios is not None:
+        return adapt_ratio(total, model.trained_context, b.window, b.adapt_n, b.adapt_ratios)
     return check_ratio(adapt_ratio(total, model.trained_context, b.window, b.adapt_n), b.stride)
 
 

@@ -85,6 +85,54 @@ def test_training_refuses_what_it_cannot_run_yet():
             beacon_loss(model, torch.arange(20))
 
 
+# --- settings of the released checkpoints (config.json keys) --------------------------------------
+LLAMA3_RELEASE = {"beacon_window": 1024, "beacon_stride": 1024, "beacon_attn": "full-coverage",
+                  "beacon_ratio": [2, 4, 8], "beacon_ratio_mix": "adapt-1024", "beacon_param": ["q", "k", "v"],
+                  "beacon_pos": "interleave", "beacon_sink_size": 1, "beacon_attend_prev": True}
+
+
+def test_from_checkpoint_config_newer_release():
+    b = BeaconConfig.from_checkpoint_config(LLAMA3_RELEASE)
+    assert (b.variant, b.placement, b.mode, b.sink_size, b.window, b.stride) == \
+        ("v3", "interleave", "full-coverage", 1, 1024, 1024)
+    assert (b.ratio, b.adapt_ratios, b.adapt_n, b.beacon_params) == (None, (2, 4, 8), 1024, ("q", "k", "v"))
+    assert b.attention_mask_kind == ("causal", True)
+    fixed = BeaconConfig.from_checkpoint_config({**LLAMA3_RELEASE, "beacon_ratio": [4]})
+    assert (fixed.ratio, fixed.adapt_ratios) == (4, None)
+
+
+def test_from_checkpoint_config_original_code():
+    b = BeaconConfig.from_checkpoint_config({"beacon_window": 1024, "beacon_stride": 1024,
+                                             "beacon_attn": "step-expansion", "beacon_ratio": [2, 4, 8],
+                                             "beacon_param": ["q", "k", "v", "o"]})
+    assert (b.variant, b.placement, b.mode, b.sink_size) == ("v1", "append", "step-expansion", 0)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(beacon_window=None), ValueError, "beacon_window is missing"),
+    (dict(beacon_pos="side"), ValueError, "placement must be one of"),
+    (dict(beacon_attn="segmentation"), ValueError, "mode='segmentation' is not part of variant 'v3'"),
+    (dict(beacon_ratio=[2, 3]), ValueError, "adapt_ratios: ratio=3 does not divide the stride 1024"),
+])
+def test_from_checkpoint_config_bad_keys(change, exc, match):
+    config = {k: v for k, v in {**LLAMA3_RELEASE, **change}.items() if v is not None}
+    with pytest.raises(exc, match=match):
+        BeaconConfig.from_checkpoint_config(config)
+
+
+@pytest.mark.parametrize("length,want", [(14336, 2), (14337, 4), (28672, 4), (28673, 8), (10**6, 8)])
+def test_release_adapt_ratio_table(length, want):
+    # docs: Llama-3 release, max_pos 8192, window 1024, ratios [2, 4, 8], adapt-1024
+    from beacon_ops.condensed_cache import adapt_ratio
+    from beacon_ops.generation import ratio_for_length
+
+    from llama_helpers import tiny_config, tiny_model
+
+    model = tiny_model(tiny_config(max_position_embeddings=8192), window=1024, variant="v3",
+                       mode="full-coverage", placement="interleave", adapt_ratios=(2, 4, 8))
+    assert ratio_for_length(model, length) == want == adapt_ratio(length, 8192, 1024, 1024, (2, 4, 8))
+
+
 # --- positions: docs/activation-beacon.md section 9.1 (W = 16, r = 4) ------------------------------
 def _beacon_positions(kind: str, mem: int) -> list[int]:
     W, r = 16, 4
