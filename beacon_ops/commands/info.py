@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         v = info.get(k)
         print(f"{k:>16}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
     for i, line in enumerate(info["variants"]):
-        print(f"{'variants' if i == 0 else '':>16}: {line}")
+        print(f"{'variants' if i == 0 else '':>16}{':' if i == 0 else ' '} {line}")
     write_json(info, args.json)
     return 0
 
