@@ -29,6 +29,9 @@ def beacon_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: 
     (when ``attend_previous``), its raw range (``segmentation``: ``[j r, (j+1) r)``,
     ``step-expansion``: ``[0, (j+1) r)``, ``full-coverage``: the whole window, clipped to ``R``)
     and itself; no row sees another beacon. Decode is the same op with one query per sequence.
+    The newer variant's kinds (``docs/activation-beacon.md``, section 9.1) keep the memory visible
+    and ignore ``attend_previous``: ``causal``, every row sees every key up to its own;
+    ``step-causal``, beacon ``j`` sees raw ``[0, (j+1) r)`` and beacons ``0..j``.
 
     Args:
         q: ``[total_q, heads, head_dim]`` packed queries (fp32, bf16 or fp16; head_dim a
@@ -40,7 +43,8 @@ def beacon_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: 
             ``M + R + B <= capacity``, ``B > 0`` only with ``ratio > 0``, and
             ``B <= nq <= R + B``.
         max_seqlen_q: the largest ``nq`` (an upper bound is fine).
-        mode: ``"segmentation"``, ``"step-expansion"`` (default) or ``"full-coverage"``.
+        mode: ``"segmentation"``, ``"step-expansion"`` (default), ``"full-coverage"``,
+            ``"causal"`` or ``"step-causal"`` (:data:`beacon_ops.positions.MASK_KINDS`).
         attend_previous: whether beacons see the memory (spec's ``beacon_attend_previous``).
         softmax_scale: scale of ``q k^T``, finite and at most float32's largest value;
             ``None`` (or ``<= 0``) means ``1/sqrt(head_dim)``.

@@ -30,7 +30,8 @@ from torch import Tensor
 from .attention import beacon_attention
 from .cache_ops import append_kv, compact_, rope_
 from .kv_cache import StepPlan, check_ratio
-from .positions import check_mode, default_inv_freq, rope_tables, step_positions
+from .positions import beacon_position, check_mask_kind, default_inv_freq, rope_tables, step_positions
+from .variants import PLACEMENTS
 
 __all__ = ["RATIOS", "adapt_ratio", "StepPlan", "CondensedKVCache"]
 
@@ -77,13 +78,26 @@ class CondensedKVCache:
         window: raw tokens per window ``W``.
         stride: new raw tokens per window after the first, ``S`` (default ``W``); ``W - S`` raw
             tokens are carried from a window to the next.
-        mode: beacon attention mode (``segmentation``, ``step-expansion``, ``full-coverage``).
+        mode: the mask kind of the attention op (:data:`~beacon_ops.positions.MASK_KINDS`: a mode
+            of the original variant, or ``causal`` / ``step-causal``, see :mod:`beacon_ops.variants`).
         attend_previous: whether beacons see the memory (passed to the attention op).
         dtype: float32, float16 or bfloat16.
         device: where the cache, the length tensors and the RoPE tables live.
         inv_freq: RoPE inverse frequencies ``[head_dim / 2]`` carrying any scaling (default:
             Llama's ``10000 ** (-2i / head_dim)``).
         rope_interleaved: pair layout of RoPE (False: rotate-half, True: interleaved/GGUF).
+        placement: ``"append"`` (a full window's beacons follow its raw tokens) or
+            ``"interleave"`` (the newer variant, mask kind ``causal``: one beacon after every
+            ``r`` raw tokens, also before the window is full; see below).
+        sink_size: the newer variant's sink: the first ``sink_size`` entries of each sequence's
+            first window stay in front of its memory (``stride == window``).
+
+    With interleaved beacons a window's entries (raw tokens and the beacons among them) sit in
+    order after the memory, every key at the position of its slot; the ops see them all as raw
+    keys (``raw_len`` = entries, ``beacon_len`` = 0), which the ``causal`` mask makes exact. The
+    plan of a step lists where its beacons go (``StepPlan.beacon_slots``). Compaction of
+    interleaved windows, and the first compaction of a sequence with a sink, gather the kept
+    keys with tensor indexing and rotate them with ``rope_``; the others use ``compact_``.
 
     Each sequence starts with ratio 0 (no beacons): set it with :meth:`set_ratio` (e.g. from
     :func:`adapt_ratio`) before its window completes; it is kept for later windows until
@@ -94,7 +108,7 @@ class CondensedKVCache:
                  window: int, stride: int | None = None, mode: str = "step-expansion",
                  attend_previous: bool = True, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", inv_freq: Tensor | None = None,
-                 rope_interleaved: bool = False) -> None:
+                 rope_interleaved: bool = False, placement: str = "append", sink_size: int = 0) -> None:
         for name, value, low in (("num_layers", num_layers, 1), ("batch_size", batch_size, 1),
                                  ("num_kv_heads", num_kv_heads, 1), ("head_dim", head_dim, 2),
                                  ("capacity", capacity, 1), ("window", window, 1)):
@@ -107,12 +121,23 @@ class CondensedKVCache:
             raise ValueError(f"CondensedKVCache: stride must be in [1, window={window}], got {stride}")
         if dtype not in _CACHE_DTYPES:
             raise TypeError(f"CondensedKVCache: dtype must be one of {_CACHE_DTYPES}, got {dtype}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"CondensedKVCache: placement must be one of {PLACEMENTS}, got {placement!r}")
+        if int(sink_size) != sink_size or not 0 <= sink_size < window:
+            raise ValueError(f"CondensedKVCache: sink_size must be an integer in [0, window={window}), got "
+                             f"{sink_size!r}")
+        if (placement == "interleave" or sink_size) and stride != window:
+            raise ValueError(f"CondensedKVCache: stride={stride} must equal window={window} with interleaved "
+                             "beacons or a sink")
+        if placement == "interleave" and mode != "causal":
+            raise ValueError(f"CondensedKVCache: placement='interleave' needs mode='causal', got {mode!r}")
         self.num_layers, self.batch_size = int(num_layers), int(batch_size)
         self.num_kv_heads, self.head_dim, self.capacity = int(num_kv_heads), int(head_dim), int(capacity)
         self.window, self.stride = int(window), int(stride)
-        self.mode = check_mode(mode)
+        self.mode = check_mask_kind(mode)
         self.attend_previous = bool(attend_previous)
         self.rope_interleaved = bool(rope_interleaved)
+        self.placement, self.sink_size = placement, int(sink_size)
         self.device = torch.device(device)
         self.dtype = dtype
 
@@ -129,6 +154,7 @@ class CondensedKVCache:
         # The largest position used is about memory + window (a beacon at M + W); compaction
         # rotates by differences up to W.
         self.cos, self.sin = rope_tables(inv_freq.to(self.device), self.capacity + self.window + 1)
+        self._neg_sin: Tensor | None = None  # -sin: rotation by a negative difference (python compaction)
 
         zeros = lambda: torch.zeros(self.batch_size, dtype=torch.int32, device=self.device)  # noqa: E731
         self.mem_len, self.raw_len, self.beacon_len, self.ratio = zeros(), zeros(), zeros(), zeros()
@@ -136,6 +162,7 @@ class CondensedKVCache:
         self.host_raw_len = [0] * self.batch_size
         self.host_beacon_len = [0] * self.batch_size
         self.host_ratio = [0] * self.batch_size
+        self.host_inner_beacons = [0] * self.batch_size  # interleaved beacons among the window's entries
         self._ratio_set = [False] * self.batch_size
         self._plan: StepPlan | None = None
 
@@ -151,7 +178,8 @@ class CondensedKVCache:
 
     def _sync_lengths(self) -> None:
         """Copy the host shadows to the device length tensors."""
-        for dev, host in ((self.mem_len, self.host_mem_len), (self.raw_len, self.host_raw_len),
+        entries = [r + i for r, i in zip(self.host_raw_len, self.host_inner_beacons)]
+        for dev, host in ((self.mem_len, self.host_mem_len), (self.raw_len, entries),
                           (self.beacon_len, self.host_beacon_len), (self.ratio, self.host_ratio)):
             dev.copy_(torch.tensor(host, dtype=torch.int32))
 
@@ -173,6 +201,9 @@ class CondensedKVCache:
         if self.host_raw_len[b] == self.window:
             raise ValueError(f"set_ratio: sequence {b}'s window is already full; set the ratio before the "
                              "step that completes it (or after compact())")
+        if self.placement == "interleave" and self.host_raw_len[b] > 0 and r != self.host_ratio[b]:
+            raise ValueError(f"set_ratio: sequence {b}'s window already holds tokens; with interleaved beacons "
+                             "the ratio is set at the start of a window")
         self.host_ratio[b] = r
         self.ratio[b] = r
         self._ratio_set[b] = True
@@ -183,7 +214,7 @@ class CondensedKVCache:
 
     def max_position(self) -> int:
         """The highest RoPE position of a memory or raw key (memory slot i has position i)."""
-        return max(m + r - 1 for m, r in zip(self.host_mem_len, self.host_raw_len))
+        return max(m + r + i - 1 for m, r, i in zip(self.host_mem_len, self.host_raw_len, self.host_inner_beacons))
 
     def reset(self, b: int | None = None) -> None:
         """Empty sequence ``b`` (every sequence when None): lengths and ratio back to 0.
@@ -193,6 +224,7 @@ class CondensedKVCache:
         seqs = range(self.batch_size) if b is None else [self._check_seq(b)]
         for s in seqs:
             self.host_mem_len[s] = self.host_raw_len[s] = self.host_beacon_len[s] = self.host_ratio[s] = 0
+            self.host_inner_beacons[s] = 0
             self._ratio_set[s] = False
         self._sync_lengths()
         self._plan = None
@@ -213,6 +245,7 @@ class CondensedKVCache:
         raws: list[int] = []
         beacons: list[int] = []
         completes: list[bool] = []
+        slots: list[list[int]] = []
         for b, n in enumerate(num_raw):
             try:
                 n = operator.index(n)  # an integer: 1.5 tokens is a mistake, not 1
@@ -230,8 +263,16 @@ class CondensedKVCache:
                                  f"{room}{hint}")
             new_raw = self.host_raw_len[b] + n
             done = n > 0 and new_raw == self.window
-            nb = self.stride // self.host_ratio[b] if done and self.host_ratio[b] > 0 else 0
-            need = self.host_mem_len[b] + new_raw + self.host_beacon_len[b] + nb
+            r = self.host_ratio[b]
+            if self.placement == "interleave":
+                # one beacon after every r-th raw token of the window (docs section 9)
+                rem = self.host_raw_len[b] % r if r else 0
+                nb = (n + rem) // r if r else 0
+                slots.append([p for p in range(n + nb) if p % (r + 1) == r - rem] if r else [])
+            else:
+                nb = self.stride // r if done and r > 0 else 0
+                slots.append(list(range(n, n + nb)))
+            need = self.host_mem_len[b] + new_raw + self.host_inner_beacons[b] + self.host_beacon_len[b] + nb
             if need > self.capacity:
                 raise ValueError(f"begin_step: capacity {self.capacity} is too small: sequence {b} needs {need} "
                                  "slots (see CondensedKVCache.capacity_for)")
@@ -241,21 +282,32 @@ class CondensedKVCache:
         # Everything is computed from the prospective lengths first; the shadows and the device
         # tensors change only once nothing can raise any more.
         raw_after = [r + n for r, n in zip(self.host_raw_len, raws)]
-        beacon_after = [b_len + nb for b_len, nb in zip(self.host_beacon_len, beacons)]
         num_new = [n + nb for n, nb in zip(raws, beacons)]
         cu = [0]
         for n in num_new:
             cu.append(cu[-1] + n)
-        positions = step_positions(self.host_mem_len, raw_after, beacon_after, self.host_ratio, num_new,
-                                   self.window, self.mode, device=self.device)
+        if self.placement == "interleave":
+            # every entry at the position of its slot: the ops see the window's entries as raw keys
+            inner_after = [i + nb for i, nb in zip(self.host_inner_beacons, beacons)]
+            beacon_after = list(self.host_beacon_len)
+            pos: list[int] = []
+            for m, r_len, i_len, n in zip(self.host_mem_len, raw_after, inner_after, num_new):
+                pos.extend(range(m + r_len + i_len - n, m + r_len + i_len))
+            positions = torch.tensor(pos, dtype=torch.int32, device=self.device)
+        else:
+            inner_after = list(self.host_inner_beacons)
+            beacon_after = [b_len + nb for b_len, nb in zip(self.host_beacon_len, beacons)]
+            positions = step_positions(self.host_mem_len, raw_after, beacon_after, self.host_ratio, num_new,
+                                       self.window, self.mode, device=self.device)
         cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=self.device)
         self.host_raw_len[:] = raw_after
         self.host_beacon_len[:] = beacon_after
+        self.host_inner_beacons[:] = inner_after
         self._sync_lengths()
         self._plan = StepPlan(
             cu_seqlens=cu_seqlens,
             num_raw=raws, num_beacons=beacons, num_new=num_new, completes_window=completes,
-            max_seqlen_q=max(num_new, default=0), positions=positions)
+            max_seqlen_q=max(num_new, default=0), positions=positions, beacon_slots=slots)
         return self._plan
 
     def _check_plan(self, plan: StepPlan, x: Tensor, name: str, heads: int | None) -> None:
@@ -308,24 +360,75 @@ class CondensedKVCache:
         for b in full:
             r = self.host_ratio[b]
             want = self.stride // r if r > 0 else 0
-            if self.host_beacon_len[b] != want:
+            if self.host_beacon_len[b] + self.host_inner_beacons[b] != want:
                 raise ValueError(f"compact: sequence {b} has a full window with ratio {r} and beacon_len "
                                  f"{self.host_beacon_len[b]}, expected {want} (its beacons were not counted "
                                  "by begin_step)")
-        compact_(self.k, self.v, self.mem_len, self.raw_len, self.beacon_len, self.ratio, self.cos, self.sin,
-                 window=self.window, stride=self.stride, mode=self.mode, interleaved=self.rope_interleaved)
+        gathered = [b for b in full if self.placement == "interleave" or (
+            self.sink_size and self.host_mem_len[b] == 0 and self.host_ratio[b] > 0)]
+        for b in gathered:
+            self._compact_by_gather(b)
+        if gathered:
+            self._sync_lengths()
+        if len(gathered) < len(full):
+            compact_(self.k, self.v, self.mem_len, self.raw_len, self.beacon_len, self.ratio, self.cos, self.sin,
+                     window=self.window, stride=self.stride, mode=self.mode, interleaved=self.rope_interleaved)
         for b in full:
+            if b in gathered:
+                continue
             r = self.host_ratio[b]
             self.host_mem_len[b] += self.stride // r if r > 0 else self.stride
             self.host_raw_len[b] = self.window - self.stride
             self.host_beacon_len[b] = 0
         self._plan = None
 
+    def _compact_by_gather(self, b: int) -> None:
+        """Compaction of sequence ``b``'s full window (stride == window) where ``compact_`` does not
+        apply: interleaved beacons, or a sink kept in front of the first window's beacons.
+
+        The sink entries (the window's first ``sink_size``, first window only) stay where they
+        are; beacon ``j`` moves to the memory slot after them, its key rotated by (new - old)
+        position; the raw entries are dropped. With ``r = 0`` the memory absorbs the window."""
+        M, W, r = self.host_mem_len[b], self.window, self.host_ratio[b]
+        if r > 0:
+            B = W // r
+            sink = self.sink_size if M == 0 else 0
+            if self.placement == "interleave":
+                src = [M + (j + 1) * (r + 1) - 1 for j in range(B)]
+                old = src  # every interleaved entry sits at the position of its slot
+            else:
+                src = [M + W + j for j in range(B)]
+                old = [beacon_position(M, j, r, W, self.mode) for j in range(B)]
+            dst = [M + sink + j for j in range(B)]
+            src_t = torch.tensor(src, device=self.device)
+            dst_t = torch.tensor(dst, device=self.device)
+            keys = self.k[:, b][:, :, src_t]                           # [layers, kv_heads, B, head_dim]
+            keys = keys.permute(2, 0, 1, 3).reshape(B, -1, self.head_dim).contiguous()
+            delta = [d - o for d, o in zip(dst, old)]
+            for sign in (1, -1):
+                rows = [i for i, d in enumerate(delta) if d * sign > 0]
+                if not rows:
+                    continue
+                if sign < 0 and self._neg_sin is None:
+                    self._neg_sin = -self.sin
+                part = keys[rows].contiguous()
+                rope_(part, torch.tensor([abs(delta[i]) for i in rows], dtype=torch.int32, device=self.device),
+                      self.cos, self.sin if sign > 0 else self._neg_sin, self.rope_interleaved)
+                keys[rows] = part
+            keys = keys.reshape(B, self.num_layers, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
+            values = self.v[:, b][:, :, src_t]
+            self.k[:, b, :, dst_t] = keys
+            self.v[:, b, :, dst_t] = values
+            self.host_mem_len[b] = M + sink + B
+        else:
+            self.host_mem_len[b] = M + W
+        self.host_raw_len[b] = self.host_beacon_len[b] = self.host_inner_beacons[b] = 0
+
     # --- sizes -------------------------------------------------------------------------------------
     def slots_in_use(self, b: int) -> int:
         """Slots sequence ``b`` occupies per layer and head: memory + raw + beacons."""
         b = self._check_seq(b)
-        return self.host_mem_len[b] + self.host_raw_len[b] + self.host_beacon_len[b]
+        return self.host_mem_len[b] + self.host_raw_len[b] + self.host_inner_beacons[b] + self.host_beacon_len[b]
 
     def bytes_in_use(self) -> int:
         """Bytes of K and V holding live entries (all layers, heads and sequences)."""
@@ -338,14 +441,15 @@ class CondensedKVCache:
 
     @staticmethod
     def capacity_for(length: int, window: int, stride: int | None = None, ratio: int = 0,
-                     extra_tokens: int = 0) -> int:
+                     extra_tokens: int = 0, *, sink_size: int = 0, placement: str = "append") -> int:
         """Slots per sequence needed to read ``length + extra_tokens`` tokens, exactly.
 
         ``extra_tokens`` are tokens that follow the input (e.g. the generation budget); they pass
         through the same windows. Assumes :meth:`CondensedKVCache.compact` runs after every step
         that fills a window; the step schedule does not matter. The peak is either just before a
         compaction (memory of the earlier windows + ``W`` raw + ``S / r`` beacons) or at the end
-        (memory + the raw tokens of the trailing window).
+        (memory + the raw tokens of the trailing window, and its beacons when interleaved). A sink
+        (``sink_size``) joins the memory at the first compaction.
         """
         stride = window if stride is None else stride
         if window < 1 or not 1 <= stride <= window:
@@ -354,11 +458,14 @@ class CondensedKVCache:
         if length < 0 or extra_tokens < 0:
             raise ValueError(f"capacity_for: length and extra_tokens must be >= 0, got {length}, {extra_tokens}")
         total = length + extra_tokens
+        inner = (lambda n: n // ratio) if placement == "interleave" and ratio > 0 else (lambda n: 0)
         if total < window:
-            return total
+            return total + inner(total)
         num_full = 1 + (total - window) // stride
         beacons = stride // ratio if ratio > 0 else 0
         growth = beacons if ratio > 0 else stride  # memory added per window
-        before_last_compaction = (num_full - 1) * growth + window + beacons
-        at_end = num_full * growth + (total - num_full * stride)
+        sink = sink_size if ratio > 0 else 0
+        before_last_compaction = (num_full - 1) * growth + (sink if num_full > 1 else 0) + window + beacons
+        tail = total - num_full * stride
+        at_end = num_full * growth + sink + tail + inner(tail)
         return max(before_last_compaction, at_end)

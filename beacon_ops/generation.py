@@ -54,6 +54,8 @@ def ratio_for_length(model: Llama, total: int) -> int:
     b = model.beacon
     if b.ratio is not None:
         return b.ratio
+    if b.adapt_ratios is not None:
+        return adapt_ratio(total, model.trained_context, b.window, b.adapt_n, b.adapt_ratios)
     return check_ratio(adapt_ratio(total, model.trained_context, b.window, b.adapt_n), b.stride)
 
 
@@ -72,10 +74,13 @@ def new_session(model: Llama, lengths: Sequence[int], extra_tokens: int = 0, *,
     if attention == "beacon":
         # the smallest ratio any sequence can get needs the most room
         r_min = min(ratio_for_length(model, n) for n in lengths)
-        cap = CondensedKVCache.capacity_for(longest, b.window, b.stride, r_min, 0)
+        cap = CondensedKVCache.capacity_for(longest, b.window, b.stride, r_min, 0, sink_size=b.sink_size,
+                                            placement=b.placement)
+        mode, attend_previous = b.attention_mask_kind
         cache: KVCache = CondensedKVCache(c.num_layers, len(lengths), c.num_kv_heads, c.head_dim, cap,
-                                          window=b.window, stride=b.stride, mode=b.mode,
-                                          attend_previous=b.attend_previous, **common)
+                                          window=b.window, stride=b.stride, mode=mode,
+                                          attend_previous=attend_previous, placement=b.placement,
+                                          sink_size=b.sink_size, **common)
     elif attention in ("full", "sliding"):
         cache = FullKVCache(c.num_layers, len(lengths), c.num_kv_heads, c.head_dim, longest, chunk=b.window,
                             sliding_window=b.window if attention == "sliding" else None, **common)
@@ -88,8 +93,11 @@ def new_session(model: Llama, lengths: Sequence[int], extra_tokens: int = 0, *,
 def _step(model: Llama, chunks: list[Tensor], known_len: Sequence[int]) -> list[Tensor]:
     """One step of the session; ``known_len[b]``: input length known for ``b`` (for adapt-N)."""
     s: Session = model.session
+    # The ratio is due before the step that fills a window, or, with interleaved beacons (which
+    # also go into windows that are not full), before a sequence's first step.
+    early = s.attention == "beacon" and model.beacon.placement == "interleave"
     for b, ch in enumerate(chunks):
-        if len(ch) and len(ch) >= s.cache.room(b) and not s.cache.has_ratio(b):
+        if len(ch) and (early or len(ch) >= s.cache.room(b)) and not s.cache.has_ratio(b):
             s.cache.set_ratio(b, ratio_for_length(model, known_len[b]))
     hidden = model.step(s.cache, chunks)
     for b, ch in enumerate(chunks):

@@ -47,6 +47,9 @@ class StepPlan:
     """``max(num_new)`` (0 for an empty step)."""
     positions: Tensor
     """int32 ``[sum(num_new)]`` on the cache device: RoPE positions of the step's tokens."""
+    beacon_slots: list[list[int]] | None = None
+    """Per sequence, where its beacons lie among its ``num_new`` tokens (interleaved beacons);
+    None: after its raw tokens."""
 
 
 class KVCache(Protocol):

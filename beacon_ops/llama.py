@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .kv_cache import KVCache, StepPlan, check_ratio
 from .positions import check_mode, default_inv_freq
+from .variants import check_variant, mask_kind
 
 __all__ = ["LlamaConfig", "BeaconConfig", "Llama", "rope_inv_freq", "check_token_ids", "BEACON_PROJS"]
 
@@ -78,6 +79,11 @@ class BeaconConfig:
 
     ``ratio``: a fixed condensing ratio (0 = no beacons, the base model) or None for adapt-N with
     ``adapt_n`` (section 6). ``beacon_params``: which of q/k/v/o have beacon copies.
+
+    ``variant``: ``"v1"`` (sections 3-5, the default) or ``"v3"``, the newer rules of the released
+    beacon models (section 9), with ``placement`` (``"append"`` or ``"interleave"``) and
+    ``sink_size`` (tokens of the first window kept in front of the memory); see
+    :mod:`beacon_ops.variants` for what each combination means and which are rejected.
     """
 
     window: int = 1024
@@ -87,18 +93,64 @@ class BeaconConfig:
     ratio: int | None = None
     adapt_n: int = 1024
     beacon_params: tuple[str, ...] = BEACON_PROJS
+    variant: str = "v1"
+    placement: str = "append"
+    sink_size: int = 0
+    adapt_ratios: tuple[int, ...] | None = None  # adapt-N candidates (None: the paper's, section 6)
 
     def __post_init__(self) -> None:
         self.stride = self.window if self.stride is None else self.stride
         check_mode(self.mode)
         if not 0 < self.stride <= self.window:
             raise ValueError(f"stride must lie in [1, window={self.window}], got {self.stride}")
+        check_variant(self.variant, self.placement, self.mode, self.sink_size, self.window, self.stride)
         if self.ratio is not None:
             check_ratio(self.ratio, self.stride)
         bad = set(self.beacon_params) - set(BEACON_PROJS)
         if bad:
             raise ValueError(f"beacon_params may only contain {BEACON_PROJS}, got {sorted(bad)}")
         self.beacon_params = tuple(p for p in BEACON_PROJS if p in self.beacon_params)
+        if self.adapt_ratios is not None:
+            if not self.adapt_ratios:
+                raise ValueError("adapt_ratios must be None or a non-empty list of ratios")
+            for r in self.adapt_ratios:
+                check_ratio(r, self.stride, "adapt_ratios: ratio")
+            self.adapt_ratios = tuple(int(r) for r in self.adapt_ratios)
+
+    @classmethod
+    def from_checkpoint_config(cls, config: dict[str, Any]) -> "BeaconConfig":
+        """Settings from the ``beacon_*`` keys of an official beacon checkpoint's ``config.json``.
+
+        ``beacon_window``, ``beacon_stride``, ``beacon_attn`` (mode), ``beacon_attend_prev``,
+        ``beacon_param``, ``beacon_ratio`` (one ratio: fixed; several: adapt-N over them with the
+        N of ``beacon_ratio_mix = "adapt-N"``, else 1024) and, from the newer code (variant v3,
+        recognised by ``beacon_pos`` or ``beacon_sink_size``), ``beacon_pos`` (placement) and
+        ``beacon_sink_size``. Raises ``ValueError`` naming a key that is missing or unsupported.
+        """
+        if "beacon_window" not in config:
+            raise ValueError("config: beacon_window is missing (not a beacon checkpoint's config)")
+        newer = "beacon_pos" in config or "beacon_sink_size" in config
+        ratios = config.get("beacon_ratio", [2, 4, 8])
+        ratios = [ratios] if isinstance(ratios, int) else list(ratios)
+        if not ratios:
+            raise ValueError("config: beacon_ratio is an empty list")
+        mix = str(config.get("beacon_ratio_mix", "adapt-1024"))
+        adapt_n = int(mix.split("-", 1)[1]) if mix.startswith("adapt-") else 1024
+        return cls(window=int(config["beacon_window"]), stride=config.get("beacon_stride"),
+                   mode=config.get("beacon_attn", "full-coverage" if newer else "step-expansion"),
+                   attend_previous=bool(config.get("beacon_attend_prev", True)),
+                   ratio=ratios[0] if len(ratios) == 1 else None, adapt_n=adapt_n,
+                   adapt_ratios=tuple(ratios) if len(ratios) > 1 else None,
+                   beacon_params=tuple(config.get("beacon_param", BEACON_PROJS)),
+                   variant="v3" if newer else "v1",
+                   placement=config.get("beacon_pos", "interleave") if newer else "append",
+                   sink_size=int(config.get("beacon_sink_size", 0)))
+
+    @property
+    def attention_mask_kind(self) -> tuple[str, bool]:
+        """``(mode, attend_previous)`` for the attention op and the caches (mask kind of
+        :func:`beacon_ops.variants.mask_kind`)."""
+        return mask_kind(self.variant, self.mode, self.attend_previous)
 
 
 def rope_inv_freq(config: LlamaConfig) -> Tensor:
@@ -161,18 +213,39 @@ class MLP(nn.Module):
 class _Rows:
     """The packed rows of a step as contiguous runs ``(start, end, is_beacon)``.
 
-    Per sequence the raw rows come first, then its beacons, so a step has at most two runs per
-    sequence; slicing runs avoids gathers and scatters.
+    Per sequence the raw rows come first, then its beacons (two runs), or, with interleaved
+    beacons, raw runs with one beacon after each. A few runs are sliced (no gathers and
+    scatters); many (interleaved beacons) are gathered by index, which costs one copy instead
+    of a small matmul per run.
     """
 
     runs: list[tuple[int, int, bool]]
+    _index: tuple[Tensor, Tensor] | None = None
+
+    MAX_SLICED_RUNS = 8
 
     @property
     def has_beacons(self) -> bool:
         return any(b for _, _, b in self.runs)
 
+    @property
+    def gathered(self) -> bool:
+        """Whether the rows are many runs, handled by index (see the class docstring)."""
+        return len(self.runs) > self.MAX_SLICED_RUNS
+
+    def index(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Row indices ``(raw, beacon)``, each in order (int64 on ``device``)."""
+        if self._index is None:
+            raw = [i for s, e, b in self.runs if not b for i in range(s, e)]
+            bea = [i for s, e, b in self.runs if b for i in range(s, e)]
+            self._index = (torch.tensor(raw, dtype=torch.long, device=device),
+                           torch.tensor(bea, dtype=torch.long, device=device))
+        return self._index
+
     def raw(self, h: Tensor) -> Tensor:
         """``h``'s raw rows, in order."""
+        if self.gathered:
+            return h.index_select(0, self.index(h.device)[0])
         parts = [h[s:e] for s, e, b in self.runs if not b]
         return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else h[:0]
 
@@ -181,6 +254,10 @@ def _project(x: Tensor, rows: _Rows, main: nn.Linear, beacon: nn.Linear | None) 
     """``main`` on raw rows, ``beacon`` (when it exists) on beacon rows."""
     if beacon is None or not rows.has_beacons:
         return main(x)
+    if rows.gathered:  # out-of-place index_copy: differentiable, every row written once
+        raw_i, beacon_i = rows.index(x.device)
+        out = x.new_zeros(x.shape[0], main.out_features)
+        return out.index_copy(0, raw_i, main(x[raw_i])).index_copy(0, beacon_i, beacon(x[beacon_i]))
     if torch.is_grad_enabled():  # out= is not differentiable
         return torch.cat([(beacon if b else main)(x[s:e]) for s, e, b in rows.runs])
     out = x.new_empty(x.shape[0], main.out_features)
@@ -295,12 +372,22 @@ class Llama(nn.Module):
         emb = self.model.embed_tokens
         for bi, ch in enumerate(chunks):
             nb = plan.num_beacons[bi]
-            parts.append(emb(ch))
-            if len(ch):
-                runs.append((off, off + len(ch), False))
-            if nb:
-                parts.append(self.model.beacon_embed_tokens.weight.expand(nb, -1).to(parts[-1].dtype))
-                runs.append((off + len(ch), off + len(ch) + nb, True))
+            # beacon slots among the sequence's new tokens: after its raw tokens, or interleaved
+            slots = plan.beacon_slots[bi] if plan.beacon_slots is not None else range(len(ch), len(ch) + nb)
+            raw_emb = emb(ch)
+            t = p = 0  # next raw token, next slot
+            for slot in [*slots, len(ch) + nb]:
+                if slot > p:  # the raw tokens before this beacon
+                    parts.append(raw_emb[t:t + slot - p])
+                    runs.append((off + p, off + slot, False))
+                    t += slot - p
+                if slot < len(ch) + nb:
+                    if runs and runs[-1][2] and runs[-1][1] == off + slot:  # extend a run of beacons
+                        runs[-1] = (runs[-1][0], off + slot + 1, True)
+                    else:
+                        runs.append((off + slot, off + slot + 1, True))
+                    parts.append(self.model.beacon_embed_tokens.weight.to(raw_emb.dtype))
+                p = slot + 1
             off += len(ch) + nb
         h = torch.cat(parts)
         rows = _Rows(runs)

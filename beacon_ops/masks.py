@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .positions import check_mode
+from .positions import check_mask_kind
 
 __all__ = ["step_mask"]
 
@@ -24,9 +24,11 @@ def step_mask(mem_len: int, raw_len: int, beacon_len: int, ratio: int, num_queri
     Keys are ``[memory | raw | beacons]``; queries are the window's last ``num_queries -
     beacon_len`` raw tokens, then its beacons. A raw token sees the memory and the raw tokens up
     to itself; beacon ``j`` sees the memory when ``attend_previous``, its raw range (clipped to
-    ``raw_len``) and itself.
+    ``raw_len``) and itself. The newer variant's kinds: ``causal``, every key up to the row's own;
+    ``step-causal``, beacon ``j`` sees the memory, raw ``[0, (j+1) r)`` and beacons ``0..j``
+    (``attend_previous`` plays no part in either).
     """
-    check_mode(mode)
+    check_mask_kind(mode)
     M, R, B, r = mem_len, raw_len, beacon_len, ratio
     n_raw = num_queries - B
     if not 0 <= n_raw <= R:
@@ -38,13 +40,17 @@ def step_mask(mem_len: int, raw_len: int, beacon_len: int, ratio: int, num_queri
     j = torch.arange(B, device=device)[:, None]
     if mode == "segmentation":
         lo, hi = j * r, (j + 1) * r
-    elif mode == "step-expansion":
+    elif mode in ("step-expansion", "step-causal"):
         lo, hi = torch.zeros_like(j), (j + 1) * r
     else:
         lo, hi = torch.zeros_like(j), torch.full_like(j, R)
     hi = hi.clamp(max=R)
     raw_idx = key - M
     beacon_rows = ((raw_idx >= lo) & (raw_idx < hi) & (key >= M) & (key < M + R)) | (key == M + R + j)
-    if attend_previous:
+    if mode == "causal":
+        beacon_rows = key < M + R + j + 1
+    elif mode == "step-causal":
+        beacon_rows |= (key < M) | ((key >= M + R) & (key < M + R + j))
+    elif attend_previous:
         beacon_rows |= key < M
     return torch.cat([raw_rows, beacon_rows])

@@ -4,7 +4,9 @@
 Positions restart every window. Memory slot ``i`` has position ``i``; raw token ``t`` of the
 window has position ``M + t`` (both equal their cache slot); beacon ``j`` of the window has
 ``M + r`` (segmentation), ``M + (j + 1) * r`` (step-expansion) or ``M + W`` (full-coverage).
-A query has the position of the key it appends, so one helper serves queries, the append op
+The two mask kinds of the newer variant (:mod:`beacon_ops.variants`) give beacons the next
+consecutive slot after the raw tokens and the earlier beacons: ``M + W + j`` (``causal``) and
+``M + (j + 1) * r + j`` (``step-causal``). A query has the position of the key it appends, so one helper serves queries, the append op
 and the compaction op.
 """
 from __future__ import annotations
@@ -16,11 +18,23 @@ import torch
 MODES: tuple[str, ...] = ("segmentation", "step-expansion", "full-coverage")
 """Beacon attention modes, in the order of ``beacon::Mode`` in ``csrc/beacon_mask.h``."""
 
+MASK_KINDS: tuple[str, ...] = MODES + ("causal", "step-causal")
+"""Every mask kind the ops take as ``mode``: the three modes under the original rules, then the
+newer variant's ``causal`` (its full-coverage, either placement) and ``step-causal`` (its
+step-expansion with ``attend_previous``); see :mod:`beacon_ops.variants`."""
+
 
 def check_mode(mode: str) -> str:
     """Return ``mode`` if it is a known beacon mode, else raise ``ValueError`` naming it."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def check_mask_kind(mode: str) -> str:
+    """Return ``mode`` if the ops know it as a mask kind, else raise ``ValueError`` naming it."""
+    if mode not in MASK_KINDS:
+        raise ValueError(f"mode must be one of {MASK_KINDS}, got {mode!r}")
     return mode
 
 
@@ -32,7 +46,11 @@ def beacon_position(mem_len: int, j: int, ratio: int, window: int, mode: str) ->
         return mem_len + (j + 1) * ratio
     if mode == "full-coverage":
         return mem_len + window
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "causal":
+        return mem_len + window + j
+    if mode == "step-causal":
+        return mem_len + (j + 1) * ratio + j
+    raise ValueError(f"mode must be one of {MASK_KINDS}, got {mode!r}")
 
 
 def slot_position(slot: int, mem_len: int, raw_len: int, ratio: int, window: int, mode: str) -> int:
@@ -61,7 +79,7 @@ def step_positions(
 
     Returns an int32 tensor ``[sum(num_new)]`` on ``device``.
     """
-    check_mode(mode)
+    check_mask_kind(mode)
     out: list[int] = []
     for m, r_len, b_len, ratio_b, n in zip(mem_len, raw_len, beacon_len, ratio, num_new):
         end = m + r_len + b_len

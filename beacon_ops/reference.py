@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .positions import check_mode, step_positions
+from .positions import check_mask_kind, step_positions
 
 __all__ = ["beacon_mask", "reference_attention", "allowed_pairs", "ReferenceResult",
            "worked_example"]
@@ -32,8 +32,13 @@ def beacon_mask(mem_len: int, raw_len: int, beacon_len: int, ratio: int, num_que
     raw token t sees all memory and raw ``0..t``; beacon j sees the memory when
     ``attend_previous``, its raw range (segmentation ``[j r, (j+1) r)``, step-expansion
     ``[0, (j+1) r)``, full-coverage all raw) and itself, and no other beacon.
+
+    The newer variant's kinds (``docs/activation-beacon.md``, section 9.1), where the memory is
+    always visible and ``attend_previous`` is not read: ``causal`` (its full-coverage), beacon j
+    sees the memory, every raw token and beacons ``0..j``; ``step-causal`` (its step-expansion
+    with attend_previous), beacon j sees the memory, raw ``[0, (j+1) r)`` and beacons ``0..j``.
     """
-    check_mode(mode)
+    check_mask_kind(mode)
     M, R, B, r = mem_len, raw_len, beacon_len, ratio
     n_raw_q = num_queries - B
     if n_raw_q < 0 or n_raw_q > R:
@@ -45,6 +50,12 @@ def beacon_mask(mem_len: int, raw_len: int, beacon_len: int, ratio: int, num_que
         mask[i, M:M + t + 1] = True
     for j in range(B):
         row = mask[n_raw_q + j]
+        if mode in ("causal", "step-causal"):
+            row[:M] = True                            # memory: always
+            hi = R if mode == "causal" else min((j + 1) * r, R)
+            row[M:M + hi] = True                      # raw: all, or the first (j+1) r
+            row[M + R:M + R + j + 1] = True           # beacons 0..j
+            continue
         if attend_previous:
             row[:M] = True
         if mode == "segmentation":

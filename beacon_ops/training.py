@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .llama import Llama, check_token_ids
 from .positions import rotate as rope
 from .training_cache import TrainingKVCache, has_attention_backward
+from .variants import check_training_support
 
 __all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "beacon_loss", "rope",
            "has_attention_backward"]
@@ -140,8 +141,10 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
     dev, c = model.device, model.config
     ids = ids.to(dev)
     targets = torch.cat([labels[1:], labels.new_full((1,), -100)]).to(dev)
+    check_training_support(bc.placement, bc.sink_size)
+    mode, attend_previous = bc.attention_mask_kind
     cache = TrainingKVCache(c.num_layers, c.num_kv_heads, c.head_dim, len(ids), window=bc.window,
-                            mode=bc.mode, attend_previous=bc.attend_previous, inv_freq=model.inv_freq,
+                            mode=mode, attend_previous=attend_previous, inv_freq=model.inv_freq,
                             rope_interleaved=c.rope_interleaved, attention=attention,
                             dtype=model.dtype, device=dev)
 

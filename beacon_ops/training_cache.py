@@ -32,7 +32,7 @@ from torch import Tensor
 from .attention import beacon_attention
 from .kv_cache import StepPlan, check_ratio
 from .masks import step_mask
-from .positions import check_mode, rotate, step_positions
+from .positions import check_mask_kind, rotate, step_positions
 
 __all__ = ["TrainingKVCache", "TrainingStepPlan", "has_attention_backward"]
 
@@ -83,7 +83,7 @@ class TrainingKVCache:
         if window < 1 or length < 1:
             raise ValueError(f"window and length must be >= 1, got {window} and {length}")
         self.num_layers, self.length, self.window = num_layers, length, window
-        self.mode, self.attend_previous = check_mode(mode), attend_previous
+        self.mode, self.attend_previous = check_mask_kind(mode), attend_previous
         self.inv_freq, self.rope_interleaved = inv_freq, rope_interleaved
         self.backend, self.device = attention, torch.device(device)
         empty = torch.zeros(num_kv_heads, 0, head_dim, device=self.device, dtype=dtype)

@@ -8,6 +8,15 @@
 //   [mid_begin, mid_end)     a beacon's raw range when it is not contiguous with the head
 //   [self_key, self_key + 1) a beacon row's own key (-1: none)
 // A row whose three pieces are empty sees nothing: out = 0, lse = +inf.
+//
+// Mask kinds: the paper's three modes (the original rules), and two rules of the newer variant
+// (the released beacon models), in which the memory is always visible and attend_previous plays
+// no part:
+//   kCausal      every row sees every key up to its own (full-coverage of the newer variant; also
+//                serves interleaved windows, whose beacons are among the raw keys)
+//   kStepCausal  beacon j sees the memory, raw [0, (j+1) r) and beacons 0..j (step-expansion of
+//                the newer variant with attend_previous; without it, the newer rule is
+//                kStepExpansion with the memory visible)
 #pragma once
 
 #if defined(__CUDACC__)
@@ -18,7 +27,13 @@
 
 namespace beacon {
 
-enum class Mode : int { kSegmentation = 0, kStepExpansion = 1, kFullCoverage = 2 };
+enum class Mode : int {
+  kSegmentation = 0,
+  kStepExpansion = 1,
+  kFullCoverage = 2,
+  kCausal = 3,
+  kStepCausal = 4,
+};
 
 // Lengths of one sequence at attention time (after the step's keys were appended).
 struct SeqLens {
@@ -48,7 +63,8 @@ BEACON_HD void beacon_raw_range(const SeqLens& L, int j, Mode mode, int* lo, int
   long long l = 0, h = raw;  // full coverage: the whole window
   switch (mode) {
     case Mode::kSegmentation: l = j * r; h = (j + 1) * r; break;
-    case Mode::kStepExpansion: h = (j + 1) * r; break;
+    case Mode::kStepExpansion:
+    case Mode::kStepCausal: h = (j + 1) * r; break;
     default: break;
   }
   h = h < raw ? h : raw;
@@ -68,9 +84,21 @@ BEACON_HD RowSpans row_spans(const SeqLens& L, int n_q, int q, Mode mode, bool a
     return s;
   }
   const int j = q - n_raw_q;
+  if (mode == Mode::kCausal) {
+    s.head_end = L.mem + L.raw + j + 1;  // everything up to the beacon's own key
+    return s;
+  }
   int lo, hi;
   beacon_raw_range(L, j, mode, &lo, &hi);
   s.self_key = L.mem + L.raw + j;
+  if (mode == Mode::kStepCausal) {
+    s.head_end = L.mem + hi;  // memory and raw [0, (j+1) r)
+    if (j > 0) {              // the earlier beacons of the window (an empty span stays 0, 0)
+      s.mid_begin = L.mem + L.raw;
+      s.mid_end = L.mem + L.raw + j;
+    }
+    return s;
+  }
   if (attend_previous && lo == 0) {
     s.head_end = L.mem + hi;  // memory and raw range are contiguous
   } else {

@@ -43,13 +43,15 @@ struct Arg {
   const char* name;
 };
 
-// The spec's three beacon modes by name (a bad name is a ValueError).
+// The beacon mask kinds by name (beacon_mask.h; a bad name is a ValueError).
 inline Mode parse_mode(c10::string_view mode, const char* op) {
   if (mode == "segmentation") return Mode::kSegmentation;
   if (mode == "step-expansion") return Mode::kStepExpansion;
   if (mode == "full-coverage") return Mode::kFullCoverage;
-  TORCH_CHECK_VALUE(false, op, ": mode must be one of 'segmentation', 'step-expansion', 'full-coverage', got '",
-                    std::string(mode), "'");
+  if (mode == "causal") return Mode::kCausal;
+  if (mode == "step-causal") return Mode::kStepCausal;
+  TORCH_CHECK_VALUE(false, op, ": mode must be one of 'segmentation', 'step-expansion', 'full-coverage', "
+                    "'causal', 'step-causal', got '", std::string(mode), "'");
 }
 
 // softmax_scale: finite and representable in float32 (the kernels compute in fp32); <= 0 means

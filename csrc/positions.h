@@ -3,7 +3,9 @@
 //
 // Positions restart every window: memory slot i has position i, raw token t of the window has
 // position M + t (so both equal their slot index), beacon j of the window has
-//   segmentation M + r,   step-expansion M + (j + 1) * r,   full-coverage M + W.
+//   segmentation M + r,   step-expansion M + (j + 1) * r,   full-coverage M + W,
+// and, under the newer variant's rules, the next consecutive slot after the raw tokens and the
+// earlier beacons:   causal M + W + j,   step-causal M + (j + 1) * r + j.
 // Callers keep (j + 1) * r <= stride (the ops check that r divides the stride), so no int
 // arithmetic here overflows.
 #pragma once
@@ -16,6 +18,8 @@ BEACON_HD int beacon_position(int mem, int j, int ratio, int window, Mode mode) 
   switch (mode) {
     case Mode::kSegmentation: return mem + ratio;
     case Mode::kStepExpansion: return mem + (j + 1) * ratio;
+    case Mode::kCausal: return mem + window + j;
+    case Mode::kStepCausal: return mem + (j + 1) * ratio + j;
     default: return mem + window;
   }
 }

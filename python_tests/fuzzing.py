@@ -352,7 +352,7 @@ def m_scalar(c: Case, rng: random.Random) -> Case:
     choices: list[tuple[str, Any]] = []
     if "mode" in a or "beacon_mode" in a:
         key = "mode" if "mode" in a else "beacon_mode"
-        choices += [(key, "causal"), (key, ""), (key, "Segmentation")]
+        choices += [(key, "sliding"), (key, ""), (key, "Segmentation")]
     if "softmax_scale" in a:
         choices += [("softmax_scale", v) for v in (math.inf, -math.inf, math.nan, 1e39, -1e39, 3.5e38)]
     if "max_seqlen_q" in a:

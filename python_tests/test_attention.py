@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 from torch.nn.attention.bias import causal_lower_right
 
 from beacon_ops import beacon_attention
+from beacon_ops.positions import MASK_KINDS
 from beacon_ops.reference import reference_attention
 
 from conftest import DEVICES
 
-MODES = ("segmentation", "step-expansion", "full-coverage")
+MODES = MASK_KINDS  # the original modes and the newer variant's kinds
 LOW = (torch.bfloat16, torch.float16)
 
 

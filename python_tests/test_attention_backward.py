@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from beacon_ops import beacon_attention, beacon_attention_backward
+from beacon_ops.positions import MASK_KINDS
 from beacon_ops.reference import beacon_mask
 from conftest import DEVICES
 
-MODES = ["segmentation", "step-expansion", "full-coverage"]
+MODES = MASK_KINDS  # the original modes and the newer variant's kinds
 
 
 # ------------------------------------------------------------------------------------------
@@ -376,7 +377,7 @@ def _bad_call(**change):
     (lambda a: {"ratio": torch.tensor([0, 2], dtype=torch.int32)}, "ratio"),  # beacons need r
     (lambda a: {"mem_len": torch.tensor([3], dtype=torch.int32)}, "mem_len"),
     (lambda a: {"max_seqlen_q": 4}, "max_seqlen_q"),
-    (lambda a: {"mode": "causal"}, "mode"),
+    (lambda a: {"mode": "sliding"}, "mode"),
 ])
 def test_bad_input_names_argument(change, name):
     args = _bad_call()

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from beacon_ops import append_kv, compact_, rope_
-from beacon_ops.positions import MODES, slot_position, step_positions
+from beacon_ops.positions import MASK_KINDS, slot_position, step_positions
 from cache_reference import LOW_PRECISION, assert_low_precision_rule, rotate_at, tables
 from conftest import DEVICES
 
@@ -310,7 +310,7 @@ def compact_configs(draw):
     seqs = draw(st.lists(seq_states(window, stride), min_size=1, max_size=4))
     return dict(seqs=seqs, window=window, stride=stride, layers=draw(st.integers(1, 2)),
                 heads=draw(st.integers(1, 3)), head_dim=draw(st.sampled_from([2, 4, 8])),
-                mode=draw(st.sampled_from(MODES)), interleaved=draw(st.booleans()),
+                mode=draw(st.sampled_from(MASK_KINDS)), interleaved=draw(st.booleans()),
                 extra=draw(st.integers(0, 3)), seed=draw(st.integers(0, 2**31 - 1)))
 
 
@@ -327,7 +327,7 @@ def test_compact_random_varlen_batches(cfg):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MASK_KINDS)
 @pytest.mark.parametrize("window, stride", [(8, 8), (8, 4), (12, 6)])
 def test_compact_dtypes_and_modes(device, dtype, mode, window, stride):
     gen = torch.Generator().manual_seed(window * stride)
@@ -388,7 +388,7 @@ def test_compact_rejects_bad_arguments(device):
         "cos and sin must have the same rows": dict(sin=c.sin[:5]),
         "stride": dict(stride=9),
         "window": dict(window=0),
-        "mode": dict(mode="causal"),
+        "mode": dict(mode="sliding"),
         "must not share memory": dict(v=c.k),
         "ratio must be on k_cache's device": dict(ratio=c.ratio.to("meta")),
     }

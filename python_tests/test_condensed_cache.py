@@ -292,7 +292,7 @@ def test_constructor_validation():
     with pytest.raises(TypeError, match="dtype"):
         CondensedKVCache(1, 1, 1, 8, 10, window=4, dtype=torch.int32)
     with pytest.raises(ValueError, match="mode"):
-        CondensedKVCache(1, 1, 1, 8, 10, window=4, mode="causal")
+        CondensedKVCache(1, 1, 1, 8, 10, window=4, mode="sliding")
     cache = CondensedKVCache(2, 3, 2, 8, 10, window=4, dtype=torch.float16)
     assert cache.k.shape == (2, 3, 2, 10, 8) and cache.k.dtype == torch.float16 and cache.k.is_contiguous()
     assert cache.cos.shape[0] >= 10 + 4 + 1 and cache.cos.dtype == torch.float32

@@ -30,6 +30,7 @@ ops = torch.ops.beacon       # the ops under test: set per target by the fixture
 cpu_ops = torch.ops.beacon   # the CPU kernels (by device: CPU tensors)
 DEV = "cuda"                 # where the tensors of the ops under test live
 MODES = ("segmentation", "step-expansion", "full-coverage")
+NEW_KINDS = ("causal", "step-causal")  # mask kinds of the newer variant (docs section 9.1)
 LOW = (torch.bfloat16, torch.float16)
 
 
@@ -63,6 +64,11 @@ def spec_mask(M: int, R: int, B: int, r: int, nq: int, mode: str, attend_previou
         mask[i, : M + t + 1] = True  # memory + causal raw
     for j in range(B):
         row = n_raw + j
+        if mode in NEW_KINDS:  # the newer variant: memory always, then causal, or step ranges
+            hi = R if mode == "causal" else min((j + 1) * r, R)
+            mask[row, :M + hi] = True
+            mask[row, M + R: M + R + j + 1] = True  # beacons 0..j
+            continue
         if attend_previous:
             mask[row, :M] = True
         lo, hi = {"segmentation": (j * r, (j + 1) * r), "step-expansion": (0, (j + 1) * r),
@@ -163,6 +169,29 @@ def test_prefill_against_masked_reference(dtype, d, mode, attend_previous, group
     out, lse = run_attention(q, k, v, cu, PREFILL_LENS, mode, attend_previous, max(PREFILL_NQ))
     assert out.shape == q.shape and out.dtype == dtype and lse.dtype == torch.float32
     check_rule(out, lse, q, k, v, cu, PREFILL_LENS, mode, attend_previous, 1 / math.sqrt(d))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("mode", NEW_KINDS)
+@pytest.mark.parametrize("group", [1, 3])
+def test_newer_variant_kinds_against_masked_reference(dtype, d, mode, group):
+    # The prefill shapes (tensor-core path for bf16, the simple path for fp32), then decode steps,
+    # one of which completes a window (1 raw token + 4 beacons over a sink and earlier beacons).
+    kv_heads, cap = 2, 200
+    for lens, nq in ((PREFILL_LENS, PREFILL_NQ), ([(9, 64, 4, 16), (5, 30, 0, 8)], [5, 1])):
+        k, v = make_cache(lens, kv_heads, cap, d, dtype)
+        cu = [0]
+        for n in nq:
+            cu.append(cu[-1] + n)
+        g = torch.Generator().manual_seed(2)
+        q = torch.randn(cu[-1], kv_heads * group, d, generator=g).to(dtype).to(DEV, copy=True)
+        out, lse = run_attention(q, k, v, cu, lens, mode, False, max(nq))
+        if dtype == torch.float32:
+            ref_o, _ = masked_attention(q, k, v, cu, lens, mode, False, 1 / math.sqrt(d), torch.float64)
+            assert (out.double() - ref_o).abs().max().item() <= 1e-5
+        else:
+            check_rule(out, lse, q, k, v, cu, lens, mode, False, 1 / math.sqrt(d))
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -440,7 +469,7 @@ def compact_ref(k, v, mem, raw, bea, ratio, cos, sin, W, S, mode, interleaved):
 
 
 @pytest.mark.parametrize("dtype", CACHE_DTYPES, ids=str)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + NEW_KINDS)
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("W,S", [(16, 16), (16, 8), (32, 8)])
 def test_compact_cuda_bit_exact_vs_cpu(dtype, mode, interleaved, W, S):

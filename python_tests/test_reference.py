@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from beacon_ops.positions import MODES
+from beacon_ops.positions import MASK_KINDS
 from beacon_ops.reference import allowed_pairs, beacon_mask, reference_attention, worked_example
 
 # docs/activation-beacon.md, section 3, step-expansion, W = S = 8, r = 4: rows t.., b0, b1.
@@ -121,7 +121,7 @@ def test_reference_lse_and_gqa_match_a_hand_computation():
             assert abs(res.lse[i, h].item() - torch.logsumexp(s, 0).item()) < 1e-5
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MASK_KINDS)
 @pytest.mark.parametrize("attend_previous", [True, False])
 def test_production_mask_equals_reference(mode, attend_previous):
     """beacon_ops.masks.step_mask (index comparisons, used by the masked training backend)

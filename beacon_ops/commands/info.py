@@ -6,6 +6,8 @@ import argparse
 import torch
 
 from .. import build_info
+from ..positions import MASK_KINDS
+from ..variants import supported_variants
 from .common import Command, write_json
 
 
@@ -25,16 +27,20 @@ def run(args: argparse.Namespace) -> int:
     info["torch_runtime"] = torch.__version__
     info["cuda_available"] = torch.cuda.is_available()
     info["ops"] = registered_ops()
+    info["variants"] = supported_variants()
+    info["mask_kinds"] = list(MASK_KINDS)
     if args.json == "-":
         write_json(info, "-")
         return 0
     for k in ("version", "torch", "torch_runtime", "cuda_compiled", "cuda_archs", "cutlass",
               "cuda_head_dims", "cuda_dtypes", "cuda_kernels", "cuda_available", "cpu_isa_detected",
-              "cpu_isa", "ops"):
+              "cpu_isa", "ops", "mask_kinds"):
         v = info.get(k)
         if isinstance(v, dict):  # cuda_kernels: kind (instances)
             v = ", ".join(f"{kind} ({' '.join(insts)})" if insts else kind for kind, insts in v.items())
         print(f"{k:>16}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
+    for i, line in enumerate(info["variants"]):
+        print(f"{'variants' if i == 0 else '':>16}{':' if i == 0 else ' '} {line}")
     write_json(info, args.json)
     return 0
 

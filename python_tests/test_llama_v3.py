@@ -1,0 +1,187 @@
+"""The Llama in the newer variant (BeaconConfig(variant="v3")): interleaved or appended beacons,
+sink tokens, causal full-coverage and the newer step-expansion, through the condensed cache,
+against the from-scratch reference of ``beacon_reference_v3.py`` (pre-RoPE stores re-rotated at
+every call, explicit masks), and against transformers where the variant must equal the base
+model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from beacon_ops.condensed_cache import CondensedKVCache
+from beacon_ops.generation import decode_step, generate, prefill
+
+from beacon_reference_v3 import ReferenceV3
+from llama_helpers import hf_twin, tiny_config, tiny_model
+
+TOL = 1e-4
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _model(**beacon):
+    beacon.setdefault("beacon_params", ("q", "k", "v"))  # the released setting
+    return tiny_model(variant="v3", **beacon)
+
+
+def _reference(model) -> ReferenceV3:
+    b = model.beacon
+    return ReferenceV3(model.state_dict(), model.config, window=b.window, ratio=b.ratio,
+                       placement=b.placement, mode=b.mode, attend_previous=b.attend_previous,
+                       sink=b.sink_size, beacon_params=b.beacon_params)
+
+
+def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert got.shape == want.shape
+    return (got - want).abs().max().item()
+
+
+# --- prefill: several windows, batch of sequences at different phases -----------------------------
+@pytest.mark.parametrize("ratio", [2, 4])
+@pytest.mark.parametrize("sink", [0, 1, 2])
+def test_interleave_full_coverage_prefill(ratio, sink):
+    model = _model(window=16, ratio=ratio, placement="interleave", mode="full-coverage", sink_size=sink)
+    seqs = [_ids(61, seed=1), _ids(16, seed=2), _ids(11, seed=3)]  # 3 windows + a tail, exactly 1, short
+    out = prefill(model, [torch.tensor(s) for s in seqs], logits="all")
+    for o, s in zip(out, seqs):
+        assert _max_err(o, _reference(model)(s)) <= TOL
+
+
+@pytest.mark.parametrize("mode,attend_previous", [("full-coverage", True), ("step-expansion", True),
+                                                  ("step-expansion", False)])
+@pytest.mark.parametrize("sink", [0, 1])
+def test_append_prefill(mode, attend_previous, sink):
+    model = _model(window=16, ratio=4, mode=mode, attend_previous=attend_previous, sink_size=sink)
+    seqs = [_ids(53, seed=4), _ids(35, seed=5)]
+    out = prefill(model, [torch.tensor(s) for s in seqs], logits="all")
+    for o, s in zip(out, seqs):
+        assert _max_err(o, _reference(model)(s)) <= TOL
+
+
+def test_qwen2_biases():
+    # Qwen2: q/k/v biases, which the beacon projections carry too
+    model = tiny_model(tiny_config(attention_bias=("q", "k", "v")), variant="v3", window=16, ratio=2,
+                       placement="interleave", mode="full-coverage", beacon_params=("q", "k", "v"))
+    assert model.model.layers[0].self_attn.beacon_k_proj.bias is not None
+    s = _ids(45, seed=15)
+    assert _max_err(prefill(model, [torch.tensor(s)], logits="all")[0], _reference(model)(s)) <= TOL
+
+
+def test_gqa_and_qkvo_beacon_params():
+    model = tiny_model(tiny_config(num_heads=6, num_kv_heads=1), variant="v3", window=12, ratio=3,
+                       placement="interleave", mode="full-coverage", sink_size=1)
+    s = _ids(40, seed=6)
+    assert _max_err(prefill(model, [torch.tensor(s)], logits="all")[0], _reference(model)(s)) <= TOL
+
+
+# --- generation across window edges: every decode step's logits -----------------------------------
+@pytest.mark.parametrize("placement,mode,sink", [("interleave", "full-coverage", 0),
+                                                 ("interleave", "full-coverage", 1),
+                                                 ("append", "step-expansion", 1)])
+def test_decode_steps_match_reference(placement, mode, sink):
+    model = _model(window=8, ratio=2, placement=placement, mode=mode, sink_size=sink)
+    prompts = [_ids(13, seed=7), _ids(5, seed=8)]
+    cont = [_ids(14, seed=9), _ids(14, seed=10)]
+    refs = [_reference(model) for _ in prompts]
+    prefill(model, [torch.tensor(p) for p in prompts], extra_tokens=14)
+    for b, p in enumerate(prompts):
+        refs[b](p)
+    for t in range(14):
+        got = decode_step(model, [cont[0][t], cont[1][t]])
+        for b in range(2):
+            assert _max_err(got[b], refs[b]([cont[b][t]])[-1]) <= TOL, (t, b)
+
+
+def test_greedy_generation_is_the_reference_argmax_chain():
+    model = _model(window=8, ratio=2, placement="interleave", mode="full-coverage", sink_size=1)
+    prompt = _ids(19, seed=11)
+    new = generate(model, [torch.tensor(prompt)], max_new_tokens=12, eos_token_id=[])[0]
+    ref = _reference(model)(prompt + new)
+    assert new == ref[len(prompt) - 1:-1].argmax(-1).tolist()
+
+
+# --- what must (not) equal the base model ---------------------------------------------------------
+@pytest.mark.parametrize("sink", [0, 1])
+def test_ratio_zero_interleave_is_base_model(sink):
+    model = _model(window=16, ratio=0, placement="interleave", mode="full-coverage", sink_size=sink)
+    hf = hf_twin(model)
+    x = torch.tensor(_ids(50, seed=12))
+    with torch.no_grad():
+        want = hf(x[None]).logits[0]
+    assert _max_err(prefill(model, [x], logits="all")[0], want) <= TOL
+
+
+def test_interleaved_short_input_differs_from_base_model_after_r_tokens():
+    # docs section 9: beacons go into a window that is not full, so only the first r tokens are
+    # the base model's
+    model = _model(window=16, ratio=4, placement="interleave", mode="full-coverage")
+    hf = hf_twin(model)
+    x = torch.tensor(_ids(12, seed=13))
+    with torch.no_grad():
+        want = hf(x[None]).logits[0]
+    got = prefill(model, [x], logits="all")[0]
+    assert _max_err(got[:4], want[:4]) <= TOL
+    assert (got[4:] - want[4:]).abs().max().item() > 100 * TOL
+
+
+# --- the cache's bookkeeping ----------------------------------------------------------------------
+def test_interleaved_cache_lengths_and_capacity():
+    cache = CondensedKVCache(1, 1, 1, 8, CondensedKVCache.capacity_for(22, 8, ratio=2, sink_size=1,
+                                                                        placement="interleave"),
+                             window=8, mode="causal", placement="interleave", sink_size=1)
+    cache.set_ratio(0, 2)
+    plan = cache.begin_step([3])           # t t B t
+    assert plan.beacon_slots == [[2]] and plan.positions.tolist() == [0, 1, 2, 3]
+    assert cache.raw_len.tolist() == [4] and cache.beacon_len.tolist() == [0]
+    plan = cache.begin_step([5])           # t B t t B t t B
+    assert plan.beacon_slots == [[1, 4, 7]] and plan.positions.tolist() == list(range(4, 12))
+    cache.compact()                        # sink (entry 0) + 4 beacons
+    assert (cache.host_mem_len, cache.host_raw_len, cache.host_inner_beacons) == ([5], [0], [0])
+    plan = cache.begin_step([1])
+    assert plan.positions.tolist() == [5]
+    with pytest.raises(ValueError, match="ratio is set at the start of a window"):
+        cache.set_ratio(0, 4)
+    for n in (7, 6):                       # fill the cache to its computed capacity exactly
+        cache.compact()
+        cache.begin_step([min(n, cache.room(0))])
+    assert max(cache.slots_in_use(0), 0) <= cache.capacity
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(placement="side"), "placement must be one of"),
+    (dict(placement="interleave", mode="step-expansion"), "placement='interleave' needs mode='causal'"),
+    (dict(sink_size=8), r"sink_size must be an integer in \[0, window=8\)"),
+    (dict(sink_size=1, stride=4), "stride=4 must equal window=8"),
+])
+def test_cache_settings_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CondensedKVCache(1, 1, 1, 8, 32, window=8, **{"mode": "causal", **kw})
+
+
+# --- training: the differentiable cache with the newer mask kinds ----------------------------------
+@pytest.mark.parametrize("attention", ["op", "masked"])
+@pytest.mark.parametrize("mode,attend_previous", [("full-coverage", True), ("step-expansion", True)])
+def test_beacon_loss_matches_reference(attention, mode, attend_previous):
+    from beacon_ops.training import beacon_loss
+
+    model = _model(window=8, ratio=2, mode=mode, attend_previous=attend_previous)
+    ids = _ids(30, seed=14)
+    logits = _reference(model)(ids)
+    want = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
+    got = beacon_loss(model, torch.tensor(ids), attention=attention)
+    assert abs(got.loss.item() - want.item()) <= TOL
+
+
+def test_gathered_and_sliced_rows_agree(monkeypatch):
+    # many interleaved beacon rows are projected by index; the same step sliced run by run
+    from beacon_ops.llama import _Rows
+
+    model = _model(window=16, ratio=2, placement="interleave", mode="full-coverage", sink_size=1)
+    x = [torch.tensor(_ids(40, seed=16)), torch.tensor(_ids(23, seed=17))]
+    gathered = prefill(model, x, logits="all")
+    monkeypatch.setattr(_Rows, "MAX_SLICED_RUNS", 10**6)
+    sliced = prefill(model, x, logits="all")
+    for g, s in zip(gathered, sliced):
+        assert _max_err(g, s) <= 1e-5
