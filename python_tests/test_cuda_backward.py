@@ -105,6 +105,7 @@ _PREFILL = [Seq(mem=40, raw=32, beacon=4, ratio=8, n_q=36), Seq(mem=6, raw=10, b
 LOW_PRECISION_STEPS = {
     "prefill-segmentation": (_PREFILL, 6, 2, "segmentation", False),
     "prefill-full-coverage": (_PREFILL, 6, 2, "full-coverage", True),
+    "prefill-step-causal": (_PREFILL, 6, 2, "step-causal", True),
     "decode": ([Seq(mem=150, raw=7, beacon=0, ratio=8, n_q=1), Seq(mem=0, raw=3, beacon=0, ratio=0, n_q=1)], 8, 1,
                "step-expansion", True),
 }
