@@ -266,6 +266,22 @@ class Trainer:
                     "history": [vars(h) for h in self.history]}, path + ".state.pt")
         self.dist.barrier()
 
+    def start_from(self, path: str) -> None:
+        """Start this run from the weights of an adapter (e.g. one trained on language modelling):
+        its tensors are copied in, the optimizer and step stay fresh. The adapter must have this
+        run's projections, rank and window."""
+        cfg = read_adapter_config(path)
+        b = self.model.beacon
+        if tuple(cfg["params"]) != tuple(self.config.params) or int(cfg["rank"]) != self.config.rank:
+            raise ValueError(f"--init: adapter has params={cfg['params']} rank={cfg['rank']}, the run "
+                             f"asks for params={list(self.config.params)} rank={self.config.rank}")
+        if int(cfg.get("window", b.window)) != b.window:
+            raise ValueError(f"--init: adapter was trained with window {cfg['window']}, the run uses "
+                             f"{b.window} (--window must match)")
+        load_beacon_adapter(self.model, path)
+        self.meta["init"] = os.path.basename(path)
+        self.dist.broadcast_([p for _, p in self.trainable])
+
     def resume(self, path: str) -> None:
         """Load the adapter (and, when present, the training state) written by :meth:`save`.
 

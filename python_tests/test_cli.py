@@ -44,6 +44,7 @@ def assert_usage_error(argv: list[str], capsys, *needles: str) -> None:
     (["eval-ppl", "--text", "/nonexistent/text.txt"], "--text"),
     (["train", "--tiny", "--steps", "1", "--text", "/nonexistent/text.txt"], "--text"),
     (["train", "--tiny", "--steps", "1", "--resume", "/nonexistent/adapter.safetensors"], "--resume"),
+    (["train", "--tiny", "--steps", "1", "--init", "/nonexistent/adapter.safetensors"], "--init"),
 ])
 def test_missing_file(argv, flag, capsys):
     assert_usage_error(argv, capsys, flag, "no such file", "/nonexistent/")
@@ -144,3 +145,18 @@ def test_runtime_failure_is_one_line_without_debug(tmp_path, capsys, monkeypatch
 ])
 def test_long_context_flags(argv, needles, capsys):
     assert_usage_error(argv, capsys, *needles)
+
+
+def test_init_and_resume_exclude_each_other(tmp_path, capsys):
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(b"")
+    assert_usage_error(["train", "--tiny", "--steps", "1", "--init", str(f), "--resume", str(f)], capsys,
+                       "--resume", "--init")
+
+
+def test_init_with_another_rank(tmp_path, capsys):
+    out = str(tmp_path / "a.safetensors")
+    assert run_cli(["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len",
+                    "140", "--rank", "2", "--out", out], capsys)[0] == 0
+    assert_usage_error(["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len",
+                        "140", "--rank", "3", "--init", out], capsys, "--init", "rank=2")

@@ -436,3 +436,27 @@ def test_shipped_smollm2_adapter_beats_untrained() -> None:
     # measured: untrained 5.44, trained 4.14, full attention 3.97 nats
     assert trained < untrained - 0.8, (untrained, trained)
     assert trained < full + 0.4, (trained, full)
+
+
+def test_start_from_copies_weights_with_a_fresh_optimizer(tmp_path) -> None:
+    """--init: the adapter's tensors are copied in; step, optimizer and history start fresh, and
+    training from there equals training a model that was given the same weights by hand."""
+    tr = _trainer(rank=2, steps=2)
+    tr.run(progress=False)
+    path = str(tmp_path / "a.safetensors")
+    tr.save(path)
+    started = _trainer(rank=2, steps=3, seed=0)
+    started.start_from(path)
+    assert started.step == 0 and not started.history and not started.opt.state
+    for (n, p), (m, q) in zip(tr.trainable, started.trainable):
+        assert n == m and torch.equal(p, q), n
+    by_hand = _trainer(rank=2, steps=3, seed=0)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(tr.trainable, by_hand.trainable):
+            q.copy_(p)
+    started.run(progress=False)
+    by_hand.run(progress=False)
+    assert [h.loss for h in started.history] == [h.loss for h in by_hand.history]
+    other_rank = _trainer(rank=3, steps=1)
+    with pytest.raises(ValueError, match="rank"):
+        other_rank.start_from(path)

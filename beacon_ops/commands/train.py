@@ -92,7 +92,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samples per optimizer step over all processes; each process accumulates the "
                    "gradients of its share (default %(default)s)")
     p.add_argument("--out", default="beacon_adapter.safetensors", help="adapter file to write")
-    p.add_argument("--resume", type=existing_path, default=None, metavar="PATH", help="continue from this adapter (+ .state.pt)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", type=existing_path, default=None, metavar="PATH",
+                       help="continue from this adapter (+ .state.pt)")
+    start.add_argument("--init", type=existing_path, default=None, metavar="PATH",
+                       help="start from this adapter's weights (fresh optimizer, step 0), e.g. the "
+                       "shipped language-modelling adapter before task training")
     p.add_argument("--save-every", type=int_at_least(0), default=0, help="also save every N steps")
     p.add_argument("--window", type=int_at_least(1), default=1024)
     p.add_argument("--mode", default="step-expansion", choices=list(MODES))
@@ -163,8 +168,14 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
                       autocast=None if dtype == "float32" else dtype, attention=args.attention,
                       batch_size=args.batch_size)
     trainer = Trainer(model, cfg, sampler, meta={"base_model": name}, dist=dist)
-    if args.resume:
-        trainer.resume(args.resume)
+    try:
+        if args.resume:
+            trainer.resume(args.resume)
+        elif args.init:
+            trainer.start_from(args.init)
+    except ValueError as e:
+        flag = "--resume" if args.resume else "--init"
+        raise UsageError(flag, str(e).removeprefix(flag + ": ")) from None
     n_train = sum(p.numel() for _, p in trainer.trainable)
     say(f"model: {name}; texts: {len(texts)} files, {sampler.num_tokens} tokens; samples "
           f"{args.min_len}-{args.max_len}; window {args.window}; trainable {n_train} parameters "
