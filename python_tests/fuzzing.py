@@ -14,9 +14,10 @@ ending the run, and is classified:
 - ``wrong`` (valid call, result differs), ``rejected`` (valid call raised), ``accepted`` (invalid
   call returned), ``state`` (a raised call changed an argument), ``crash``, ``hang``.
 
-Cache schedules (``run_schedule``) drive ``CondensedKVCache`` through random steps, compactions,
-ratio changes and invalid calls, checking that raised calls change nothing and that the lengths
-and attention outputs follow an independent model.
+Valid calls draw the mode from every mask kind of the ops. Cache schedules (``run_schedule``)
+drive ``CondensedKVCache`` (every mask kind; interleaved beacons with ``causal``) through random
+steps, compactions, ratio changes and invalid calls, checking that raised calls change nothing
+and that the lengths and attention outputs follow an independent model.
 
 Run as ``python fuzzing.py --worker`` it serves cases read from stdin (one JSON line each).
 """
@@ -76,7 +77,12 @@ PARTNERS["attention_backward"] = {
 # The wrapper spells some scalar arguments differently from the schema.
 _WRAPPER_NAMES = {"beacon_mode": "mode"}
 
-MODES = ("segmentation", "step-expansion", "full-coverage")
+
+def mask_kinds() -> tuple[str, ...]:
+    """Every mask kind the ops and the condensed cache take as ``mode`` (imported lazily: the
+    driver process does not import torch)."""
+    from beacon_ops.positions import MASK_KINDS
+    return MASK_KINDS
 
 
 @dataclass
@@ -108,7 +114,7 @@ def _attention_case(rng: random.Random, backward: bool) -> Case:
     batch = rng.choice([1, 1, 2, 3])
     kv_heads, group = rng.choice([1, 2]), rng.choice([1, 2, 3])
     d = rng.choice([8, 16])
-    mode = rng.choice(MODES)
+    mode = rng.choice(mask_kinds())
     mems, raws, beacons, ratios, nqs = [], [], [], [], []
     for _ in range(batch):
         m, r = rng.randint(0, 6), rng.randint(0, 8)
@@ -187,7 +193,7 @@ def _compact_case(rng: random.Random) -> Case:
     shape = (layers, batch, heads, cap, d)
     args = dict(k_cache=torch.randn(shape), v_cache=torch.randn(shape), mem_len=_i32(mems), raw_len=_i32(raws),
                 beacon_len=_i32(beacons), ratio=_i32(ratios), cos=cos, sin=sin, window=window, stride=stride,
-                beacon_mode=rng.choice(MODES), interleaved=rng.random() < 0.5)
+                beacon_mode=rng.choice(mask_kinds()), interleaved=rng.random() < 0.5)
     return Case("compact_", args)
 
 
@@ -757,12 +763,19 @@ def run_schedule(seed: int) -> dict:
     stride = rng.randint(1, window)
     divisors = [0] + [r for r in range(1, stride + 1) if stride % r == 0]
     batch, layers, kv, group, d = rng.randint(1, 3), rng.randint(1, 2), rng.randint(1, 2), rng.randint(1, 2), 8
-    mode = rng.choice(MODES)
+    mode = rng.choice(mask_kinds())
+    # Interleaved beacons (the causal mask kind only, stride == window): a window's beacons sit
+    # among its raw tokens ("inner"), which the ops see as raw keys.
+    interleave = mode == "causal" and rng.random() < 0.5
+    if interleave:
+        stride = window
+        divisors = [0] + [r for r in range(1, stride + 1) if stride % r == 0]
     length = rng.randint(0, 40)
     cap = CondensedKVCache.capacity_for(length, window, stride, ratio=max(divisors[1:], default=0) and 1) + 2
     cache = CondensedKVCache(layers, batch, kv, d, cap, window=window, stride=stride, mode=mode,
-                             attend_previous=rng.random() < 0.7)
-    model = [dict(mem=0, raw=0, beacon=0, ratio=0) for _ in range(batch)]
+                             attend_previous=rng.random() < 0.7,
+                             placement="interleave" if interleave else "append")
+    model = [dict(mem=0, raw=0, beacon=0, ratio=0, inner=0) for _ in range(batch)]
     counts = {"ok": 0, "raised": 0}
     failures: list[str] = []
 
@@ -792,18 +805,26 @@ def run_schedule(seed: int) -> dict:
 
     def check_model():
         host = [dict(mem=cache.host_mem_len[b], raw=cache.host_raw_len[b], beacon=cache.host_beacon_len[b],
-                     ratio=cache.host_ratio[b]) for b in range(batch)]
-        dev = [dict(mem=cache.mem_len[b].item(), raw=cache.raw_len[b].item(), beacon=cache.beacon_len[b].item(),
-                    ratio=cache.ratio[b].item()) for b in range(batch)]
+                     ratio=cache.host_ratio[b], inner=cache.host_inner_beacons[b]) for b in range(batch)]
+        # the device's raw_len counts a window's entries: raw tokens and interleaved beacons
+        dev = [dict(mem=cache.mem_len[b].item(), raw=cache.raw_len[b].item() - model[b]["inner"],
+                    beacon=cache.beacon_len[b].item(), ratio=cache.ratio[b].item(), inner=model[b]["inner"])
+               for b in range(batch)]
         if host != model or dev != model:
             failures.append(f"lengths host {host} device {dev} model {model}")
 
+    if interleave:  # a ratio from the start (its windows hold beacons; it can change only between windows)
+        for b in range(batch):
+            r = rng.choice(divisors[1:])
+            attempt(f"set_ratio({b}, {r})", lambda: cache.set_ratio(b, r), False)
+            model[b]["ratio"] = r
     for _ in range(rng.randint(3, 14)):
         u = rng.random()
         b = rng.randrange(batch)
         if u < 0.15:
             r = rng.choice(divisors + [stride + 1, -1, 3 * stride + 1])
-            valid = (r in divisors) and model[b]["raw"] < window
+            valid = (r in divisors) and model[b]["raw"] < window and not (
+                interleave and model[b]["raw"] > 0 and r != model[b]["ratio"])
             if attempt(f"set_ratio({b}, {r})", lambda: cache.set_ratio(b, r), not valid) is None:
                 model[b]["ratio"] = r
         elif u < 0.3:
@@ -812,7 +833,7 @@ def run_schedule(seed: int) -> dict:
             for m in model:
                 if m["raw"] == window:
                     m["mem"] += stride // m["ratio"] if m["ratio"] else stride
-                    m["raw"], m["beacon"] = window - stride, 0
+                    m["raw"], m["beacon"], m["inner"] = window - stride, 0, 0
             del full
         elif u < 0.4:
             bad = rng.choice([[-1] * batch, [window + 1] * batch, [0] * (batch + 1), [1.5] * batch])
@@ -821,18 +842,25 @@ def run_schedule(seed: int) -> dict:
             num = [rng.randint(0, window - m["raw"]) if rng.random() < 0.9 else rng.randint(0, window)
                    for m in model]
             valid = all(n <= window - m["raw"] and m["beacon"] == 0 for n, m in zip(num, model))
-            capacity_ok = all(m["mem"] + m["raw"] + n + m["beacon"] + (
-                stride // m["ratio"] if m["ratio"] and m["raw"] + n == window and n > 0 else 0) <= cap
-                for n, m in zip(num, model))
+
+            def new_beacons(n: int, m: dict) -> int:
+                if interleave:  # one after every r-th raw token of the window
+                    return (m["raw"] % m["ratio"] + n) // m["ratio"] if m["ratio"] else 0
+                return stride // m["ratio"] if m["ratio"] and m["raw"] + n == window and n > 0 else 0
+
+            capacity_ok = all(m["mem"] + m["raw"] + m["inner"] + n + m["beacon"] + new_beacons(n, m) <= cap
+                              for n, m in zip(num, model))
             plan = attempt(f"begin_step({num})", lambda: cache.begin_step(num),
                            None if not capacity_ok else (not valid))
             if isinstance(plan, Exception) or plan is None:
                 check_model()
                 continue
             for bb, (n, m) in enumerate(zip(num, model)):
-                m["raw"] += n
-                if n > 0 and m["raw"] == window and m["ratio"] > 0:
+                if interleave:
+                    m["inner"] += new_beacons(n, m)
+                elif n > 0 and m["raw"] + n == window and m["ratio"] > 0:
                     m["beacon"] = stride // m["ratio"]
+                m["raw"] += n
             total = plan.positions.numel()
             for layer in range(layers):
                 q = torch.randn(total, kv * group, d)

@@ -32,3 +32,52 @@ def test_summary_of_dicts_is_a_table(capsys):
     assert out[0] == "summary:"
     assert out[1].split() == ["fp32", "1thr", "bf16", "1thr"]
     assert out[2].split() == ["prefill_vs_matmul", "0.8123", "0.7"]
+
+
+def test_attention_bench_has_an_interleaved_causal_row(monkeypatch):
+    """`bench attention` measures, beside the appended step-expansion window, the same window
+    with its beacons interleaved (the condensed cache's layout: W + W/r raw entries, no appended
+    beacons, mask kind causal), with the same peers; its ratios join the summary."""
+    from beacon_ops.benchmarks import attention
+
+    calls = []
+
+    def fake_step(device, dtype, **kw):  # records the calls instead of timing them
+        calls.append(kw)
+        nq = kw["nq"]
+        return {"step": kw.get("step") or ("prefill" if nq > 1 else "decode"), "mode": kw.get("mode"),
+                "dtype": str(dtype).split(".")[-1], "q": nq, "keys": kw["mem"] + kw["raw"] + kw["beacon"],
+                "vs_matmul": 1.0, "vs_sdpa_causal": 1.0, "speedup_vs_sdpa_masked": 1.0, "speedup_vs_flex": 1.0,
+                "vs_copy": 1.0, "speedup_vs_sdpa": 1.0}
+
+    monkeypatch.setattr(attention, "measure_step", fake_step)
+    res = attention.run("cpu", True, threads=[1])
+    steps = {(r["step"], r["dtype"]) for r in res["rows"]}
+    for dtype in ("fp32", "bf16"):
+        assert {("prefill", dtype), ("prefill-interleaved", dtype), ("decode", dtype)} <= steps
+    appended = [c for c in calls if c.get("step") is None and c["nq"] > 1]
+    interleaved = [c for c in calls if c.get("step") == "prefill-interleaved"]
+    assert len(interleaved) == 2 and appended
+    a, i = appended[0], interleaved[0]
+    assert i["mode"] == "causal" and i["beacon"] == 0 and i["raw"] == a["raw"] + a["beacon"]
+    assert i["nq"] == a["nq"] and i["mem"] == a["mem"] and i["flex"] and i["ceiling"]
+    assert set(res["summary"]["prefill_interleaved_speedup_vs_sdpa_masked"]) == {"fp32 1thr", "bf16 1thr"}
+
+
+def test_interleaved_causal_step_is_measured_against_its_peers():
+    """A real (tiny) measurement of the interleaved-causal step: the op against SDPA with the
+    materialised causal mask, the causal SDPA and the matmul ceiling; the useful work is the
+    causal pair count (memory + the entries up to each query's own)."""
+    import torch
+
+    from beacon_ops.benchmarks.attention import COLUMNS, measure_step
+
+    mem, entries = 16, 18
+    row = measure_step("cpu", torch.float32, heads=2, kv_heads=1, d=16, mem=mem, raw=entries, beacon=0,
+                       ratio=8, nq=entries, mode="causal", ceiling=True, step="prefill-interleaved")
+    assert row["step"] == "prefill-interleaved" and row["mode"] == "causal"
+    assert row["keys"] == mem + entries
+    assert row["pairs"] == entries * mem + entries * (entries + 1) // 2
+    for key in ("op_ms", "op_gflops", "sdpa_masked_ms", "speedup_vs_sdpa_masked", "vs_sdpa_causal",
+                "matmul_gflops", "vs_matmul"):
+        assert key in row and key in COLUMNS and row[key] > 0, key

@@ -1,9 +1,13 @@
 """``bench attention``: the beacon attention op against its peers, side by side in one run.
 
-Two steps of one sequence (head_dim 128, 8 q heads over 8 kv heads):
-- prefill: a window completing (W raw queries + W/r beacon queries, step-expansion) over
-  memory M; useful work = exact allowed (query, key) pairs of the mask, FLOPs = 4 * head_dim *
-  pairs per head;
+Three steps of one sequence (head_dim 128, 8 q heads over 8 kv heads):
+- prefill: a window completing (W raw queries + W/r beacon queries, step-expansion, the beacons
+  appended after the raw tokens) over memory M; useful work = exact allowed (query, key) pairs of
+  the mask, FLOPs = 4 * head_dim * pairs per head;
+- prefill-interleaved: the same window with its beacons interleaved (one after every r raw
+  tokens, the newer variant's full-coverage): the condensed cache lays such a window out as
+  W + W/r raw entries (``raw_len``) with ``beacon_len = 0`` under the ``causal`` mask, every entry
+  seeing the memory and the entries up to its own;
 - decode: one raw query over memory M + raw R; memory-bound, so measured in K/V bytes read per
   second against a plain copy (read + write bytes per second).
 Peers, each measured in the same run at the same thread count: a ``torch.matmul`` of similar
@@ -28,7 +32,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # Printed column headers (short, with units) of the row keys; the JSON keeps the keys.
 COLUMNS = {
-    "step": "step", "dtype": "dtype", "threads": "thr", "q": "q", "keys": "keys",
+    "step": "step", "mode": "mode", "dtype": "dtype", "threads": "thr", "q": "q", "keys": "keys",
     "op_ms": "op ms", "op_gflops": "op GF/s", "matmul_gflops": "mm GF/s",
     "vs_matmul": "op/mm", "sdpa_causal_gflops": "causal GF/s", "vs_sdpa_causal": "op/causal",
     "sdpa_masked_ms": "masked ms", "speedup_vs_sdpa_masked": "x masked",
@@ -118,11 +122,13 @@ def flex_step_fn(q, k, v, mask: torch.Tensor, enable_gqa: bool):
 
 def measure_step(device: str, dtype: torch.dtype, *, heads: int, kv_heads: int, d: int, mem: int,
                  raw: int, beacon: int, ratio: int, nq: int, mode: str = "step-expansion",
-                 masked_sdpa: bool = True, flex: bool = False, ceiling: bool = False) -> dict:
+                 masked_sdpa: bool = True, flex: bool = False, ceiling: bool = False,
+                 step: str | None = None) -> dict:
     """Times one step of the op, causal SDPA with as many keys (decode: plain SDPA over the same
     keys), SDPA with the beacon mask and (``flex``) compiled FlexAttention with the same mask,
     their calls interleaved (see time_best_interleaved); with ``ceiling``, in the same rounds a
-    1024^3 ``torch.matmul`` in the step's dtype (prefill) or a 256 MB copy (decode)."""
+    1024^3 ``torch.matmul`` in the step's dtype (prefill) or a 256 MB copy (decode). ``step``
+    names the row (default: prefill for several queries, decode for one)."""
     q, k, v, lens = _inputs(device, dtype, heads, kv_heads, d, mem, raw, beacon, ratio, nq)
     n_keys = mem + raw + beacon
     gqa = heads != kv_heads
@@ -159,7 +165,8 @@ def measure_step(device: str, dtype: torch.dtype, *, heads: int, kv_heads: int, 
 
     t_op = t["op"]
     gf_op = 4 * d * pairs * heads / t_op / 1e9
-    row = {"step": "prefill" if nq > 1 else "decode", "dtype": str(dtype).split(".")[-1],
+    row = {"step": step or ("prefill" if nq > 1 else "decode"), "mode": mode,
+           "dtype": str(dtype).split(".")[-1],
            "q": nq, "keys": n_keys, "pairs": pairs, "op_ms": t_op * 1e3, "op_gflops": gf_op}
     if "causal" in t:
         causal_pairs = n_keys * (n_keys + 1) // 2
@@ -195,8 +202,9 @@ def default_thread_counts(device: str) -> list[int]:
 
 
 def run(device: str, quick: bool, threads: list[int] | None = None) -> dict:
-    """Prefill (W=1024, r=8, memory 3072; also 9216 unless quick) and decode (memory 3072 + raw
-    512), fp32 and bf16, at each thread count of ``threads``."""
+    """Prefill (W=1024, r=8, memory 3072; also 9216 unless quick), the same window with
+    interleaved beacons (``causal``, memory 3072) and decode (memory 3072 + raw 512), fp32 and
+    bf16, at each thread count of ``threads``."""
     heads, kv_heads, d = 8, 8, 128
     W, r, M = 1024, 8, 3072
     B = W // r
@@ -213,6 +221,11 @@ def run(device: str, quick: bool, threads: list[int] | None = None) -> dict:
                                        mem=mem, raw=W, beacon=B, ratio=r, nq=W + B,
                                        flex=mem == M, ceiling=mem == M)
                     rows.append({"threads": n_threads, **row})
+                # The window's beacons interleaved: W + B entries seen as raw keys.
+                row = measure_step(device, dtype, heads=heads, kv_heads=kv_heads, d=d, mem=M,
+                                   raw=W + B, beacon=0, ratio=r, nq=W + B, mode="causal",
+                                   flex=True, ceiling=True, step="prefill-interleaved")
+                rows.append({"threads": n_threads, **row})
                 dec = measure_step(device, dtype, heads=heads, kv_heads=kv_heads, d=d, mem=M,
                                    raw=512, beacon=0, ratio=r, nq=1, ceiling=True)
                 rows.append({"threads": n_threads, **dec})
@@ -220,17 +233,19 @@ def run(device: str, quick: bool, threads: list[int] | None = None) -> dict:
         torch.set_num_threads(default_threads)
     for row in rows:
         row["dtype"] = {"float32": "fp32", "bfloat16": "bf16"}.get(row["dtype"], row["dtype"])
-    # The headline ratios: the prefill over memory M and the decode, per dtype and thread count.
+    # The headline ratios: the prefills over memory M (appended and interleaved beacons) and the
+    # decode, per dtype and thread count.
     summary: dict[str, dict[str, float]] = {}
     for row in rows:
         key = f"{row['dtype']} {row['threads']}thr"
-        if row["step"] == "prefill" and row["keys"] == M + W + B:
+        if row["step"] in ("prefill", "prefill-interleaved") and row["keys"] == M + W + B:
+            prefix = row["step"].replace("-", "_")
             for metric in ("vs_matmul", "vs_sdpa_causal", "speedup_vs_sdpa_masked",
                            "speedup_vs_flex"):
                 if metric in row:
-                    summary.setdefault(f"prefill_{metric}", {})[key] = row[metric]
+                    summary.setdefault(f"{prefix}_{metric}", {})[key] = row[metric]
             if "flex_error" in row:
-                summary.setdefault("flex_unavailable", {})[key] = row["flex_error"]
+                summary.setdefault("flex_unavailable", {})[f"{key} {row['step']}"] = row["flex_error"]
         elif row["step"] == "decode":
             summary.setdefault("decode_vs_copy", {})[key] = row["vs_copy"]
             summary.setdefault("decode_speedup_vs_sdpa", {})[key] = row["speedup_vs_sdpa"]
@@ -239,7 +254,9 @@ def run(device: str, quick: bool, threads: list[int] | None = None) -> dict:
                         "prefill_speedup_vs_flex": ">= 2", "prefill_vs_sdpa_causal": ">= 1.0",
                         "decode_vs_copy": ">= 0.8"},
             "config": {"heads": heads, "kv_heads": kv_heads, "head_dim": d, "window": W,
-                       "ratio": r, "memory": configs, "decode_raw": 512, "mode": "step-expansion",
+                       "ratio": r, "memory": configs, "decode_raw": 512,
+                       "mode": {"prefill": "step-expansion", "prefill-interleaved": "causal",
+                                "decode": "step-expansion"},
                        "threads": thread_counts,
                        "units": "GF/s: 1e9 useful FLOP/s (4 * head_dim * allowed pairs * heads); "
                                 "GB/s: K/V bytes read (op) or read + written (copy) per second"}}
