@@ -13,7 +13,8 @@ fills a window also carries that window's beacons) and compacts afterwards. The 
 serves inference (the condensed cache, or the plain full/sliding cache) and training (the
 differentiable :class:`~beacon_ops.training_cache.TrainingKVCache`). Reading whole documents,
 generation and the loss are in :mod:`beacon_ops.generation`; checkpoints in
-:mod:`beacon_ops.checkpoints`.
+:mod:`beacon_ops.checkpoints`; the beacon settings (:class:`BeaconConfig`, re-exported here) in
+:mod:`beacon_ops.beacon_config`.
 """
 from __future__ import annotations
 
@@ -26,13 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .kv_cache import KVCache, StepPlan, check_ratio
-from .positions import check_mode, default_inv_freq
-from .variants import check_variant, mask_kind
+from .beacon_config import BEACON_PROJS, BeaconConfig
+from .kv_cache import KVCache, StepPlan
+from .positions import default_inv_freq
 
 __all__ = ["LlamaConfig", "BeaconConfig", "Llama", "rope_inv_freq", "check_token_ids", "BEACON_PROJS"]
-
-BEACON_PROJS = ("q", "k", "v", "o")
 
 
 @dataclass
@@ -71,86 +70,6 @@ class LlamaConfig:
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else ([int(e)] if isinstance(e, int) else [int(x) for x in e])
-
-
-@dataclass
-class BeaconConfig:
-    """Activation Beacon settings (``docs/activation-beacon.md``, sections 3-6).
-
-    ``ratio``: a fixed condensing ratio (0 = no beacons, the base model) or None for adapt-N with
-    ``adapt_n`` (section 6). ``beacon_params``: which of q/k/v/o have beacon copies.
-
-    ``variant``: ``"v1"`` (sections 3-5, the default) or ``"v3"``, the newer rules of the released
-    beacon models (section 9), with ``placement`` (``"append"`` or ``"interleave"``) and
-    ``sink_size`` (tokens of the first window kept in front of the memory); see
-    :mod:`beacon_ops.variants` for what each combination means and which are rejected.
-    """
-
-    window: int = 1024
-    stride: int | None = None
-    mode: str = "step-expansion"
-    attend_previous: bool = True
-    ratio: int | None = None
-    adapt_n: int = 1024
-    beacon_params: tuple[str, ...] = BEACON_PROJS
-    variant: str = "v1"
-    placement: str = "append"
-    sink_size: int = 0
-    adapt_ratios: tuple[int, ...] | None = None  # adapt-N candidates (None: the paper's, section 6)
-
-    def __post_init__(self) -> None:
-        self.stride = self.window if self.stride is None else self.stride
-        check_mode(self.mode)
-        if not 0 < self.stride <= self.window:
-            raise ValueError(f"stride must lie in [1, window={self.window}], got {self.stride}")
-        check_variant(self.variant, self.placement, self.mode, self.sink_size, self.window, self.stride)
-        if self.ratio is not None:
-            check_ratio(self.ratio, self.stride)
-        bad = set(self.beacon_params) - set(BEACON_PROJS)
-        if bad:
-            raise ValueError(f"beacon_params may only contain {BEACON_PROJS}, got {sorted(bad)}")
-        self.beacon_params = tuple(p for p in BEACON_PROJS if p in self.beacon_params)
-        if self.adapt_ratios is not None:
-            if not self.adapt_ratios:
-                raise ValueError("adapt_ratios must be None or a non-empty list of ratios")
-            for r in self.adapt_ratios:
-                check_ratio(r, self.stride, "adapt_ratios: ratio")
-            self.adapt_ratios = tuple(int(r) for r in self.adapt_ratios)
-
-    @classmethod
-    def from_checkpoint_config(cls, config: dict[str, Any]) -> "BeaconConfig":
-        """Settings from the ``beacon_*`` keys of an official beacon checkpoint's ``config.json``.
-
-        ``beacon_window``, ``beacon_stride``, ``beacon_attn`` (mode), ``beacon_attend_prev``,
-        ``beacon_param``, ``beacon_ratio`` (one ratio: fixed; several: adapt-N over them with the
-        N of ``beacon_ratio_mix = "adapt-N"``, else 1024) and, from the newer code (variant v3,
-        recognised by ``beacon_pos`` or ``beacon_sink_size``), ``beacon_pos`` (placement) and
-        ``beacon_sink_size``. Raises ``ValueError`` naming a key that is missing or unsupported.
-        """
-        if "beacon_window" not in config:
-            raise ValueError("config: beacon_window is missing (not a beacon checkpoint's config)")
-        newer = "beacon_pos" in config or "beacon_sink_size" in config
-        ratios = config.get("beacon_ratio", [2, 4, 8])
-        ratios = [ratios] if isinstance(ratios, int) else list(ratios)
-        if not ratios:
-            raise ValueError("config: beacon_ratio is an empty list")
-        mix = str(config.get("beacon_ratio_mix", "adapt-1024"))
-        adapt_n = int(mix.split("-", 1)[1]) if mix.startswith("adapt-") else 1024
-        return cls(window=int(config["beacon_window"]), stride=config.get("beacon_stride"),
-                   mode=config.get("beacon_attn", "full-coverage" if newer else "step-expansion"),
-                   attend_previous=bool(config.get("beacon_attend_prev", True)),
-                   ratio=ratios[0] if len(ratios) == 1 else None, adapt_n=adapt_n,
-                   adapt_ratios=tuple(ratios) if len(ratios) > 1 else None,
-                   beacon_params=tuple(config.get("beacon_param", BEACON_PROJS)),
-                   variant="v3" if newer else "v1",
-                   placement=config.get("beacon_pos", "interleave") if newer else "append",
-                   sink_size=int(config.get("beacon_sink_size", 0)))
-
-    @property
-    def attention_mask_kind(self) -> tuple[str, bool]:
-        """``(mode, attend_previous)`` for the attention op and the caches (mask kind of
-        :func:`beacon_ops.variants.mask_kind`)."""
-        return mask_kind(self.variant, self.mode, self.attend_previous)
 
 
 def rope_inv_freq(config: LlamaConfig) -> Tensor:
