@@ -319,7 +319,7 @@ def test_attention_errors_name_the_argument():
             ops.attention(q, k, v, int32([0, 2]), int32([4], "cpu"), int32([4]), int32([0]), int32([0]), 2,
                           "step-expansion", True, 0.0)
     with pytest.raises(ValueError, match="mode"):
-        run_attention(q, k, v, [0, 2], lens, "causal", True, 2)
+        run_attention(q, k, v, [0, 2], lens, "sliding", True, 2)
 
 
 @gpu_only
