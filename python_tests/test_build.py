@@ -24,6 +24,14 @@ def test_all_ops_registered():
         assert isinstance(getattr(torch.ops.beacon, name), torch._ops.OpOverloadPacket)
 
 
+@pytest.mark.parametrize("op", sorted(EXPECTED_OPS | {"attention_backward"}))
+def test_every_op_has_a_kernel_per_compiled_backend(op):
+    """CPU kernels always; CUDA kernels (the backward too) in a CUDA build, GPU or not."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has(f"beacon::{op}", "CPU")
+    assert has(f"beacon::{op}", "CUDA") == beacon_ops.build_info()["cuda_compiled"]
+
+
 def test_build_info_consistent():
     info = beacon_ops.build_info()
     assert info["version"] == beacon_ops.__version__
