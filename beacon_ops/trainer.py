@@ -266,31 +266,33 @@ class Trainer:
                     "history": [vars(h) for h in self.history]}, path + ".state.pt")
         self.dist.barrier()
 
+    def _adapter_config_for_this_run(self, path: str, flag: str) -> dict[str, Any]:
+        """The settings of the adapter at ``path``, which must have this run's projections and
+        rank (``flag`` names the option in the error)."""
+        cfg = read_adapter_config(path)
+        if tuple(cfg["params"]) != tuple(self.config.params) or int(cfg["rank"]) != self.config.rank:
+            raise ValueError(f"{flag}: adapter has params={cfg['params']} rank={cfg['rank']}, the run "
+                             f"asks for params={list(self.config.params)} rank={self.config.rank}")
+        return cfg
+
     def start_from(self, path: str) -> None:
         """Start this run from the weights of an adapter (e.g. one trained on language modelling):
         its tensors are copied in, the optimizer and step stay fresh. The adapter must have this
-        run's projections, rank and window."""
-        cfg = read_adapter_config(path)
+        run's projections, rank and window. Every rank reads the same file."""
+        cfg = self._adapter_config_for_this_run(path, "--init")
         b = self.model.beacon
-        if tuple(cfg["params"]) != tuple(self.config.params) or int(cfg["rank"]) != self.config.rank:
-            raise ValueError(f"--init: adapter has params={cfg['params']} rank={cfg['rank']}, the run "
-                             f"asks for params={list(self.config.params)} rank={self.config.rank}")
         if int(cfg.get("window", b.window)) != b.window:
             raise ValueError(f"--init: adapter was trained with window {cfg['window']}, the run uses "
                              f"{b.window} (--window must match)")
         load_beacon_adapter(self.model, path)
         self.meta["init"] = os.path.basename(path)
-        self.dist.broadcast_([p for _, p in self.trainable])
 
     def resume(self, path: str) -> None:
         """Load the adapter (and, when present, the training state) written by :meth:`save`.
 
         The world size may differ from the saving run's; the batch size may not (it fixes which
         samples a step reads)."""
-        cfg = read_adapter_config(path)
-        if tuple(cfg["params"]) != tuple(self.config.params) or int(cfg["rank"]) != self.config.rank:
-            raise ValueError(f"--resume: adapter has params={cfg['params']} rank={cfg['rank']}, the run "
-                             f"asks for params={list(self.config.params)} rank={self.config.rank}")
+        cfg = self._adapter_config_for_this_run(path, "--resume")
         saved_batch = int(cfg.get("train", {}).get("batch_size", 1))
         if saved_batch != self.config.batch_size:
             raise ValueError(f"--resume: the run was trained with batch size {saved_batch}, this one asks "
