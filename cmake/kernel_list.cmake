@@ -43,3 +43,52 @@ function(beacon_kernel_list out_prefix)
   set(${out_prefix}_CXX "${cxx}" PARENT_SCOPE)
   set(${out_prefix}_JSON "${json}" PARENT_SCOPE)
 endfunction()
+
+# The tensor-core instantiations a build compiles: csrc/cuda/instantiations/<kind>_hdim<d>_<dtype>.cu
+# for the selected kinds (BEACON_OPS_KERNELS), head dims and dtypes.
+#
+# beacon_instantiations(<out_prefix> <dir> KINDS <kind>... HEADDIMS <d>... DTYPES <dtype>...) sets
+#   <out_prefix>_SOURCES  the selected files of <dir>
+#   <out_prefix>_DEFS     BEACON_BUILT_<KIND>_HDIM<d>_<dtype>=1 for each of them (KIND upper case),
+#                         what csrc/cuda/static_switch.h dispatches on
+#   <out_prefix>_ALL_KINDS  every kind that has an instantiation in <dir>
+# A selected kind without any instantiation in <dir> is an error (a misspelt kind).
+function(beacon_instantiations out_prefix dir)
+  cmake_parse_arguments(PARSE_ARGV 2 arg "" "" "KINDS;HEADDIMS;DTYPES")
+  set(depends CONFIGURE_DEPENDS)  # re-glob when files come or go; not in cmake -P (tests)
+  if(CMAKE_SCRIPT_MODE_FILE)
+    set(depends "")
+  endif()
+  file(GLOB all ${depends} "${dir}/*_hdim*_*.cu")
+  set(all_kinds "")
+  foreach(src IN LISTS all)
+    get_filename_component(stem "${src}" NAME_WE)
+    if(stem MATCHES "^(.+)_hdim[0-9]+_[a-z0-9]+$")
+      list(APPEND all_kinds "${CMAKE_MATCH_1}")
+    endif()
+  endforeach()
+  list(REMOVE_DUPLICATES all_kinds)
+  list(SORT all_kinds)
+  set(sources "")
+  set(defs "")
+  foreach(kind IN LISTS arg_KINDS)
+    if(NOT kind IN_LIST all_kinds)
+      string(REPLACE ";" ", " known "${all_kinds}")
+      message(FATAL_ERROR "beacon_ops: BEACON_OPS_KERNELS names '${kind}', which is not a kernel kind "
+                          "(kinds: ${known})")
+    endif()
+    string(TOUPPER "${kind}" kind_upper)
+    foreach(hd IN LISTS arg_HEADDIMS)
+      foreach(dt IN LISTS arg_DTYPES)
+        set(src "${dir}/${kind}_hdim${hd}_${dt}.cu")
+        if(EXISTS "${src}")
+          list(APPEND sources "${src}")
+          list(APPEND defs "BEACON_BUILT_${kind_upper}_HDIM${hd}_${dt}=1")
+        endif()
+      endforeach()
+    endforeach()
+  endforeach()
+  set(${out_prefix}_SOURCES "${sources}" PARENT_SCOPE)
+  set(${out_prefix}_DEFS "${defs}" PARENT_SCOPE)
+  set(${out_prefix}_ALL_KINDS "${all_kinds}" PARENT_SCOPE)
+endfunction()

@@ -103,16 +103,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   }
 
   const DType kind = dt == at::kBFloat16 ? DType::kBF16 : DType::kFP16;
-  const bool found = with_attention_instance(kind, static_cast<int>(d), [&]<typename T, int D>() {
-    if (decode) {
-      run_attention_decode<T, D>(p, stream);
-    } else {
-      run_attention_prefill<T, D>(p, stream);
-    }
-  });
-  TORCH_CHECK_VALUE(found, kOp, ": no CUDA kernel for head_dim ", d, " and dtype ", dt,
-                    " in this build (built:", built_attention_instances(),
-                    "). Rebuild with BEACON_OPS_HEADDIMS / BEACON_OPS_DTYPES including it");
+  if (decode) {
+    const bool found = with_attention_instance<KernelKind::kDecode>(
+        kind, static_cast<int>(d), [&]<typename T, int D>() { run_attention_decode<T, D>(p, stream); });
+    TORCH_CHECK_VALUE(found, kOp, ": ", not_built_message<KernelKind::kDecode>(kind, static_cast<int>(d)));
+  } else {
+    const bool found = with_attention_instance<KernelKind::kPrefill>(
+        kind, static_cast<int>(d), [&]<typename T, int D>() { run_attention_prefill<T, D>(p, stream); });
+    TORCH_CHECK_VALUE(found, kOp, ": ", not_built_message<KernelKind::kPrefill>(kind, static_cast<int>(d)));
+  }
   BEACON_CUDA_LAUNCH_CHECK();
   return {out, lse};
 }

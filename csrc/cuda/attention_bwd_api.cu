@@ -82,12 +82,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   cudaStream_t stream = rt::current_stream();
   if (tensor_cores) {
     const DType kind = dt == at::kBFloat16 ? DType::kBF16 : DType::kFP16;
-    const bool found = with_attention_instance(kind, static_cast<int>(d), [&]<typename T, int D>() {
-      run_attention_backward<T, D>(p, stream);
-    });
-    TORCH_CHECK_VALUE(found, kOp, ": no CUDA kernel for head_dim ", d, " and dtype ", dt,
-                      " in this build (built:", built_attention_instances(),
-                      "). Rebuild with BEACON_OPS_HEADDIMS / BEACON_OPS_DTYPES including it");
+    const bool found = with_attention_instance<KernelKind::kBwd>(
+        kind, static_cast<int>(d), [&]<typename T, int D>() { run_attention_backward<T, D>(p, stream); });
+    TORCH_CHECK_VALUE(found, kOp, ": ", not_built_message<KernelKind::kBwd>(kind, static_cast<int>(d)));
   } else if (dt == at::kFloat) {
     run_attention_backward_generic<float>(p, stream);
   } else if (dt == at::kDouble) {

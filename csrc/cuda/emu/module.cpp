@@ -2,11 +2,15 @@
 // as torch.ops.beacon_cuda_emu.* for CPU tensors (beacon_ops/cuda_emu.py), and the emulation's
 // settings.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cuda/emu/emulator.h"
+#include "cuda/static_switch.h"
 
 namespace beacon {
 namespace emu {
@@ -29,6 +33,26 @@ void set_schedule(const std::string& name, uint64_t seed) {
   }
 }
 
+// {kind: [instance, ...]}: the tensor-core instantiations this module was built with, from the
+// same BEACON_BUILT_* flags the ops dispatch on (names as in build_info()["cuda_kernels"]).
+pybind11::dict built_kernels() {
+  using beacon::cuda::KernelKind;
+  auto names = [](const std::string& joined) {
+    std::vector<std::string> out;
+    for (size_t at = 0; at < joined.size();) {
+      const size_t end = std::min(joined.find(' ', at), joined.size());
+      out.push_back(joined.substr(at, end - at));
+      at = end + 1;
+    }
+    return out;
+  };
+  pybind11::dict d;
+  d["prefill"] = names(beacon::cuda::built_attention_instances<KernelKind::kPrefill>());
+  d["decode"] = names(beacon::cuda::built_attention_instances<KernelKind::kDecode>());
+  d["bwd"] = names(beacon::cuda::built_attention_instances<KernelKind::kBwd>());
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda_emu, m) {
@@ -40,4 +64,6 @@ PYBIND11_MODULE(_cuda_emu, m) {
   m.def("launch_count", &beacon::emu::launch_count, "Kernel launches so far.");
   m.def("run_selftest", &beacon::emu::run_selftest, pybind11::arg("name"),
         "Runs a small kernel of selftest.cpp; raises RuntimeError when a check of the emulation fails.");
+  m.def("built_kernels", &built_kernels,
+        "The tensor-core kernel kinds and their instances compiled in: {kind: ['hdim64_bf16', ...]}.");
 }
