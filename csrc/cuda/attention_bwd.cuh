@@ -118,7 +118,15 @@ struct BwdSeq {
   int q_start, nq, n_rows;  // n_rows = nq * group packed (query, head) rows
   SeqLens L;
   int nk;                   // keys present, clamped to the capacity (never read past the cache)
+
+  // Packed row `packed` of this (sequence, KV head): invalid at and past n_rows (kNoRow: none).
+  __device__ __forceinline__ RowInfo row(const AttnParams& p, int packed) const {
+    return make_row(p, L, q_start, nq, kv_head, packed);
+  }
 };
+
+// The row of threads that have none in a block-wide vote (vote_tile, block_key_end).
+constexpr int kNoRow = 0x7fffffff;
 
 __device__ __forceinline__ BwdSeq block_seq(const AttnParams& p) {
   BwdSeq s;
@@ -172,16 +180,16 @@ __device__ __forceinline__ void stage_row(const AttnBwdParams& p, const BwdSmem<
 
 // Stages Q and dO of the packed rows [row0, row0 + kBlockM) (zeros past the sequence's rows).
 template <typename Kt>
-__device__ __forceinline__ void stage_queries(const AttnBwdParams& p, const BwdSmem<Kt>& s, int d, int q_start,
-                                              int n_rows, int kv_head, int row0) {
+__device__ __forceinline__ void stage_queries(const AttnBwdParams& p, const BwdSmem<Kt>& s, int d, const BwdSeq& sq,
+                                              int row0) {
   using T = typename Kt::T;
   for (int idx = threadIdx.x; idx < Kt::kBlockM * d; idx += Kt::kNThreads) {
     const int i = idx / d, c = idx % d;
     const int row = row0 + i;
     typename Kt::A qv = 0, dov = 0;
-    if (row < n_rows) {
-      const int64_t token = q_start + row / p.group;
-      const int64_t head = kv_head * p.group + row % p.group;
+    if (row < sq.n_rows) {
+      const int64_t token = sq.q_start + row / p.group;
+      const int64_t head = sq.kv_head * p.group + row % p.group;
       qv = bwd_load(static_cast<const T*>(p.q) + token * p.q_row_stride + head * p.q_head_stride + c);
       dov = bwd_load(static_cast<const T*>(p.dout) + token * p.do_row_stride + head * p.do_head_stride + c);
     }
@@ -192,11 +200,11 @@ __device__ __forceinline__ void stage_queries(const AttnBwdParams& p, const BwdS
 
 // Stages K and V of keys [k0, k0 + n_keys) (zeros past them: stale slots never enter the math).
 template <typename Kt>
-__device__ __forceinline__ void stage_keys(const AttnBwdParams& p, const BwdSmem<Kt>& s, int d, int b, int kv_head,
+__device__ __forceinline__ void stage_keys(const AttnBwdParams& p, const BwdSmem<Kt>& s, int d, const BwdSeq& sq,
                                            int k0, int n_keys) {
   using T = typename Kt::T;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride;
+  const T* k_base = static_cast<const T*>(p.k) + sq.b * p.k_batch_stride + sq.kv_head * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + sq.b * p.v_batch_stride + sq.kv_head * p.v_head_stride;
   for (int idx = threadIdx.x; idx < Kt::kBlockN * d; idx += Kt::kNThreads) {
     const int j = idx / d, c = idx % d;
     typename Kt::A kv = 0, vv = 0;
@@ -255,6 +263,17 @@ __device__ __forceinline__ BlockKind vote_tile(const RowInfo& cls, int k0, int n
   return __syncthreads_and(!cls.valid || kind == BlockKind::kFull) ? BlockKind::kFull : BlockKind::kPartial;
 }
 
+// One past the last key any row of the block sees, at most nk: the dQ kernels' key tiles stop
+// there (every thread must call it: barriers). `cls` as for vote_tile.
+__device__ __forceinline__ int block_key_end(const RowInfo& cls, int nk) {
+  __shared__ int s_key_end;
+  if (threadIdx.x == 0) s_key_end = 0;
+  __syncthreads();
+  if (cls.valid) atomicMax(&s_key_end, imin(key_end(cls.spans), nk));
+  __syncthreads();
+  return s_key_end;
+}
+
 // dK, dV of key tile blockIdx.x of (sequence blockIdx.y, KV head blockIdx.z).
 template <typename Kt>
 __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dkdv_kernel(const AttnBwdParams p) {
@@ -263,24 +282,22 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dkdv_kerne
   constexpr int kBM = Kt::kBlockM, kBN = Kt::kBlockN, kNT = Kt::kNThreads;
   const int d = Kt::kHeadDim > 0 ? Kt::kHeadDim : p.head_dim;
   const BwdSeq sq = block_seq(p);
-  const int b = sq.b, kv_head = sq.kv_head, q_start = sq.q_start, nq = sq.nq, nk = sq.nk, tid = threadIdx.x;
-  const SeqLens& L = sq.L;
+  const int tid = threadIdx.x;
   const int k0 = blockIdx.x * kBN;
-  if (nq <= 0 || k0 >= nk) return;  // uniform; the host zero-filled dK and dV
-  const int n_keys = imin(kBN, nk - k0);
+  if (sq.nq <= 0 || k0 >= sq.nk) return;  // uniform; the host zero-filled dK and dV
+  const int n_keys = imin(kBN, sq.nk - k0);
 
   BEACON_DYNAMIC_SMEM(smem_raw);
   const BwdSmem<Kt> s(smem_raw, d);
-  stage_keys<Kt>(p, s, d, b, kv_head, k0, n_keys);
+  stage_keys<Kt>(p, s, d, sq, k0, n_keys);
   for (int e = tid; e < 2 * kBN * d; e += kNT) s.acc[e] = 0;
 
-  const int n_rows = sq.n_rows;
-  for (int row0 = 0; row0 < n_rows; row0 += kBM) {
-    const RowInfo cls = make_row(p, L, q_start, nq, kv_head, tid < kBM ? row0 + tid : 0x7fffffff);
+  for (int row0 = 0; row0 < sq.n_rows; row0 += kBM) {
+    const RowInfo cls = sq.row(p, tid < kBM ? row0 + tid : kNoRow);
     if (tid < kBM) stage_row<Kt>(p, s, tid, cls);  // the last readers passed the barrier below
     const BlockKind kind = vote_tile(cls, k0, n_keys);
     if (kind == BlockKind::kSkip) continue;  // block-uniform
-    stage_queries<Kt>(p, s, d, q_start, n_rows, kv_head, row0);
+    stage_queries<Kt>(p, s, d, sq, row0);
     __syncthreads();
     probs_and_dscores<Kt>(p, s, d, k0, n_keys, kind == BlockKind::kFull);
     __syncthreads();
@@ -300,8 +317,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dkdv_kerne
   }
 
   const A scale = static_cast<A>(p.scale);
-  T* dk_base = static_cast<T*>(p.dk) + b * p.dkv_batch_stride + kv_head * p.dkv_head_stride;
-  T* dv_base = static_cast<T*>(p.dv) + b * p.dkv_batch_stride + kv_head * p.dkv_head_stride;
+  T* dk_base = static_cast<T*>(p.dk) + sq.b * p.dkv_batch_stride + sq.kv_head * p.dkv_head_stride;
+  T* dv_base = static_cast<T*>(p.dv) + sq.b * p.dkv_batch_stride + sq.kv_head * p.dkv_head_stride;
   for (int e = tid; e < n_keys * d; e += kNT) {
     const int j = e / d, c = e % d;
     const int64_t off = static_cast<int64_t>(k0 + j) * p.dkv_row_stride + c;
@@ -318,32 +335,23 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dq_kernel(
   constexpr int kBM = Kt::kBlockM, kBN = Kt::kBlockN, kNT = Kt::kNThreads;
   const int d = Kt::kHeadDim > 0 ? Kt::kHeadDim : p.head_dim;
   const BwdSeq sq = block_seq(p);
-  const int b = sq.b, kv_head = sq.kv_head, q_start = sq.q_start, nq = sq.nq, n_rows = sq.n_rows, nk = sq.nk;
-  const SeqLens& L = sq.L;
   const int tid = threadIdx.x;
   const int row0 = blockIdx.x * kBM;
-  if (nq <= 0 || row0 >= n_rows) return;  // uniform
+  if (sq.nq <= 0 || row0 >= sq.n_rows) return;  // uniform
 
   BEACON_DYNAMIC_SMEM(smem_raw);
   const BwdSmem<Kt> s(smem_raw, d);
-  const RowInfo cls = make_row(p, L, q_start, nq, kv_head, tid < kBM ? row0 + tid : 0x7fffffff);
+  const RowInfo cls = sq.row(p, tid < kBM ? row0 + tid : kNoRow);
   if (tid < kBM) stage_row<Kt>(p, s, tid, cls);
-  stage_queries<Kt>(p, s, d, q_start, n_rows, kv_head, row0);
+  stage_queries<Kt>(p, s, d, sq, row0);
   for (int e = tid; e < kBM * d; e += kNT) s.acc[e] = 0;
 
-  // Key tiles up to the last key any row sees.
-  __shared__ int s_key_end;
-  if (tid == 0) s_key_end = 0;
-  __syncthreads();
-  if (cls.valid) atomicMax(&s_key_end, imin(key_end(cls.spans), nk));
-  __syncthreads();
-  const int key_stop = s_key_end;
-
+  const int key_stop = block_key_end(cls, sq.nk);  // key tiles up to the last key any row sees
   for (int k0 = 0; k0 < key_stop; k0 += kBN) {
-    const int n_keys = imin(kBN, nk - k0);
+    const int n_keys = imin(kBN, sq.nk - k0);
     const BlockKind kind = vote_tile(cls, k0, n_keys);  // also: the last tile's readers are done
     if (kind == BlockKind::kSkip) continue;
-    stage_keys<Kt>(p, s, d, b, kv_head, k0, n_keys);
+    stage_keys<Kt>(p, s, d, sq, k0, n_keys);
     __syncthreads();
     probs_and_dscores<Kt>(p, s, d, k0, n_keys, kind == BlockKind::kFull);
     __syncthreads();
@@ -361,9 +369,9 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dq_kernel(
   for (int e = tid; e < kBM * d; e += kNT) {
     const int i = e / d, c = e % d;
     const int row = row0 + i;
-    if (row >= n_rows) continue;
-    const int64_t token = q_start + row / p.group;
-    const int64_t head = kv_head * p.group + row % p.group;
+    if (row >= sq.n_rows) continue;
+    const int64_t token = sq.q_start + row / p.group;
+    const int64_t head = sq.kv_head * p.group + row % p.group;
     bwd_store(static_cast<T*>(p.dq) + token * p.dq_row_stride + head * p.dq_head_stride + c, s.acc[e] * scale);
   }
 }
@@ -380,6 +388,20 @@ void bwd_smem_opt_in(Kernel kernel, int smem, bool (&opted_in)[64]) {
   }
 }
 
+// Launches `kernel` (kThreads threads, `smem` bytes of dynamic shared memory) with one block per
+// `per_block` of `items` (keys for dK/dV, packed rows for dQ) of each (sequence, KV head).
+// `opted_in`: the kernel's own once-per-device flags for bwd_smem_opt_in.
+template <typename Kernel>
+void launch_bwd_blocks(Kernel kernel, bool (&opted_in)[64], int64_t items, int per_block, int threads, int smem,
+                       const AttnBwdParams& p, cudaStream_t stream) {
+  bwd_smem_opt_in(kernel, smem, opted_in);
+  const dim3 grid(static_cast<unsigned>((items + per_block - 1) / per_block), p.batch, p.num_kv_heads);
+  BEACON_LAUNCH(kernel, grid, threads, smem, stream)(p);
+}
+
+// Packed (query, head) rows of the longest sequence: the dQ kernels' grid covers them.
+inline int64_t bwd_max_rows(const AttnBwdParams& p) { return static_cast<int64_t>(p.max_seqlen_q) * p.group; }
+
 // The delta pre-pass on `stream`: p.delta must hold total_q * num_heads accumulators.
 template <typename T>
 void launch_bwd_delta(const AttnBwdParams& p, cudaStream_t stream) {
@@ -395,18 +417,11 @@ void launch_attention_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   launch_bwd_delta<typename Kt::T>(p, stream);
 
   const int smem = Kt::smem_bytes(p.head_dim);
-  auto dkdv_kernel = &beacon_attention_bwd_dkdv_kernel<Kt>;
-  static bool dkdv_opted_in[64] = {};
-  bwd_smem_opt_in(dkdv_kernel, smem, dkdv_opted_in);
-  const dim3 dkdv_grid((p.capacity + Kt::kBlockN - 1) / Kt::kBlockN, p.batch, p.num_kv_heads);
-  BEACON_LAUNCH(dkdv_kernel, dkdv_grid, Kt::kNThreads, smem, stream)(p);
-
-  auto dq_kernel = &beacon_attention_bwd_dq_kernel<Kt>;
-  static bool dq_opted_in[64] = {};
-  bwd_smem_opt_in(dq_kernel, smem, dq_opted_in);
-  const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * p.group;
-  const dim3 dq_grid(static_cast<unsigned>((rows + Kt::kBlockM - 1) / Kt::kBlockM), p.batch, p.num_kv_heads);
-  BEACON_LAUNCH(dq_kernel, dq_grid, Kt::kNThreads, smem, stream)(p);
+  static bool dkdv_opted_in[64] = {}, dq_opted_in[64] = {};
+  launch_bwd_blocks(&beacon_attention_bwd_dkdv_kernel<Kt>, dkdv_opted_in, p.capacity, Kt::kBlockN, Kt::kNThreads,
+                    smem, p, stream);
+  launch_bwd_blocks(&beacon_attention_bwd_dq_kernel<Kt>, dq_opted_in, bwd_max_rows(p), Kt::kBlockM, Kt::kNThreads,
+                    smem, p, stream);
 }
 
 }  // namespace cuda

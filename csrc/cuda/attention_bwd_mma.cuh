@@ -26,22 +26,21 @@ namespace cuda {
 
 constexpr float kBwdLog2e = 1.4426950408889634f;
 
-// Copies rows of one packed (query, head) tile [row0, row0 + kRows) of q-like tensors into a
-// swizzled [kRows, D] buffer with cp.async (zero rows past n_rows).
+// Copies rows of one packed (query, head) tile [row0, row0 + kRows) of (sequence, KV head) `sq`
+// of q-like tensors into a swizzled [kRows, D] buffer with cp.async (zero rows past its rows).
 template <typename Kt, int kRows>
 __device__ __forceinline__ void cp_async_rows(typename Kt::T* dst, const void* src_base, int64_t row_stride,
-                                              int64_t head_stride, const AttnParams& p, int q_start, int n_rows,
-                                              int kv_head, int row0) {
+                                              int64_t head_stride, const AttnParams& p, const BwdSeq& sq, int row0) {
   using T = typename Kt::T;
   constexpr int kCh = Kt::kChunks;
   for (int idx = threadIdx.x; idx < kRows * kCh; idx += Kt::kNThreads) {
     const int r = idx / kCh, c = idx % kCh;
     const int row = row0 + r;
-    const bool ok = row < n_rows;
+    const bool ok = row < sq.n_rows;
     const T* src = static_cast<const T*>(src_base);
     if (ok) {
-      const int64_t token = q_start + row / p.group;
-      const int64_t head = kv_head * p.group + row % p.group;
+      const int64_t token = sq.q_start + row / p.group;
+      const int64_t head = sq.kv_head * p.group + row % p.group;
       src += token * row_stride + head * head_stride + c * 8;
     }
     cp_async_16(dst + Kt::smem_offset(r, c), src, ok);
@@ -135,6 +134,41 @@ __device__ __forceinline__ void store_acc_rows(const float (&acc)[D / 8][4], flo
   }
 }
 
+// The two-stage cp.async pipeline of both kernels (the forward's): the tiles of [0, n_tiles) that
+// classify(t) (block-uniform, by barrier votes) does not skip are copied in by load(t, stage) one
+// tile ahead and handed to consume(t, kind, stage) once they have landed. Every thread calls it,
+// after committing the copies the consumer needs besides the tiles (they land with the first).
+template <typename Classify, typename Load, typename Consume>
+__device__ __forceinline__ void stream_tiles(int n_tiles, Classify&& classify, Load&& load, Consume&& consume) {
+  auto next_tile = [&](int t, BlockKind* kind) -> int {
+    for (; t < n_tiles; ++t) {
+      *kind = classify(t);
+      if (*kind != BlockKind::kSkip) return t;
+    }
+    return n_tiles;
+  };
+  BlockKind kind = BlockKind::kSkip;
+  int tile = next_tile(0, &kind);
+  if (tile < n_tiles) load(tile, 0);
+  cp_async_commit();
+
+  int stage = 0;
+  while (tile < n_tiles) {
+    BlockKind next_kind = BlockKind::kSkip;
+    const int next = next_tile(tile + 1, &next_kind);
+    if (next < n_tiles) load(next, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // the earlier copies and this tile's have landed (this thread's)
+    __syncthreads();     // ... and everyone's
+    consume(tile, kind, stage);
+    __syncthreads();     // the next iteration's prefetch overwrites this stage
+    tile = next;
+    kind = next_kind;
+    stage ^= 1;
+  }
+  cp_async_wait<0>();
+}
+
 // Keys per dK/dV block (4 warps x 16) and packed rows per streamed row tile.
 template <int kHeadDim, typename T>
 using BwdKeyTraits = KernelTraits<kHeadDim, 64, (kHeadDim > 64 ? 32 : 64), 4, T>;
@@ -168,34 +202,22 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dkdv_mma_k
   int* sSpans = reinterpret_cast<int*>(sDelta + 2 * kRows);      // [2][kRows][4]
 
   const BwdSeq sq = block_seq(p);
-  const int b = sq.b, kv_head = sq.kv_head, q_start = sq.q_start, nq = sq.nq, n_rows = sq.n_rows, nk = sq.nk;
-  const SeqLens& L = sq.L;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int k0 = blockIdx.x * kKeys;
-  if (nq <= 0 || k0 >= nk) return;  // uniform; the host zero-filled dK and dV
-  const int k1 = imin(k0 + kKeys, nk);
-  const int n_tiles = (n_rows + kRows - 1) / kRows;
+  if (sq.nq <= 0 || k0 >= sq.nk) return;  // uniform; the host zero-filled dK and dV
+  const int k1 = imin(k0 + kKeys, sq.nk);
+  const int n_tiles = (sq.n_rows + kRows - 1) / kRows;
 
   // Block-uniform kind of row tile t for the block's keys (barrier votes: every thread calls).
   auto classify = [&](int t) -> BlockKind {
-    const RowInfo r = make_row(p, L, q_start, nq, kv_head, tid < kRows ? t * kRows + tid : 0x7fffffff);
-    return vote_tile(r, k0, k1 - k0);
-  };
-  auto next_tile = [&](int t, BlockKind* kind) -> int {
-    for (; t < n_tiles; ++t) {
-      *kind = classify(t);
-      if (*kind != BlockKind::kSkip) return t;
-    }
-    return n_tiles;
+    return vote_tile(sq.row(p, tid < kRows ? t * kRows + tid : kNoRow), k0, k1 - k0);
   };
   const float* delta = static_cast<const float*>(p.delta);
   auto load_rows = [&](int t, int stage) {
-    cp_async_rows<Kt, kRows>(sQ + stage * kRows * D, p.q, p.q_row_stride, p.q_head_stride, p, q_start, n_rows,
-                             kv_head, t * kRows);
-    cp_async_rows<Kt, kRows>(sdO + stage * kRows * D, p.dout, p.do_row_stride, p.do_head_stride, p, q_start,
-                             n_rows, kv_head, t * kRows);
+    cp_async_rows<Kt, kRows>(sQ + stage * kRows * D, p.q, p.q_row_stride, p.q_head_stride, p, sq, t * kRows);
+    cp_async_rows<Kt, kRows>(sdO + stage * kRows * D, p.dout, p.do_row_stride, p.do_head_stride, p, sq, t * kRows);
     if (tid < kRows) {
-      const RowInfo r = make_row(p, L, q_start, nq, kv_head, t * kRows + tid);
+      const RowInfo r = sq.row(p, t * kRows + tid);
       const int64_t idx = static_cast<int64_t>(r.token) * p.num_heads + r.head;
       const int i = stage * kRows + tid;
       sLse[i] = r.valid ? p.lse[idx] * kBwdLog2e : INFINITY;  // invalid rows: P = 0
@@ -207,33 +229,20 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dkdv_mma_k
     }
   };
 
-  cp_async_keys<Kt, kKeys>(sK, static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride,
-                           p.k_row_stride, k0, nk);
-  cp_async_keys<Kt, kKeys>(sV, static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride,
-                           p.v_row_stride, k0, nk);
+  cp_async_keys<Kt, kKeys>(sK, static_cast<const T*>(p.k) + sq.b * p.k_batch_stride + sq.kv_head * p.k_head_stride,
+                           p.k_row_stride, k0, sq.nk);
+  cp_async_keys<Kt, kKeys>(sV, static_cast<const T*>(p.v) + sq.b * p.v_batch_stride + sq.kv_head * p.v_head_stride,
+                           p.v_row_stride, k0, sq.nk);
   cp_async_commit();
 
   float acc_dk[D / 8][4], acc_dv[D / 8][4];
   zero_acc(acc_dk);
   zero_acc(acc_dv);
 
-  BlockKind kind = BlockKind::kSkip;
-  int tile = next_tile(0, &kind);
-  if (tile < n_tiles) load_rows(tile, 0);
-  cp_async_commit();
-
   // The two keys of this thread's accumulator rows.
   const int key_a = k0 + warp * 16 + lane / 4;
   const int key_b = key_a + 8;
-  int stage = 0;
-  while (tile < n_tiles) {
-    BlockKind next_kind = BlockKind::kSkip;
-    const int next = next_tile(tile + 1, &next_kind);
-    if (next < n_tiles) load_rows(next, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // K, V and this tile's rows have landed (this thread's copies)
-    __syncthreads();     // ... and everyone's, with the rows' LSE, delta and spans
-
+  stream_tiles(n_tiles, classify, load_rows, [&](int, BlockKind kind, int stage) {
     const T* cQ = sQ + stage * kRows * D;
     const T* cdO = sdO + stage * kRows * D;
     const float* cLse = sLse + stage * kRows;
@@ -268,16 +277,11 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dkdv_mma_k
     // dV += P^T dO, dK += dS^T Q (the scale of dK applied at the end).
     mma_xb<Kt, kRows>(acc_dv, s, cdO);
     mma_xb<Kt, kRows>(acc_dk, dp, cQ);
-    __syncthreads();  // the next iteration's prefetch overwrites this stage
-    tile = next;
-    kind = next_kind;
-    stage ^= 1;
-  }
-  cp_async_wait<0>();
+  });
 
-  T* dk_base = static_cast<T*>(p.dk) + b * p.dkv_batch_stride + kv_head * p.dkv_head_stride;
-  T* dv_base = static_cast<T*>(p.dv) + b * p.dkv_batch_stride + kv_head * p.dkv_head_stride;
-  auto row_ptr = [&](T* base, int key) -> T* { return key < nk ? base + key * p.dkv_row_stride : nullptr; };
+  T* dk_base = static_cast<T*>(p.dk) + sq.b * p.dkv_batch_stride + sq.kv_head * p.dkv_head_stride;
+  T* dv_base = static_cast<T*>(p.dv) + sq.b * p.dkv_batch_stride + sq.kv_head * p.dkv_head_stride;
+  auto row_ptr = [&](T* base, int key) -> T* { return key < sq.nk ? base + key * p.dkv_row_stride : nullptr; };
   store_acc_rows<T, D>(acc_dk, p.scale, row_ptr(dk_base, key_a), row_ptr(dk_base, key_b));
   store_acc_rows<T, D>(acc_dv, 1.f, row_ptr(dv_base, key_a), row_ptr(dv_base, key_b));
 }
@@ -296,15 +300,13 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dq_mma_ker
   T* sV = sK + 2 * Kt::kSmemKVElems;  // [2][kBN][D]
 
   const BwdSeq sq = block_seq(p);
-  const int b = sq.b, kv_head = sq.kv_head, q_start = sq.q_start, nq = sq.nq, n_rows = sq.n_rows, nk = sq.nk;
-  const SeqLens& L = sq.L;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int row0 = blockIdx.x * kBM;
-  if (nq <= 0 || row0 >= n_rows) return;  // uniform
+  if (sq.nq <= 0 || row0 >= sq.n_rows) return;  // uniform
 
-  const RowInfo cls_row = make_row(p, L, q_start, nq, kv_head, tid < kBM ? row0 + tid : 0x7fffffff);
-  const RowInfo row_a = make_row(p, L, q_start, nq, kv_head, row0 + warp * 16 + lane / 4);
-  const RowInfo row_b = make_row(p, L, q_start, nq, kv_head, row0 + warp * 16 + lane / 4 + 8);
+  const RowInfo cls_row = sq.row(p, tid < kBM ? row0 + tid : kNoRow);
+  const RowInfo row_a = sq.row(p, row0 + warp * 16 + lane / 4);
+  const RowInfo row_b = sq.row(p, row0 + warp * 16 + lane / 4 + 8);
   const float* delta = static_cast<const float*>(p.delta);
   float lse2[2], dlt[2];  // lse * log2(e) (+inf: P = 0) and delta of the two rows
 #pragma unroll
@@ -315,37 +317,21 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dq_mma_ker
     dlt[i] = r.valid ? delta[idx] : 0.f;
   }
 
-  __shared__ int s_key_end;
-  if (tid == 0) s_key_end = 0;
-  __syncthreads();
-  if (cls_row.valid) atomicMax(&s_key_end, imin(key_end(cls_row.spans), nk));
-  __syncthreads();
-  const int n_tiles = (s_key_end + kBN - 1) / kBN;
-
+  const int nk = sq.nk;
+  const int n_tiles = (block_key_end(cls_row, nk) + kBN - 1) / kBN;
+  // Block-uniform kind of key tile t; a tile reaching past the cache's keys is never full (the
+  // MMAs read all kBN slots: the stale ones are masked).
   auto classify = [&](int t) -> BlockKind {
-    const int t0 = t * kBN;
-    BlockKind kind = BlockKind::kSkip;
-    if (cls_row.valid) {
-      kind = classify_block(cls_row.spans, t0, t0 + kBN);
-      if (kind == BlockKind::kFull && t0 + kBN > nk) kind = BlockKind::kPartial;
-    }
-    if (!__syncthreads_or(kind != BlockKind::kSkip)) return BlockKind::kSkip;
-    return __syncthreads_and(!cls_row.valid || kind == BlockKind::kFull) ? BlockKind::kFull : BlockKind::kPartial;
-  };
-  auto next_tile = [&](int t, BlockKind* kind) -> int {
-    for (; t < n_tiles; ++t) {
-      *kind = classify(t);
-      if (*kind != BlockKind::kSkip) return t;
-    }
-    return n_tiles;
+    const BlockKind kind = vote_tile(cls_row, t * kBN, kBN);
+    return kind == BlockKind::kFull && t * kBN + kBN > nk ? BlockKind::kPartial : kind;
   };
 
-  cp_async_rows<Kt, kBM>(sQ, p.q, p.q_row_stride, p.q_head_stride, p, q_start, n_rows, kv_head, row0);
-  cp_async_rows<Kt, kBM>(sdO, p.dout, p.do_row_stride, p.do_head_stride, p, q_start, n_rows, kv_head, row0);
+  cp_async_rows<Kt, kBM>(sQ, p.q, p.q_row_stride, p.q_head_stride, p, sq, row0);
+  cp_async_rows<Kt, kBM>(sdO, p.dout, p.do_row_stride, p.do_head_stride, p, sq, row0);
   cp_async_commit();
 
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + kv_head * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + kv_head * p.v_head_stride;
+  const T* k_base = static_cast<const T*>(p.k) + sq.b * p.k_batch_stride + sq.kv_head * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + sq.b * p.v_batch_stride + sq.kv_head * p.v_head_stride;
   auto load_kv = [&](int t, int stage) {
     cp_async_keys<Kt, kBN>(sK + stage * Kt::kSmemKVElems, k_base, p.k_row_stride, t * kBN, nk);
     cp_async_keys<Kt, kBN>(sV + stage * Kt::kSmemKVElems, v_base, p.v_row_stride, t * kBN, nk);
@@ -353,21 +339,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dq_mma_ker
 
   float acc_dq[D / 8][4];
   zero_acc(acc_dq);
-
-  BlockKind kind = BlockKind::kSkip;
-  int tile = next_tile(0, &kind);
-  if (tile < n_tiles) load_kv(tile, 0);
-  cp_async_commit();
-
-  int stage = 0;
-  while (tile < n_tiles) {
-    BlockKind next_kind = BlockKind::kSkip;
-    const int next = next_tile(tile + 1, &next_kind);
-    if (next < n_tiles) load_kv(next, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-
+  stream_tiles(n_tiles, classify, load_kv, [&](int tile, BlockKind kind, int stage) {
     const T* cK = sK + stage * Kt::kSmemKVElems;
     const T* cV = sV + stage * Kt::kSmemKVElems;
     float s[kBN / 8][4], dp[kBN / 8][4];
@@ -392,12 +364,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) beacon_attention_bwd_dq_mma_ker
       }
     }
     mma_xb<Kt, kBN>(acc_dq, dp, cK);  // dQ += dS K
-    __syncthreads();
-    tile = next;
-    kind = next_kind;
-    stage ^= 1;
-  }
-  cp_async_wait<0>();
+  });
 
   auto row_ptr = [&](const RowInfo& r) -> T* {
     return r.valid ? static_cast<T*>(p.dq) + static_cast<int64_t>(r.token) * p.dq_row_stride + r.head * p.dq_head_stride
@@ -411,21 +378,14 @@ void run_attention_backward(const AttnBwdParams& p, cudaStream_t stream) {
   launch_bwd_delta<T>(p, stream);
 
   using KeyKt = BwdKeyTraits<kHeadDim, T>;
-  constexpr int dkdv_smem = bwd_dkdv_smem_bytes<KeyKt>();
-  auto dkdv_kernel = &beacon_attention_bwd_dkdv_mma_kernel<KeyKt>;
-  static bool dkdv_opted_in[64] = {};
-  bwd_smem_opt_in(dkdv_kernel, dkdv_smem, dkdv_opted_in);
-  const dim3 dkdv_grid((p.capacity + KeyKt::kBlockM - 1) / KeyKt::kBlockM, p.batch, p.num_kv_heads);
-  BEACON_LAUNCH(dkdv_kernel, dkdv_grid, KeyKt::kNThreads, dkdv_smem, stream)(p);
-
   using RowKt = BwdRowTraits<kHeadDim, T>;
+  constexpr int dkdv_smem = bwd_dkdv_smem_bytes<KeyKt>();
   constexpr int dq_smem = RowKt::kSmemBytes + RowKt::kSmemQElems * static_cast<int>(sizeof(T));
-  auto dq_kernel = &beacon_attention_bwd_dq_mma_kernel<RowKt>;
-  static bool dq_opted_in[64] = {};
-  bwd_smem_opt_in(dq_kernel, dq_smem, dq_opted_in);
-  const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * p.group;
-  const dim3 dq_grid(static_cast<unsigned>((rows + RowKt::kBlockM - 1) / RowKt::kBlockM), p.batch, p.num_kv_heads);
-  BEACON_LAUNCH(dq_kernel, dq_grid, RowKt::kNThreads, dq_smem, stream)(p);
+  static bool dkdv_opted_in[64] = {}, dq_opted_in[64] = {};
+  launch_bwd_blocks(&beacon_attention_bwd_dkdv_mma_kernel<KeyKt>, dkdv_opted_in, p.capacity, KeyKt::kBlockM,
+                    KeyKt::kNThreads, dkdv_smem, p, stream);
+  launch_bwd_blocks(&beacon_attention_bwd_dq_mma_kernel<RowKt>, dq_opted_in, bwd_max_rows(p), RowKt::kBlockM,
+                    RowKt::kNThreads, dq_smem, p, stream);
 }
 
 }  // namespace cuda
