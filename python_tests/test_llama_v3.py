@@ -230,3 +230,83 @@ def test_greedy_ids_match_official_implementation(case):
     new = generate(model, [torch.tensor(case["prompt"])], max_new_tokens=len(case["greedy"]),
                    eos_token_id=[])[0]
     assert new == case["greedy"]
+
+
+# --- a released checkpoint's folder, in one call ----------------------------------------------------
+def _write_official_folder(folder: Path, case: dict, state: dict | None = None, **config_changes) -> None:
+    """A Hugging Face folder in the layout of the official code's ``save_pretrained``: the base
+    config keys (transformers' config class) plus the ``beacon_*`` keys, one safetensors file with
+    the base weights and the beacon parameters under their official names (the project's)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    model = _official_case_model(case)
+    c = model.config
+    ratios = [case["ratio"]] if case["adapt"] is None else case["adapt"]["ratios"]
+    beacon_keys = dict(beacon_window=case["window"], beacon_stride=case["window"], beacon_attn=case["mode"],
+                       beacon_ratio=ratios, beacon_ratio_mix="step-random" if case["adapt"] is None
+                       else f"adapt-{case['adapt']['n']}", beacon_param=["q", "k", "v"],
+                       beacon_embed_init="eos", beacon_sink_size=case["sink_size"],
+                       beacon_attend_prev=case["attend_previous"], beacon_pos=case["placement"],
+                       beacon_parallel_window=1)
+    cls = transformers.Qwen2Config if case["family"] == "qwen2" else transformers.LlamaConfig
+    cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=False, eos_token_id=c.eos_token_id, bos_token_id=c.bos_token_id,
+        **{**beacon_keys, **config_changes}).save_pretrained(folder)
+    state = model.state_dict() if state is None else state
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+_RELEASED_LIKE = [c for c in _OFFICIAL["cases"] if c["adapt"] is not None or c["placement"] == "append"][:3]
+
+
+@pytest.mark.parametrize("case", _RELEASED_LIKE, ids=lambda c: c["name"])
+def test_released_checkpoint_folder_loads_in_one_call(tmp_path, case):
+    from beacon_ops.checkpoints import load_beacon_checkpoint
+
+    _write_official_folder(tmp_path, case)
+    model = load_beacon_checkpoint(str(tmp_path))
+    b = model.beacon
+    assert (b.variant, b.placement, b.mode, b.sink_size, b.beacon_params) == \
+        ("v3", case["placement"], case["mode"], case["sink_size"], ("q", "k", "v"))
+    assert (b.ratio, b.adapt_ratios) == ((case["ratio"], None) if case["adapt"] is None else
+                                         (None, tuple(case["adapt"]["ratios"])))
+    logits = prefill(model, [torch.tensor(case["prompt"])], logits="all")[0]
+    assert _max_err(logits[:, _OFFICIAL["logit_columns"]], torch.tensor(case["logits"])) <= TOL
+    new = generate(model, [torch.tensor(case["prompt"])], max_new_tokens=len(case["greedy"]), eos_token_id=[])[0]
+    assert new == case["greedy"]
+    assert load_beacon_checkpoint(str(tmp_path), ratio=0).beacon.ratio == 0  # an override
+
+
+def test_released_checkpoint_problems_are_named(tmp_path):
+    from beacon_ops.checkpoints import load_beacon_checkpoint
+
+    case = next(c for c in _OFFICIAL["cases"] if c["family"] == "qwen2")
+    state = _official_case_model(case).state_dict()
+    folder = tmp_path / "missing"
+    _write_official_folder(folder, case, {k: v for k, v in state.items()
+                                          if k != "model.layers.1.self_attn.beacon_v_proj.bias"})
+    with pytest.raises(ValueError, match=r"missing.*beacon tensor 'model.layers.1.self_attn.beacon_v_proj.bias' is missing"):
+        load_beacon_checkpoint(str(folder))
+    folder = tmp_path / "extra"
+    _write_official_folder(folder, case, {**state, "model.layers.0.self_attn.beacon_o_proj.weight":
+                                          torch.zeros(48, 48)})
+    with pytest.raises(ValueError, match=r"model.safetensors: unexpected beacon tensor "
+                                         r"'model.layers.0.self_attn.beacon_o_proj.weight'.*\['q', 'k', 'v'\]"):
+        load_beacon_checkpoint(str(folder))
+    for key, value, match in [("beacon_parallel_window", 2, "beacon_parallel_window=2 is not supported"),
+                              ("beacon_attn", "segmentation", "segmentation' is not part of variant 'v3'"),
+                              ("beacon_pos", "side", "placement must be one of"),
+                              ("beacon_param", ["q", "mlp"], "beacon_params may only contain")]:
+        folder = tmp_path / key
+        _write_official_folder(folder, case, **{key: value})
+        with pytest.raises(ValueError, match=f"config.json: .*{match}"):
+            load_beacon_checkpoint(str(folder))
+    with pytest.raises(ValueError, match=r"config.json: stride=8 must equal window=16"):
+        load_beacon_checkpoint(str(tmp_path / "extra"), stride=8)
+    hf_twin(_official_case_model(_OFFICIAL["cases"][0])).save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="config.json: config: beacon_window is missing"):
+        load_beacon_checkpoint(str(tmp_path / "base"))
