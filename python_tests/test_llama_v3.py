@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from beacon_ops.checkpoints import load_beacon_checkpoint
 from beacon_ops.condensed_cache import CondensedKVCache
 from beacon_ops.generation import decode_step, generate, prefill
 
@@ -233,14 +234,13 @@ def test_greedy_ids_match_official_implementation(case):
 
 
 # --- a released checkpoint's folder, in one call ----------------------------------------------------
-def _write_official_folder(folder: Path, case: dict, state: dict | None = None, **config_changes) -> None:
+def _write_official_folder(folder: Path, case: dict, model, state: dict | None = None, **config_changes) -> None:
     """A Hugging Face folder in the layout of the official code's ``save_pretrained``: the base
     config keys (transformers' config class) plus the ``beacon_*`` keys, one safetensors file with
     the base weights and the beacon parameters under their official names (the project's)."""
     import transformers
     from safetensors.torch import save_file
 
-    model = _official_case_model(case)
     c = model.config
     ratios = [case["ratio"]] if case["adapt"] is None else case["adapt"]["ratios"]
     beacon_keys = dict(beacon_window=case["window"], beacon_stride=case["window"], beacon_attn=case["mode"],
@@ -249,7 +249,8 @@ def _write_official_folder(folder: Path, case: dict, state: dict | None = None, 
                        beacon_embed_init="eos", beacon_sink_size=case["sink_size"],
                        beacon_attend_prev=case["attend_previous"], beacon_pos=case["placement"],
                        beacon_parallel_window=1)
-    cls = transformers.Qwen2Config if case["family"] == "qwen2" else transformers.LlamaConfig
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "mistral": transformers.MistralConfig}[case["family"]]
     cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
         rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
@@ -265,9 +266,7 @@ _RELEASED_LIKE = [c for c in _OFFICIAL["cases"] if c["adapt"] is not None or c["
 
 @pytest.mark.parametrize("case", _RELEASED_LIKE, ids=lambda c: c["name"])
 def test_released_checkpoint_folder_loads_in_one_call(tmp_path, case):
-    from beacon_ops.checkpoints import load_beacon_checkpoint
-
-    _write_official_folder(tmp_path, case)
+    _write_official_folder(tmp_path, case, _official_case_model(case))
     model = load_beacon_checkpoint(str(tmp_path))
     b = model.beacon
     assert (b.variant, b.placement, b.mode, b.sink_size, b.beacon_params) == \
@@ -282,17 +281,16 @@ def test_released_checkpoint_folder_loads_in_one_call(tmp_path, case):
 
 
 def test_released_checkpoint_problems_are_named(tmp_path):
-    from beacon_ops.checkpoints import load_beacon_checkpoint
-
     case = next(c for c in _OFFICIAL["cases"] if c["family"] == "qwen2")
-    state = _official_case_model(case).state_dict()
+    model = _official_case_model(case)
+    state = model.state_dict()
     folder = tmp_path / "missing"
-    _write_official_folder(folder, case, {k: v for k, v in state.items()
+    _write_official_folder(folder, case, model, {k: v for k, v in state.items()
                                           if k != "model.layers.1.self_attn.beacon_v_proj.bias"})
     with pytest.raises(ValueError, match=r"missing.*beacon tensor 'model.layers.1.self_attn.beacon_v_proj.bias' is missing"):
         load_beacon_checkpoint(str(folder))
     folder = tmp_path / "extra"
-    _write_official_folder(folder, case, {**state, "model.layers.0.self_attn.beacon_o_proj.weight":
+    _write_official_folder(folder, case, model, {**state, "model.layers.0.self_attn.beacon_o_proj.weight":
                                           torch.zeros(48, 48)})
     with pytest.raises(ValueError, match=r"model.safetensors: unexpected beacon tensor "
                                          r"'model.layers.0.self_attn.beacon_o_proj.weight'.*\['q', 'k', 'v'\]"):
@@ -302,7 +300,7 @@ def test_released_checkpoint_problems_are_named(tmp_path):
                               ("beacon_pos", "side", "placement must be one of"),
                               ("beacon_param", ["q", "mlp"], "beacon_params may only contain")]:
         folder = tmp_path / key
-        _write_official_folder(folder, case, **{key: value})
+        _write_official_folder(folder, case, model, **{key: value})
         with pytest.raises(ValueError, match=f"config.json: .*{match}"):
             load_beacon_checkpoint(str(folder))
     with pytest.raises(ValueError, match=r"config.json: stride=8 must equal window=16"):
@@ -310,3 +308,23 @@ def test_released_checkpoint_problems_are_named(tmp_path):
     hf_twin(_official_case_model(_OFFICIAL["cases"][0])).save_pretrained(tmp_path / "base")
     with pytest.raises(ValueError, match="config.json: config: beacon_window is missing"):
         load_beacon_checkpoint(str(tmp_path / "base"))
+
+
+def test_mistral_released_folder_is_the_same_model_code(tmp_path):
+    # Mistral is Llama without biases; its sliding window (none here) plays no part with beacons
+    import transformers
+
+    model = tiny_model(seed=21, variant="v3", window=16, ratio=2, placement="interleave", mode="full-coverage",
+                       sink_size=1, beacon_params=("q", "k", "v"))
+    case = dict(family="mistral", window=16, ratio=2, adapt=None, mode="full-coverage", sink_size=1,
+                attend_previous=True, placement="interleave")
+    _write_official_folder(tmp_path, case, model, sliding_window=None)
+    loaded = load_beacon_checkpoint(str(tmp_path))
+    assert loaded.config.attention_bias == () and loaded.beacon == model.beacon
+    x = _ids(45, seed=22)
+    assert _max_err(prefill(loaded, [torch.tensor(x)], logits="all")[0], _reference(model)(x)) <= TOL
+    hf = transformers.MistralForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = hf(torch.tensor(x)[None]).logits[0]
+    base = load_beacon_checkpoint(str(tmp_path), ratio=0)
+    assert _max_err(prefill(base, [torch.tensor(x)], logits="all")[0], want) <= TOL
