@@ -16,9 +16,9 @@ ending the run, and is classified:
 
 Valid calls draw the mode from every mask kind of the ops. Cache schedules (``run_schedule``)
 drive ``CondensedKVCache`` (every mask kind; interleaved beacons with ``causal``; sinks of 0-2
-entries where the newer variant allows them) through random steps, compactions, ratio changes
-and invalid calls, checking that raised calls change nothing and that the lengths and attention
-outputs follow an independent model.
+entries where the newer variant allows them, a sink of 1 also re-taken) through random steps,
+compactions, ratio changes and invalid calls, checking that raised calls change nothing and that
+the lengths and attention outputs follow an independent model.
 
 Run as ``python fuzzing.py --worker`` it serves cases read from stdin (one JSON line each).
 """
@@ -777,13 +777,17 @@ def run_schedule(seed: int) -> dict:
     if interleave or sink:
         stride = window
         divisors = [0] + [r for r in range(1, stride + 1) if stride % r == 0]
+    # A sink of 1 re-taken while the first window is read (sink_recapture): from the window's second
+    # step on it has a slot of its own in front; it stays in the memory whatever the ratio.
+    recapture = sink == 1 and rng.random() < 0.5
     length = rng.randint(0, 40)
     cap = CondensedKVCache.capacity_for(length, window, stride, ratio=max(divisors[1:], default=0) and 1,
-                                        sink_size=sink) + 2
+                                        sink_size=sink, sink_recapture=recapture) + 2
     cache = CondensedKVCache(layers, batch, kv, d, cap, window=window, stride=stride, mode=mode,
-                             attend_previous=attend_previous, sink_size=sink,
+                             attend_previous=attend_previous, sink_size=sink, sink_recapture=recapture,
                              placement="interleave" if interleave else "append")
     model = [dict(mem=0, raw=0, beacon=0, ratio=0, inner=0) for _ in range(batch)]
+    sink_slot = [False] * batch  # the re-taken sink's slot is open (first window not condensed)
     counts = {"ok": 0, "raised": 0}
     failures: list[str] = []
     sink_kept = 0  # compactions that kept a sink
@@ -842,11 +846,13 @@ def run_schedule(seed: int) -> dict:
         elif u < 0.3 + 0.15 * fill:
             full = any(m["raw"] == window for m in model)
             attempt("compact()", cache.compact, False)
-            for m in model:
+            for bb, m in enumerate(model):
                 if m["raw"] == window:
-                    kept = sink if m["mem"] == 0 and m["ratio"] else 0  # the sink joins the first memory
+                    first = m["mem"] == 0 or sink_slot[bb]
+                    kept = sink if first and (m["ratio"] or recapture) else 0  # the sink joins the first memory
                     sink_kept += kept > 0
-                    m["mem"] += kept + (stride // m["ratio"] if m["ratio"] else stride)
+                    m["mem"] = (0 if first else m["mem"]) + kept + (stride // m["ratio"] if m["ratio"] else stride)
+                    sink_slot[bb] = False
                     m["raw"], m["beacon"], m["inner"] = window - stride, 0, 0
             del full
         elif u < 0.4 + 0.15 * fill:
@@ -863,14 +869,19 @@ def run_schedule(seed: int) -> dict:
                     return (m["raw"] % m["ratio"] + n) // m["ratio"] if m["ratio"] else 0
                 return stride // m["ratio"] if m["ratio"] and m["raw"] + n == window and n > 0 else 0
 
-            capacity_ok = all(m["mem"] + m["raw"] + m["inner"] + n + m["beacon"] + new_beacons(n, m) <= cap
-                              for n, m in zip(num, model))
+            def opens_sink_slot(n: int, m: dict) -> bool:
+                return recapture and n > 0 and m["mem"] == 0 and m["raw"] + m["inner"] > 0
+
+            capacity_ok = all(m["mem"] + m["raw"] + m["inner"] + n + m["beacon"] + new_beacons(n, m)
+                              + opens_sink_slot(n, m) <= cap for n, m in zip(num, model))
             plan = attempt(f"begin_step({num})", lambda: cache.begin_step(num),
                            None if not capacity_ok else (not valid))
             if isinstance(plan, Exception) or plan is None:
                 check_model()
                 continue
             for bb, (n, m) in enumerate(zip(num, model)):
+                if opens_sink_slot(n, m):
+                    m["mem"], sink_slot[bb] = 1, True
                 if interleave:
                     m["inner"] += new_beacons(n, m)
                 elif n > 0 and m["raw"] + n == window and m["ratio"] > 0:
@@ -892,7 +903,7 @@ def run_schedule(seed: int) -> dict:
                     if not torch.allclose(res[0].double(), ref.out, atol=1e-4, rtol=1e-4):
                         failures.append("attention output differs from the reference")
         check_model()
-    return dict(counts=counts, failures=failures, sink=sink, sink_kept=sink_kept)
+    return dict(counts=counts, failures=failures, sink=sink, sink_kept=sink_kept, recapture=recapture)
 
 
 # ------------------------------------------------------------------------------------------------
