@@ -29,6 +29,11 @@ class BeaconConfig:
     beacon models (section 9), with ``placement`` (``"append"`` or ``"interleave"``) and
     ``sink_size`` (tokens of the first window kept in front of the memory); see
     :mod:`beacon_ops.variants` for what each combination means and which are rejected.
+    ``sink_recapture`` (v3, ``sink_size=1``): the sink as the newer reference implementation, and
+    so its released models, take it: re-taken at every step until the first window is condensed
+    (section 9; :class:`~beacon_ops.condensed_cache.CondensedKVCache`). It differs from the plain
+    sink only for inputs whose first window is read in more than one step (prompts shorter than a
+    window); :meth:`from_checkpoint_config` turns it on for checkpoints with a sink.
     """
 
     window: int = 1024
@@ -42,6 +47,7 @@ class BeaconConfig:
     placement: str = "append"
     sink_size: int = 0
     adapt_ratios: tuple[int, ...] | None = None  # adapt-N candidates (None: the paper's, section 6)
+    sink_recapture: bool = False
 
     def __post_init__(self) -> None:
         self.stride = self.window if self.stride is None else self.stride
@@ -49,6 +55,8 @@ class BeaconConfig:
         if not 0 < self.stride <= self.window:
             raise ValueError(f"stride must lie in [1, window={self.window}], got {self.stride}")
         check_variant(self.variant, self.placement, self.mode, self.sink_size, self.window, self.stride)
+        if self.sink_recapture and self.sink_size != 1:
+            raise ValueError(f"sink_recapture needs sink_size=1 (the released setting), got {self.sink_size}")
         if self.ratio is not None:
             check_ratio(self.ratio, self.stride)
         bad = set(self.beacon_params) - set(BEACON_PROJS)
@@ -70,7 +78,8 @@ class BeaconConfig:
         ``beacon_param``, ``beacon_ratio`` (one ratio: fixed; several: adapt-N over them with the
         N of ``beacon_ratio_mix = "adapt-N"``, else 1024) and, from the newer code (variant v3,
         recognised by ``beacon_pos`` or ``beacon_sink_size``), ``beacon_pos`` (placement) and
-        ``beacon_sink_size``. Raises ``ValueError`` naming a key that is missing or unsupported.
+        ``beacon_sink_size`` (a sink of 1 with ``sink_recapture``, as the released models were
+        trained). Raises ``ValueError`` naming a key that is missing or unsupported.
         """
         if "beacon_window" not in config:
             raise ValueError("config: beacon_window is missing (not a beacon checkpoint's config)")
@@ -89,7 +98,8 @@ class BeaconConfig:
                    beacon_params=tuple(config.get("beacon_param", BEACON_PROJS)),
                    variant="v3" if newer else "v1",
                    placement=config.get("beacon_pos", "interleave") if newer else "append",
-                   sink_size=int(config.get("beacon_sink_size", 0)))
+                   sink_size=int(config.get("beacon_sink_size", 0)),
+                   sink_recapture=newer and int(config.get("beacon_sink_size", 0)) == 1)
 
     @property
     def attention_mask_kind(self) -> tuple[str, bool]:

@@ -30,6 +30,7 @@ SmolLM2 says ``False``, so nothing is prepended; :func:`encode` is the one place
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ __all__ = [
     "Tokenizer", "ByteTokenizer", "load_hf", "load_gguf", "load_checkpoint", "tokenizer_from_gguf",
     "smollm2_path", "unpermute_rope_rows", "permute_rope_rows", "load_weights", "load_llama",
     "random_llama", "tiny_random_llama", "LoadedModel", "load_model", "config_from_hf", "HF_FAMILIES",
-    "GGUF_FAMILIES", "initial_beacon_embedding",
+    "GGUF_FAMILIES", "initial_beacon_embedding", "load_beacon_checkpoint",
+    "BEACON_CONFIG_VALUES",
 ]
 
 
@@ -128,13 +130,19 @@ def config_from_hf(cfg: dict[str, Any]) -> LlamaConfig:
 
 def load_hf(folder: str) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     """Read a Hugging Face Llama folder (``config.json`` + safetensors, sharded or not)."""
+    cfg, state, _ = _read_hf_folder(folder)
+    return config_from_hf(cfg), state
+
+
+def _read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
+    """``config.json`` as a dict, every tensor of the folder, and the file each tensor came from."""
     from safetensors.torch import load_file
 
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"checkpoint folder {folder!r} has no config.json")
     with open(cfg_path) as f:
-        config = config_from_hf(json.load(f))
+        cfg = json.load(f)
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -143,13 +151,16 @@ def load_hf(folder: str) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"checkpoint folder {folder!r} has no model.safetensors(.index.json)")
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, Tensor] = {}
+    sources: dict[str, str] = {}
     for name in files:
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint shard {path!r} (listed in the index) is missing")
-        state.update(load_file(path))
-    return config, state
+        part = load_file(path)
+        state.update(part)
+        sources.update(dict.fromkeys(part, path))
+    return cfg, state, sources
 
 
 # --- GGUF ---------------------------------------------------------------------------------------
@@ -386,6 +397,54 @@ def load_llama(path: str, beacon: BeaconConfig | None = None, *,
     model = Llama(config, beacon)
     load_weights(model, state)
     return model.to(dtype)
+
+
+BEACON_CONFIG_VALUES = {"beacon_parallel_window": (1,), "beacon_embed_init": ("eos", "bos")}
+"""``config.json`` keys of a beacon checkpoint that only load with these values (several windows
+in one call and other embedding initialisations are not implemented)."""
+
+
+def load_beacon_checkpoint(folder: str, *, dtype: torch.dtype = torch.float32, **overrides: Any) -> Llama:
+    """A released Activation Beacon model (Llama, Qwen2 or Mistral) from its Hugging Face folder.
+
+    The folder is what the official beacon code's ``save_pretrained`` writes: ``config.json``
+    with the base model's keys plus ``beacon_window``, ``beacon_stride``, ``beacon_ratio``,
+    ``beacon_pos``, ``beacon_sink_size``, ``beacon_param``, ``beacon_attn``,
+    ``beacon_attend_prev``, ... (read by :meth:`BeaconConfig.from_checkpoint_config`), and
+    safetensors holding the base weights and the trained beacon parameters under the same names
+    as this model's (``model.beacon_embed_tokens.weight``,
+    ``model.layers.{i}.self_attn.beacon_{q,k,v,o}_proj.{weight,bias}``). ``overrides`` replace
+    fields of the resulting :class:`BeaconConfig` (e.g. ``ratio=4``, ``adapt_n=2048``).
+
+    Every beacon parameter that ``beacon_param`` calls for must be in the checkpoint and no other
+    (a base model without them loads with :func:`load_llama`, which initialises them). Raises
+    ``ValueError`` naming the file and the key: a missing or unexpected beacon tensor, a
+    ``beacon_*`` value that is not supported, a tensor of the wrong shape.
+    """
+    cfg, state, sources = _read_hf_folder(folder)
+    where = os.path.join(folder, "config.json")
+    for key, allowed in BEACON_CONFIG_VALUES.items():
+        if key in cfg and cfg[key] not in allowed:
+            raise ValueError(f"{where}: {key}={cfg[key]!r} is not supported (supported: {list(allowed)})")
+    try:
+        beacon = BeaconConfig.from_checkpoint_config(cfg)
+        if overrides:
+            beacon = dataclasses.replace(beacon, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    config = config_from_hf(cfg)
+    model = Llama(config, beacon)
+    wanted = {k for k in model.state_dict() if "beacon" in k}
+    present = {k for k in state if "beacon" in k}
+    extra, missing = sorted(present - wanted), sorted(wanted - present)
+    if extra:
+        raise ValueError(f"{sources[extra[0]]}: unexpected beacon tensor {extra[0]!r} (config.json has "
+                         f"beacon_param={list(beacon.beacon_params)}; biases on {list(config.attention_bias)})")
+    if missing:
+        raise ValueError(f"{folder}: beacon tensor {missing[0]!r} is missing from the checkpoint's safetensors "
+                         "(a base model without beacon parameters loads with load_llama)")
+    load_weights(model, state)
+    return model.to(dtype).eval()
 
 
 def random_llama(config: LlamaConfig, beacon: BeaconConfig | None = None, *, seed: int = 0,

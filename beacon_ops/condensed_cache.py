@@ -91,6 +91,11 @@ class CondensedKVCache:
             ``r`` raw tokens, also before the window is full; see below).
         sink_size: the newer variant's sink: the first ``sink_size`` entries of each sequence's
             first window stay in front of its memory (``stride == window``).
+        sink_recapture: the newer reference implementation's sink (``sink_size=1``), which its
+            released models were trained with: until the first window is condensed, every step
+            after the first sees a sink in front of the window (positions shifted by one), the
+            previous step's first entry, and the sink kept is the first entry of the step that
+            completes the first window (with ratio 0 it stays in front of that window too).
 
     With interleaved beacons a window's entries (raw tokens and the beacons among them) sit in
     order after the memory, every key at the position of its slot; the ops see them all as raw
@@ -108,7 +113,8 @@ class CondensedKVCache:
                  window: int, stride: int | None = None, mode: str = "step-expansion",
                  attend_previous: bool = True, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", inv_freq: Tensor | None = None,
-                 rope_interleaved: bool = False, placement: str = "append", sink_size: int = 0) -> None:
+                 rope_interleaved: bool = False, placement: str = "append", sink_size: int = 0,
+                 sink_recapture: bool = False) -> None:
         for name, value, low in (("num_layers", num_layers, 1), ("batch_size", batch_size, 1),
                                  ("num_kv_heads", num_kv_heads, 1), ("head_dim", head_dim, 2),
                                  ("capacity", capacity, 1), ("window", window, 1)):
@@ -129,6 +135,8 @@ class CondensedKVCache:
         if (placement == "interleave" or sink_size) and stride != window:
             raise ValueError(f"CondensedKVCache: stride={stride} must equal window={window} with interleaved "
                              "beacons or a sink")
+        if sink_recapture and sink_size > 1:
+            raise ValueError(f"CondensedKVCache: sink_recapture needs sink_size 0 or 1, got {sink_size}")
         if placement == "interleave" and mode != "causal":
             raise ValueError(f"CondensedKVCache: placement='interleave' needs mode='causal', got {mode!r}")
         self.num_layers, self.batch_size = int(num_layers), int(batch_size)
@@ -138,6 +146,7 @@ class CondensedKVCache:
         self.attend_previous = bool(attend_previous)
         self.rope_interleaved = bool(rope_interleaved)
         self.placement, self.sink_size = placement, int(sink_size)
+        self.sink_recapture = bool(sink_recapture) and self.sink_size > 0
         self.device = torch.device(device)
         self.dtype = dtype
 
@@ -164,6 +173,10 @@ class CondensedKVCache:
         self.host_ratio = [0] * self.batch_size
         self.host_inner_beacons = [0] * self.batch_size  # interleaved beacons among the window's entries
         self._ratio_set = [False] * self.batch_size
+        # sink_recapture: a sink slot in front of a first window not yet condensed, and the window
+        # entry index of each sequence's latest step's first entry
+        self._provisional_sink = [False] * self.batch_size
+        self._step_first = [0] * self.batch_size
         self._plan: StepPlan | None = None
 
     # --- per-sequence state ------------------------------------------------------------------
@@ -225,7 +238,7 @@ class CondensedKVCache:
         for s in seqs:
             self.host_mem_len[s] = self.host_raw_len[s] = self.host_beacon_len[s] = self.host_ratio[s] = 0
             self.host_inner_beacons[s] = 0
-            self._ratio_set[s] = False
+            self._ratio_set[s] = self._provisional_sink[s] = False
         self._sync_lengths()
         self._plan = None
 
@@ -272,7 +285,8 @@ class CondensedKVCache:
             else:
                 nb = self.stride // r if done and r > 0 else 0
                 slots.append(list(range(n, n + nb)))
-            need = self.host_mem_len[b] + new_raw + self.host_inner_beacons[b] + self.host_beacon_len[b] + nb
+            need = (self.host_mem_len[b] + new_raw + self.host_inner_beacons[b] + self.host_beacon_len[b] + nb
+                    + self._sink_slot_due(b, n))
             if need > self.capacity:
                 raise ValueError(f"begin_step: capacity {self.capacity} is too small: sequence {b} needs {need} "
                                  "slots (see CondensedKVCache.capacity_for)")
@@ -281,6 +295,15 @@ class CondensedKVCache:
             completes.append(done)
         # Everything is computed from the prospective lengths first; the shadows and the device
         # tensors change only once nothing can raise any more.
+        for b, n in enumerate(raws):
+            if n and self._recapturing(b):
+                entries = self.host_raw_len[b] + self.host_inner_beacons[b]
+                if self._sink_slot_due(b, n):  # the first window's second step: room for the sink
+                    self._relocate(b, list(range(entries)), list(range(entries)), [1 + i for i in range(entries)])
+                    self.host_mem_len[b], self._provisional_sink[b] = 1, True
+                if self._provisional_sink[b]:  # the sink: the previous step's first entry
+                    self._relocate(b, [1 + self._step_first[b]], [1 + self._step_first[b]], [0])
+                self._step_first[b] = entries
         raw_after = [r + n for r, n in zip(self.host_raw_len, raws)]
         num_new = [n + nb for n, nb in zip(raws, beacons)]
         cu = [0]
@@ -364,7 +387,7 @@ class CondensedKVCache:
                 raise ValueError(f"compact: sequence {b} has a full window with ratio {r} and beacon_len "
                                  f"{self.host_beacon_len[b]}, expected {want} (its beacons were not counted "
                                  "by begin_step)")
-        gathered = [b for b in full if self.placement == "interleave" or (
+        gathered = [b for b in full if self.placement == "interleave" or self._recapturing(b) or (
             self.sink_size and self.host_mem_len[b] == 0 and self.host_ratio[b] > 0)]
         for b in gathered:
             self._compact_by_gather(b)
@@ -382,47 +405,69 @@ class CondensedKVCache:
             self.host_beacon_len[b] = 0
         self._plan = None
 
+    def _recapturing(self, b: int) -> bool:
+        """Whether sequence ``b`` re-takes its sink (``sink_recapture``, first window not condensed)."""
+        return self.sink_recapture and (self._provisional_sink[b] or self.host_mem_len[b] == 0)
+
+    def _sink_slot_due(self, b: int, n: int) -> bool:
+        """Whether a step of ``n`` raw tokens opens the sink slot in front of ``b``'s first window."""
+        return (self.sink_recapture and n > 0 and self.host_mem_len[b] == 0
+                and self.host_raw_len[b] + self.host_inner_beacons[b] > 0)
+
+    def _relocate(self, b: int, src: list[int], old: list[int], dst: list[int]) -> None:
+        """Copy sequence ``b``'s entries from slots ``src`` (keys at positions ``old``) to slots
+        ``dst`` (at positions ``dst``), all layers; every source is read before any write."""
+        n = len(src)
+        src_t = torch.tensor(src, device=self.device)
+        dst_t = torch.tensor(dst, device=self.device)
+        keys = self.k[:, b][:, :, src_t]                               # [layers, kv_heads, n, head_dim]
+        keys = keys.permute(2, 0, 1, 3).reshape(n, -1, self.head_dim).contiguous()
+        delta = [d - o for d, o in zip(dst, old)]
+        for sign in (1, -1):
+            rows = [i for i, d in enumerate(delta) if d * sign > 0]
+            if not rows:
+                continue
+            if sign < 0 and self._neg_sin is None:
+                self._neg_sin = -self.sin
+            part = keys[rows].contiguous()
+            rope_(part, torch.tensor([abs(delta[i]) for i in rows], dtype=torch.int32, device=self.device),
+                  self.cos, self.sin if sign > 0 else self._neg_sin, self.rope_interleaved)
+            keys[rows] = part
+        keys = keys.reshape(n, self.num_layers, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        values = self.v[:, b][:, :, src_t]
+        self.k[:, b, :, dst_t] = keys
+        self.v[:, b, :, dst_t] = values
+
     def _compact_by_gather(self, b: int) -> None:
         """Compaction of sequence ``b``'s full window (stride == window) where ``compact_`` does not
         apply: interleaved beacons, or a sink kept in front of the first window's beacons.
 
         The sink entries (the window's first ``sink_size``, first window only) stay where they
         are; beacon ``j`` moves to the memory slot after them, its key rotated by (new - old)
-        position; the raw entries are dropped. With ``r = 0`` the memory absorbs the window."""
+        position; the raw entries are dropped. With ``r = 0`` the memory absorbs the window.
+        With ``sink_recapture`` the sink is the completing step's first entry (section 9)."""
         M, W, r = self.host_mem_len[b], self.window, self.host_ratio[b]
+        recapture = self._recapturing(b)  # M is 0 or the sink slot (1); the window starts at M
+        src: list[int] = [M + self._step_first[b]] if recapture else []
         if r > 0:
             B = W // r
-            sink = self.sink_size if M == 0 else 0
             if self.placement == "interleave":
-                src = [M + (j + 1) * (r + 1) - 1 for j in range(B)]
-                old = src  # every interleaved entry sits at the position of its slot
+                kept = [M + (j + 1) * (r + 1) - 1 for j in range(B)]
+                old = src + kept  # every interleaved entry sits at the position of its slot
             else:
-                src = [M + W + j for j in range(B)]
-                old = [beacon_position(M, j, r, W, self.mode) for j in range(B)]
-            dst = [M + sink + j for j in range(B)]
-            src_t = torch.tensor(src, device=self.device)
-            dst_t = torch.tensor(dst, device=self.device)
-            keys = self.k[:, b][:, :, src_t]                           # [layers, kv_heads, B, head_dim]
-            keys = keys.permute(2, 0, 1, 3).reshape(B, -1, self.head_dim).contiguous()
-            delta = [d - o for d, o in zip(dst, old)]
-            for sign in (1, -1):
-                rows = [i for i, d in enumerate(delta) if d * sign > 0]
-                if not rows:
-                    continue
-                if sign < 0 and self._neg_sin is None:
-                    self._neg_sin = -self.sin
-                part = keys[rows].contiguous()
-                rope_(part, torch.tensor([abs(delta[i]) for i in rows], dtype=torch.int32, device=self.device),
-                      self.cos, self.sin if sign > 0 else self._neg_sin, self.rope_interleaved)
-                keys[rows] = part
-            keys = keys.reshape(B, self.num_layers, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
-            values = self.v[:, b][:, :, src_t]
-            self.k[:, b, :, dst_t] = keys
-            self.v[:, b, :, dst_t] = values
-            self.host_mem_len[b] = M + sink + B
-        else:
-            self.host_mem_len[b] = M + W
+                kept = [M + W + j for j in range(B)]
+                old = src + [beacon_position(M, j, r, W, self.mode) for j in range(B)]
+        else:  # the window becomes memory
+            kept = [M + i for i in range(W)]
+            old = src + kept
+        src += kept
+        start = 1 if recapture else M + (self.sink_size if M == 0 and r > 0 else 0)
+        dst = ([0] if recapture else []) + [start + j for j in range(len(kept))]
+        if src != dst:
+            self._relocate(b, src, old, dst)
+        self.host_mem_len[b] = start + len(kept)
         self.host_raw_len[b] = self.host_beacon_len[b] = self.host_inner_beacons[b] = 0
+        self._provisional_sink[b] = False
 
     # --- sizes -------------------------------------------------------------------------------------
     def slots_in_use(self, b: int) -> int:
@@ -441,7 +486,8 @@ class CondensedKVCache:
 
     @staticmethod
     def capacity_for(length: int, window: int, stride: int | None = None, ratio: int = 0,
-                     extra_tokens: int = 0, *, sink_size: int = 0, placement: str = "append") -> int:
+                     extra_tokens: int = 0, *, sink_size: int = 0, placement: str = "append",
+                     sink_recapture: bool = False) -> int:
         """Slots per sequence needed to read ``length + extra_tokens`` tokens, exactly.
 
         ``extra_tokens`` are tokens that follow the input (e.g. the generation budget); they pass
@@ -449,7 +495,8 @@ class CondensedKVCache:
         that fills a window; the step schedule does not matter. The peak is either just before a
         compaction (memory of the earlier windows + ``W`` raw + ``S / r`` beacons) or at the end
         (memory + the raw tokens of the trailing window, and its beacons when interleaved). A sink
-        (``sink_size``) joins the memory at the first compaction.
+        (``sink_size``) joins the memory at the first compaction; with ``sink_recapture`` it takes
+        its slot from the first window's second step on, whatever the ratio.
         """
         stride = window if stride is None else stride
         if window < 1 or not 1 <= stride <= window:
@@ -459,13 +506,14 @@ class CondensedKVCache:
             raise ValueError(f"capacity_for: length and extra_tokens must be >= 0, got {length}, {extra_tokens}")
         total = length + extra_tokens
         inner = (lambda n: n // ratio) if placement == "interleave" and ratio > 0 else (lambda n: 0)
+        recapture = sink_recapture and sink_size > 0
         if total < window:
-            return total + inner(total)
+            return total + inner(total) + (sink_size if recapture else 0)
         num_full = 1 + (total - window) // stride
         beacons = stride // ratio if ratio > 0 else 0
         growth = beacons if ratio > 0 else stride  # memory added per window
-        sink = sink_size if ratio > 0 else 0
-        before_last_compaction = (num_full - 1) * growth + (sink if num_full > 1 else 0) + window + beacons
+        sink = sink_size if ratio > 0 or recapture else 0
+        before_last_compaction = (num_full - 1) * growth + (sink if num_full > 1 or recapture else 0) + window + beacons
         tail = total - num_full * stride
         at_end = num_full * growth + sink + tail + inner(tail)
         return max(before_last_compaction, at_end)

@@ -75,12 +75,12 @@ def new_session(model: Llama, lengths: Sequence[int], extra_tokens: int = 0, *,
         # the smallest ratio any sequence can get needs the most room
         r_min = min(ratio_for_length(model, n) for n in lengths)
         cap = CondensedKVCache.capacity_for(longest, b.window, b.stride, r_min, 0, sink_size=b.sink_size,
-                                            placement=b.placement)
+                                            placement=b.placement, sink_recapture=b.sink_recapture)
         mode, attend_previous = b.attention_mask_kind
         cache: KVCache = CondensedKVCache(c.num_layers, len(lengths), c.num_kv_heads, c.head_dim, cap,
                                           window=b.window, stride=b.stride, mode=mode,
                                           attend_previous=attend_previous, placement=b.placement,
-                                          sink_size=b.sink_size, **common)
+                                          sink_size=b.sink_size, sink_recapture=b.sink_recapture, **common)
     elif attention in ("full", "sliding"):
         cache = FullKVCache(c.num_layers, len(lengths), c.num_kv_heads, c.head_dim, longest, chunk=b.window,
                             sliding_window=b.window if attention == "sliding" else None, **common)

@@ -95,4 +95,4 @@ def supported_variants() -> list[str]:
     """One line per variant: the settings it supports (for ``python -m beacon_ops info``)."""
     return ["v1: placement append; modes segmentation, step-expansion, full-coverage; stride <= window; no sink",
             "v3: placement append (modes step-expansion, full-coverage) or interleave (full-coverage); "
-            "sink_size >= 0; stride = window"]
+            "sink_size >= 0 (1: also re-taken as the released models do, sink_recapture); stride = window"]

@@ -7,9 +7,9 @@ decoder pass per window step; per layer it keeps pre-RoPE keys and values in thr
 computed here (a plain ``arange``, overridden for appended step-expansion beacons) and attends
 with an explicit boolean mask. Beacons are interleaved (one after every ``r`` raw tokens, also in
 windows that are not full) or appended to a full window. The sink is taken once, from the first
-``sink`` entries of the first window (the intended behaviour; the official code's re-capture
-while its beacon memory is empty is not modelled). Shares no code with the package (only the
-state dict and config values).
+``sink`` entries of the first window (the intended behaviour), or, with ``recapture``, as the
+official code takes it: after every call while the beacon memory is empty, the first ``sink``
+entries of that call. Shares no code with the package (only the state dict and config values).
 """
 from __future__ import annotations
 
@@ -27,10 +27,11 @@ class ReferenceV3:
 
     def __init__(self, sd: dict[str, Tensor], cfg, *, window: int, ratio: int, placement: str,
                  mode: str = "full-coverage", attend_previous: bool = True, sink: int = 0,
-                 beacon_params=("q", "k", "v")) -> None:
+                 beacon_params=("q", "k", "v"), recapture: bool = False) -> None:
         self.sd, self.cfg = sd, cfg
         self.W, self.r, self.placement, self.mode = window, ratio, placement, mode
         self.attend_previous, self.sink_size, self.params = attend_previous, sink, beacon_params
+        self.recapture = recapture
         L, KV, D = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
         empty = lambda: [torch.zeros(0, KV, D) for _ in range(L)]  # noqa: E731
         self.sink_k, self.sink_v = empty(), empty()
@@ -127,13 +128,16 @@ class ReferenceV3:
         head = g("model.embed_tokens.weight") if cfg.tie_word_embeddings else g("lm_head.weight")
         # update the memory
         first_window = self.mem_k[0].shape[0] == 0 and S == 0
+        capture = self.recapture and self.sink_size and self.mem_k[0].shape[0] == 0
         for i in range(cfg.num_layers):
+            if capture:  # the call's first entries replace the sink, before the window is condensed
+                self.sink_k[i], self.sink_v[i] = new_k[i][:self.sink_size], new_v[i][:self.sink_size]
             wk = torch.cat([self.raw_k[i], new_k[i]])
             wv = torch.cat([self.raw_v[i], new_v[i]])
             if not full:
                 self.raw_k[i], self.raw_v[i] = wk, wv
                 continue
-            if first_window and self.sink_size and r > 0:  # r = 0: the window, sink included, is memory
+            if first_window and self.sink_size and r > 0 and not capture:  # r = 0: the window, sink included, is memory
                 self.sink_k[i], self.sink_v[i] = wk[:self.sink_size], wv[:self.sink_size]
             keep = torch.tensor(window_beacon) if r > 0 else torch.ones(len(window_beacon), dtype=torch.bool)
             self.mem_k[i] = torch.cat([self.mem_k[i], wk[keep]])

@@ -15,9 +15,10 @@ ending the run, and is classified:
   call returned), ``state`` (a raised call changed an argument), ``crash``, ``hang``.
 
 Valid calls draw the mode from every mask kind of the ops. Cache schedules (``run_schedule``)
-drive ``CondensedKVCache`` (every mask kind; interleaved beacons with ``causal``) through random
-steps, compactions, ratio changes and invalid calls, checking that raised calls change nothing
-and that the lengths and attention outputs follow an independent model.
+drive ``CondensedKVCache`` (every mask kind; interleaved beacons with ``causal``; sinks of 0-2
+entries where the newer variant allows them, a sink of 1 also re-taken) through random steps,
+compactions, ratio changes and invalid calls, checking that raised calls change nothing and that
+the lengths and attention outputs follow an independent model.
 
 Run as ``python fuzzing.py --worker`` it serves cases read from stdin (one JSON line each).
 """
@@ -767,17 +768,29 @@ def run_schedule(seed: int) -> dict:
     # Interleaved beacons (the causal mask kind only, stride == window): a window's beacons sit
     # among its raw tokens ("inner"), which the ops see as raw keys.
     interleave = mode == "causal" and rng.random() < 0.5
-    if interleave:
+    attend_previous = rng.random() < 0.7
+    # A sink of 0-2 entries where the newer variant allows one (stride == window; its mask kinds,
+    # step-expansion only with the memory visible): the first compaction with beacons keeps it.
+    sink = 0
+    if (mode in ("causal", "step-causal") or (mode == "step-expansion" and attend_previous)) and rng.random() < 0.6:
+        sink = rng.randint(0, min(2, window - 1))
+    if interleave or sink:
         stride = window
         divisors = [0] + [r for r in range(1, stride + 1) if stride % r == 0]
+    # A sink of 1 re-taken while the first window is read (sink_recapture): from the window's second
+    # step on it has a slot of its own in front; it stays in the memory whatever the ratio.
+    recapture = sink == 1 and rng.random() < 0.5
     length = rng.randint(0, 40)
-    cap = CondensedKVCache.capacity_for(length, window, stride, ratio=max(divisors[1:], default=0) and 1) + 2
+    cap = CondensedKVCache.capacity_for(length, window, stride, ratio=max(divisors[1:], default=0) and 1,
+                                        sink_size=sink, sink_recapture=recapture) + 2
     cache = CondensedKVCache(layers, batch, kv, d, cap, window=window, stride=stride, mode=mode,
-                             attend_previous=rng.random() < 0.7,
+                             attend_previous=attend_previous, sink_size=sink, sink_recapture=recapture,
                              placement="interleave" if interleave else "append")
     model = [dict(mem=0, raw=0, beacon=0, ratio=0, inner=0) for _ in range(batch)]
+    sink_slot = [False] * batch  # the re-taken sink's slot is open (first window not condensed)
     counts = {"ok": 0, "raised": 0}
     failures: list[str] = []
+    sink_kept = 0  # compactions that kept a sink
 
     def state():
         return ([t.clone() for t in (cache.k, cache.v, cache.mem_len, cache.raw_len, cache.beacon_len, cache.ratio)],
@@ -813,12 +826,15 @@ def run_schedule(seed: int) -> dict:
         if host != model or dev != model:
             failures.append(f"lengths host {host} device {dev} model {model}")
 
-    if interleave:  # a ratio from the start (its windows hold beacons; it can change only between windows)
+    # A ratio from the start: interleaved windows hold beacons from their first token (the ratio can
+    # change only between windows); with a sink, most often, so that the first compaction keeps it.
+    fill = bool(sink) and rng.random() < 0.5  # steps that often complete a window, so sinks are kept
+    if interleave or (sink and rng.random() < 0.7):
         for b in range(batch):
             r = rng.choice(divisors[1:])
             attempt(f"set_ratio({b}, {r})", lambda: cache.set_ratio(b, r), False)
             model[b]["ratio"] = r
-    for _ in range(rng.randint(3, 14)):
+    for _ in range(rng.randint(3, 14) + 8 * fill):
         u = rng.random()
         b = rng.randrange(batch)
         if u < 0.15:
@@ -827,19 +843,24 @@ def run_schedule(seed: int) -> dict:
                 interleave and model[b]["raw"] > 0 and r != model[b]["ratio"])
             if attempt(f"set_ratio({b}, {r})", lambda: cache.set_ratio(b, r), not valid) is None:
                 model[b]["ratio"] = r
-        elif u < 0.3:
+        elif u < 0.3 + 0.15 * fill:
             full = any(m["raw"] == window for m in model)
             attempt("compact()", cache.compact, False)
-            for m in model:
+            for bb, m in enumerate(model):
                 if m["raw"] == window:
-                    m["mem"] += stride // m["ratio"] if m["ratio"] else stride
+                    first = m["mem"] == 0 or sink_slot[bb]
+                    kept = sink if first and (m["ratio"] or recapture) else 0  # the sink joins the first memory
+                    sink_kept += kept > 0
+                    m["mem"] = (0 if first else m["mem"]) + kept + (stride // m["ratio"] if m["ratio"] else stride)
+                    sink_slot[bb] = False
                     m["raw"], m["beacon"], m["inner"] = window - stride, 0, 0
             del full
-        elif u < 0.4:
+        elif u < 0.4 + 0.15 * fill:
             bad = rng.choice([[-1] * batch, [window + 1] * batch, [0] * (batch + 1), [1.5] * batch])
             attempt(f"begin_step({bad})", lambda: cache.begin_step(bad), True)
         else:
-            num = [rng.randint(0, window - m["raw"]) if rng.random() < 0.9 else rng.randint(0, window)
+            num = [window - m["raw"] if fill and rng.random() < 0.5  # complete the window
+                   else rng.randint(0, window - m["raw"]) if rng.random() < 0.9 else rng.randint(0, window)
                    for m in model]
             valid = all(n <= window - m["raw"] and m["beacon"] == 0 for n, m in zip(num, model))
 
@@ -848,14 +869,19 @@ def run_schedule(seed: int) -> dict:
                     return (m["raw"] % m["ratio"] + n) // m["ratio"] if m["ratio"] else 0
                 return stride // m["ratio"] if m["ratio"] and m["raw"] + n == window and n > 0 else 0
 
-            capacity_ok = all(m["mem"] + m["raw"] + m["inner"] + n + m["beacon"] + new_beacons(n, m) <= cap
-                              for n, m in zip(num, model))
+            def opens_sink_slot(n: int, m: dict) -> bool:
+                return recapture and n > 0 and m["mem"] == 0 and m["raw"] + m["inner"] > 0
+
+            capacity_ok = all(m["mem"] + m["raw"] + m["inner"] + n + m["beacon"] + new_beacons(n, m)
+                              + opens_sink_slot(n, m) <= cap for n, m in zip(num, model))
             plan = attempt(f"begin_step({num})", lambda: cache.begin_step(num),
                            None if not capacity_ok else (not valid))
             if isinstance(plan, Exception) or plan is None:
                 check_model()
                 continue
             for bb, (n, m) in enumerate(zip(num, model)):
+                if opens_sink_slot(n, m):
+                    m["mem"], sink_slot[bb] = 1, True
                 if interleave:
                     m["inner"] += new_beacons(n, m)
                 elif n > 0 and m["raw"] + n == window and m["ratio"] > 0:
@@ -877,7 +903,7 @@ def run_schedule(seed: int) -> dict:
                     if not torch.allclose(res[0].double(), ref.out, atol=1e-4, rtol=1e-4):
                         failures.append("attention output differs from the reference")
         check_model()
-    return dict(counts=counts, failures=failures)
+    return dict(counts=counts, failures=failures, sink=sink, sink_kept=sink_kept, recapture=recapture)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -970,7 +996,10 @@ def format_table(table: dict[tuple[str, str], dict[str, int]], schedules: list[d
     if schedules:
         calls = sum(s["counts"]["ok"] + s["counts"]["raised"] for s in schedules if "counts" in s)
         bad = sum(len(s.get("failures", [])) + (s.get("outcome") in ("crash", "hang")) for s in schedules)
-        lines.append(f"\nCache schedules: {len(schedules)} ({calls} calls), failures: {bad}")
+        sinks = sum(bool(s.get("sink")) for s in schedules)
+        kept = sum(s.get("sink_kept", 0) for s in schedules)
+        lines.append(f"\nCache schedules: {len(schedules)} ({calls} calls; {sinks} with a sink, "
+                     f"{kept} compactions keeping one), failures: {bad}")
     return "\n".join(lines)
 
 
