@@ -15,9 +15,6 @@ import torch.nn.functional as F
 from beacon_ops import beacon_attention
 from beacon_ops.reference import beacon_mask
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"))]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 HEADS, D, W, R, M = 8, 128, 1024, 8, 3072
 B = W // R
@@ -36,56 +33,34 @@ def _step(device, dtype, mem, raw, beacon, nq):
     return q, k, v, lens
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+def _group(step, device, dtype):
+    return f"{step}-{device}-{str(dtype).split('.')[-1]}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("step", list(STEPS))
-def test_beacon_attention(benchmark, device, dtype, step):
+def test_beacon_attention(benchmark, synced, device, dtype, step):
     q, k, v, lens = _step(device, dtype, **STEPS[step])
     nq = q.shape[0]
-
-    def run():
-        out = beacon_attention(q, k, v, *lens, max_seqlen_q=nq)
-        _sync(device)
-        return out
-
-    benchmark.group = f"{step}-{device}-{str(dtype).split('.')[-1]}"
-    benchmark(run)
+    benchmark.group = _group(step, device, dtype)
+    benchmark(synced(lambda: beacon_attention(q, k, v, *lens, max_seqlen_q=nq)))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("step", list(STEPS))
-def test_sdpa_masked(benchmark, device, dtype, step):
+def test_sdpa_masked(benchmark, synced, device, dtype, step):
     cfg = STEPS[step]
     q, k, v, _ = _step(device, dtype, **cfg)
     mask = beacon_mask(cfg["mem"], cfg["raw"], cfg["beacon"], R, cfg["nq"]).to(device)
     qm = q.transpose(0, 1)[None]
-
-    def run():
-        out = F.scaled_dot_product_attention(qm, k, v, attn_mask=mask)
-        _sync(device)
-        return out
-
-    benchmark.group = f"{step}-{device}-{str(dtype).split('.')[-1]}"
-    benchmark(run)
+    benchmark.group = _group(step, device, dtype)
+    benchmark(synced(lambda: F.scaled_dot_product_attention(qm, k, v, attn_mask=mask)))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sdpa_causal_same_keys(benchmark, device, dtype):
+def test_sdpa_causal_same_keys(benchmark, synced, device, dtype):
     n = M + W + B
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, n, D, generator=g).to(device, dtype) for _ in range(3))
-
-    def run():
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        _sync(device)
-        return out
-
-    benchmark.group = f"prefill-{device}-{str(dtype).split('.')[-1]}"
-    benchmark(run)
+    benchmark.group = _group("prefill", device, dtype)
+    benchmark(synced(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))

@@ -15,44 +15,22 @@ import torch.nn.functional as F
 
 from beacon_ops.benchmarks.long_context import (DTYPES, WINDOW, Prefill, causal_pairs,
                                                 sdpa_inputs)
-from beacon_ops.benchmarks.common import busy_machine_threads
 from beacon_ops.reference import reference_attention
 
 LENGTH = 16 * 1024
 HEAD_DIM = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    """One thread on a busy machine, as ``python -m beacon_ops bench`` does."""
-    threads, _ = busy_machine_threads()
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    yield
-    torch.set_num_threads(before)
-
-
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="CUDA device not available")),
-]
+pytestmark = pytest.mark.usefixtures("busy_machine_thread_count")
 
 
 def _heads(device: str) -> int:
     return 1 if device == "cpu" else 16  # the time ratio does not depend on the head count
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("ratio", [8, 32, 128])
-@pytest.mark.parametrize("device", DEVICES)
-def test_beacon_prefill_attention(benchmark, device: str, ratio: int, dtype: str) -> None:
+def test_beacon_prefill_attention(benchmark, synced, device: str, ratio: int, dtype: str) -> None:
     heads = _heads(device)
     pre = Prefill(device, DTYPES[dtype], length=LENGTH, ratio=ratio, heads=heads,
                   head_dim=HEAD_DIM)
@@ -73,16 +51,11 @@ def test_beacon_prefill_attention(benchmark, device: str, ratio: int, dtype: str
     benchmark.extra_info.update(pairs=pairs, gflop=4 * HEAD_DIM * pairs * heads / 1e9,
                                 windows=len(pre.steps), heads=heads, window=WINDOW)
 
-    def run() -> None:
-        pre.run_all()
-        _sync(device)
-
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(synced(pre.run_all), rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("device", DEVICES)
-def test_sdpa_full_causal(benchmark, device: str, dtype: str) -> None:
+def test_sdpa_full_causal(benchmark, synced, device: str, dtype: str) -> None:
     heads = _heads(device)
     q, k, v = sdpa_inputs(device, DTYPES[dtype], length=LENGTH, heads=heads, head_dim=HEAD_DIM)
     pairs = causal_pairs(LENGTH)
@@ -90,8 +63,5 @@ def test_sdpa_full_causal(benchmark, device: str, dtype: str) -> None:
     benchmark.extra_info.update(pairs=pairs, gflop=4 * HEAD_DIM * pairs * heads / 1e9,
                                 heads=heads)
 
-    def run() -> None:
-        F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        _sync(device)
-
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(synced(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+                       rounds=3, warmup_rounds=1)
