@@ -29,8 +29,8 @@ from torch import Tensor
 
 from .attention import beacon_attention
 from .cache_ops import append_kv, compact_, rope_
-from .kv_cache import StepPlan, check_ratio
-from .positions import beacon_position, check_mask_kind, default_inv_freq, rope_tables, step_positions
+from .kv_cache import StepPlan, check_ratio, interleaved_beacon_slots, memory_entries
+from .positions import check_mask_kind, default_inv_freq, rope_tables, slot_position, step_positions
 from .variants import PLACEMENTS
 
 __all__ = ["RATIOS", "adapt_ratio", "StepPlan", "CondensedKVCache"]
@@ -278,10 +278,8 @@ class CondensedKVCache:
             done = n > 0 and new_raw == self.window
             r = self.host_ratio[b]
             if self.placement == "interleave":
-                # one beacon after every r-th raw token of the window (docs section 9)
-                rem = self.host_raw_len[b] % r if r else 0
-                nb = (n + rem) // r if r else 0
-                slots.append([p for p in range(n + nb) if p % (r + 1) == r - rem] if r else [])
+                slots.append(interleaved_beacon_slots(self.host_raw_len[b], n, r))
+                nb = len(slots[-1])
             else:
                 nb = self.stride // r if done and r > 0 else 0
                 slots.append(list(range(n, n + nb)))
@@ -448,24 +446,16 @@ class CondensedKVCache:
         With ``sink_recapture`` the sink is the completing step's first entry (section 9)."""
         M, W, r = self.host_mem_len[b], self.window, self.host_ratio[b]
         recapture = self._recapturing(b)  # M is 0 or the sink slot (1); the window starts at M
-        src: list[int] = [M + self._step_first[b]] if recapture else []
-        if r > 0:
-            B = W // r
-            if self.placement == "interleave":
-                kept = [M + (j + 1) * (r + 1) - 1 for j in range(B)]
-                old = src + kept  # every interleaved entry sits at the position of its slot
-            else:
-                kept = [M + W + j for j in range(B)]
-                old = src + [beacon_position(M, j, r, W, self.mode) for j in range(B)]
-        else:  # the window becomes memory
-            kept = [M + i for i in range(W)]
-            old = src + kept
-        src += kept
-        start = 1 if recapture else M + (self.sink_size if M == 0 and r > 0 else 0)
-        dst = ([0] if recapture else []) + [start + j for j in range(len(kept))]
+        entries = memory_entries(W, r, self.placement, sink_size=self.sink_size if M == 0 else 0,
+                                 recaptured=self._step_first[b] if recapture else None)
+        src = [M + e for e in entries]
+        # every interleaved entry sits at the position of its slot
+        old = src if self.placement == "interleave" else [slot_position(s, M, W, r, W, self.mode) for s in src]
+        start = 0 if recapture else M  # a provisional sink slot is re-filled
+        dst = [start + i for i in range(len(src))]
         if src != dst:
             self._relocate(b, src, old, dst)
-        self.host_mem_len[b] = start + len(kept)
+        self.host_mem_len[b] = start + len(dst)
         self.host_raw_len[b] = self.host_beacon_len[b] = self.host_inner_beacons[b] = 0
         self._provisional_sink[b] = False
 

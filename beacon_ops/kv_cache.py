@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 
 from torch import Tensor
 
-__all__ = ["KVCache", "StepPlan", "check_ratio"]
+__all__ = ["KVCache", "StepPlan", "check_ratio", "interleaved_beacon_slots", "memory_entries"]
 
 
 def check_ratio(ratio: int, stride: int, what: str = "ratio") -> int:
@@ -26,6 +26,43 @@ def check_ratio(ratio: int, stride: int, what: str = "ratio") -> int:
         raise ValueError(f"{what}={ratio} does not divide the stride {stride} (S % r must be 0, r >= 0); "
                          "each beacon condenses exactly r raw tokens")
     return int(ratio)
+
+
+def interleaved_beacon_slots(raw_before: int, num_raw: int, ratio: int) -> list[int]:
+    """Where a step's interleaved beacons lie among its new entries: one beacon after every
+    ``ratio``-th raw token of the window, also in a window not yet full (``docs/activation-beacon.md``,
+    section 9).
+
+    ``raw_before``: raw tokens the window held before the step; ``num_raw``: the step's raw
+    tokens. The step has ``num_raw`` raw tokens plus ``len(result)`` beacons; none for ratio 0.
+    """
+    if not ratio:
+        return []
+    rem = raw_before % ratio
+    nb = (num_raw + rem) // ratio
+    return [p for p in range(num_raw + nb) if p % (ratio + 1) == ratio - rem]
+
+
+def memory_entries(window: int, ratio: int, placement: str, *, sink_size: int = 0,
+                   recaptured: int | None = None) -> list[int]:
+    """The entries of a full window (indices in slot order: raw tokens and interleaved beacons, then
+    appended beacons) that become memory when it is condensed, in their memory order.
+
+    Its beacons (one after every ``ratio`` raw entries when interleaved, after the ``window`` raw
+    entries when appended), or every raw entry with ratio 0. In front of them, on the sequence's
+    first compaction, the sink: the entry ``recaptured`` (``sink_recapture``: the first entry of
+    the step that completes the window, whatever the ratio), else the first ``sink_size``
+    entries when the window has beacons (with ratio 0 the whole window is memory anyway).
+    """
+    if ratio == 0:
+        kept = list(range(window))
+    elif placement == "interleave":
+        kept = [(j + 1) * (ratio + 1) - 1 for j in range(window // ratio)]
+    else:
+        kept = [window + j for j in range(window // ratio)]
+    if recaptured is not None:
+        return [recaptured] + kept
+    return list(range(sink_size if ratio else 0)) + kept
 
 
 @dataclass

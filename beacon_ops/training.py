@@ -18,7 +18,11 @@ written down here:
 * stride ``S = W`` only (the official training setting); ``S < W`` raises ``ValueError``.
 * the ratio of a window is drawn only for *full* windows (the ones that get beacons), one draw
   per full window in order; a full last window draws too (keeps the draw sequence independent of
-  where the text ends) but its beacons are skipped, since nothing after them reads them.
+  where the text ends) but its beacons are skipped, since nothing after them reads them. With
+  interleaved beacons (``placement="interleave"``) every window draws, a partial last one too: its
+  beacons sit among its raw tokens, which read them.
+* the variants' sink tokens and ``sink_recapture`` are kept as the condensed cache keeps them
+  (a window is one step, so the re-taken sink only matters for a first window with ratio 0).
 * ratio 0 keeps the window's raw keys as memory (the base model).
 * :class:`StepRandomRatios` draws uniformly from the ``step-random`` list with one seeded
   generator (seed 42), restricted to ratios that divide the stride (so each beacon condenses
@@ -41,7 +45,6 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .llama import Llama, check_token_ids
 from .positions import rotate as rope
 from .training_cache import TrainingKVCache, has_attention_backward
-from .variants import check_training_support
 
 __all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "beacon_loss", "rope",
            "has_attention_backward"]
@@ -83,7 +86,7 @@ class BeaconLoss:
     loss: Tensor
     window_loss_sums: list[float] = field(default_factory=list)  # detached CE sums
     window_counts: list[int] = field(default_factory=list)       # targets per window
-    ratios: list[int] = field(default_factory=list)               # ratio of each full window
+    ratios: list[int] = field(default_factory=list)               # ratio of each window that drew one
 
     def loss_after_first_window(self) -> float:
         """Mean CE over windows 2.. (where the memory matters); NaN when there are none."""
@@ -98,11 +101,11 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
 
     Args:
         model: a :class:`~beacon_ops.llama.Llama` (its ``beacon`` config gives window, mode,
-            ``attend_previous``; stride must equal the window).
+            ``attend_previous``, placement and sink, either variant; stride must equal the window).
         ids: ``[length]`` or ``[1, length]`` token ids (batch 1, as the official training).
         labels: aligned with ``ids`` (default ``ids``); shifted once over the whole sequence
             (position ``t`` predicts ``labels[t + 1]``), ``-100`` ignored.
-        ratio: an int (fixed), a callable drawing one per full window (e.g.
+        ratio: an int (fixed), a callable drawing one per full window (per window, interleaved; e.g.
             :class:`StepRandomRatios`), or None for the model's fixed ``beacon.ratio``.
         checkpoint: None, ``"window"`` or ``"layer"``: non-reentrant gradient checkpointing.
         attention: ``"op"`` (``beacon_attention``, mask in the kernel), ``"masked"`` (PyTorch
@@ -141,12 +144,12 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
     dev, c = model.device, model.config
     ids = ids.to(dev)
     targets = torch.cat([labels[1:], labels.new_full((1,), -100)]).to(dev)
-    check_training_support(bc.placement, bc.sink_size)
     mode, attend_previous = bc.attention_mask_kind
     cache = TrainingKVCache(c.num_layers, c.num_kv_heads, c.head_dim, len(ids), window=bc.window,
                             mode=mode, attend_previous=attend_previous, inv_freq=model.inv_freq,
                             rope_interleaved=c.rope_interleaved, attention=attention,
-                            dtype=model.dtype, device=dev)
+                            dtype=model.dtype, device=dev, placement=bc.placement, sink_size=bc.sink_size,
+                            sink_recapture=bc.sink_recapture)
 
     def window_loss(x: Tensor, t: Tensor) -> Tensor:
         """CE sum (fp32) of one window: the model's step, then the LM head where targets exist."""
@@ -168,7 +171,7 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
     start = 0
     while start < len(ids):
         n = cache.room(0)
-        if n == bc.window:
+        if n == bc.window or bc.placement == "interleave":
             r = draw()
             cache.set_ratio(0, r)
             out.ratios.append(r)

@@ -7,18 +7,23 @@ window ``w`` sends gradients into the beacons of every earlier window. This cach
 :meth:`beacon_ops.llama.Llama.step` runs unchanged and autograd sees the whole read.
 
 Scheme: keys are rotated once, at the positions of :func:`~beacon_ops.positions.step_positions`
-(raw token ``t`` at ``M + t``, beacon ``j`` at the mode's beacon position). Memory slot ``i``
-always has position ``i``, so when a window is compacted its beacons' *pre-RoPE* keys are
-rotated at ``M .. M + B - 1`` and appended to the memory; nothing in the memory is ever rotated
-again. This equals the inference cache's "rotate by the position difference" up to fp32
-rounding (rotations compose).
+(raw token ``t`` at ``M + t``, beacon ``j`` at the mode's beacon position; with interleaved
+beacons every entry of the window at ``M`` + its index, as in the condensed cache). Memory slot
+``i`` always has position ``i``, so when a window is compacted the *pre-RoPE* keys of the
+entries it keeps (:func:`~beacon_ops.kv_cache.memory_entries`: the sink on the first
+compaction, then the beacons, or the raw tokens with ratio 0) are rotated at ``M, M + 1, ...``
+and appended to the memory; nothing in the memory is ever rotated again. This equals the
+inference cache's "rotate by the position difference" up to fp32 rounding (rotations compose).
 
 One sequence (batch 1), stride = window, whole windows per step. The ratio of each full
-window is set with :meth:`TrainingKVCache.set_ratio` before its step and holds for that window
-only. The last window's beacons are skipped (nothing reads them); ratio 0 on a full window
-keeps its raw keys as memory (the base model). Every layer operation reads its inputs from the
-step's plan, never from the cache's current state, so a layer can be recomputed by gradient
-checkpointing after the cache has moved on.
+window (of every window, with interleaved beacons, which partial windows get too) is set with
+:meth:`TrainingKVCache.set_ratio` before its step and holds for that window only. The last
+window's appended beacons are skipped (nothing reads them); its interleaved ones are read by
+the raw tokens after them. Ratio 0 on a full window keeps its raw keys as memory (the base
+model). A window is read in one step, so ``sink_recapture`` only changes a first window
+condensed with ratio 0: its first entry stays in front of it. Every layer operation reads its
+inputs from the step's plan, never from the cache's current state, so a layer can be recomputed
+by gradient checkpointing after the cache has moved on.
 """
 from __future__ import annotations
 
@@ -30,9 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import beacon_attention
-from .kv_cache import StepPlan, check_ratio
+from .kv_cache import StepPlan, check_ratio, interleaved_beacon_slots, memory_entries
 from .masks import step_mask
 from .positions import check_mask_kind, rotate, step_positions
+from .variants import PLACEMENTS
 
 __all__ = ["TrainingKVCache", "TrainingStepPlan", "has_attention_backward"]
 
@@ -49,10 +55,10 @@ class TrainingStepPlan(StepPlan):
     """A step of :class:`TrainingKVCache`: one window, with the memory it reads."""
 
     mem_len: int = 0
-    raw_len: int = 0
-    beacon_len: int = 0
+    raw_len: int = 0                        # keys the op sees as raw (interleaved: the window's entries)
+    beacon_len: int = 0                     # keys the op sees as beacons (appended beacons)
     ratio: int = 0
-    keeps_raw: bool = False                 # ratio 0 on a full window: raw keys join the memory
+    memory: list[int] = field(default_factory=list)  # the step's entries that join the memory
     mem_k: list[Tensor] = field(default_factory=list)  # per layer [kv_heads, M, head_dim]
     mem_v: list[Tensor] = field(default_factory=list)
     mask: Tensor | None = None              # [R + B, M + R + B] for the masked backend
@@ -67,7 +73,10 @@ class TrainingKVCache:
         num_layers, num_kv_heads, head_dim: the model's shape.
         length: tokens of the sequence (the last window's beacons are skipped).
         window: raw tokens per window ``W`` (= stride).
-        mode, attend_previous: the beacon attention settings.
+        mode, attend_previous: the beacon attention settings (the op's mask kind).
+        placement, sink_size, sink_recapture: as in
+            :class:`~beacon_ops.condensed_cache.CondensedKVCache` (interleaved beacons need the
+            ``causal`` mask kind).
         inv_freq: RoPE inverse frequencies ``[head_dim / 2]``; ``rope_interleaved``: pair layout.
         attention: ``"op"`` (``beacon_attention``, mask in the kernel) or ``"masked"`` (PyTorch
             ``scaled_dot_product_attention`` with :func:`~beacon_ops.masks.step_mask`).
@@ -77,11 +86,20 @@ class TrainingKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, length: int, *,
                  window: int, mode: str = "step-expansion", attend_previous: bool = True,
                  inv_freq: Tensor, rope_interleaved: bool = False, attention: str = "op",
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 placement: str = "append", sink_size: int = 0, sink_recapture: bool = False) -> None:
         if attention not in ("op", "masked"):
             raise ValueError(f"attention must be 'op' or 'masked', got {attention!r}")
         if window < 1 or length < 1:
             raise ValueError(f"window and length must be >= 1, got {window} and {length}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if placement == "interleave" and mode != "causal":
+            raise ValueError(f"placement='interleave' needs mode='causal', got {mode!r}")
+        if int(sink_size) != sink_size or not 0 <= sink_size < window:
+            raise ValueError(f"sink_size must be an integer in [0, window={window}), got {sink_size!r}")
+        self.placement, self.sink_size = placement, int(sink_size)
+        self.sink_recapture = bool(sink_recapture) and self.sink_size > 0
         self.num_layers, self.length, self.window = num_layers, length, window
         self.mode, self.attend_previous = check_mask_kind(mode), attend_previous
         self.inv_freq, self.rope_interleaved = inv_freq, rope_interleaved
@@ -115,7 +133,8 @@ class TrainingKVCache:
         return self.ratio is not None
 
     def set_ratio(self, b: int, r: int) -> None:
-        """The ratio of the next full window (0 = keep its raw keys); it must divide the window."""
+        """The ratio of the next full (or, interleaved, any) window (0 = keep its raw keys); it must
+        divide the window."""
         self.ratio = check_ratio(r, self.window)
 
     def begin_step(self, num_raw: Sequence[int]) -> TrainingStepPlan:
@@ -123,22 +142,37 @@ class TrainingKVCache:
         if n != self.room(0):
             raise ValueError(f"num_raw: a training step reads whole windows ({self.room(0)} tokens), got {n}")
         full = n == self.window
-        if full and self.ratio is None:
-            raise ValueError("set_ratio: the ratio of a full window must be set before its step")
-        r = self.ratio if full else 0
+        interleave = self.placement == "interleave"
+        if (full or interleave) and self.ratio is None:
+            raise ValueError("set_ratio: the ratio of a full window (of every window, with interleaved beacons) "
+                             "must be set before its step")
+        r = self.ratio if full or interleave else 0
         last = self.seen + n >= self.length
-        nb = self.window // r if full and r and not last else 0  # nothing reads the last beacons
         m = self.mem_len
         dev = self.device
+        slots = None
+        if interleave:  # every entry at the position of its slot, all raw keys to the causal mask
+            slots = interleaved_beacon_slots(0, n, r)
+            nb = len(slots)
+            raw_len, beacon_len = n + nb, 0
+            positions = torch.arange(m, m + n + nb, dtype=torch.int32, device=dev)
+        else:
+            nb = self.window // r if full and r and not last else 0  # nothing reads the last beacons
+            raw_len, beacon_len = n, nb
+            positions = step_positions([m], [n], [nb], [r], [n + nb], self.window, self.mode, device=dev)
+        memory: list[int] = []
+        if full and not last:
+            first = self.seen == 0
+            memory = memory_entries(self.window, r, self.placement, sink_size=self.sink_size if first else 0,
+                                    recaptured=0 if first and self.sink_recapture else None)
         mask = None
         if self.backend == "masked":
-            mask = step_mask(m, n, nb, r, n + nb, self.mode, self.attend_previous, device=dev)
+            mask = step_mask(m, raw_len, beacon_len, r, n + nb, self.mode, self.attend_previous, device=dev)
         self._plan = TrainingStepPlan(
             cu_seqlens=torch.tensor([0, n + nb], dtype=torch.int32, device=dev), num_raw=[n],
             num_beacons=[nb], num_new=[n + nb], completes_window=[full], max_seqlen_q=n + nb,
-            positions=step_positions([m], [n], [nb], [r], [n + nb], self.window, self.mode, device=dev),
-            mem_len=m, raw_len=n, beacon_len=nb, ratio=r, keeps_raw=full and r == 0 and not last,
-            mem_k=self.mem_k, mem_v=self.mem_v, mask=mask)
+            positions=positions, beacon_slots=None if slots is None else [slots], mem_len=m, raw_len=raw_len,
+            beacon_len=beacon_len, ratio=r, memory=memory, mem_k=self.mem_k, mem_v=self.mem_v, mask=mask)
         return self._plan
 
     def rotate_queries(self, q: Tensor, plan: StepPlan) -> Tensor:
@@ -170,29 +204,28 @@ class TrainingKVCache:
         return out, None
 
     def compact(self) -> None:
-        """Beacons (re-rotated at their memory slots) or ratio-0 raw keys join the memory."""
+        """The entries the window keeps (sink, beacons or ratio-0 raw keys) join the memory, their
+        keys rotated at their memory slots."""
         p = self._plan
         if p is None:
             return
         # new lists: the plan (read again if a layer is recomputed) keeps the old memory
         self.mem_k, self.mem_v = list(self.mem_k), list(self.mem_v)
-        if p.beacon_len:
-            pos = torch.arange(p.mem_len, p.mem_len + p.beacon_len, dtype=torch.int32, device=self.device)
+        if p.memory:
+            pos = torch.arange(p.mem_len, p.mem_len + len(p.memory), dtype=torch.int32, device=self.device)
             for i in range(self.num_layers):
                 k, v, keys, vals = p.new[i]
-                bk = rotate(k[p.raw_len:], pos, self.inv_freq, self.rope_interleaved).to(vals.dtype)
-                self.mem_k[i] = torch.cat([keys[:, :p.mem_len], bk.transpose(0, 1)], dim=1)
-                self.mem_v[i] = torch.cat([vals[:, :p.mem_len], v[p.raw_len:].transpose(0, 1)], dim=1)
-        elif p.keeps_raw:
-            for i in range(self.num_layers):
-                self.mem_k[i], self.mem_v[i] = p.new[i][2], p.new[i][3]
-        self.mem_len += p.beacon_len if p.beacon_len else (p.raw_len if p.keeps_raw else 0)
-        self.seen += p.raw_len
+                mk = rotate(k[p.memory], pos, self.inv_freq, self.rope_interleaved).to(vals.dtype)
+                self.mem_k[i] = torch.cat([keys[:, :p.mem_len], mk.transpose(0, 1)], dim=1)
+                self.mem_v[i] = torch.cat([vals[:, :p.mem_len], v[p.memory].to(vals.dtype).transpose(0, 1)], dim=1)
+        self.mem_len += len(p.memory)
+        self.seen += p.num_raw[0]
         self.ratio = None
         self._plan = None
 
     def max_position(self) -> int:
-        return self.mem_len + self.window - 1
+        inner = self.window // self.ratio if self.placement == "interleave" and self.ratio else 0
+        return self.mem_len + self.window + inner - 1
 
     def bytes_in_use(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.mem_k + self.mem_v)

@@ -16,7 +16,7 @@ import operator
 
 from .positions import check_mode
 
-__all__ = ["VARIANTS", "PLACEMENTS", "check_variant", "mask_kind", "check_training_support", "supported_variants"]
+__all__ = ["VARIANTS", "PLACEMENTS", "check_variant", "mask_kind", "supported_variants"]
 
 VARIANTS: tuple[str, ...] = ("v1", "v3")
 """``v1``: the original algorithm (default); ``v3``: the newer one of the released models."""
@@ -78,17 +78,6 @@ def mask_kind(variant: str, mode: str, attend_previous: bool) -> tuple[str, bool
     if mode == "step-expansion":
         return ("step-causal", True) if attend_previous else ("step-expansion", True)
     raise ValueError(f"mode={mode!r} is not part of variant {variant!r}")
-
-
-def check_training_support(placement: str, sink_size: int) -> None:
-    """Raise ``NotImplementedError`` naming the setting for what the training cache cannot run
-    yet: interleaved beacons and sink tokens (the condensed cache of inference runs both)."""
-    if placement != "append":
-        raise NotImplementedError(f"beacon_loss: placement={placement!r} is not implemented for training yet "
-                                  "(use placement='append')")
-    if sink_size:
-        raise NotImplementedError(f"beacon_loss: sink_size={sink_size} is not implemented for training yet "
-                                  "(use sink_size=0)")
 
 
 def supported_variants() -> list[str]:

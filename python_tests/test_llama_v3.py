@@ -233,6 +233,18 @@ def test_greedy_ids_match_official_implementation(case):
     assert new == case["greedy"]
 
 
+@pytest.mark.parametrize("case", [c for c in _OFFICIAL["cases"] if c["name"] in (
+    "llama-interleave-full-coverage-r4-sink1-len40", "qwen2-interleave-full-coverage-r2-sink0-len40",
+    "llama-append-step-expansion-noprev-r4-sink1-len37")], ids=lambda c: c["name"])
+def test_training_loss_matches_official_implementation(case):
+    """The differentiable training path (its own cache) reproduces the reference code's loss."""
+    from beacon_ops.training import beacon_loss
+
+    with torch.no_grad():
+        loss = beacon_loss(_official_case_model(case), torch.tensor(case["prompt"])).loss.item()
+    assert abs(loss - case["loss"]) <= TOL
+
+
 @pytest.mark.parametrize("case", [c for c in _OFFICIAL["cases"] if "known_difference" in c], ids=lambda c: c["name"])
 def test_plain_sink_differs_from_official_on_short_prompts(case):
     model = _official_case_model(case, sink_recapture=False)

@@ -73,18 +73,6 @@ def test_info_lists_the_variants(capsys):
     assert "causal, step-causal" in out
 
 
-def test_training_refuses_what_it_cannot_run_yet():
-    from beacon_ops.training import beacon_loss
-
-    from llama_helpers import tiny_model
-
-    for kw, match in ((dict(placement="interleave"), "beacon_loss: placement='interleave'"),
-                      (dict(sink_size=2), "beacon_loss: sink_size=2")):
-        model = tiny_model(window=8, ratio=2, variant="v3", mode="full-coverage", **kw)
-        with pytest.raises(NotImplementedError, match=match):
-            beacon_loss(model, torch.arange(20))
-
-
 # --- settings of the released checkpoints (config.json keys) --------------------------------------
 LLAMA3_RELEASE = {"beacon_window": 1024, "beacon_stride": 1024, "beacon_attn": "full-coverage",
                   "beacon_ratio": [2, 4, 8], "beacon_ratio_mix": "adapt-1024", "beacon_param": ["q", "k", "v"],
