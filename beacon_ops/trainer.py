@@ -33,7 +33,7 @@ from .adapter import load_beacon_adapter, make_beacon_trainable, read_adapter_co
 from .distributed import Distributed
 from .llama import BEACON_PROJS, Llama
 from .long_tasks import Sample, kjv_text, shakespeare_files
-from .training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss
+from .training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss, ratio_draws
 
 __all__ = ["TrainConfig", "TextSampler", "Trainer", "StepLog", "default_texts", "kjv_text", "lr_factor"]
 
@@ -145,8 +145,9 @@ class Trainer:
         Sample ``i`` of step ``s`` is ``batches(s * batch_size + i)``; rank ``r`` of ``w`` reads
         ``i = r, r + w, ...`` and accumulates the gradients of their mean loss, which one
         all-reduce then sums. Each sample draws its ratios from the shared ratio generator at
-        the position after the full windows of samples ``0 .. i-1``, so the samples, ratios and
-        summed gradient of a step do not depend on the world size.
+        the position after the draws of samples ``0 .. i-1``
+        (:func:`~beacon_ops.training.ratio_draws`), so the samples, ratios and summed gradient of
+        a step do not depend on the world size.
         """
         c, model, d = self.config, self.model, self.dist
         t0 = time.perf_counter()
@@ -157,7 +158,7 @@ class Trainer:
         mine = [(i, *self._batch(first + i)) for i in d.shard(size)]
         lengths = dict(kv for part in d.all_gather([(i, len(ids)) for i, ids, _, _ in mine]) for kv in part)
         window = model.beacon.window
-        draws = [lengths[i] // window for i in range(size)]   # one ratio per full window
+        draws = [ratio_draws(lengths[i], model.beacon) for i in range(size)]
         start_state = self.sampler.generator.get_state()
         model.train()
         ctx = (torch.autocast(model.device.type, dtype=getattr(torch, c.autocast)) if c.autocast

@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .llama import Llama, check_token_ids
+from .llama import BeaconConfig, Llama, check_token_ids
 from .positions import rotate as rope
 from .training_cache import TrainingKVCache, has_attention_backward
 
-__all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "beacon_loss", "rope",
+__all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "beacon_loss", "ratio_draws", "rope",
            "has_attention_backward"]
 
 STEP_RANDOM_RATIOS: tuple[int, ...] = (2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 8, 8, 16, 16, 32, 32, 64, 128)
@@ -77,6 +77,14 @@ class StepRandomRatios:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ratios = list(state["ratios"])
         self.generator.set_state(state["generator"])
+
+
+def ratio_draws(length: int, beacon: BeaconConfig) -> int:
+    """How many ratios :func:`beacon_loss` draws for ``length`` tokens: one per full window, or
+    per window, a partial last one too, with interleaved beacons."""
+    if beacon.placement == "interleave":
+        return -(-length // beacon.window)
+    return length // beacon.window
 
 
 @dataclass

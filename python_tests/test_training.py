@@ -253,10 +253,11 @@ def _docs(n: int = 4, length: int = 400) -> list[list[int]]:
     return [torch.randint(0, 101, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def _trainer(params=("q", "k", "v", "o"), rank: int = 0, steps: int = 4, seed: int = 0) -> Trainer:
-    m = tiny_model(seed=seed, window=16)
+def _trainer(params=("q", "k", "v", "o"), rank: int = 0, steps: int = 4, seed: int = 0, batch_size: int = 1,
+             **beacon) -> Trainer:
+    m = tiny_model(seed=seed, window=16, **beacon)
     cfg = TrainConfig(steps=steps, lr=1e-2, warmup=1, params=params, rank=rank, ratios=(2, 4, 8),
-                      checkpoint=None)
+                      checkpoint=None, batch_size=batch_size)
     return Trainer(m, cfg, TextSampler(_docs(), 40, 90, seed=1))
 
 
@@ -323,6 +324,17 @@ def test_learning_on_real_text() -> None:
     end, first_window_after = losses()
     assert end < start - 0.1, (start, end)
     assert first_window_after == first_window  # the LLM is frozen
+
+
+def test_trainer_interleaved_draws_a_ratio_per_window() -> None:
+    """With interleaved beacons every window draws (partial ones too), sample after sample from the
+    shared generator: a batch of three equals the three samples' own beacon_loss draws."""
+    tr = _trainer(steps=1, batch_size=3, **INTERLEAVED)
+    lengths = [len(tr._batch(i)[0]) for i in range(3)]
+    assert any(n % 16 for n in lengths), lengths  # a partial window is drawn for
+    log = tr.train_step()
+    sampler = StepRandomRatios((2, 4, 8))
+    assert log.ratios == [sampler() for n in lengths for _ in range(-(-n // 16))]
 
 
 def test_save_resume_bit_exact(tmp_path) -> None:
