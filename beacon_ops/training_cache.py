@@ -98,6 +98,8 @@ class TrainingKVCache:
             raise ValueError(f"placement='interleave' needs mode='causal', got {mode!r}")
         if int(sink_size) != sink_size or not 0 <= sink_size < window:
             raise ValueError(f"sink_size must be an integer in [0, window={window}), got {sink_size!r}")
+        if sink_recapture and sink_size > 1:
+            raise ValueError(f"sink_recapture needs sink_size 0 or 1, got {sink_size}")
         self.placement, self.sink_size = placement, int(sink_size)
         self.sink_recapture = bool(sink_recapture) and self.sink_size > 0
         self.num_layers, self.length, self.window = num_layers, length, window

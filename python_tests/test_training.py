@@ -208,9 +208,10 @@ def test_gradients_reach_earlier_windows(beacon: dict) -> None:
         assert abs(fd - grad.norm().item()) <= 0.05 * grad.norm().item() + 1e-4, (name, fd, grad.norm().item())
 
 
+@pytest.mark.parametrize("beacon", [{}, INTERLEAVED], ids=["append", "interleave-sink1"])
 @pytest.mark.parametrize("checkpoint", ["window", "layer"])
-def test_checkpointing_gives_same_gradients(checkpoint: str) -> None:
-    m = tiny_model(window=16, ratio=4)
+def test_checkpointing_gives_same_gradients(checkpoint: str, beacon: dict) -> None:
+    m = tiny_model(window=16, ratio=4, **beacon)
     trainable = make_beacon_trainable(m)
     ids = torch.randint(0, 101, (60,), generator=torch.Generator().manual_seed(11))
     beacon_loss(m, ids).loss.backward()
