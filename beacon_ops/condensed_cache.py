@@ -31,7 +31,7 @@ from .attention import beacon_attention
 from .cache_ops import append_kv, compact_, rope_
 from .kv_cache import StepPlan, check_ratio, interleaved_beacon_slots, memory_entries
 from .positions import check_mask_kind, default_inv_freq, rope_tables, slot_position, step_positions
-from .variants import PLACEMENTS
+from .variants import check_cache_layout
 
 __all__ = ["RATIOS", "adapt_ratio", "StepPlan", "CondensedKVCache"]
 
@@ -127,18 +127,10 @@ class CondensedKVCache:
             raise ValueError(f"CondensedKVCache: stride must be in [1, window={window}], got {stride}")
         if dtype not in _CACHE_DTYPES:
             raise TypeError(f"CondensedKVCache: dtype must be one of {_CACHE_DTYPES}, got {dtype}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"CondensedKVCache: placement must be one of {PLACEMENTS}, got {placement!r}")
-        if int(sink_size) != sink_size or not 0 <= sink_size < window:
-            raise ValueError(f"CondensedKVCache: sink_size must be an integer in [0, window={window}), got "
-                             f"{sink_size!r}")
+        check_cache_layout(placement, mode, sink_size, sink_recapture, window, "CondensedKVCache: ")
         if (placement == "interleave" or sink_size) and stride != window:
             raise ValueError(f"CondensedKVCache: stride={stride} must equal window={window} with interleaved "
                              "beacons or a sink")
-        if sink_recapture and sink_size > 1:
-            raise ValueError(f"CondensedKVCache: sink_recapture needs sink_size 0 or 1, got {sink_size}")
-        if placement == "interleave" and mode != "causal":
-            raise ValueError(f"CondensedKVCache: placement='interleave' needs mode='causal', got {mode!r}")
         self.num_layers, self.batch_size = int(num_layers), int(batch_size)
         self.num_kv_heads, self.head_dim, self.capacity = int(num_kv_heads), int(head_dim), int(capacity)
         self.window, self.stride = int(window), int(stride)

@@ -38,7 +38,7 @@ from .attention import beacon_attention
 from .kv_cache import StepPlan, check_ratio, interleaved_beacon_slots, memory_entries
 from .masks import step_mask
 from .positions import check_mask_kind, rotate, step_positions
-from .variants import PLACEMENTS
+from .variants import check_cache_layout
 
 __all__ = ["TrainingKVCache", "TrainingStepPlan", "has_attention_backward"]
 
@@ -92,14 +92,7 @@ class TrainingKVCache:
             raise ValueError(f"attention must be 'op' or 'masked', got {attention!r}")
         if window < 1 or length < 1:
             raise ValueError(f"window and length must be >= 1, got {window} and {length}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        if placement == "interleave" and mode != "causal":
-            raise ValueError(f"placement='interleave' needs mode='causal', got {mode!r}")
-        if int(sink_size) != sink_size or not 0 <= sink_size < window:
-            raise ValueError(f"sink_size must be an integer in [0, window={window}), got {sink_size!r}")
-        if sink_recapture and sink_size > 1:
-            raise ValueError(f"sink_recapture needs sink_size 0 or 1, got {sink_size}")
+        check_cache_layout(placement, mode, sink_size, sink_recapture, window)
         self.placement, self.sink_size = placement, int(sink_size)
         self.sink_recapture = bool(sink_recapture) and self.sink_size > 0
         self.num_layers, self.length, self.window = num_layers, length, window

@@ -16,7 +16,7 @@ import operator
 
 from .positions import check_mode
 
-__all__ = ["VARIANTS", "PLACEMENTS", "check_variant", "mask_kind", "supported_variants"]
+__all__ = ["VARIANTS", "PLACEMENTS", "check_variant", "check_cache_layout", "mask_kind", "supported_variants"]
 
 VARIANTS: tuple[str, ...] = ("v1", "v3")
 """``v1``: the original algorithm (default); ``v3``: the newer one of the released models."""
@@ -62,6 +62,23 @@ def check_variant(variant: str, placement: str, mode: str, sink_size: int, windo
                          "mode='full-coverage' or placement='append'")
     if sink >= window:
         raise ValueError(f"sink_size={sink} must be smaller than the window {window}")
+
+
+def check_cache_layout(placement: str, mode: str, sink_size: int, sink_recapture: bool, window: int,
+                       owner: str = "") -> None:
+    """Raise ``ValueError`` naming the argument unless a cache can lay a window out this way (the
+    condensed and the training cache share these rules; ``owner`` prefixes the message).
+
+    Interleaved beacons need the ``causal`` mask kind; the sink lies inside the first window; a
+    re-taken sink (``sink_recapture``) is a single entry."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"{owner}placement must be one of {PLACEMENTS}, got {placement!r}")
+    if int(sink_size) != sink_size or not 0 <= sink_size < window:
+        raise ValueError(f"{owner}sink_size must be an integer in [0, window={window}), got {sink_size!r}")
+    if sink_recapture and sink_size > 1:
+        raise ValueError(f"{owner}sink_recapture needs sink_size 0 or 1, got {sink_size}")
+    if placement == "interleave" and mode != "causal":
+        raise ValueError(f"{owner}placement='interleave' needs mode='causal', got {mode!r}")
 
 
 def mask_kind(variant: str, mode: str, attend_previous: bool) -> tuple[str, bool]:
