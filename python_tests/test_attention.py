@@ -125,12 +125,15 @@ def test_nine_heads_over_three(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("group", [1, 3])
-def test_decode(device, dtype, group):
-    # One query per sequence; different lengths; one sequence's query completes nothing.
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 7])
+@pytest.mark.parametrize("head_dim", [128, 136])
+def test_decode(device, dtype, group, head_dim):
+    # One query per sequence; different lengths; one sequence's query completes nothing. Groups
+    # 1-7: the CPU's few-row kernels per row count (the key counts leave remainders after their
+    # key groups and chunks; head_dim 136 leaves an 8-column tail).
     c = make_case(device, dtype, mem=[512, 5, 0, 1025], raw=[97, 1, 64, 3],
                   beacon=[0, 0, 0, 0], ratio=[8, 0, 2, 32], nq=[1, 1, 1, 1], heads=3 * group,
-                  kv_heads=3, head_dim=128)
+                  kv_heads=3, head_dim=head_dim)
     check(c)
 
 

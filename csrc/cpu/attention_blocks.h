@@ -148,6 +148,25 @@ __attribute__((target("avx2"))) inline void softmax_update_avx2(
     float* st, int n, int rows, float* row_max, float* row_sum, float* corr, float* m_blk,
     float* m_use) {
   softmax_begin(st, n, rows, row_max, corr, m_blk, m_use);
+  if (rows < 8) {
+    // Few rows (decode): the scores are one run of n * rows floats whose maxima repeat with
+    // period `rows`; the exp pass takes 8 of them at a time (lane j of the vector at flat index
+    // i needs m_use[(i + j) % rows]: m_pat holds that pattern for every i % (8 * rows)). The
+    // sums are then added in the row-wise order of the portable code, so results stay equal.
+    alignas(32) float m_pat[8 * 8 + 8];
+    const int period = 8 * rows;
+    for (int j = 0; j < period + 8; ++j) m_pat[j] = m_use[j % rows];
+    const int64_t total = static_cast<int64_t>(n) * rows;
+    int64_t i = 0;
+    for (int off = 0; i + 8 <= total; i += 8, off = off + 8 == period ? 0 : off + 8)
+      _mm256_storeu_ps(st + i, fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + i),
+                                                       _mm256_loadu_ps(m_pat + off))));
+    for (; i < total; ++i) st[i] = fast_exp(st[i] - m_use[i % rows]);
+    for (int c = 0; c < n; ++c)
+      for (int r = 0; r < rows; ++r) m_blk[r] += st[static_cast<int64_t>(c) * rows + r];
+    softmax_end(rows, row_sum, corr, m_blk);
+    return;
+  }
   const int r8 = rows - rows % 8;
   for (int c = 0; c < n; ++c) {
     float* s = st + static_cast<int64_t>(c) * rows;
@@ -363,40 +382,99 @@ BEACON_AVX2_FMA void small_qk_avx2(const float* q, int rows, int d, const T* k, 
   }
 }
 
-// acc [rows x d] += p v (p transposed [n x rows]) for ROWS rows: 16 columns of every row in
-// registers per pass over the keys, so each cache line of V is loaded once per pass and each
-// pass reads other lines; the first pass prefetches whole rows ahead.
+// Horizontal sums of four vectors, times alpha.
+BEACON_AVX2_FMA inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m128 alpha) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), alpha);
+}
+
+// s [n x ROWS] = alpha * k q^T for GQA decode tiles, KEYS keys at a time: every 8 columns of
+// the KEYS keys are loaded (and widened, for 16-bit caches) once for all ROWS rows, so K is read
+// from memory once and never copied; ROWS x KEYS accumulators stay in registers.
+template <int ROWS, int KEYS, typename T>
+BEACON_AVX2_FMA void small_qk_rows_avx2(const float* q, int d, const T* k, int64_t ldk, int n,
+                                        float alpha, float* s) {
+  static_assert(ROWS * KEYS % 4 == 0, "sums are taken four at a time");
+  const __m128 va = _mm_set1_ps(alpha);
+  int c = 0;
+  for (; c + KEYS <= n; c += KEYS) {
+    const T* k0 = k + c * ldk;
+    for (int j = 0; j < KEYS; ++j) prefetch_key_row(k0 + (kPrefetchKeys + j) * ldk, d);
+    __m256 acc[ROWS * KEYS];
+    for (int a = 0; a < ROWS * KEYS; ++a) acc[a] = _mm256_setzero_ps();
+    for (int i = 0; i < d; i += 8) {
+      __m256 kv[KEYS];
+      for (int j = 0; j < KEYS; ++j) kv[j] = load8f(k0 + j * ldk + i);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256 qv = _mm256_loadu_ps(q + static_cast<int64_t>(r) * d + i);
+        for (int j = 0; j < KEYS; ++j) acc[r * KEYS + j] = _mm256_fmadd_ps(qv, kv[j], acc[r * KEYS + j]);
+      }
+    }
+    alignas(16) float out[ROWS * KEYS];
+    for (int a = 0; a < ROWS * KEYS; a += 4)
+      _mm_store_ps(out + a, hsum4(acc[a], acc[a + 1], acc[a + 2], acc[a + 3], va));
+    for (int r = 0; r < ROWS; ++r)
+      for (int j = 0; j < KEYS; ++j) s[static_cast<int64_t>(c + j) * ROWS + r] = out[r * KEYS + j];
+  }
+  if (c < n) small_qk_avx2(q, ROWS, d, k + c * ldk, ldk, n - c, alpha, s + static_cast<int64_t>(c) * ROWS);
+}
+
+// Few-row Q K^T with the register blocking that fits 16 ymm registers; false: no kernel for
+// `rows` (1: the four-key kernel above is as good; 5 and 7 would not fit the registers).
+template <typename T>
+BEACON_AVX2_FMA bool small_qk_gqa_avx2(const float* q, int rows, int d, const T* k, int64_t ldk,
+                                       int n, float alpha, float* s) {
+  switch (rows) {
+    case 2: small_qk_rows_avx2<2, 4>(q, d, k, ldk, n, alpha, s); return true;
+    case 3: small_qk_rows_avx2<3, 4>(q, d, k, ldk, n, alpha, s); return true;
+    case 4: small_qk_rows_avx2<4, 2>(q, d, k, ldk, n, alpha, s); return true;
+    case 6: small_qk_rows_avx2<6, 2>(q, d, k, ldk, n, alpha, s); return true;
+    default: return false;
+  }
+}
+
+// acc [rows x d] += p v (p transposed [n x rows]) for ROWS rows, in chunks of kPvChunkKeys keys
+// whose V rows stay in L1: per chunk, 16 columns of every row in registers per pass over the
+// chunk's keys; the first pass reads V from memory (prefetching whole rows ahead), the others
+// read the same lines from L1.
+constexpr int kPvChunkKeys = 32;
 template <int ROWS, typename T>
 BEACON_AVX2_FMA void small_pv_rows_avx2(const float* p, int n, const T* v, int64_t ldv, int d,
                                         float* acc) {
-  for (int i0 = 0; i0 < d; i0 += 16) {
-    const bool two = i0 + 16 <= d;  // else 8 columns (d % 8 == 0)
-    __m256 lo[ROWS], hi[ROWS];
-    for (int r = 0; r < ROWS; ++r) {
-      lo[r] = _mm256_loadu_ps(acc + r * d + i0);
-      hi[r] = two ? _mm256_loadu_ps(acc + r * d + i0 + 8) : _mm256_setzero_ps();
-    }
-    for (int c = 0; c < n; ++c) {
-      const T* vc = v + c * ldv + i0;
-      if (i0 == 0) prefetch_key_row(v + (c + kPrefetchKeys) * ldv, d);
-      const __m256 v0 = load8f(vc);
-      const __m256 v1 = two ? load8f(vc + 8) : _mm256_setzero_ps();
-      const float* pc = p + static_cast<int64_t>(c) * ROWS;
+  for (int c0 = 0; c0 < n; c0 += kPvChunkKeys) {
+    const int c1 = std::min(n, c0 + kPvChunkKeys);
+    for (int i0 = 0; i0 < d; i0 += 16) {
+      const bool two = i0 + 16 <= d;  // else 8 columns (d % 8 == 0)
+      __m256 lo[ROWS], hi[ROWS];
       for (int r = 0; r < ROWS; ++r) {
-        const __m256 pr = _mm256_broadcast_ss(pc + r);
-        lo[r] = _mm256_fmadd_ps(pr, v0, lo[r]);
-        hi[r] = _mm256_fmadd_ps(pr, v1, hi[r]);
+        lo[r] = _mm256_loadu_ps(acc + r * d + i0);
+        hi[r] = two ? _mm256_loadu_ps(acc + r * d + i0 + 8) : _mm256_setzero_ps();
       }
-    }
-    for (int r = 0; r < ROWS; ++r) {
-      _mm256_storeu_ps(acc + r * d + i0, lo[r]);
-      if (two) _mm256_storeu_ps(acc + r * d + i0 + 8, hi[r]);
+      for (int c = c0; c < c1; ++c) {
+        const T* vc = v + c * ldv + i0;
+        if (i0 == 0) prefetch_key_row(v + (c + kPrefetchKeys) * ldv, d);
+        const __m256 v0 = load8f(vc);
+        const __m256 v1 = two ? load8f(vc + 8) : _mm256_setzero_ps();
+        const float* pc = p + static_cast<int64_t>(c) * ROWS;
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256 pr = _mm256_broadcast_ss(pc + r);
+          lo[r] = _mm256_fmadd_ps(pr, v0, lo[r]);
+          hi[r] = _mm256_fmadd_ps(pr, v1, hi[r]);
+        }
+      }
+      for (int r = 0; r < ROWS; ++r) {
+        _mm256_storeu_ps(acc + r * d + i0, lo[r]);
+        if (two) _mm256_storeu_ps(acc + r * d + i0 + 8, hi[r]);
+      }
     }
   }
 }
 
+// (Not named small_pv_avx2: that is small_pv's auto-vectorised AVX2 variant, a non-template
+// overload with these parameters, which a call would pick over this template.)
 template <typename T>
-void small_pv_avx2(const float* p, int rows, int n, const T* v, int64_t ldv, int d, float* acc) {
+void small_pv_rows_dispatch_avx2(const float* p, int rows, int n, const T* v, int64_t ldv, int d,
+                                 float* acc) {
   switch (rows) {
     case 1: small_pv_rows_avx2<1>(p, n, v, ldv, d, acc); return;
     case 2: small_pv_rows_avx2<2>(p, n, v, ldv, d, acc); return;
@@ -422,6 +500,7 @@ void decode_qk(const float* q, int rows, int d, const T* k, int64_t ldk, int n, 
     }
   }
   if (cpu_has(Isa::kAvx2)) {
+    if (small_qk_gqa_avx2(q, rows, d, k, ldk, n, alpha, s)) return;
     if constexpr (!std::is_same_v<T, float>) {
       // Several rows (GQA) would widen every K element once per row: widen the block once
       // (read from memory once, with prefetching), then take the dot products from the cache.
@@ -446,7 +525,7 @@ template <typename T>
 void decode_pv(const float* p, int rows, int n, const T* v, int64_t ldv, int d, float* acc) {
 #ifdef BEACON_CPU_X86
   if (rows <= 7 && cpu_has(Isa::kAvx2)) {
-    small_pv_avx2(p, rows, n, v, ldv, d, acc);
+    small_pv_rows_dispatch_avx2(p, rows, n, v, ldv, d, acc);
     return;
   }
 #endif
