@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 __all__ = ["Sample", "TextTokenizer", "LongTaskMixture", "TASK_KINDS", "public_domain_texts",
-           "HELD_OUT_PLAYS", "HELD_OUT_CODE", "kjv_text", "split_kjv", "shakespeare_files"]
+           "HELD_OUT_PLAYS", "HELD_OUT_CODE", "kjv_text", "split_kjv", "shakespeare_files",
+           "memory_probe_samples"]
 
 IGNORE = -100
 TASK_KINDS = ("passkey", "numbers", "uuid", "words", "said_about", "itinerary", "recall")
@@ -421,3 +422,58 @@ class LongTaskMixture:
 
     def _t_recall(self, rng: random.Random) -> _Task:
         return _Task([], [], [], "", "", recall_from=rng.uniform(0.0, 0.6))
+
+
+# --- a check that the beacons can carry information at all -----------------------------------
+def memory_probe_samples(mixture: LongTaskMixture, n: int, *, seed: int = 0,
+                         max_draws: int = 10_000) -> list[Sample]:
+    """``n`` copies of one passkey sample whose key lies in condensed memory, each with other digits.
+
+    The copies share every token except the key's digits (in the fact, in an earlier window than
+    the question, and in the answer), so a model can tell them apart only through what the beacons
+    kept of that window: training on them (``train --memory-probe N``) drives the answer loss of
+    all copies towards 0 only if information reaches later windows through the beacons.
+
+    Args:
+        mixture: the sampler (its ``kinds`` must include ``"passkey"``; its window is used).
+        n: number of copies (>= 2).
+        seed: draws the new digits.
+        max_draws: samples tried before giving up on finding a key in memory.
+
+    Raises:
+        ValueError: ``n`` < 2, no passkey task, a tokenizer that does not give each digit one
+            token, or no sample with its key in memory (lengths too short for two windows).
+    """
+    if n < 2:
+        raise ValueError(f"n must be >= 2, got {n}")
+    if "passkey" not in mixture.kinds:
+        raise ValueError("mixture: the memory probe needs the 'passkey' task among its kinds")
+    digit_ids = [mixture.tok.encode(str(d)) for d in range(10)]
+    if any(len(ids) != 1 for ids in digit_ids):
+        raise ValueError("the memory probe needs a tokenizer with one token per digit")
+    digits = [ids[0] for ids in digit_ids]
+    base = None
+    for i in range(max_draws):
+        rng = random.Random(mixture.seed * 1_000_003 + i)
+        lo, hi = mixture.length_range(i)
+        x = mixture.task("passkey", rng, rng.randint(lo, hi), chat=False, filler=True)
+        if x.facts_in_memory(mixture.window) == len(x.fact_positions) == 1:
+            base = x
+            break
+    if base is None:
+        raise ValueError(f"no passkey sample with its key in memory within {max_draws} draws: "
+                         f"samples of {mixture.min_len}-{mixture.max_len} tokens with window "
+                         f"{mixture.window} (need more than one window)")
+    answer = [t for t, lab in zip(base.ids, base.labels) if lab != IGNORE]
+    key = [t for t in answer if t in digits]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        new = [digits[rng.randrange(10)] for _ in key]
+        ids = list(base.ids)
+        for p in range(len(ids) - len(key) + 1):
+            if ids[p:p + len(key)] == key:
+                ids[p:p + len(key)] = new
+        labels = [t if lab != IGNORE else IGNORE for t, lab in zip(ids, base.labels)]
+        out.append(Sample(ids, labels, "passkey", base.chat, list(base.fact_positions), base.answer_start))
+    return out

@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from beacon_ops.long_tasks import IGNORE, TASK_KINDS, LongTaskMixture, Sample, public_domain_texts
+from beacon_ops.long_tasks import (IGNORE, TASK_KINDS, LongTaskMixture, Sample, memory_probe_samples,
+                                   public_domain_texts)
 
 
 class CharTokenizer:
@@ -101,6 +102,38 @@ def test_curriculum_grows_the_length_range() -> None:
 def test_facts_in_memory_counts_earlier_windows() -> None:
     s = Sample([0] * 10, [IGNORE] * 10, "numbers", fact_positions=[10, 300, 700], answer_start=600)
     assert s.facts_in_memory(256) == 2
+
+
+def test_memory_probe_copies_differ_only_in_the_key() -> None:
+    tok = CharTokenizer()
+    mix = _mixture(kinds=("passkey",))
+    probe = memory_probe_samples(mix, 4, seed=3)
+    base = probe[0]
+    assert len({tuple(p.ids) for p in probe}) == 4          # four different keys
+    keys = []
+    for p in probe:
+        assert len(p.ids) == len(base.ids) and p.answer_start == base.answer_start
+        diff = [i for i, (a, b) in enumerate(zip(p.ids, base.ids)) if a != b]
+        assert all(tok.decode([p.ids[i]]).isdigit() and tok.decode([base.ids[i]]).isdigit() for i in diff)
+        assert p.facts_in_memory(mix.window) == 1              # the fact sits in an earlier window
+        answer = _answer(tok, p).strip().rstrip(".")
+        assert answer.isdigit()
+        fact = p.fact_positions[0]
+        assert answer in tok.decode(p.ids[fact:fact + 200])     # the key the answer asks for
+        assert [t for t, lab in zip(p.ids, p.labels) if lab != IGNORE] == [lab for lab in p.labels if lab != IGNORE]
+        keys.append(answer)
+    assert len(set(keys)) == 4
+
+
+def test_memory_probe_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="n must be"):
+        memory_probe_samples(_mixture(), 1)
+    with pytest.raises(ValueError, match="passkey"):
+        memory_probe_samples(_mixture(kinds=("numbers",)), 2)
+    short = LongTaskMixture(CharTokenizer(), {"doc": TEXT}, window=1024, min_len=100, max_len=200,
+                            kinds=("passkey",))
+    with pytest.raises(ValueError, match="in memory"):
+        memory_probe_samples(short, 2, max_draws=50)
 
 
 def test_bad_arguments_name_themselves() -> None:

@@ -26,7 +26,7 @@ from ..checkpoints import ByteTokenizer, load_model, tiny_random_llama
 from ..distributed import Distributed, init_from_env
 from ..llama import BEACON_PROJS, BeaconConfig
 from ..positions import MODES
-from ..long_tasks import TASK_KINDS, LongTaskMixture, public_domain_texts
+from ..long_tasks import TASK_KINDS, LongTaskMixture, memory_probe_samples, public_domain_texts
 from ..trainer import TrainConfig, Trainer
 from ..training import STEP_RANDOM_RATIOS
 from .common import Command, UsageError, device_name, existing_path, float_between, int_at_least, write_json
@@ -79,6 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of tasks whose haystack is a repetitive filler (default %(default)s)")
     p.add_argument("--tasks", type=parse_tasks, default=TASK_KINDS,
                    help=f"task kinds to draw (default {','.join(TASK_KINDS)})")
+    p.add_argument("--memory-probe", type=int_at_least(2), default=None, metavar="N",
+                   help="a check instead of training data: N copies of one passkey sample (key in an "
+                   "earlier window than the question) that differ only in the key's digits, in turn; "
+                   "their answer loss falls towards 0 only if the beacons carry the key")
     p.add_argument("--grow-steps", type=int_at_least(0), default=0,
                    help="curriculum: grow the length range from --start-len to --min-len/--max-len over "
                    "this many steps")
@@ -158,6 +162,13 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     sampler = LongTaskMixture(tok, texts, args.window, args.min_len, args.max_len, lm_share=args.lm_share,
                               chat_share=args.chat_share, filler_share=args.filler_share, kinds=args.tasks,
                               seed=args.seed, grow_steps=args.grow_steps, start_len=args.start_len)
+    batches = sampler
+    if args.memory_probe:
+        try:
+            probe = memory_probe_samples(sampler, args.memory_probe, seed=args.seed)
+        except ValueError as e:
+            raise UsageError("--memory-probe", str(e)) from None
+        batches = lambda i: probe[i % len(probe)]  # noqa: E731
     ratios = args.ratios
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     cfg = TrainConfig(steps=args.steps, lr=args.lr or (1e-3 if args.rank else 5e-5),
@@ -167,7 +178,7 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
                       checkpoint=None if args.checkpoint == "none" else args.checkpoint,
                       autocast=None if dtype == "float32" else dtype, attention=args.attention,
                       batch_size=args.batch_size)
-    trainer = Trainer(model, cfg, sampler, meta={"base_model": name}, dist=dist)
+    trainer = Trainer(model, cfg, batches, meta={"base_model": name}, dist=dist)
     try:
         if args.resume:
             trainer.resume(args.resume)
