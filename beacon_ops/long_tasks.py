@@ -452,20 +452,27 @@ def memory_probe_samples(mixture: LongTaskMixture, n: int, *, seed: int = 0,
     if any(len(ids) != 1 for ids in digit_ids):
         raise ValueError("the memory probe needs a tokenizer with one token per digit")
     digits = [ids[0] for ids in digit_ids]
-    base = None
+    found = None
     for i in range(max_draws):
         rng = random.Random(mixture.seed * 1_000_003 + i)
         lo, hi = mixture.length_range(i)
         x = mixture.task("passkey", rng, rng.randint(lo, hi), chat=False, filler=True)
-        if x.facts_in_memory(mixture.window) == len(x.fact_positions) == 1:
-            base = x
+        key = [t for t, lab in zip(x.ids, x.labels) if lab != IGNORE and t in digits]
+        if not key or x.answer_start < 0:
+            continue
+        starts = [p for p in range(len(x.ids) - len(key) + 1) if x.ids[p:p + len(key)] == key]
+        window_start = x.answer_start // mixture.window * mixture.window
+        # Every copy of the key but the answer's must end before the answer's window: a fact
+        # that restates the key across the window edge would leave it in the raw window.
+        before = [p for p in starts if p < x.answer_start]
+        if before and all(p + len(key) <= window_start for p in before):
+            found = x, key
             break
-    if base is None:
+    if found is None:
         raise ValueError(f"no passkey sample with its key in memory within {max_draws} draws: "
                          f"samples of {mixture.min_len}-{mixture.max_len} tokens with window "
                          f"{mixture.window} (need more than one window)")
-    answer = [t for t, lab in zip(base.ids, base.labels) if lab != IGNORE]
-    key = [t for t in answer if t in digits]
+    base, key = found
     rng = random.Random(seed)
     out = []
     for _ in range(n):

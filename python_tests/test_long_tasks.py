@@ -116,11 +116,15 @@ def test_memory_probe_copies_differ_only_in_the_key() -> None:
         diff = [i for i, (a, b) in enumerate(zip(p.ids, base.ids)) if a != b]
         assert all(tok.decode([p.ids[i]]).isdigit() and tok.decode([base.ids[i]]).isdigit() for i in diff)
         assert p.facts_in_memory(mix.window) == 1              # the fact sits in an earlier window
+        window_start = p.answer_start // mix.window * mix.window
+        # the key nowhere in the question's raw window but in the answer
+        assert (p is base or diff) and all(i < window_start or i >= p.answer_start for i in diff)
         answer = _answer(tok, p).strip().rstrip(".")
         assert answer.isdigit()
         fact = p.fact_positions[0]
         assert answer in tok.decode(p.ids[fact:fact + 200])     # the key the answer asks for
-        assert [t for t, lab in zip(p.ids, p.labels) if lab != IGNORE] == [lab for lab in p.labels if lab != IGNORE]
+        labelled = [lab for lab in p.labels if lab != IGNORE]
+        assert [t for t, lab in zip(p.ids, p.labels) if lab != IGNORE] == labelled
         keys.append(answer)
     assert len(set(keys)) == 4
 
