@@ -142,9 +142,22 @@ def test_runtime_failure_is_one_line_without_debug(tmp_path, capsys, monkeypatch
     (["train", "--tiny", "--steps", "1", "--lm-share", "1.5"], ("--lm-share", "[0.0, 1.0]")),
     (["train", "--tiny", "--steps", "1", "--tasks", "passkey,poetry"], ("--tasks", "passkey")),
     (["train", "--tiny", "--steps", "1", "--start-len", "900,100"], ("--start-len", "MIN <= MAX")),
+    (["train", "--tiny", "--steps", "1", "--memory-probe", "1"], ("--memory-probe", ">= 2")),
+    (["train", "--tiny", "--steps", "1", "--memory-probe", "2", "--tasks", "numbers"], ("--memory-probe", "passkey")),
+    (["train", "--tiny", "--steps", "1", "--memory-probe", "2", "--window", "1024", "--min-len", "100",
+      "--max-len", "200"], ("--memory-probe", "in memory")),
 ])
 def test_long_context_flags(argv, needles, capsys):
     assert_usage_error(argv, capsys, *needles)
+
+
+def test_memory_probe_trains_on_its_copies(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    assert run_cli(["train", "--tiny", "--steps", "3", "--window", "64", "--min-len", "100", "--max-len", "150",
+                    "--memory-probe", "2", "--tasks", "passkey", "--out", str(tmp_path / "a.safetensors"),
+                    "--log", str(log)], capsys)[0] == 0
+    kinds = [line.split('"kind": ')[1].split(",")[0] for line in log.read_text().splitlines()]
+    assert kinds == ['"passkey"'] * 3
 
 
 def test_init_and_resume_exclude_each_other(tmp_path, capsys):
