@@ -340,6 +340,12 @@ inline void prefetch_key_row(const T* row, int d) {
     _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
+// Horizontal sums of four vectors, times alpha.
+BEACON_AVX2_FMA inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m128 alpha) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), alpha);
+}
+
 // s [n x rows] = alpha * k q^T: four keys at a time (each q vector loaded once per four keys,
 // one horizontal sum per four dot products).
 template <typename T>
@@ -360,11 +366,8 @@ BEACON_AVX2_FMA void small_qk_avx2(const float* q, int rows, int d, const T* k, 
         a2 = _mm256_fmadd_ps(qv, load8f(k0 + 2 * ldk + i), a2);
         a3 = _mm256_fmadd_ps(qv, load8f(k0 + 3 * ldk + i), a3);
       }
-      const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-      const __m128 sum = _mm_mul_ps(
-          _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), va);
       alignas(16) float out[4];
-      _mm_store_ps(out, sum);
+      _mm_store_ps(out, hsum4(a0, a1, a2, a3, va));
       for (int j = 0; j < 4; ++j) s[static_cast<int64_t>(c + j) * rows + r] = out[j];
     }
   }
@@ -380,12 +383,6 @@ BEACON_AVX2_FMA void small_qk_avx2(const float* q, int rows, int d, const T* k, 
           _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1))) * alpha;
     }
   }
-}
-
-// Horizontal sums of four vectors, times alpha.
-BEACON_AVX2_FMA inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m128 alpha) {
-  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  return _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), alpha);
 }
 
 // s [n x ROWS] = alpha * k q^T for GQA decode tiles, KEYS keys at a time: every 8 columns of
