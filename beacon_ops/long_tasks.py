@@ -466,21 +466,23 @@ def memory_probe_samples(mixture: LongTaskMixture, n: int, *, seed: int = 0,
         # that restates the key across the window edge would leave it in the raw window.
         before = [p for p in starts if p < x.answer_start]
         if before and all(p + len(key) <= window_start for p in before):
-            found = x, key
+            found = x, key, starts
             break
     if found is None:
         raise ValueError(f"no passkey sample with its key in memory within {max_draws} draws: "
                          f"samples of {mixture.min_len}-{mixture.max_len} tokens with window "
                          f"{mixture.window} (need more than one window)")
-    base, key = found
+    base, key, starts = found
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         new = [digits[rng.randrange(10)] for _ in key]
         ids = list(base.ids)
-        for p in range(len(ids) - len(key) + 1):
-            if ids[p:p + len(key)] == key:
+        end = 0
+        for p in starts:          # every copy of the key, left to right, none overlapping
+            if p >= end:
                 ids[p:p + len(key)] = new
+                end = p + len(key)
         labels = [t if lab != IGNORE else IGNORE for t, lab in zip(ids, base.labels)]
         out.append(Sample(ids, labels, "passkey", base.chat, list(base.fact_positions), base.answer_start))
     return out
