@@ -4,8 +4,9 @@ A context of L tokens with condensing ratio r and window W leaves memory ``L / r
 the raw tokens of the current window; a plain KV cache holds all L. Both are timed with the same
 op (a full cache is the op with every key visible: memory L - raw, ratio 0), plus SDPA over the
 full cache for scale. Op time only (no projections). Decode is memory-bound, so the table also
-gives the KV bytes read per second against a plain copy (read + write bytes per second), the
-copy's calls interleaved with the op's at the same thread count.
+gives the KV bytes read per second against a plain copy (read + write bytes per second) and
+against a read-only stream (``torch.sum`` of the copy's source buffer: what decode does to K and
+V), their calls interleaved with the op's at the same thread count.
 """
 from __future__ import annotations
 
@@ -53,13 +54,15 @@ def run(device: str, quick: bool) -> dict:
                     q, k, v, lens = _decode_inputs(device, dtype, heads, kv_heads, d, m, r_len)
                     times = time_best_interleaved(
                         {"op": lambda: beacon_attention(q, k, v, *lens, max_seqlen_q=1),
-                         "copy": lambda: dst.copy_(src)}, device)
+                         "copy": lambda: dst.copy_(src), "read": lambda: src.sum()}, device)
                     t = times["op"]
                     kv_bytes = 2 * k.numel() * k.element_size()
                     copy = copy_bytes / times["copy"] / 1e9
+                    read = src.numel() * src.element_size() / times["read"] / 1e9
                     row = {"threads": threads, "dtype": name, "cache": cache, "keys": m + r_len,
                            "op_ms": t * 1e3, "kv_gbps": kv_bytes / t / 1e9, "copy_gbps": copy,
-                           "kv_gbps_vs_copy": kv_bytes / t / 1e9 / copy}
+                           "kv_gbps_vs_copy": kv_bytes / t / 1e9 / copy, "read_gbps": read,
+                           "kv_gbps_vs_read": kv_bytes / t / 1e9 / read}
                     if cache == "full" and threads == default_threads:
                         qs = q.transpose(0, 1)[None]
                         t_sdpa = time_best(lambda: F.scaled_dot_product_attention(
