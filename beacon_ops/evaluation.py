@@ -1,4 +1,5 @@
-"""Evaluation: the passkey-retrieval prompt and grid, and the default long text.
+"""Evaluation: the passkey-retrieval prompt and grid, held-out long-context task answers, and the
+default long text.
 
 The passkey prompt is the paper's: a filler repeated, "The pass key is NNNNN. Remember it. NNNNN
 is the pass key." hidden at some depth, then "What is the pass key? The pass key is".
@@ -16,7 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 __all__ = ["FILLER", "INTRO", "QUESTION", "passkey_prompt", "passkey_min_tokens", "default_text",
-           "PasskeyResult", "passkey_grid", "accuracy_table", "plot_passkey_heatmap"]
+           "PasskeyResult", "passkey_grid", "accuracy_table", "plot_passkey_heatmap",
+           "TaskResult", "expected_answer", "task_answers", "task_table"]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -157,3 +159,87 @@ def plot_passkey_heatmap(results: Sequence[PasskeyResult], path: str, title: str
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --- held-out long-context tasks ----------------------------------------------------------------
+@dataclass
+class TaskResult:
+    """One greedy answer of :func:`task_answers`."""
+
+    kind: str          # the task (beacon_ops.long_tasks.TASK_KINDS)
+    tokens: int        # prompt tokens (up to the answer)
+    in_memory: bool    # a fact the answer needs lay in an earlier window (read through beacons)
+    expected: str      # the first answer, without its final full stop / end-of-turn token
+    answer: str        # the greedy continuation
+    correct: bool      # ``expected`` appears in ``answer`` (case and surrounding spaces aside)
+    char_accuracy: float  # share of ``expected``'s characters the answer has at the same place
+    seconds: float
+
+
+def expected_answer(sample: Any, tok: Any, eos: str = "<|im_end|>") -> tuple[str, int]:
+    """(text, tokens) of a task sample's first answer: its labelled tokens from ``answer_start``
+    up to the next unlabelled one, stripped of spaces, a final full stop and ``eos``."""
+    from .long_tasks import IGNORE
+
+    if sample.answer_start < 0:
+        raise ValueError("sample: a language-modelling sample has no answer")
+    ids = []
+    for t, lab in zip(sample.ids[sample.answer_start:], sample.labels[sample.answer_start:]):
+        if lab == IGNORE:
+            break
+        ids.append(t)
+    text = tok.decode(ids).replace(eos, "").strip()
+    return text[:-1] if text.endswith(".") else text, len(ids)
+
+
+def task_answers(model: Any, tok: Any, sampler: Callable[[int], Any], samples: int, *,
+                 window: int, first: int = 0, attention: str = "beacon", progress: bool = True,
+                 eos: str = "<|im_end|>") -> list[TaskResult]:
+    """Greedy answers to ``samples`` task samples ``sampler(first) ...`` (e.g. a
+    :class:`~beacon_ops.long_tasks.LongTaskMixture` with ``lm_share=0`` and a seed that training
+    did not use): each prompt is read up to its first answer, which is then generated (its
+    length + 2 tokens) and compared with the sample's own. ``window``: the beacon window, to
+    tell answers read through memory from answers in the raw window."""
+    from .generation import generate
+
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=samples, desc="tasks", unit="sample")
+    out = []
+    for i in range(first, first + samples):
+        s = sampler(i)
+        if s.answer_start < 0:
+            raise ValueError(f"sampler: sample {i} is language modelling (use lm_share=0)")
+        want, n_ans = expected_answer(s, tok, eos)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            new = generate(model, [s.ids[:s.answer_start]], n_ans + 2, attention=attention, progress=False)[0]
+        model.reset()
+        got = tok.decode(new).replace(eos, " ").strip()
+        same = sum(a == b for a, b in zip(want, got))
+        r = TaskResult(s.kind, s.answer_start, s.facts_in_memory(window) > 0, want, got,
+                       want.lower() in got.lower(), same / max(1, len(want)), time.perf_counter() - t0)
+        out.append(r)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(kind=r.kind, memory=r.in_memory, ok=r.correct, refresh=False)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def task_table(results: Sequence[TaskResult]) -> str:
+    """Markdown table: per task and where its fact lay, exact answers and character accuracy."""
+    rows = ["| task | fact in | exact | characters |", "|---|---|---|---|"]
+    for kind in dict.fromkeys(r.kind for r in results):
+        for mem, where in ((True, "memory (beacons)"), (False, "raw window")):
+            rs = [r for r in results if r.kind == kind and r.in_memory == mem]
+            if rs:
+                ok = sum(r.correct for r in rs)
+                chars = sum(r.char_accuracy for r in rs) / len(rs)
+                rows.append(f"| {kind} | {where} | {ok / len(rs):.0%} ({ok}/{len(rs)}) | {chars:.0%} |")
+    return "\n".join(rows)

@@ -139,6 +139,10 @@ def test_runtime_failure_is_one_line_without_debug(tmp_path, capsys, monkeypatch
     (["eval-passkey", "--methods", "beacon,magic"], ("--methods", "beacon,untrained,full,sliding")),
     (["eval-passkey", "--lengths", "20"], ("--lengths", ">=")),
     (["eval-passkey", "--adapter", "/nonexistent/a.safetensors"], ("--adapter", "no such file")),
+    (["eval-tasks", "--tasks", "passkey,poetry"], ("--tasks", "passkey")),
+    (["eval-tasks", "--chat-share", "0.5"], ("--chat-share", "chat format")),
+    (["eval-tasks", "--min-len", "300", "--max-len", "200"], ("--min-len", "<= --max-len")),
+    (["eval-tasks", "--samples", "0"], ("--samples", ">= 1")),
     (["train", "--tiny", "--steps", "1", "--lm-share", "1.5"], ("--lm-share", "[0.0, 1.0]")),
     (["train", "--tiny", "--steps", "1", "--tasks", "passkey,poetry"], ("--tasks", "passkey")),
     (["train", "--tiny", "--steps", "1", "--start-len", "900,100"], ("--start-len", "MIN <= MAX")),
@@ -149,6 +153,18 @@ def test_runtime_failure_is_one_line_without_debug(tmp_path, capsys, monkeypatch
 ])
 def test_long_context_flags(argv, needles, capsys):
     assert_usage_error(argv, capsys, *needles)
+
+
+def test_eval_tasks_answers_held_out_samples(tmp_path, capsys):
+    out = tmp_path / "tasks.json"
+    code, printed, _ = run_cli(["eval-tasks", "--window", "64", "--ratio", "2", "--samples", "3",
+                                "--min-len", "300", "--max-len", "400", "--filler-share", "1",
+                                "--json", str(out)], capsys)
+    assert code == 0 and "| task | fact in | exact | characters |" in printed
+    rep = json.loads(out.read_text())
+    assert rep["window"] == 64 and rep["ratio"] == 2 and rep["lengths"] == [300, 400]
+    assert len(rep["results"]) == 3 and all(r["kind"] == "passkey" for r in rep["results"])
+    assert all(r["expected"].isdigit() and r["tokens"] < 400 for r in rep["results"])
 
 
 def test_memory_probe_trains_on_its_copies(tmp_path, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -175,3 +176,71 @@ def test_trainer_takes_task_samples_with_answer_only_loss() -> None:
     labelled = sum(t != IGNORE for t in s.labels[1:])  # position t predicts labels[t + 1]
     assert log.kind == "numbers" and log.targets == labelled > 0
     assert log.facts == len(s.fact_positions) and log.facts_in_memory == s.facts_in_memory(16)
+
+
+# --- held-out answers (beacon_ops.evaluation.task_answers) ----------------------------------------
+class _StubModel:
+    def __init__(self) -> None:
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_expected_answer_is_the_first_labelled_run(chat: bool) -> None:
+    from beacon_ops.evaluation import expected_answer
+
+    m = _mixture(lm_share=0.0, chat_share=float(chat), kinds=("passkey",))
+    s = m(3)
+    text, n = expected_answer(s, CharTokenizer())
+    labelled = _answer(CharTokenizer(), s)
+    if chat:   # the whole assistant turn, without its end-of-turn token and full stop
+        assert labelled == text + ".<|im_end|>" and n == len(labelled)
+        assert text.startswith("The ") and text.split()[-1].isdigit()
+    else:      # " NNNNN." -> "NNNNN"
+        assert labelled.startswith(" " + text + ".") and text.isdigit() and n == len(text) + 2
+    with pytest.raises(ValueError, match="no answer"):
+        expected_answer(_mixture(lm_share=1.0)(0), CharTokenizer())
+
+
+def test_task_answers_score_exact_and_characters(monkeypatch) -> None:
+    import beacon_ops.generation
+    from beacon_ops.evaluation import expected_answer, task_answers, task_table
+
+    tok = CharTokenizer()
+    m = _mixture(lm_share=0.0, chat_share=0.0, kinds=("passkey",))
+    keys = [expected_answer(m(i), tok)[0] for i in range(4)]
+    replies = {0: " " + keys[0] + ".", 1: " " + keys[1][1] + keys[1][0] + keys[1][2:] + ".",
+               2: " no idea", 3: " " + keys[3].upper() + "."}
+    seen = []
+
+    def fake_generate(model, ids, max_new_tokens, *, attention, progress):
+        i = len(seen)
+        seen.append((ids[0], max_new_tokens, attention))
+        return [tok.encode(replies[i])]
+
+    monkeypatch.setattr(beacon_ops.generation, "generate", fake_generate)
+    model = _StubModel()
+    res = task_answers(model, tok, m, 4, window=256, progress=False)
+    assert model.resets == 4
+    for i, (r, (prompt, budget, attention)) in enumerate(zip(res, seen)):
+        s = m(i)
+        assert prompt == s.ids[:s.answer_start] and attention == "beacon"
+        assert budget == expected_answer(s, tok)[1] + 2
+        assert r.expected == keys[i] and r.in_memory == (s.facts_in_memory(256) > 0)
+        assert r.tokens == s.answer_start
+    assert [r.correct for r in res] == [True, keys[1][0] == keys[1][1], False, True]
+    assert res[0].char_accuracy == 1.0 and res[3].char_accuracy == 1.0
+    if keys[1][0] != keys[1][1]:
+        assert res[1].char_accuracy == pytest.approx((len(keys[1]) - 2) / len(keys[1]))
+    assert res[2].char_accuracy < 0.5
+    table = task_table(res)
+    assert table.splitlines()[0] == "| task | fact in | exact | characters |"
+    counts = [re.search(r"\((\d+)/(\d+)\)", line).groups() for line in table.splitlines()[2:]]
+    assert sum(int(ok) for ok, _ in counts) == sum(r.correct for r in res)
+    assert sum(int(n) for _, n in counts) == 4
+    with pytest.raises(ValueError, match="language modelling"):
+        task_answers(model, tok, _mixture(lm_share=1.0), 1, window=256, progress=False)
+    with pytest.raises(ValueError, match="samples"):
+        task_answers(model, tok, m, 0, window=256, progress=False)
