@@ -7,7 +7,9 @@ own (``--seed``; training's default is 42) and with natural haystacks from the h
 answer, which the model then generates (:func:`beacon_ops.evaluation.task_answers`). The table
 splits the answers whose fact lay in an earlier window (read through the beacons) from those
 whose fact was still in the raw window, with the share of exact answers and of answer characters
-in place (a key with two digits swapped scores 0 exact but most of its characters).
+in place (a key with two digits swapped scores 0 exact but most of its characters). The split is
+by the beacon windows also under ``--attention sliding``, whose window slides: a fact in the
+previous window can still lie in its view.
 """
 from __future__ import annotations
 
