@@ -477,7 +477,8 @@ BEACON_AVX2_FMA void small_pv_rows_avx2(const float* p, int n, const T* v, int64
         if (two) _mm256_storeu_ps(acc + r * d + i0 + 8, hi[r]);
       }
     }
-    // Lines the passes did not reach (a short chunk before a full one): now.
+    // Lines the passes did not reach: a pass visits a full chunk's keys, so the passes have at
+    // least as many visits as the next chunk has lines; this only guards that count.
     if (pf_row < pf_end) prefetch_rows(v, ldv, pf_row, pf_end, d);
   }
 }
@@ -519,7 +520,7 @@ void decode_qk(const float* q, int rows, int d, const T* k, int64_t ldk, int n, 
       if (rows > 1) {
         for (int c = 0; c < n; ++c) {
           prefetch_key_row(k + (c + kPrefetchKeys) * ldk, d);
-                to_float(k + c * ldk, ldk, 1, d, k_scratch + static_cast<int64_t>(c) * d);
+          to_float(k + c * ldk, ldk, 1, d, k_scratch + static_cast<int64_t>(c) * d);
         }
         small_qk_avx2(q, rows, d, static_cast<const float*>(k_scratch), d, n, alpha, s);
         return;
