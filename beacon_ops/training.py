@@ -104,7 +104,7 @@ class BeaconLoss:
 
 def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequence[int] | None = None,
                 *, ratio: int | Callable[[], int] | None = None, checkpoint: str | None = None,
-                attention: str = "auto") -> BeaconLoss:
+                attention: str = "auto", split_constant_windows: bool = True) -> BeaconLoss:
     """Mean next-token cross-entropy of one sequence, differentiable through all windows.
 
     Args:
@@ -121,6 +121,12 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
             :func:`beacon_ops.masks.step_mask`) or ``"auto"``: the op, unless gradients
             are needed on a device without a ``beacon::attention_backward`` kernel (CPU and
             CUDA have one; ``"op"`` never falls back: it raises where the op cannot run).
+        split_constant_windows: when gradients are on and nothing a full window's raw tokens
+            read carries them (the first window; after it, windows read with ratio 0; appended
+            beacons), read all its raw tokens but the last without autograd, then the last with
+            the beacons: the same loss and gradients without backpropagating through rows that
+            depend on no trainable parameter (about a fifth of a two-window step). False: every
+            window in one step, as the inference caches read it.
 
     Returns:
         :class:`BeaconLoss`; ``loss.backward()`` reaches the beacon parameters of every window.
@@ -184,15 +190,23 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
             cache.set_ratio(0, r)
             out.ratios.append(r)
         x, t = ids[start:start + n], targets[start:start + n]
+        constant = None
+        if (split_constant_windows and n == bc.window > 1 and start + n < len(ids) and torch.is_grad_enabled()
+                and cache.can_split_window() and not cache.memory_requires_grad()):
+            with torch.no_grad():  # these raw tokens depend on no trainable parameter
+                constant = window_loss(x[:-1], t[:-1])
+            x, t = x[-1:], t[-1:]
         if checkpoint == "window":
             host, memory = cache.state()
             s, *memory = _checkpoint(recomputable_window, host, x, t, *memory, use_reentrant=False)
             cache.load_state(cache.state()[0], memory)  # the checkpoint's outputs
         else:
             s = window_loss(x, t)
+        if constant is not None:
+            s = s + constant
         total = total + s
         out.window_loss_sums.append(float(s.detach()))
-        out.window_counts.append(int((t != -100).sum()))
+        out.window_counts.append(int((targets[start:start + n] != -100).sum()))
         start += n
     count = sum(out.window_counts)
     if count == 0:

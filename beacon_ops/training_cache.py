@@ -15,15 +15,18 @@ compaction, then the beacons, or the raw tokens with ratio 0) are rotated at ``M
 and appended to the memory; nothing in the memory is ever rotated again. This equals the
 inference cache's "rotate by the position difference" up to fp32 rounding (rotations compose).
 
-One sequence (batch 1), stride = window, whole windows per step. The ratio of each full
-window (of every window, with interleaved beacons, which partial windows get too) is set with
-:meth:`TrainingKVCache.set_ratio` before its step and holds for that window only. The last
-window's appended beacons are skipped (nothing reads them); its interleaved ones are read by
-the raw tokens after them. Ratio 0 on a full window keeps its raw keys as memory (the base
-model). A window is read in one step, so ``sink_recapture`` only changes a first window
-condensed with ratio 0: its first entry stays in front of it. Every layer operation reads its
-inputs from the step's plan, never from the cache's current state, so a layer can be recomputed
-by gradient checkpointing after the cache has moved on.
+One sequence (batch 1), stride = window. A step reads a whole window, or (appended beacons, no
+``sink_recapture``) part of one: the raw tokens read so far wait in the cache, rotated, until the
+step that completes the window (so the first window's raw tokens, which depend on no trainable
+parameter, can be read without autograd and only its last token and beacons with it). The ratio
+of each full window (of every window, with interleaved beacons, which partial windows get too)
+is set with :meth:`TrainingKVCache.set_ratio` before its first step and holds for that window
+only. The last window's appended beacons are skipped (nothing reads them); its interleaved ones
+are read by the raw tokens after them. Ratio 0 on a full window keeps its raw keys as memory
+(the base model). With ``sink_recapture`` a window is read in one step, so it only changes a
+first window condensed with ratio 0: its first entry stays in front of it. Every layer operation
+reads its inputs from the step's plan, never from the cache's current state, so a layer can be
+recomputed by gradient checkpointing after the cache has moved on.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ class TrainingStepPlan(StepPlan):
     memory: list[int] = field(default_factory=list)  # the step's entries that join the memory
     mem_k: list[Tensor] = field(default_factory=list)  # per layer [kv_heads, M, head_dim]
     mem_v: list[Tensor] = field(default_factory=list)
+    pending: list[tuple[Tensor, ...]] = field(default_factory=list)  # the window's earlier raw tokens
     mask: Tensor | None = None              # [R + B, M + R + B] for the masked backend
     new: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=dict)
     """Per layer: the step's pre-RoPE keys and values, and the layer's whole keys and values."""
@@ -104,25 +108,42 @@ class TrainingKVCache:
         self.mem_v = [empty] * num_layers
         self.mem_len = 0
         self.seen = 0                 # raw tokens read so far
+        # per layer (pre-RoPE k, v [P, kv_heads, head_dim], rotated keys, values [kv_heads, P,
+        # head_dim]) of the current window's P raw tokens read by earlier steps
+        self.pending: list[tuple[Tensor, ...]] = []
+        self.num_pending = 0
         self.ratio: int | None = None  # the current window's ratio (None: not set)
         self._plan: TrainingStepPlan | None = None
 
     # --- state (for window checkpointing: a window recomputed from the state it started from) ---
     def state(self) -> tuple[dict[str, Any], list[Tensor]]:
         """``(host state, memory tensors)`` of the cache between two steps."""
-        return ({"mem_len": self.mem_len, "seen": self.seen, "ratio": self.ratio},
-                self.mem_k + self.mem_v)
+        return ({"mem_len": self.mem_len, "seen": self.seen, "ratio": self.ratio, "pending": self.pending,
+                 "num_pending": self.num_pending}, self.mem_k + self.mem_v)
 
     def load_state(self, host: dict[str, Any], memory: Sequence[Tensor]) -> None:
         """Return to a state of :meth:`state`."""
         n = self.num_layers
         self.mem_len, self.seen, self.ratio = host["mem_len"], host["seen"], host["ratio"]
+        self.pending, self.num_pending = host["pending"], host["num_pending"]
         self.mem_k, self.mem_v = list(memory[:n]), list(memory[n:])
         self._plan = None
 
     # --- the KVCache protocol --------------------------------------------------------------------
     def room(self, b: int) -> int:
-        return min(self.window, self.length - self.seen)
+        return min(self.window - self.num_pending, self.length - self.seen)
+
+    def memory_requires_grad(self) -> bool:
+        """Whether anything a raw token of the next step reads (memory, pending raw tokens)
+        carries gradients; when not, and beacons are appended, the window's raw tokens depend on
+        no trainable parameter."""
+        return any(t.requires_grad for t in self.mem_k + self.mem_v) or \
+            any(t.requires_grad for entry in self.pending for t in entry)
+
+    def can_split_window(self) -> bool:
+        """Whether a window may be read in more than one step (appended beacons without
+        ``sink_recapture``, whose first-entry rule assumes one step per window)."""
+        return self.placement == "append" and not self.sink_recapture
 
     def has_ratio(self, b: int) -> bool:
         return self.ratio is not None
@@ -134,9 +155,12 @@ class TrainingKVCache:
 
     def begin_step(self, num_raw: Sequence[int]) -> TrainingStepPlan:
         (n,) = num_raw
-        if n != self.room(0):
-            raise ValueError(f"num_raw: a training step reads whole windows ({self.room(0)} tokens), got {n}")
-        full = n == self.window
+        room = self.room(0)
+        if not (1 <= n <= room if self.can_split_window() else n == room):
+            whole = "1.." if self.can_split_window() else "whole windows: "
+            raise ValueError(f"num_raw: a training step reads {whole}{room} tokens, got {n}")
+        p_len = self.num_pending
+        full = p_len + n == self.window
         interleave = self.placement == "interleave"
         if (full or interleave) and self.ratio is None:
             raise ValueError("set_ratio: the ratio of a full window (of every window, with interleaved beacons) "
@@ -153,11 +177,11 @@ class TrainingKVCache:
             positions = torch.arange(m, m + n + nb, dtype=torch.int32, device=dev)
         else:
             nb = self.window // r if full and r and not last else 0  # nothing reads the last beacons
-            raw_len, beacon_len = n, nb
-            positions = step_positions([m], [n], [nb], [r], [n + nb], self.window, self.mode, device=dev)
+            raw_len, beacon_len = p_len + n, nb
+            positions = step_positions([m], [raw_len], [nb], [r], [n + nb], self.window, self.mode, device=dev)
         memory: list[int] = []
         if full and not last:
-            first = self.seen == 0
+            first = self.seen == p_len  # the sequence's first window
             memory = memory_entries(self.window, r, self.placement, sink_size=self.sink_size if first else 0,
                                     recaptured=0 if first and self.sink_recapture else None)
         mask = None
@@ -167,7 +191,8 @@ class TrainingKVCache:
             cu_seqlens=torch.tensor([0, n + nb], dtype=torch.int32, device=dev), num_raw=[n],
             num_beacons=[nb], num_new=[n + nb], completes_window=[full], max_seqlen_q=n + nb,
             positions=positions, beacon_slots=None if slots is None else [slots], mem_len=m, raw_len=raw_len,
-            beacon_len=beacon_len, ratio=r, memory=memory, mem_k=self.mem_k, mem_v=self.mem_v, mask=mask)
+            beacon_len=beacon_len, ratio=r, memory=memory, mem_k=self.mem_k, mem_v=self.mem_v,
+            pending=self.pending, mask=mask)
         return self._plan
 
     def rotate_queries(self, q: Tensor, plan: StepPlan) -> Tensor:
@@ -176,9 +201,13 @@ class TrainingKVCache:
     def append(self, layer: int, k_new: Tensor, v_new: Tensor, plan: StepPlan) -> None:
         dt = v_new.dtype  # the attention op wants one dtype for q, k and v (autocast may differ)
         k_rot = rotate(k_new, plan.positions, self.inv_freq, self.rope_interleaved).to(dt)
-        # [kv_heads, M + R + B, head_dim]: memory | raw | beacons
-        keys = torch.cat([plan.mem_k[layer].to(dt), k_rot.transpose(0, 1)], dim=1)
-        vals = torch.cat([plan.mem_v[layer].to(dt), v_new.transpose(0, 1)], dim=1)
+        # [kv_heads, M + R + B, head_dim]: memory | raw (pending, then this step's) | beacons
+        keys, vals = [plan.mem_k[layer].to(dt)], [plan.mem_v[layer].to(dt)]
+        if plan.pending:
+            keys.append(plan.pending[layer][2].to(dt))
+            vals.append(plan.pending[layer][3].to(dt))
+        keys = torch.cat([*keys, k_rot.transpose(0, 1)], dim=1)
+        vals = torch.cat([*vals, v_new.transpose(0, 1)], dim=1)
         plan.new[layer] = (k_new, v_new, keys, vals)
 
     def attention(self, layer: int, q: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor | None]:
@@ -200,23 +229,38 @@ class TrainingKVCache:
 
     def compact(self) -> None:
         """The entries the window keeps (sink, beacons or ratio-0 raw keys) join the memory, their
-        keys rotated at their memory slots."""
+        keys rotated at their memory slots; a window not yet complete keeps its raw tokens pending."""
         p = self._plan
         if p is None:
             return
-        # new lists: the plan (read again if a layer is recomputed) keeps the old memory
+        n, m = p.num_raw[0], p.mem_len
+        self.seen += n
+        self._plan = None
+        # new lists throughout: the plan (read again if a layer is recomputed) keeps the old state
+        if not p.completes_window[0]:
+            if self.seen < self.length:  # the window goes on in the next step
+                pending = []
+                for i in range(self.num_layers):
+                    k, v, keys, vals = p.new[i]  # keys, vals: memory | the window's raw tokens so far
+                    if p.pending:
+                        k, v = torch.cat([p.pending[i][0].to(k.dtype), k]), torch.cat([p.pending[i][1].to(v.dtype), v])
+                    pending.append((k, v, keys[:, m:], vals[:, m:]))
+                self.pending = pending
+                self.num_pending += n
+            return
         self.mem_k, self.mem_v = list(self.mem_k), list(self.mem_v)
         if p.memory:
-            pos = torch.arange(p.mem_len, p.mem_len + len(p.memory), dtype=torch.int32, device=self.device)
+            pos = torch.arange(m, m + len(p.memory), dtype=torch.int32, device=self.device)
             for i in range(self.num_layers):
                 k, v, keys, vals = p.new[i]
+                if p.pending:  # the window's entries: its pending raw tokens, then this step's
+                    k, v = torch.cat([p.pending[i][0].to(k.dtype), k]), torch.cat([p.pending[i][1].to(v.dtype), v])
                 mk = rotate(k[p.memory], pos, self.inv_freq, self.rope_interleaved).to(vals.dtype)
-                self.mem_k[i] = torch.cat([keys[:, :p.mem_len], mk.transpose(0, 1)], dim=1)
-                self.mem_v[i] = torch.cat([vals[:, :p.mem_len], v[p.memory].to(vals.dtype).transpose(0, 1)], dim=1)
+                self.mem_k[i] = torch.cat([keys[:, :m], mk.transpose(0, 1)], dim=1)
+                self.mem_v[i] = torch.cat([vals[:, :m], v[p.memory].to(vals.dtype).transpose(0, 1)], dim=1)
         self.mem_len += len(p.memory)
-        self.seen += p.num_raw[0]
+        self.pending, self.num_pending = [], 0
         self.ratio = None
-        self._plan = None
 
     def max_position(self) -> int:
         inner = self.window // self.ratio if self.placement == "interleave" and self.ratio else 0

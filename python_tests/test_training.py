@@ -223,6 +223,60 @@ def test_checkpointing_gives_same_gradients(checkpoint: str, beacon: dict) -> No
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+SPLIT_SETTINGS = [dict(mode="step-expansion", ratio=4), dict(mode="segmentation", ratio=2),
+                  dict(mode="full-coverage", ratio=8, attend_previous=False),
+                  dict(variant="v3", mode="step-expansion", ratio=4, sink_size=2),
+                  dict(variant="v3", mode="step-expansion", ratio=4, sink_size=1, sink_recapture=True),
+                  dict(variant="v3", **{k: v for k, v in INTERLEAVED.items() if k != "variant"}, ratio=4)]
+
+
+@pytest.mark.parametrize("ratios", [None, [0, 4, 0, 2, 4]], ids=["fixed", "with-ratio-0"])
+@pytest.mark.parametrize("beacon", SPLIT_SETTINGS, ids=lambda b: "-".join(f"{k}={v}" for k, v in b.items()))
+def test_constant_raw_rows_read_without_autograd(beacon: dict, ratios: list | None) -> None:
+    """split_constant_windows: the first window's raw tokens (and, after windows kept raw with
+    ratio 0, the next window's) read without autograd; loss and gradients as in one step per
+    window, the loss also equal to the inference path. Interleaved beacons and sink_recapture keep
+    one step per window."""
+    m = tiny_model(window=16, beacon_params=("q", "k", "v", "o"), **beacon)
+    trainable = make_beacon_trainable(m)
+    ids = torch.randint(0, 101, (70,), generator=torch.Generator().manual_seed(5))
+    rows: list[tuple[int, bool]] = []
+    hook = m.model.layers[0].mlp.register_forward_hook(
+        lambda mod, inp, _: rows.append((inp[0].shape[0], torch.is_grad_enabled())))
+    runs = []
+    for split in (True, False):
+        for _, p in trainable:
+            p.grad = None
+        rows.clear()
+        ratio = None if ratios is None else iter(ratios).__next__
+        out = beacon_loss(m, ids, ratio=ratio, split_constant_windows=split)
+        out.loss.backward()
+        runs.append((out.loss.item(), {n: p.grad.clone() for n, p in trainable if p.grad is not None}, list(rows)))
+    hook.remove()
+    (l_split, g_split, rows_split), (l_one, g_one, rows_one) = runs
+    ref = _inference_loss(m, ids) if ratios is None else None
+    if ref is not None:
+        assert abs(l_split - ref) <= 2e-5 * max(1.0, abs(ref)), (l_split, ref)
+    assert abs(l_split - l_one) <= 1e-6 * max(1.0, abs(l_one)), (l_split, l_one)
+    assert g_split.keys() == g_one.keys() and g_split
+    for n in g_one:
+        torch.testing.assert_close(g_split[n], g_one[n], rtol=1e-5, atol=1e-7, msg=n)
+    splits = beacon.get("placement", "append") == "append" and not beacon.get("sink_recapture")
+    window_ratios = (ratios or [beacon["ratio"]] * 4)[:4]
+    expect = []
+    for w, r in enumerate(window_ratios):  # four full windows, then 6 tokens
+        beacons = 16 // r if r else 0
+        if splits and all(x == 0 for x in window_ratios[:w]):
+            expect += [(15, False), (1 + beacons, True)]
+        else:
+            expect.append((16 + beacons, True))
+    expect.append((6, True))
+    if splits:
+        assert rows_split == expect, rows_split
+    else:
+        assert rows_split == rows_one, (rows_split, rows_one)
+
+
 @requires_cuda
 def test_cuda_forward_and_gradients() -> None:
     """On the GPU: the loss equals the GPU inference path, the beacon gradients equal the CPU
