@@ -81,3 +81,30 @@ def test_interleaved_causal_step_is_measured_against_its_peers():
     for key in ("op_ms", "op_gflops", "sdpa_masked_ms", "speedup_vs_sdpa_masked", "vs_sdpa_causal",
                 "matmul_gflops", "vs_matmul"):
         assert key in row and key in COLUMNS and row[key] > 0, key
+
+
+def test_training_step_settings_compute_the_same_loss():
+    """`bench train` on a tiny model: one row per setting, each a real forward and backward of
+    the same sample; the fp32 settings give the same loss (they only change what autograd keeps),
+    bf16 autocast a close one."""
+    import torch
+
+    from beacon_ops.adapter import make_beacon_trainable
+    from beacon_ops.benchmarks.training import COLUMNS, SETTINGS, measure
+    from llama_helpers import tiny_model
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = tiny_model(window=16, ratio=4)
+        make_beacon_trainable(m, rank=4)
+        rows = measure(m, 8, 2, 30, "cpu")
+    finally:
+        torch.set_num_threads(n)
+    assert [r["setting"] for r in rows] == list(SETTINGS)
+    base = rows[0]["loss"]
+    for r in rows:
+        assert set(COLUMNS) <= set(r) and r["windows"] == 4 and r["step_s"] > 0, r
+        tol = 5e-2 if "bf16" in r["setting"] else 1e-5
+        assert abs(r["loss"] - base) <= tol * max(1.0, abs(base)), (r["setting"], r["loss"], base)
+    assert m.beacon.window == 8

