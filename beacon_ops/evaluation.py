@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 __all__ = ["FILLER", "INTRO", "QUESTION", "passkey_prompt", "passkey_min_tokens", "default_text",
-           "PasskeyResult", "passkey_grid", "accuracy_table", "plot_passkey_heatmap",
+           "PasskeyResult", "passkey_grid", "chars_in_place", "accuracy_table", "plot_passkey_heatmap",
            "TaskResult", "expected_answer", "task_answers", "task_table"]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -62,6 +62,7 @@ class PasskeyResult:
     tokens: int        # actual prompt tokens
     answer: str
     correct: bool      # the key is in the greedy answer
+    digits: float      # share of the key's digits at their place in the answer (partial progress)
     ratio: int | None  # condensing ratio used (beacon attention)
     seconds: float
 
@@ -97,7 +98,7 @@ def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence
             new = generate(model, [ids], max_new_tokens, attention=attention, progress=False)[0]
         model.reset()
         answer = tok.decode(new).strip()
-        r = PasskeyResult(method, n, d, key, len(ids), answer, str(key) in answer,
+        r = PasskeyResult(method, n, d, key, len(ids), answer, str(key) in answer, chars_in_place(str(key), answer),
                           ratio_for_length(model, len(ids)) if attention == "beacon" else None,
                           time.perf_counter() - t0)
         results.append(r)
@@ -111,8 +112,15 @@ def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence
     return results
 
 
+def chars_in_place(want: str, got: str) -> float:
+    """Share of ``want``'s characters that ``got`` has at the same place (``73691`` vs
+    ``73697.`` -> 0.8): progress that exact answers do not show yet."""
+    return sum(a == b for a, b in zip(want, got)) / max(1, len(want))
+
+
 def accuracy_table(results: Sequence[PasskeyResult]) -> str:
-    """Markdown table: accuracy over the depths per (length, method), with the ratio used."""
+    """Markdown table: accuracy over the depths per (length, method), the share of key digits
+    in place, and the ratio used."""
     methods = list(dict.fromkeys(r.method for r in results))
     head = "| length | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods)
     rows = [head]
@@ -125,7 +133,9 @@ def accuracy_table(results: Sequence[PasskeyResult]) -> str:
                 continue
             ok = sum(r.correct for r in rs)
             ratios = sorted({r.ratio for r in rs if r.ratio is not None})
-            cells.append(f"{ok / len(rs):.0%} ({ok}/{len(rs)})" + (f", r = {'/'.join(map(str, ratios))}" if ratios else ""))
+            digits = sum(r.digits for r in rs) / len(rs)
+            cells.append(f"{ok / len(rs):.0%} ({ok}/{len(rs)}), digits {digits:.0%}"
+                         + (f", r = {'/'.join(map(str, ratios))}" if ratios else ""))
         rows.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -220,9 +230,8 @@ def task_answers(model: Any, tok: Any, sampler: Callable[[int], Any], samples: i
             new = generate(model, [s.ids[:s.answer_start]], n_ans + 2, attention=attention, progress=False)[0]
         model.reset()
         got = tok.decode(new).replace(eos, " ").strip()
-        same = sum(a == b for a, b in zip(want, got))
         r = TaskResult(s.kind, s.answer_start, s.facts_in_memory(window) > 0, want, got,
-                       want.lower() in got.lower(), same / max(1, len(want)), time.perf_counter() - t0)
+                       want.lower() in got.lower(), chars_in_place(want, got), time.perf_counter() - t0)
         out.append(r)
         if bar is not None:
             bar.update(1)

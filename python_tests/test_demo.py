@@ -66,6 +66,16 @@ def test_demo_falls_back_and_reports(tmp_path, no_smollm2, capsys):
     assert 1 <= beacon["new_tokens"] <= 3 and beacon["prefill_tok_s"] > 0
 
 
+def test_chars_in_place():
+    from beacon_ops.evaluation import chars_in_place
+
+    assert chars_in_place("73691", "73697.7") == 0.8
+    assert chars_in_place("65125", "65611.") == 0.4
+    assert chars_in_place("12345", "12345") == 1.0 and chars_in_place("12345", "") == 0.0
+    assert chars_in_place("12345", " 12345") == 0.0  # in place, not anywhere
+    assert chars_in_place("", "x") == 0.0
+
+
 def test_eval_passkey_grid_table_heatmap(tmp_path, no_smollm2, capsys):
     out = tmp_path / "pk.json"
     assert main(["eval-passkey", "--lengths", "400,1100", "--depths", "0,1", "--window", "128",
@@ -78,6 +88,8 @@ def test_eval_passkey_grid_table_heatmap(tmp_path, no_smollm2, capsys):
     assert sorted((r["method"], r["length"]) for r in res) == sorted(
         [(m, n) for m in ("beacon", "sliding") for n in (400, 400, 1100, 1100)] + [("full", 400)] * 2)
     assert all(r["correct"] == (str(r["key"]) in r["answer"]) for r in res)
+    assert all(0 <= r["digits"] <= 1 and (r["digits"] == 1) >= r["answer"].startswith(str(r["key"])) for r in res)
+    assert ", digits " in printed
     # adapt-N: r = 0 at 400 tokens, 2 at 1100 (+1024 generation allowance > the 2048 context)
     assert {r["length"]: r["ratio"] for r in res if r["method"] == "beacon"} == {400: 0, 1100: 2}
     # r = 0 is the base model: beacon answers equal full attention's where both ran
