@@ -514,6 +514,30 @@ def test_bad_input() -> None:
         make_beacon_trainable(m, params=("x",))
 
 
+def test_every_shipped_adapter_is_small_documented_and_loadable() -> None:
+    """beacon_ops/assets: each adapter <= 16 MiB, with its settings in the metadata, a section in
+    the assets README, and it loads into a model of SmolLM2's shapes (random weights)."""
+    import glob
+
+    from beacon_ops.adapter import read_adapter_config
+    from beacon_ops.checkpoints import random_llama
+
+    folder = os.path.join(os.path.dirname(__import__("beacon_ops").__file__), "assets")
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    assert len(files) >= 2, files
+    with open(os.path.join(folder, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    smollm2 = tiny_config(vocab_size=64, hidden_size=576, intermediate_size=64, num_layers=30, num_heads=9,
+                          num_kv_heads=3, head_dim=64)
+    for path in files:
+        name = os.path.basename(path)
+        assert os.path.getsize(path) <= 16 << 20, name
+        assert f"`{name}`" in readme, name
+        cfg = read_adapter_config(path)
+        m = random_llama(smollm2, BeaconConfig(window=cfg["window"]), seed=0)
+        load_beacon_adapter(m, path)  # raises on a shape or name mismatch
+
+
 @pytest.mark.slow
 def test_shipped_smollm2_adapter_beats_untrained() -> None:
     """beacon_ops/assets' adapter (trained on Shakespeare without Hamlet) on Hamlet, held out:
