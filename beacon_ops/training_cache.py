@@ -239,28 +239,31 @@ class TrainingKVCache:
         # new lists throughout: the plan (read again if a layer is recomputed) keeps the old state
         if not p.completes_window[0]:
             if self.seen < self.length:  # the window goes on in the next step
-                pending = []
-                for i in range(self.num_layers):
-                    k, v, keys, vals = p.new[i]  # keys, vals: memory | the window's raw tokens so far
-                    if p.pending:
-                        k, v = torch.cat([p.pending[i][0].to(k.dtype), k]), torch.cat([p.pending[i][1].to(v.dtype), v])
-                    pending.append((k, v, keys[:, m:], vals[:, m:]))
-                self.pending = pending
+                # keys, vals: memory | the window's raw tokens so far
+                self.pending = [(*self._window_entries(p, i), p.new[i][2][:, m:], p.new[i][3][:, m:])
+                                for i in range(self.num_layers)]
                 self.num_pending += n
             return
         self.mem_k, self.mem_v = list(self.mem_k), list(self.mem_v)
         if p.memory:
             pos = torch.arange(m, m + len(p.memory), dtype=torch.int32, device=self.device)
             for i in range(self.num_layers):
-                k, v, keys, vals = p.new[i]
-                if p.pending:  # the window's entries: its pending raw tokens, then this step's
-                    k, v = torch.cat([p.pending[i][0].to(k.dtype), k]), torch.cat([p.pending[i][1].to(v.dtype), v])
+                k, v = self._window_entries(p, i)
+                keys, vals = p.new[i][2:]
                 mk = rotate(k[p.memory], pos, self.inv_freq, self.rope_interleaved).to(vals.dtype)
                 self.mem_k[i] = torch.cat([keys[:, :m], mk.transpose(0, 1)], dim=1)
                 self.mem_v[i] = torch.cat([vals[:, :m], v[p.memory].to(vals.dtype).transpose(0, 1)], dim=1)
         self.mem_len += len(p.memory)
         self.pending, self.num_pending = [], 0
         self.ratio = None
+
+    @staticmethod
+    def _window_entries(p: TrainingStepPlan, layer: int) -> tuple[Tensor, Tensor]:
+        """Pre-RoPE ``(k, v)`` of the window's entries so far: its pending raw tokens, then the step's."""
+        k, v = p.new[layer][:2]
+        if p.pending:
+            k, v = torch.cat([p.pending[layer][0].to(k.dtype), k]), torch.cat([p.pending[layer][1].to(v.dtype), v])
+        return k, v
 
     def max_position(self) -> int:
         inner = self.window // self.ratio if self.placement == "interleave" and self.ratio else 0

@@ -101,8 +101,6 @@ def run(device: str, quick: bool) -> dict:
     rows = []
     for window, ratio, tokens in SAMPLES[:1] if quick else SAMPLES:
         rows += measure(model, window, ratio, tokens, device, settings)
-    summary = {f"w{r['window']} {r['tokens']} tokens": {} for r in rows}
-    for r in rows:
-        summary[f"w{r['window']} {r['tokens']} tokens"][r["setting"]] = r["vs_default"]
     return {"rows": rows, "columns": COLUMNS, "model": name,
-            "time_vs_default": {s: {k: v[s] for k, v in summary.items()} for s in settings}}
+            "time_vs_default": {s: {f"w{r['window']} {r['tokens']} tokens": r["vs_default"]
+                                    for r in rows if r["setting"] == s} for s in settings}}
