@@ -126,11 +126,12 @@ def test_nine_heads_over_three(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 7])
-@pytest.mark.parametrize("head_dim", [128, 136])
+@pytest.mark.parametrize("head_dim", [64, 128, 136])
 def test_decode(device, dtype, group, head_dim):
     # One query per sequence; different lengths; one sequence's query completes nothing. Groups
     # 1-7: the CPU's few-row kernels per row count (the key counts leave remainders after their
-    # key groups and chunks; head_dim 136 leaves an 8-column tail).
+    # key groups and chunks; head_dim 136 leaves an 8-column tail; with AVX2, bf16 at head_dim 64
+    # and 128 is read in split column order for groups 1-4 and 6).
     c = make_case(device, dtype, mem=[512, 5, 0, 1025], raw=[97, 1, 64, 3],
                   beacon=[0, 0, 0, 0], ratio=[8, 0, 2, 32], nq=[1, 1, 1, 1], heads=3 * group,
                   kv_heads=3, head_dim=head_dim)

@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -88,7 +89,6 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       at::Tensor& out, at::Tensor& lse) {
   const int d = static_cast<int>(P.head_dim);
   const int G = static_cast<int>(P.group);
-  const int rows_max = P.rows_per_tile;
   const int64_t H = P.heads;
 
   std::vector<Tile> tiles;
@@ -110,6 +110,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                    [](const Tile& a, const Tile& b) { return a.cost > b.cost; });
   const int64_t n_work = static_cast<int64_t>(tiles.size()) * P.kv_heads;
   if (n_work == 0) return;
+  int rows_max = 0;  // scratch is sized for the call's largest tile (a decode step's: G rows)
+  for (const Tile& t : tiles) rows_max = std::max(rows_max, (t.t1 - t.t0) * G);
 
   // Per-thread fp32 scratch: Q tile and its transpose, transposed scores, accumulator, row
   // state, and the key and value blocks in fp32 (16-bit blocks widened; fp32 blocks copied too:
@@ -122,7 +124,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int n_threads = at::get_num_threads();
   // bf16 with AVX-512-BF16: Q K^T by bf16 dot products (bf16_gemm.h); P V stays in fp32.
   const bool bf16_dot = std::is_same_v<T, at::BFloat16> && beacon_cpu::use_bf16_dot();
-  std::vector<float> buffer(static_cast<size_t>(per_thread) * n_threads);
+  // Not zero-filled: every piece is written before it is read (a decode step's scratch was
+  // filled at every call, more bytes than a short cache's K and V).
+  const std::unique_ptr<float[]> buffer(new float[static_cast<size_t>(per_thread) * n_threads]);
 
   const T* q_data = q.const_data_ptr<T>();
   const T* k_data = k.const_data_ptr<T>();
@@ -136,7 +140,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t n_parts = total_macs < (int64_t{1} << 20) ? 1 : n_threads;
   std::atomic<int64_t> next_work{0};
   at::parallel_for(0, n_parts, 1, [&](int64_t, int64_t) {
-    float* q_tile = buffer.data() + at::get_thread_num() * per_thread;
+    float* q_tile = buffer.get() + at::get_thread_num() * per_thread;
     float* q_t = q_tile + q_elems;
     float* acc = q_t + q_elems;
     float* scores = acc + q_elems;
@@ -158,6 +162,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const int n_tok = tile.t1 - tile.t0;
       const int rows = n_tok * G;
       const bool small = rows < kSmallRows;
+      const bool split = small && decode_split<T>(rows, d);  // q and acc in split column order
       const int64_t row0 = cu[tile.b] + tile.t0;  // packed index of the tile's first query
 
       // Gather the tile's queries in fp32: row r = (token r / G, head kvh * G + r % G).
@@ -168,6 +173,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         to_float(q_data + (row0 + t) * P.q_row_stride + kvh * G * P.q_head_stride, P.q_head_stride, G, d,
                  q_tile + static_cast<int64_t>(t) * G * d);
       }
+      if (split) split_columns(q_tile, rows, d);
       // The QK^T GEMM reads Q^T [d x rows]: fp32, or bf16 pairs for the bf16 dot products.
       uint32_t* q_pairs = reinterpret_cast<uint32_t*>(q_t);
       if (!small && bf16_dot) {
@@ -203,7 +209,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const T* kb = k_seq + k0 * P.k_row_stride;
         const T* vb = v_seq + k0 * P.v_row_stride;
         if (small) {
-          decode_qk(q_tile, rows, d, kb, P.k_row_stride, n, P.scale, scores, k_block);
+          decode_qk(q_tile, rows, d, kb, P.k_row_stride, n, P.scale, scores, k_block, split);
         } else {
           to_float(vb, P.v_row_stride, n, d, v_block);
           if (bf16_dot) {  // K straight from the cache, in pairs
@@ -233,12 +239,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         if (!first) scale_rows(acc, rows, d, corr);
         // acc [rows x d] (+)= P V, P(r, c) = scores[c * rows + r].
         if (small)
-          decode_pv(scores, rows, n, vb, P.v_row_stride, d, acc);
+          decode_pv(scores, rows, n, vb, P.v_row_stride, d, acc, split);
         else
           beacon_cpu::block_gemm(rows, d, n, 1.0f, scores, 1, rows, v_block, d, !first, acc, d);
         first = false;
       }
 
+      if (split && !first) merge_columns(acc, rows, d);
       // Normalise and write out; a row that saw no key gets out = 0 and lse = +inf.
       for (int r = 0; r < rows; ++r) {
         const int t = r / G, g = r % G;

@@ -68,14 +68,17 @@ BEACON_ALWAYS_INLINE float fast_exp(float x) {
 
 // The pieces of the update: the block's row maxima and the correction factors (m_blk then holds
 // zeros for the block's sums), the exp pass over rows [r0, rows), and the new row sums.
-BEACON_ALWAYS_INLINE void softmax_begin(const float* st, int n, int rows, float* row_max,
-                                        float* corr, float* m_blk, float* m_use) {
-  for (int r = 0; r < rows; ++r) m_blk[r] = kNegInf;
-  for (int c = 0; c < n; ++c) {
+// Keys [c0, n) into the row maxima m_blk.
+BEACON_ALWAYS_INLINE void softmax_max(const float* st, int c0, int n, int rows, float* m_blk) {
+  for (int c = c0; c < n; ++c) {
     const float* s = st + static_cast<int64_t>(c) * rows;
 #pragma omp simd
     for (int r = 0; r < rows; ++r) m_blk[r] = s[r] > m_blk[r] ? s[r] : m_blk[r];
   }
+}
+// Given the block's row maxima in m_blk: the new running maxima, m_use and corr.
+BEACON_ALWAYS_INLINE void softmax_rescale(int rows, float* row_max, float* corr, float* m_blk,
+                                          float* m_use) {
   for (int r = 0; r < rows; ++r) {
     const float m_old = row_max[r];
     const float m_new = m_blk[r] > m_old ? m_blk[r] : m_old;
@@ -85,6 +88,12 @@ BEACON_ALWAYS_INLINE void softmax_begin(const float* st, int n, int rows, float*
     row_max[r] = m_new;
     m_blk[r] = 0.0f;  // now the block's sum
   }
+}
+BEACON_ALWAYS_INLINE void softmax_begin(const float* st, int n, int rows, float* row_max,
+                                        float* corr, float* m_blk, float* m_use) {
+  for (int r = 0; r < rows; ++r) m_blk[r] = kNegInf;
+  softmax_max(st, 0, n, rows, m_blk);
+  softmax_rescale(rows, row_max, corr, m_blk, m_use);
 }
 BEACON_ALWAYS_INLINE void softmax_exp(float* st, int n, int rows, int r0, float* m_blk,
                                       const float* m_use) {
@@ -147,26 +156,42 @@ __attribute__((target("avx2"))) inline __m256 fast_exp8(__m256 x) {
 __attribute__((target("avx2"))) inline void softmax_update_avx2(
     float* st, int n, int rows, float* row_max, float* row_sum, float* corr, float* m_blk,
     float* m_use) {
-  softmax_begin(st, n, rows, row_max, corr, m_blk, m_use);
   if (rows < 8) {
-    // Few rows (decode): the scores are one run of n * rows floats whose maxima repeat with
-    // period `rows`; the exp pass takes 8 of them at a time (lane j of the vector at flat index
-    // i needs m_use[(i + j) % rows]: m_pat holds that pattern for every i % (8 * rows)). The
-    // sums are then added in the row-wise order of the portable code, so results stay equal.
+    // Few rows (decode): the scores are one run of n * rows floats, key c's at [c * rows, (c + 1)
+    // * rows). The maxima and the sums keep lanes [0, rows) of one register and take a whole
+    // vector at c * rows while 8 floats remain. (The portable loops carried them through memory,
+    // a store-to-load chain per key: most of the softmax's time, 8-22% of a bf16 decode step.)
+    // The sums stay in the row-wise order of the portable code, so results are equal bit for bit.
+    const int64_t total = static_cast<int64_t>(n) * rows;
+    const int c_vec = total >= 8 ? static_cast<int>((total - 8) / rows) + 1 : 0;  // c * rows + 8 <= total
+    alignas(32) float lanes[8];
+    __m256 mx = _mm256_set1_ps(kNegInf);
+    // max_ps(s, m) is s > m ? s : m, NaN and signed zeros included, as the portable loop.
+    for (int c = 0; c < c_vec; ++c) mx = _mm256_max_ps(_mm256_loadu_ps(st + static_cast<int64_t>(c) * rows), mx);
+    _mm256_store_ps(lanes, mx);
+    for (int r = 0; r < rows; ++r) m_blk[r] = lanes[r];
+    softmax_max(st, c_vec, n, rows, m_blk);
+    softmax_rescale(rows, row_max, corr, m_blk, m_use);
+    // The exp pass takes 8 scores at a time: lane j of the vector at flat index i needs
+    // m_use[(i + j) % rows]; m_pat holds that pattern for every i % (8 * rows).
     alignas(32) float m_pat[8 * 8 + 8];
     const int period = 8 * rows;
     for (int j = 0; j < period + 8; ++j) m_pat[j] = m_use[j % rows];
-    const int64_t total = static_cast<int64_t>(n) * rows;
     int64_t i = 0;
     for (int off = 0; i + 8 <= total; i += 8, off = off + 8 == period ? 0 : off + 8)
       _mm256_storeu_ps(st + i, fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + i),
                                                        _mm256_loadu_ps(m_pat + off))));
     for (; i < total; ++i) st[i] = fast_exp(st[i] - m_use[i % rows]);
-    for (int c = 0; c < n; ++c)
+    __m256 sum = _mm256_setzero_ps();
+    for (int c = 0; c < c_vec; ++c) sum = _mm256_add_ps(sum, _mm256_loadu_ps(st + static_cast<int64_t>(c) * rows));
+    _mm256_store_ps(lanes, sum);
+    for (int r = 0; r < rows; ++r) m_blk[r] = lanes[r];
+    for (int c = c_vec; c < n; ++c)
       for (int r = 0; r < rows; ++r) m_blk[r] += st[static_cast<int64_t>(c) * rows + r];
     softmax_end(rows, row_sum, corr, m_blk);
     return;
   }
+  softmax_begin(st, n, rows, row_max, corr, m_blk, m_use);
   const int r8 = rows - rows % 8;
   for (int c = 0; c < n; ++c) {
     float* s = st + static_cast<int64_t>(c) * rows;
@@ -331,6 +356,23 @@ BEACON_AVX2_FMA inline __m256 load8f(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Columns [HALF, HALF + 8) of the 16 at p in the kernel's column order. SPLIT (a bf16 cache):
+// each 16 columns are one 32-byte load taken as the even columns (the words shifted up) then
+// the odd ones (masked), one integer op per 8 values instead of a widening shuffle and a shift
+// (the shuffles share a port with the FMAs; ~5% of a bf16 decode step); q and the P V accumulator
+// are kept in that order (split_columns, merge_columns).
+template <bool SPLIT, int HALF, typename T>
+BEACON_AVX2_FMA inline __m256 load8_cols(const T* p) {
+  if constexpr (SPLIT) {
+    static_assert(std::is_same_v<T, at::BFloat16>, "split order is for bf16");
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm256_castsi256_ps(HALF == 0 ? _mm256_slli_epi32(w, 16)
+                                         : _mm256_and_si256(w, _mm256_set1_epi32(-65536)));
+  } else {
+    return load8f(p + HALF);
+  }
+}
+
 // Keys ahead of the one being read whose rows are prefetched.
 constexpr int kPrefetchKeys = 8;
 template <typename T>
@@ -385,10 +427,36 @@ BEACON_AVX2_FMA void small_qk_avx2(const float* q, int rows, int d, const T* k, 
   }
 }
 
+// One key's dot product with one row of q, columns in the kernel's order (the tail of the
+// kernel below). d % 8 == 0; SPLIT: d % 16 == 0.
+template <bool SPLIT, typename T>
+BEACON_AVX2_FMA inline float dot_cols(const float* qr, const T* kc, int d) {
+  __m256 a = _mm256_setzero_ps();
+  for (int i = 0; i < d; i += 16) {
+    a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), load8_cols<SPLIT, 0>(kc + i), a);
+    if (SPLIT || i + 8 < d) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i + 8), load8_cols<SPLIT, 8>(kc + i), a);
+  }
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+}
+
+// Eight columns (HALF of the 16 at i) of KEYS keys against ROWS rows of q.
+template <int ROWS, int KEYS, bool SPLIT, int HALF, typename T>
+__attribute__((always_inline, target("avx2,fma,f16c"))) inline void qk_cols(
+    const float* q, int d, const T* k0, int64_t ldk, int i, __m256* acc) {
+  __m256 kv[KEYS];
+  for (int j = 0; j < KEYS; ++j) kv[j] = load8_cols<SPLIT, HALF>(k0 + j * ldk + i);
+  for (int r = 0; r < ROWS; ++r) {
+    const __m256 qv = _mm256_loadu_ps(q + static_cast<int64_t>(r) * d + i + HALF);
+    for (int j = 0; j < KEYS; ++j) acc[r * KEYS + j] = _mm256_fmadd_ps(qv, kv[j], acc[r * KEYS + j]);
+  }
+}
+
 // s [n x ROWS] = alpha * k q^T for GQA decode tiles, KEYS keys at a time: every 8 columns of
 // the KEYS keys are loaded (and widened, for 16-bit caches) once for all ROWS rows, so K is read
 // from memory once and never copied; ROWS x KEYS accumulators stay in registers.
-template <int ROWS, int KEYS, typename T>
+template <int ROWS, int KEYS, bool SPLIT, typename T>
 BEACON_AVX2_FMA void small_qk_rows_avx2(const float* q, int d, const T* k, int64_t ldk, int n,
                                         float alpha, float* s) {
   static_assert(ROWS * KEYS % 4 == 0, "sums are taken four at a time");
@@ -399,13 +467,9 @@ BEACON_AVX2_FMA void small_qk_rows_avx2(const float* q, int d, const T* k, int64
     for (int j = 0; j < KEYS; ++j) prefetch_key_row(k0 + (kPrefetchKeys + j) * ldk, d);
     __m256 acc[ROWS * KEYS];
     for (int a = 0; a < ROWS * KEYS; ++a) acc[a] = _mm256_setzero_ps();
-    for (int i = 0; i < d; i += 8) {
-      __m256 kv[KEYS];
-      for (int j = 0; j < KEYS; ++j) kv[j] = load8f(k0 + j * ldk + i);
-      for (int r = 0; r < ROWS; ++r) {
-        const __m256 qv = _mm256_loadu_ps(q + static_cast<int64_t>(r) * d + i);
-        for (int j = 0; j < KEYS; ++j) acc[r * KEYS + j] = _mm256_fmadd_ps(qv, kv[j], acc[r * KEYS + j]);
-      }
+    for (int i = 0; i < d; i += 16) {
+      qk_cols<ROWS, KEYS, SPLIT, 0>(q, d, k0, ldk, i, acc);
+      if (SPLIT || i + 8 < d) qk_cols<ROWS, KEYS, SPLIT, 8>(q, d, k0, ldk, i, acc);
     }
     alignas(16) float out[ROWS * KEYS];
     for (int a = 0; a < ROWS * KEYS; a += 4)
@@ -413,19 +477,24 @@ BEACON_AVX2_FMA void small_qk_rows_avx2(const float* q, int d, const T* k, int64
     for (int r = 0; r < ROWS; ++r)
       for (int j = 0; j < KEYS; ++j) s[static_cast<int64_t>(c + j) * ROWS + r] = out[r * KEYS + j];
   }
-  if (c < n) small_qk_avx2(q, ROWS, d, k + c * ldk, ldk, n - c, alpha, s + static_cast<int64_t>(c) * ROWS);
+  for (; c < n; ++c)
+    for (int r = 0; r < ROWS; ++r)
+      s[static_cast<int64_t>(c) * ROWS + r] =
+          dot_cols<SPLIT>(q + static_cast<int64_t>(r) * d, k + c * ldk, d) * alpha;
 }
 
 // Few-row Q K^T with the register blocking that fits 16 ymm registers; false: no kernel for
-// `rows` (1: the four-key kernel above is as good; 5 and 7 would not fit the registers).
-template <typename T>
+// `rows` (1: the four-key kernel above is as good, except in split order; 5 and 7 would not fit
+// the registers).
+template <bool SPLIT, typename T>
 BEACON_AVX2_FMA bool small_qk_gqa_avx2(const float* q, int rows, int d, const T* k, int64_t ldk,
                                        int n, float alpha, float* s) {
   switch (rows) {
-    case 2: small_qk_rows_avx2<2, 4>(q, d, k, ldk, n, alpha, s); return true;
-    case 3: small_qk_rows_avx2<3, 4>(q, d, k, ldk, n, alpha, s); return true;
-    case 4: small_qk_rows_avx2<4, 2>(q, d, k, ldk, n, alpha, s); return true;
-    case 6: small_qk_rows_avx2<6, 2>(q, d, k, ldk, n, alpha, s); return true;
+    case 1: if (!SPLIT) return false; small_qk_rows_avx2<1, 4, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
+    case 2: small_qk_rows_avx2<2, 4, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
+    case 3: small_qk_rows_avx2<3, 4, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
+    case 4: small_qk_rows_avx2<4, 2, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
+    case 6: small_qk_rows_avx2<6, 2, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
     default: return false;
   }
 }
@@ -435,13 +504,15 @@ BEACON_AVX2_FMA bool small_qk_gqa_avx2(const float* q, int rows, int d, const T*
 // chunk's keys; the first pass reads V from memory, the others read the same lines from L1.
 // While a chunk is worked on, the next one is prefetched, one cache line per key visited: a
 // prefetch a few keys ahead inside the first pass came too late (perf: half of the kernel's
-// time on the first load of a V row).
+// time on the first load of a V row). (Tried and slower here, 10-30%: the next chunk's lines in
+// the order its passes read them, line p of every row in pass p; a prefetch loop of its own
+// per pass instead of this per-visit line counter.)
 constexpr int kPvChunkKeys = 32;
 template <typename T>
 inline void prefetch_rows(const T* v, int64_t ldv, int first, int end, int d) {
   for (int c = first; c < end; ++c) prefetch_key_row(v + c * ldv, d);
 }
-template <int ROWS, typename T>
+template <int ROWS, bool SPLIT, typename T>
 BEACON_AVX2_FMA void small_pv_rows_avx2(const float* p, int n, const T* v, int64_t ldv, int d,
                                         float* acc) {
   const int row_lines = static_cast<int>((static_cast<int64_t>(d) * sizeof(T) + 63) / 64);
@@ -463,8 +534,8 @@ BEACON_AVX2_FMA void small_pv_rows_avx2(const float* p, int n, const T* v, int64
           if (++pf_line == row_lines) pf_line = 0, ++pf_row;
         }
         const T* vc = v + c * ldv + i0;
-        const __m256 v0 = load8f(vc);
-        const __m256 v1 = two ? load8f(vc + 8) : _mm256_setzero_ps();
+        const __m256 v0 = load8_cols<SPLIT, 0>(vc);
+        const __m256 v1 = two ? load8_cols<SPLIT, 8>(vc) : _mm256_setzero_ps();
         const float* pc = p + static_cast<int64_t>(c) * ROWS;
         for (int r = 0; r < ROWS; ++r) {
           const __m256 pr = _mm256_broadcast_ss(pc + r);
@@ -485,27 +556,66 @@ BEACON_AVX2_FMA void small_pv_rows_avx2(const float* p, int n, const T* v, int64
 
 // (Not named small_pv_avx2: that is small_pv's auto-vectorised AVX2 variant, a non-template
 // overload with these parameters, which a call would pick over this template.)
-template <typename T>
+template <bool SPLIT, typename T>
 void small_pv_rows_dispatch_avx2(const float* p, int rows, int n, const T* v, int64_t ldv, int d,
                                  float* acc) {
   switch (rows) {
-    case 1: small_pv_rows_avx2<1>(p, n, v, ldv, d, acc); return;
-    case 2: small_pv_rows_avx2<2>(p, n, v, ldv, d, acc); return;
-    case 3: small_pv_rows_avx2<3>(p, n, v, ldv, d, acc); return;
-    case 4: small_pv_rows_avx2<4>(p, n, v, ldv, d, acc); return;
-    case 5: small_pv_rows_avx2<5>(p, n, v, ldv, d, acc); return;
-    case 6: small_pv_rows_avx2<6>(p, n, v, ldv, d, acc); return;
-    default: small_pv_rows_avx2<7>(p, n, v, ldv, d, acc); return;
+    case 1: small_pv_rows_avx2<1, SPLIT>(p, n, v, ldv, d, acc); return;
+    case 2: small_pv_rows_avx2<2, SPLIT>(p, n, v, ldv, d, acc); return;
+    case 3: small_pv_rows_avx2<3, SPLIT>(p, n, v, ldv, d, acc); return;
+    case 4: small_pv_rows_avx2<4, SPLIT>(p, n, v, ldv, d, acc); return;
+    case 5: small_pv_rows_avx2<5, SPLIT>(p, n, v, ldv, d, acc); return;
+    case 6: small_pv_rows_avx2<6, SPLIT>(p, n, v, ldv, d, acc); return;
+    default: small_pv_rows_avx2<7, SPLIT>(p, n, v, ldv, d, acc); return;
   }
 }
 #undef BEACON_AVX2_FMA
 #endif
 
+// Whether a decode tile of `rows` rows reads its bf16 cache in split column order (load8_cols):
+// with AVX2 (and not AVX-512, whose Q K^T kernel reads the cache's order), head_dim % 16 == 0
+// and a register-blocked Q K^T kernel for `rows`.
+template <typename T>
+bool decode_split(int rows, int d) {
+#ifdef BEACON_CPU_X86
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    return d % 16 == 0 && (rows <= 4 || rows == 6) && !cpu_has(Isa::kAvx512) && cpu_has(Isa::kAvx2);
+#endif
+  return false;
+}
+// rows x d floats from the cache's column order into split order (each 16 columns: the even
+// ones, then the odd ones), and back.
+inline void split_columns(float* x, int rows, int d) {
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < d; i += 16) {
+      float* g = x + static_cast<int64_t>(r) * d + i;
+      float t[16];
+      for (int j = 0; j < 8; ++j) t[j] = g[2 * j], t[8 + j] = g[2 * j + 1];
+      std::memcpy(g, t, sizeof t);
+    }
+}
+inline void merge_columns(float* x, int rows, int d) {
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < d; i += 16) {
+      float* g = x + static_cast<int64_t>(r) * d + i;
+      float t[16];
+      for (int j = 0; j < 8; ++j) t[2 * j] = g[j], t[2 * j + 1] = g[8 + j];
+      std::memcpy(g, t, sizeof t);
+    }
+}
+
 // Few-row tiles (decode, rows < 8): s [n x rows] = alpha * k q^T. k_scratch: n x d floats.
+// split: q is in split column order (decode_split said so).
 template <typename T>
 void decode_qk(const float* q, int rows, int d, const T* k, int64_t ldk, int n, float alpha,
-               float* s, float* k_scratch) {
+               float* s, float* k_scratch, bool split) {
 #ifdef BEACON_CPU_X86
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (split) {
+      small_qk_gqa_avx2<true>(q, rows, d, k, ldk, n, alpha, s);
+      return;
+    }
+  }
   if constexpr (!std::is_same_v<T, at::Half>) {
     if (d % 16 == 0 && cpu_has(Isa::kAvx512)) {
       small_qk_avx512(q, rows, d, k, ldk, n, alpha, s);
@@ -513,7 +623,7 @@ void decode_qk(const float* q, int rows, int d, const T* k, int64_t ldk, int n, 
     }
   }
   if (cpu_has(Isa::kAvx2)) {
-    if (small_qk_gqa_avx2(q, rows, d, k, ldk, n, alpha, s)) return;
+    if (small_qk_gqa_avx2<false>(q, rows, d, k, ldk, n, alpha, s)) return;
     if constexpr (!std::is_same_v<T, float>) {
       // Several rows (GQA) would widen every K element once per row: widen the block once
       // (read from memory once, with prefetching), then take the dot products from the cache.
@@ -530,18 +640,28 @@ void decode_qk(const float* q, int rows, int d, const T* k, int64_t ldk, int n, 
     return;
   }
 #endif
+  (void)split;
   small_qk_generic(q, rows, d, k, ldk, n, alpha, s);
 }
 
 // Few-row tiles (decode, rows < 8): acc [rows x d] += p v, p stored transposed [n x rows].
+// split: acc is in split column order.
 template <typename T>
-void decode_pv(const float* p, int rows, int n, const T* v, int64_t ldv, int d, float* acc) {
+void decode_pv(const float* p, int rows, int n, const T* v, int64_t ldv, int d, float* acc,
+               bool split) {
 #ifdef BEACON_CPU_X86
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (split) {
+      small_pv_rows_dispatch_avx2<true>(p, rows, n, v, ldv, d, acc);
+      return;
+    }
+  }
   if (rows <= 7 && cpu_has(Isa::kAvx2)) {
-    small_pv_rows_dispatch_avx2(p, rows, n, v, ldv, d, acc);
+    small_pv_rows_dispatch_avx2<false>(p, rows, n, v, ldv, d, acc);
     return;
   }
 #endif
+  (void)split;
   small_pv(p, rows, n, v, ldv, d, acc);
 }
 
