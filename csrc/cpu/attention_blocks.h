@@ -484,13 +484,12 @@ BEACON_AVX2_FMA void small_qk_rows_avx2(const float* q, int d, const T* k, int64
 }
 
 // Few-row Q K^T with the register blocking that fits 16 ymm registers; false: no kernel for
-// `rows` (1: the four-key kernel above is as good, except in split order; 5 and 7 would not fit
-// the registers).
+// `rows` (5 and 7 would not fit the registers).
 template <bool SPLIT, typename T>
 BEACON_AVX2_FMA bool small_qk_gqa_avx2(const float* q, int rows, int d, const T* k, int64_t ldk,
                                        int n, float alpha, float* s) {
   switch (rows) {
-    case 1: if (!SPLIT) return false; small_qk_rows_avx2<1, 4, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
+    case 1: small_qk_rows_avx2<1, 4, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
     case 2: small_qk_rows_avx2<2, 4, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
     case 3: small_qk_rows_avx2<3, 4, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
     case 4: small_qk_rows_avx2<4, 2, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
@@ -624,17 +623,16 @@ void decode_qk(const float* q, int rows, int d, const T* k, int64_t ldk, int n, 
   }
   if (cpu_has(Isa::kAvx2)) {
     if (small_qk_gqa_avx2<false>(q, rows, d, k, ldk, n, alpha, s)) return;
+    // 5 or 7 rows. For a 16-bit cache, reading it in place would widen every K element once per
+    // row: widen the block once (read from memory once, with prefetching), then take the dot
+    // products from the cache.
     if constexpr (!std::is_same_v<T, float>) {
-      // Several rows (GQA) would widen every K element once per row: widen the block once
-      // (read from memory once, with prefetching), then take the dot products from the cache.
-      if (rows > 1) {
-        for (int c = 0; c < n; ++c) {
-          prefetch_key_row(k + (c + kPrefetchKeys) * ldk, d);
-          to_float(k + c * ldk, ldk, 1, d, k_scratch + static_cast<int64_t>(c) * d);
-        }
-        small_qk_avx2(q, rows, d, static_cast<const float*>(k_scratch), d, n, alpha, s);
-        return;
+      for (int c = 0; c < n; ++c) {
+        prefetch_key_row(k + (c + kPrefetchKeys) * ldk, d);
+        to_float(k + c * ldk, ldk, 1, d, k_scratch + static_cast<int64_t>(c) * d);
       }
+      small_qk_avx2(q, rows, d, static_cast<const float*>(k_scratch), d, n, alpha, s);
+      return;
     }
     small_qk_avx2(q, rows, d, k, ldk, n, alpha, s);
     return;
