@@ -113,6 +113,26 @@ def make_beacon_trainable(model: Llama, params: Sequence[str] = BEACON_PROJS, ra
     return out
 
 
+def cast_frozen_projections(model: Llama, dtype: torch.dtype) -> int:
+    """Store the weights of ``model``'s frozen linear projections in ``dtype``; returns how many.
+
+    For training under autocast to ``dtype``: autocast casts an fp32 weight on every call unless
+    it requires grad (its cast cache keeps only those), so a frozen base would be re-cast for
+    every matmul of every window (measured ~20% of a bf16 CPU step). Converted once, the weights
+    are what autocast would have passed anyway. Norms, embeddings (the tied LM head) and the
+    trained beacon parameters keep their dtype; a :class:`LowRankDelta` adds its delta to the
+    converted base. The model then runs only under autocast (fp32 inputs meet ``dtype`` weights).
+    """
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear) and not mod.weight.requires_grad and mod.weight.dtype != dtype:
+            mod.weight.data = mod.weight.data.to(dtype)
+            if mod.bias is not None and not mod.bias.requires_grad:
+                mod.bias.data = mod.bias.data.to(dtype)
+            n += 1
+    return n
+
+
 SHIPPED_ADAPTER = "smollm2_beacon_r8_w256.safetensors"
 """The trained SmolLM2-135M-Instruct adapter under ``beacon_ops/assets`` (provenance in its README)."""
 

@@ -5,7 +5,7 @@ are trained (full matrices, or low-rank deltas from the base projections with ``
 :mod:`beacon_ops.adapter`). Every step reads one chunk of text window by window
 (:func:`beacon_ops.training.beacon_loss`: memory not detached, ratios ``step-random`` with one
 generator seeded 42), with AdamW, linear warm-up then linear decay to zero, gradient clipping and
-optional autocast. Only the trained tensors are saved (safetensors, settings in the metadata),
+optional autocast (the frozen projections then stored in its dtype, the trained tensors in fp32). Only the trained tensors are saved (safetensors, settings in the metadata),
 with the optimizer state next to them (``PATH.state.pt``) so that a resumed run continues
 exactly: chunks are drawn from a generator seeded by ``(seed, step)``.
 
@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .adapter import load_beacon_adapter, make_beacon_trainable, read_adapter_config, save_beacon_adapter
+from .adapter import (cast_frozen_projections, load_beacon_adapter, make_beacon_trainable, read_adapter_config,
+                      save_beacon_adapter)
 from .distributed import Distributed
 from .llama import BEACON_PROJS, Llama
 from .long_tasks import Sample, kjv_text, shakespeare_files
@@ -87,7 +88,7 @@ class TrainConfig:
     ratio_seed: int = 42
     seed: int = 42
     checkpoint: str | None = "window"
-    autocast: str | None = None       # "bfloat16" / "float16" autocast dtype (GPU), None = off
+    autocast: str | None = None       # "bfloat16" / "float16" autocast dtype, None = off
     attention: str = "auto"           # beacon_loss's attention backend
     batch_size: int = 1               # samples per optimizer step, over all ranks together
 
@@ -132,6 +133,8 @@ class Trainer:
         self.dist = dist or Distributed.current()
         self.meta = dict(meta or {})
         self.trainable = make_beacon_trainable(model, config.params, config.rank, seed=config.seed)
+        if config.autocast:  # the frozen base once in the autocast dtype, not cast per matmul
+            cast_frozen_projections(model, getattr(torch, config.autocast))
         self.opt = torch.optim.AdamW([p for _, p in self.trainable], lr=config.lr,
                                      weight_decay=config.weight_decay)
         self.sampler = StepRandomRatios(config.ratios, config.ratio_seed, model.beacon.stride)

