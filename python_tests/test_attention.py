@@ -362,7 +362,7 @@ def test_mismatched_devices_named():
 
 # --- every instruction-set path of the CPU kernel (chosen once per process from the CPU, capped by
 # BEACON_OPS_CPU_ISA, so each is checked in a subprocess) -----------------------------------------
-ISA_LEVELS = ("portable", "avx2", "avx512", "avx512bf16")
+ISA_LEVELS = ("portable", "avx2", "avx512", "avx512bf16", "amx")
 
 _ISA_SCRIPT = r"""
 import sys, torch

@@ -480,12 +480,12 @@ def test_cpu_isa_paths_agree_bit_for_bit(tmp_path):
     import subprocess
     import sys
 
-    isas = ("portable", "avx2", "avx512", "avx512bf16")
+    isas = ("portable", "avx2", "avx512", "avx512bf16", "amx")
     procs = {isa: subprocess.Popen([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / f"{isa}.pt")],
                                    env=dict(os.environ, BEACON_OPS_CPU_ISA=isa)) for isa in isas}
     assert all(p.wait(timeout=300) == 0 for p in procs.values())
     results = {isa: torch.load(tmp_path / f"{isa}.pt") for isa in isas}
-    for isa in ("avx2", "avx512", "avx512bf16"):
+    for isa in isas[1:]:
         for key, want in results["portable"].items():
             got = results[isa][key]
             nan = want.isnan()

@@ -11,7 +11,8 @@
 // rows, varlen batches) and the machines are shared.
 // QK^T and PV run in fp32 on per-block fp32 copies of K and V through block_gemm.h (an
 // AVX-512 micro-kernel, else torch's BLAS); with bf16 inputs on CPUs with AVX-512-BF16, QK^T
-// instead reads K in place by bf16 dot products with fp32 accumulation (bf16_gemm.h); tiles of fewer than kSmallRows rows (decode) use
+// instead reads K in place by bf16 dot products with fp32 accumulation (bf16_gemm.h), and with
+// AMX tiles P V multiplies P rounded to bf16 by V in pairs; tiles of fewer than kSmallRows rows (decode) use
 // dot products straight from the cache. Scores are kept transposed (key-major) so the softmax
 // bookkeeping vectorises across rows; those loops live in attention_blocks.h, compiled for
 // AVX-512 / AVX2 / baseline and chosen by cpu_isa.h like every CPU kernel.
@@ -37,6 +38,7 @@
 #include "cpu/attention_blocks.h"
 #include "cpu/bf16_gemm.h"
 #include "cpu/block_gemm.h"
+#include "cpu/softmax_to_bf16.h"
 #include "cpu/step_lengths.h"
 
 namespace {
@@ -80,6 +82,8 @@ struct Problem : beacon::HostAttnParams {
   int tokens_per_tile, rows_per_tile;
 };
 
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
 // Tiles with fewer rows than this use the dot-product kernels instead of GEMMs.
 constexpr int kSmallRows = 8;
 
@@ -120,10 +124,14 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t q_elems = static_cast<int64_t>(rows_max) * d;
   const int64_t s_elems = static_cast<int64_t>(rows_max) * key_block;
   const int64_t kv_elems = static_cast<int64_t>(key_block) * d;
-  const int64_t per_thread = 3 * q_elems + s_elems + 5 * rows_max + 2 * kv_elems;
-  const int n_threads = at::get_num_threads();
-  // bf16 with AVX-512-BF16: Q K^T by bf16 dot products (bf16_gemm.h); P V stays in fp32.
+  // bf16 with AVX-512-BF16: Q K^T by bf16 dot products (bf16_gemm.h); P V too where AMX tiles
+  // do them (P rounded to bf16, as flash attention's GPU kernels do), else in fp32.
   const bool bf16_dot = std::is_same_v<T, at::BFloat16> && beacon_cpu::use_bf16_dot();
+  const bool bf16_pv = bf16_dot && beacon_cpu::use_bf16_pv();
+  // P in bf16 [rows x keys padded to 32]: whole 16-pair tiles for the P V GEMM.
+  const int64_t p_elems = bf16_pv ? static_cast<int64_t>(rows_max) * key_block / 2 : 0;
+  const int64_t per_thread = 3 * q_elems + s_elems + 5 * rows_max + 2 * kv_elems + p_elems;
+  const int n_threads = at::get_num_threads();
   // Not zero-filled: every piece is written before it is read (a decode step's scratch was
   // filled at every call, more bytes than a short cache's K and V).
   const std::unique_ptr<float[]> buffer(new float[static_cast<size_t>(per_thread) * n_threads]);
@@ -151,6 +159,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     float* tmp1 = tmp0 + rows_max;
     float* k_block = tmp1 + rows_max;
     float* v_block = k_block + kv_elems;
+    uint16_t* p_bf16 = reinterpret_cast<uint16_t*>(v_block + kv_elems);
+    uint32_t* v_pairs = reinterpret_cast<uint32_t*>(v_block);  // V in pairs (bf16_pv)
     std::vector<RowSpans> spans(P.tokens_per_tile);
     std::vector<BlockKind> kinds(P.tokens_per_tile);
 
@@ -211,9 +221,14 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         if (small) {
           decode_qk(q_tile, rows, d, kb, P.k_row_stride, n, P.scale, scores, k_block, split);
         } else {
-          to_float(vb, P.v_row_stride, n, d, v_block);
+          if (bf16_pv)
+            beacon_cpu::pack_pair_rows(reinterpret_cast<const uint16_t*>(vb), P.v_row_stride, n, d,
+                                       round_up(n, 32), v_pairs);
+          else
+            to_float(vb, P.v_row_stride, n, d, v_block);
           if (bf16_dot) {  // K straight from the cache, in pairs
-            beacon_cpu::gemm_bf16_pairs(n, rows, d / 2, P.scale,
+            // Unscaled where the softmax takes the scale (softmax_to_bf16.h): tiles stored as is.
+            beacon_cpu::gemm_bf16_pairs(n, rows, d / 2, bf16_pv ? 1.0f : P.scale,
                                         reinterpret_cast<const uint16_t*>(kb), P.k_row_stride, q_pairs,
                                         rows, false, scores, rows);
           } else {
@@ -235,13 +250,21 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
             }
           }
         }
-        softmax_update(scores, n, rows, row_max, row_sum, corr, tmp0, tmp1);
+        const int n_pad = round_up(n, 32);  // P's keys for bf16_pv: whole 16-pair tiles
+        if (bf16_pv && !small)
+          beacon_cpu::softmax_to_bf16_rows(scores, n, rows, P.scale, row_max, row_sum, corr, tmp0, tmp1,
+                                           n_pad, p_bf16);
+        else
+          softmax_update(scores, n, rows, row_max, row_sum, corr, tmp0, tmp1);
         if (!first) scale_rows(acc, rows, d, corr);
         // acc [rows x d] (+)= P V, P(r, c) = scores[c * rows + r].
-        if (small)
+        if (small) {
           decode_pv(scores, rows, n, vb, P.v_row_stride, d, acc, split);
-        else
+        } else if (bf16_pv) {
+          beacon_cpu::gemm_bf16_pairs(rows, d, n_pad / 2, 1.0f, p_bf16, n_pad, v_pairs, d, !first, acc, d);
+        } else {
           beacon_cpu::block_gemm(rows, d, n, 1.0f, scores, 1, rows, v_block, d, !first, acc, d);
+        }
         first = false;
       }
 

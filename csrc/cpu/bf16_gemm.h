@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/amx_gemm.h"    // the tiles' part at level amx
 #include "cpu/block_gemm.h"  // the 6 x 64 micro-kernel pieces
 #include "cpu/cpu_isa.h"
 
@@ -100,16 +101,102 @@ BEACON_BF16_TARGET inline void gemm_bf16_pairs_avx512(int M, int N, int Kp, floa
                       ldc, M - i0 < kMR ? M - i0 : kMR, masks);
   }
 }
+// GCC 12 reports its own intrinsics' undefined-vector placeholders (__Y) as maybe uninitialised.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// 16 x 16 fp32 transpose in registers: unpacks within lanes, then two
+// rounds of 128-bit lane shuffles (row j of the result = column j of the input).
+BEACON_BF16_TARGET inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {  // u[4i + k], lane L: column 4L + k of rows 4i .. 4i + 3
+    const __m512 x0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88);
+    const __m512 x1 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88);
+    const __m512 y0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xDD);
+    const __m512 y1 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xDD);
+    r[k] = _mm512_shuffle_f32x4(x0, x1, 0x88);
+    r[8 + k] = _mm512_shuffle_f32x4(x0, x1, 0xDD);
+    r[4 + k] = _mm512_shuffle_f32x4(y0, y1, 0x88);
+    r[12 + k] = _mm512_shuffle_f32x4(y0, y1, 0xDD);
+  }
+}
+
+BEACON_BF16_TARGET inline void pack_pair_rows_avx512(const uint16_t* v, int64_t ldv, int n, int d,
+                                                     int n_pad, uint32_t* vp) {
+  for (int p = 0; 2 * p < n_pad; ++p) {
+    const uint16_t* lo = v + 2 * p * ldv;
+    const uint16_t* hi = lo + ldv;
+    const bool has_lo = 2 * p < n, has_hi = 2 * p + 1 < n;
+    for (int j = 0; j < d; j += 16) {
+      const __mmask16 m = d - j < 16 ? static_cast<__mmask16>((1u << (d - j)) - 1u) : 0xFFFF;
+      const __m512i a = has_lo ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + j))
+                               : _mm512_setzero_si512();
+      const __m512i b = has_hi ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + j))
+                               : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(vp + static_cast<int64_t>(p) * d + j, m,
+                               _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+  }
+}
+#pragma GCC diagnostic pop
 #undef BEACON_BF16_TARGET
 #endif
 
+// Whether P V also runs on bf16 (P rounded): where AMX tiles multiply it.
+inline bool use_bf16_pv() {
+#ifdef BEACON_OPS_EMULATE_BF16_DOT
+  return true;
+#else
+  return beacon::cpu::cpu_has(beacon::cpu::Isa::kAmx);
+#endif
+}
+
+// V for the P V GEMM in pairs: vp [n_pad / 2 x d] (row stride d) holds, at (p, j), rows 2p and
+// 2p + 1 of v [n x d] (row stride ldv, bf16) in column j; rows n .. n_pad - 1 are zero. n_pad even.
+inline void pack_pair_rows(const uint16_t* v, int64_t ldv, int n, int d, int n_pad, uint32_t* vp) {
+#if defined(BEACON_CPU_X86) && !defined(BEACON_OPS_EMULATE_BF16_DOT)
+  pack_pair_rows_avx512(v, ldv, n, d, n_pad, vp);
+#else
+  for (int p = 0; 2 * p < n_pad; ++p)
+    for (int j = 0; j < d; ++j) {
+      const uint32_t lo = 2 * p < n ? v[2 * p * ldv + j] : 0;
+      const uint32_t hi = 2 * p + 1 < n ? v[(2 * p + 1) * ldv + j] : 0;
+      vp[static_cast<int64_t>(p) * d + j] = lo | (hi << 16);
+    }
+#endif
+}
+
 // C [M x N] = alpha * A Bp (+ C when accumulate); A: M rows of 2 Kp bf16 (row stride lda
-// elements), Bp: Kp rows of N pair words (row stride ldb), C row-major fp32.
+// elements), Bp: Kp rows of N pair words (row stride ldb), C row-major fp32. At level amx the
+// part of C and of the pairs in whole 16s goes to the tiles (amx_gemm.h), the rest (C's last
+// M % 16 rows and N % 16 columns, then the last Kp % 16 pairs, added) to vdpbf16ps.
 inline void gemm_bf16_pairs(int M, int N, int Kp, float alpha, const uint16_t* A, int64_t lda,
                             const uint32_t* Bp, int64_t ldb, bool accumulate, float* C,
                             int64_t ldc) {
 #if defined(BEACON_CPU_X86) && !defined(BEACON_OPS_EMULATE_BF16_DOT)
-  gemm_bf16_pairs_avx512(M, N, Kp, alpha, A, lda, Bp, ldb, accumulate, C, ldc);
+  const int M16 = M & ~15, N16 = N & ~15, K16 = Kp & ~15;
+  if (M16 == 0 || N16 == 0 || K16 == 0 || !beacon::cpu::cpu_has(beacon::cpu::Isa::kAmx)) {
+    gemm_bf16_pairs_avx512(M, N, Kp, alpha, A, lda, Bp, ldb, accumulate, C, ldc);
+    return;
+  }
+  amx::gemm_bf16_pairs_tiles(M16, N16, K16, alpha, A, lda, Bp, ldb, accumulate, C, ldc);
+  if (K16 < Kp)
+    gemm_bf16_pairs_avx512(M16, N16, Kp - K16, alpha, A + 2 * K16, lda, Bp + K16 * ldb, ldb, true, C,
+                           ldc);
+  if (N16 < N)
+    gemm_bf16_pairs_avx512(M16, N - N16, Kp, alpha, A, lda, Bp + N16, ldb, accumulate, C + N16, ldc);
+  if (M16 < M)
+    gemm_bf16_pairs_avx512(M - M16, N, Kp, alpha, A + M16 * lda, lda, Bp, ldb, accumulate,
+                           C + M16 * ldc, ldc);
 #else
   gemm_bf16_pairs_portable(M, N, Kp, alpha, A, lda, Bp, ldb, accumulate, C, ldc);
 #endif

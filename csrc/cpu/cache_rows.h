@@ -201,9 +201,8 @@ inline void rotate_rows(const T* src, int64_t src_stride, T* dst, int64_t dst_st
   const int64_t half = D / 2;
 #ifdef BEACON_CPU_X86
   using beacon::cpu::Isa;
-  const Isa isa = beacon::cpu::cpu_isa();
   if (beacon::cpu::cpu_has(Isa::kAvx512) && half % (interleaved ? 8 : 16) == 0) {
-    if (isa == Isa::kAvx512Bf16 && std::is_same_v<T, c10::BFloat16>) {
+    if (beacon::cpu::cpu_has(Isa::kAvx512Bf16) && std::is_same_v<T, c10::BFloat16>) {
       avx512bf16::rotate_rows_avx512(src, src_stride, dst, dst_stride, nrows, D, a, interleaved);
     } else {
       avx512::rotate_rows_avx512(src, src_stride, dst, dst_stride, nrows, D, a, interleaved);

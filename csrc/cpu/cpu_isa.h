@@ -2,12 +2,13 @@
 //
 // The build targets baseline x86-64, so every kernel that uses AVX2 or AVX-512 is compiled with
 // a function-level target attribute and chosen at run time from cpu_isa(): the widest level the
-// CPU has, capped by the environment variable BEACON_OPS_CPU_ISA=portable|avx2|avx512|avx512bf16
+// CPU has, capped by the environment variable BEACON_OPS_CPU_ISA=portable|avx2|avx512|avx512bf16|amx
 // (tests force each path with it; a cap above what the CPU has changes nothing).
 //   portable    plain C++ (compiler's baseline); GEMMs through ATen matmuls on views
 //   avx2        AVX2 + FMA + F16C; GEMMs through torch's BLAS (sgemm_)
 //   avx512      AVX-512 F/BW/VL/DQ; the project's fp32 GEMM micro-kernel
 //   avx512bf16  also AVX-512-BF16: bf16 dot products (vdpbf16ps) and bf16 conversions
+//   amx         also AMX-BF16 tiles (tdpbf16ps), where the kernel lets this process use them
 #pragma once
 
 #include <cstdlib>
@@ -15,22 +16,45 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define BEACON_CPU_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace beacon::cpu {
 
-enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
-// The cap named by BEACON_OPS_CPU_ISA (kAvx512Bf16, i.e. no cap, when unset or unknown).
+// The cap named by BEACON_OPS_CPU_ISA (kAmx, i.e. no cap, when unset or unknown).
 inline Isa isa_cap_from_env() {
   const char* env = std::getenv("BEACON_OPS_CPU_ISA");
   const std::string c = env ? env : "";
   if (c == "portable") return Isa::kPortable;
   if (c == "avx2") return Isa::kAvx2;
   if (c == "avx512") return Isa::kAvx512;
-  return Isa::kAvx512Bf16;
+  if (c == "avx512bf16") return Isa::kAvx512Bf16;
+  return Isa::kAmx;
 }
+
+#ifdef BEACON_CPU_X86
+// AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22), and Linux's permission for this
+// process to use the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA):
+// without it the first tile instruction faults.
+inline bool amx_usable() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!((d >> 24) & 1u) || !((d >> 22) & 1u)) return false;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+#endif
 
 // What the CPU supports, ignoring the cap.
 inline Isa detected_isa() {
@@ -41,7 +65,9 @@ inline Isa detected_isa() {
   if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
     return Isa::kAvx2;
-  return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
+  if (!__builtin_cpu_supports("avx512bf16")) return Isa::kAvx512;
+  static const bool amx = amx_usable();  // asked once: the permission is per process
+  return amx ? Isa::kAmx : Isa::kAvx512Bf16;
 #else
   return Isa::kPortable;
 #endif
@@ -63,7 +89,8 @@ inline const char* isa_name(Isa level) {
     case Isa::kPortable: return "portable";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
-    default: return "avx512bf16";
+    case Isa::kAvx512Bf16: return "avx512bf16";
+    default: return "amx";
   }
 }
 
