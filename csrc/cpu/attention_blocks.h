@@ -215,7 +215,8 @@ __attribute__((target("avx512f"))) inline void softmax_update_avx512(
 inline void softmax_update(float* st, int n, int rows, float* row_max, float* row_sum,
                            float* corr, float* m_blk, float* m_use) {
 #ifdef BEACON_CPU_X86
-  if (cpu_has(Isa::kAvx512)) {
+  // Few rows (decode): the AVX2 update keeps maxima and sums in registers, at every x86 level.
+  if (cpu_has(Isa::kAvx512) && !(rows < 8 && cpu_has(Isa::kAvx2))) {
     softmax_update_avx512(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
     return;
   }
@@ -578,7 +579,7 @@ template <typename T>
 bool decode_split(int rows, int d) {
 #ifdef BEACON_CPU_X86
   if constexpr (std::is_same_v<T, at::BFloat16>)
-    return d % 16 == 0 && (rows <= 4 || rows == 6) && !cpu_has(Isa::kAvx512) && cpu_has(Isa::kAvx2);
+    return d % 16 == 0 && (rows <= 4 || rows == 6) && cpu_has(Isa::kAvx2);
 #endif
   return false;
 }
@@ -615,6 +616,10 @@ void decode_qk(const float* q, int rows, int d, const T* k, int64_t ldk, int n, 
       return;
     }
   }
+  // The AVX2 kernels at every x86 level: they keep rows x keys blocks in registers and
+  // prefetch, where small_qk_avx512 sums each (key, row) across a register (measured 1.5-3.6x
+  // slower on an AVX-512 Xeon); that one stays for 5 or 7 rows.
+  if (cpu_has(Isa::kAvx2) && small_qk_gqa_avx2<false>(q, rows, d, k, ldk, n, alpha, s)) return;
   if constexpr (!std::is_same_v<T, at::Half>) {
     if (d % 16 == 0 && cpu_has(Isa::kAvx512)) {
       small_qk_avx512(q, rows, d, k, ldk, n, alpha, s);
@@ -622,7 +627,6 @@ void decode_qk(const float* q, int rows, int d, const T* k, int64_t ldk, int n, 
     }
   }
   if (cpu_has(Isa::kAvx2)) {
-    if (small_qk_gqa_avx2<false>(q, rows, d, k, ldk, n, alpha, s)) return;
     // 5 or 7 rows. For a 16-bit cache, reading it in place would widen every K element once per
     // row: widen the block once (read from memory once, with prefetching), then take the dot
     // products from the cache.
