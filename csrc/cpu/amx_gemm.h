@@ -1,15 +1,17 @@
 // bf16 block GEMM on AMX tiles (cpu_isa() level amx): the tile-aligned part of bf16_gemm.h's
-// C [M x N] (+)= alpha * A Bp, with the same operands. AMX's tdpbf16ps multiplies a tile of A
-// (16 rows x 32 bf16, i.e. 16 pairs) by a tile of B in exactly the pair ("VNNI") layout bf16_gemm.h
-// uses (16 pair rows x 16 words), so both operands load straight from where they lie.
+// C [M x N] (+)= alpha * A Bp for alpha = 1 (the attention kernel scales in its softmax), with
+// the same operands. AMX's tdpbf16ps multiplies a tile of A (16 rows x 32 bf16, i.e. 16 pairs)
+// by a tile of B in exactly the pair ("VNNI") layout bf16_gemm.h uses (16 pair rows x 16 words),
+// so both operands load straight from where they lie.
 //
-// Here M, N and Kp are multiples of 16 (the caller, gemm_bf16_pairs, gives the rest to the
-// AVX-512-BF16 kernel). C is blocked 32 x 32 in four accumulator tiles (tmm0-3) with two A tiles
-// (tmm4-5) and two B tiles (tmm6-7): eight loads feed four tile products per 16 pairs. The tile
-// configuration is loaded at each call and released at its end: other code on the thread
-// (oneDNN's matmuls) configures the tiles its own way, and released tiles cost a context switch
-// nothing. The tile intrinsics are inline asm without memory operands that the compiler sees, so
-// compiler barriers order them against the C++ reads and writes of the same buffers.
+// Here M, N and Kp are multiples of 16 (the caller, gemm_bf16_pairs, gives the rest, and any
+// alpha != 1, to the AVX-512-BF16 kernel). C is blocked 32 x 32 in four accumulator tiles
+// (tmm0-3) with two A tiles (tmm4-5) and two B tiles (tmm6-7): four loads feed four tile products
+// per 16 pairs. The tile configuration is loaded at each call and released at its end: other code
+// on the thread (oneDNN's matmuls) configures the tiles its own way, and released tiles cost a
+// context switch nothing. The tile intrinsics are inline asm without memory operands that the
+// compiler sees, so compiler barriers order them against the C++ reads and writes of the same
+// buffers.
 #pragma once
 
 #include <cstdint>
@@ -31,27 +33,14 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-// C (16 x 16 at c, row stride ldc floats) = alpha * t (+ C), t a stored tile (16 x 16, packed).
-BEACON_AMX_TARGET inline void scale_tile_into(const float* t, float alpha, bool accumulate, float* c,
-                                              int64_t ldc) {
-  const __m512 a = _mm512_set1_ps(alpha);
-  for (int r = 0; r < 16; ++r) {
-    __m512 x = _mm512_mul_ps(_mm512_load_ps(t + 16 * r), a);
-    if (accumulate) x = _mm512_add_ps(x, _mm512_loadu_ps(c + r * ldc));
-    _mm512_storeu_ps(c + r * ldc, x);
-  }
-}
-
-// One block of C: R x NC tiles of 16 x 16 (R, NC in {1, 2}) at C, over Kp pairs. alpha == 1
-// accumulates in the tiles themselves (C loaded into them first); otherwise each tile is stored
-// to `tmp` and scaled into C.
+// One block of C: R x NC tiles of 16 x 16 (R, NC in {1, 2}) at C, over Kp pairs, accumulated in
+// the tiles themselves (C loaded into them first when accumulating).
 template <int R, int NC>
-BEACON_AMX_TARGET inline void block(int Kp, float alpha, const uint16_t* A, int64_t lda, const uint32_t* Bp,
-                                    int64_t ldb, bool accumulate, float* C, int64_t ldc, float* tmp) {
+BEACON_AMX_TARGET inline void block(int Kp, const uint16_t* A, int64_t lda, const uint32_t* Bp, int64_t ldb,
+                                    bool accumulate, float* C, int64_t ldc) {
   const int64_t sa = lda * 2, sb = ldb * 4, sc = ldc * 4;  // row strides in bytes
-  const bool direct = alpha == 1.0f;
   float* c1 = C + 16 * ldc;
-  if (direct && accumulate) {
+  if (accumulate) {
     BEACON_COMPILER_BARRIER();
     _tile_loadd(0, C, sc);
     if constexpr (NC == 2) _tile_loadd(1, C + 16, sc);
@@ -73,31 +62,18 @@ BEACON_AMX_TARGET inline void block(int Kp, float alpha, const uint16_t* A, int6
     if constexpr (R == 2) _tile_dpbf16ps(2, 5, 6);
     if constexpr (R == 2 && NC == 2) _tile_dpbf16ps(3, 5, 7);
   }
-  if (direct) {
-    _tile_stored(0, C, sc);
-    if constexpr (NC == 2) _tile_stored(1, C + 16, sc);
-    if constexpr (R == 2) _tile_stored(2, c1, sc);
-    if constexpr (R == 2 && NC == 2) _tile_stored(3, c1 + 16, sc);
-    BEACON_COMPILER_BARRIER();
-    return;
-  }
-  _tile_stored(0, tmp, 64);
-  if constexpr (NC == 2) _tile_stored(1, tmp + 256, 64);
-  if constexpr (R == 2) _tile_stored(2, tmp + 512, 64);
-  if constexpr (R == 2 && NC == 2) _tile_stored(3, tmp + 768, 64);
+  _tile_stored(0, C, sc);
+  if constexpr (NC == 2) _tile_stored(1, C + 16, sc);
+  if constexpr (R == 2) _tile_stored(2, c1, sc);
+  if constexpr (R == 2 && NC == 2) _tile_stored(3, c1 + 16, sc);
   BEACON_COMPILER_BARRIER();
-  scale_tile_into(tmp, alpha, accumulate, C, ldc);
-  if constexpr (NC == 2) scale_tile_into(tmp + 256, alpha, accumulate, C + 16, ldc);
-  if constexpr (R == 2) scale_tile_into(tmp + 512, alpha, accumulate, c1, ldc);
-  if constexpr (R == 2 && NC == 2) scale_tile_into(tmp + 768, alpha, accumulate, c1 + 16, ldc);
 }
 
-// C [M x N] = alpha * A Bp (+ C when accumulate); M, N, Kp multiples of 16 (see the top).
-BEACON_AMX_TARGET inline void gemm_bf16_pairs_tiles(int M, int N, int Kp, float alpha, const uint16_t* A,
-                                                    int64_t lda, const uint32_t* Bp, int64_t ldb,
-                                                    bool accumulate, float* C, int64_t ldc) {
+// C [M x N] = A Bp (+ C when accumulate); M, N, Kp multiples of 16 (see the top).
+BEACON_AMX_TARGET inline void gemm_bf16_pairs_tiles(int M, int N, int Kp, const uint16_t* A, int64_t lda,
+                                                    const uint32_t* Bp, int64_t ldb, bool accumulate,
+                                                    float* C, int64_t ldc) {
   static const TileConfig config;
-  alignas(64) float tmp[4 * 256];
   BEACON_COMPILER_BARRIER();
   _tile_loadconfig(&config);
   for (int i0 = 0; i0 < M; i0 += 32) {
@@ -107,10 +83,10 @@ BEACON_AMX_TARGET inline void gemm_bf16_pairs_tiles(int M, int N, int Kp, float 
       const bool two_cols = N - j0 >= 32;
       const uint32_t* b = Bp + j0;
       float* c = C + i0 * ldc + j0;
-      if (two_rows && two_cols) block<2, 2>(Kp, alpha, a, lda, b, ldb, accumulate, c, ldc, tmp);
-      else if (two_rows) block<2, 1>(Kp, alpha, a, lda, b, ldb, accumulate, c, ldc, tmp);
-      else if (two_cols) block<1, 2>(Kp, alpha, a, lda, b, ldb, accumulate, c, ldc, tmp);
-      else block<1, 1>(Kp, alpha, a, lda, b, ldb, accumulate, c, ldc, tmp);
+      if (two_rows && two_cols) block<2, 2>(Kp, a, lda, b, ldb, accumulate, c, ldc);
+      else if (two_rows) block<2, 1>(Kp, a, lda, b, ldb, accumulate, c, ldc);
+      else if (two_cols) block<1, 2>(Kp, a, lda, b, ldb, accumulate, c, ldc);
+      else block<1, 1>(Kp, a, lda, b, ldb, accumulate, c, ldc);
     }
   }
   _tile_release();

@@ -176,19 +176,19 @@ inline void pack_pair_rows(const uint16_t* v, int64_t ldv, int n, int d, int n_p
 }
 
 // C [M x N] = alpha * A Bp (+ C when accumulate); A: M rows of 2 Kp bf16 (row stride lda
-// elements), Bp: Kp rows of N pair words (row stride ldb), C row-major fp32. At level amx the
-// part of C and of the pairs in whole 16s goes to the tiles (amx_gemm.h), the rest (C's last
-// M % 16 rows and N % 16 columns, then the last Kp % 16 pairs, added) to vdpbf16ps.
+// elements), Bp: Kp rows of N pair words (row stride ldb), C row-major fp32. At level amx, for
+// alpha = 1, the part of C and of the pairs in whole 16s goes to the tiles (amx_gemm.h), the rest
+// (C's last M % 16 rows and N % 16 columns, then the last Kp % 16 pairs, added) to vdpbf16ps.
 inline void gemm_bf16_pairs(int M, int N, int Kp, float alpha, const uint16_t* A, int64_t lda,
                             const uint32_t* Bp, int64_t ldb, bool accumulate, float* C,
                             int64_t ldc) {
 #if defined(BEACON_CPU_X86) && !defined(BEACON_OPS_EMULATE_BF16_DOT)
   const int M16 = M & ~15, N16 = N & ~15, K16 = Kp & ~15;
-  if (M16 == 0 || N16 == 0 || K16 == 0 || !beacon::cpu::cpu_has(beacon::cpu::Isa::kAmx)) {
+  if (alpha != 1.0f || M16 == 0 || N16 == 0 || K16 == 0 || !beacon::cpu::cpu_has(beacon::cpu::Isa::kAmx)) {
     gemm_bf16_pairs_avx512(M, N, Kp, alpha, A, lda, Bp, ldb, accumulate, C, ldc);
     return;
   }
-  amx::gemm_bf16_pairs_tiles(M16, N16, K16, alpha, A, lda, Bp, ldb, accumulate, C, ldc);
+  amx::gemm_bf16_pairs_tiles(M16, N16, K16, A, lda, Bp, ldb, accumulate, C, ldc);
   if (K16 < Kp)
     gemm_bf16_pairs_avx512(M16, N16, Kp - K16, alpha, A + 2 * K16, lda, Bp + K16 * ldb, ldb, true, C,
                            ldc);
