@@ -5,9 +5,10 @@ are trained (full matrices, or low-rank deltas from the base projections with ``
 :mod:`beacon_ops.adapter`). Every step reads one chunk of text window by window
 (:func:`beacon_ops.training.beacon_loss`: memory not detached, ratios ``step-random`` with one
 generator seeded 42), with AdamW, linear warm-up then linear decay to zero, gradient clipping and
-optional autocast (the frozen projections then stored in its dtype, the trained tensors in fp32). Only the trained tensors are saved (safetensors, settings in the metadata),
-with the optimizer state next to them (``PATH.state.pt``) so that a resumed run continues
-exactly: chunks are drawn from a generator seeded by ``(seed, step)``.
+optional autocast (the frozen projections then stored in its dtype, the trained tensors in
+fp32). Only the trained tensors are saved (safetensors, settings in the metadata), with the
+optimizer state next to them (``PATH.state.pt``) so that a resumed run continues exactly: chunks
+are drawn from a generator seeded by ``(seed, step)``.
 
 A step's batch is token ids (language modelling on every token), an ``(ids, labels)`` pair, or
 a :class:`beacon_ops.long_tasks.Sample` (e.g. a synthetic long-context task with loss on its

@@ -89,10 +89,10 @@ def measure(model: Llama, window: int, ratio: int, tokens: int, device: str,
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (the kernels' ISA detection says AVX-512-BF16)."""
+    """Whether this CPU multiplies bf16 natively (the kernels' ISA detection: AVX-512-BF16 or AMX)."""
     from .. import build_info
 
-    return build_info()["cpu_isa_detected"] == "avx512bf16"
+    return build_info()["cpu_isa_detected"] in ("avx512bf16", "amx")
 
 
 def build_trainable(device: str) -> tuple[Llama, str]:
