@@ -218,12 +218,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         // scores^T [n x rows] = scale * K_block Q^T.
         const T* kb = k_seq + k0 * P.k_row_stride;
         const T* vb = v_seq + k0 * P.v_row_stride;
+        const int n_pad = round_up(n, 32);  // P's keys for bf16_pv: whole 16-pair tiles
         if (small) {
           decode_qk(q_tile, rows, d, kb, P.k_row_stride, n, P.scale, scores, k_block, split);
         } else {
           if (bf16_pv)
-            beacon_cpu::pack_pair_rows(reinterpret_cast<const uint16_t*>(vb), P.v_row_stride, n, d,
-                                       round_up(n, 32), v_pairs);
+            beacon_cpu::pack_pair_rows(reinterpret_cast<const uint16_t*>(vb), P.v_row_stride, n, d, n_pad,
+                                       v_pairs);
           else
             to_float(vb, P.v_row_stride, n, d, v_block);
           if (bf16_dot) {  // K straight from the cache, in pairs
@@ -250,7 +251,6 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
             }
           }
         }
-        const int n_pad = round_up(n, 32);  // P's keys for bf16_pv: whole 16-pair tiles
         if (bf16_pv && !small)
           beacon_cpu::softmax_to_bf16_rows(scores, n, rows, P.scale, row_max, row_sum, corr, tmp0, tmp1,
                                            n_pad, p_bf16);
