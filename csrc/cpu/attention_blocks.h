@@ -215,8 +215,9 @@ __attribute__((target("avx512f"))) inline void softmax_update_avx512(
 inline void softmax_update(float* st, int n, int rows, float* row_max, float* row_sum,
                            float* corr, float* m_blk, float* m_use) {
 #ifdef BEACON_CPU_X86
-  // Few rows (decode): the AVX2 update keeps maxima and sums in registers, at every x86 level.
-  if (cpu_has(Isa::kAvx512) && !(rows < 8 && cpu_has(Isa::kAvx2))) {
+  // Few rows (decode) take the AVX2 update at every x86 level: it keeps maxima and sums in
+  // registers (levels are ordered, so AVX-512 implies AVX2).
+  if (cpu_has(Isa::kAvx512) && rows >= 8) {
     softmax_update_avx512(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
     return;
   }
