@@ -38,6 +38,7 @@
 #include "cpu/attention_blocks.h"
 #include "cpu/bf16_gemm.h"
 #include "cpu/block_gemm.h"
+#include "cpu/decode_bf16.h"
 #include "cpu/softmax_to_bf16.h"
 #include "cpu/step_lengths.h"
 
@@ -172,7 +173,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const int n_tok = tile.t1 - tile.t0;
       const int rows = n_tok * G;
       const bool small = rows < kSmallRows;
-      const bool split = small && decode_split<T>(rows, d);  // q and acc in split column order
+      // bf16 decode with AVX-512-BF16: decode_bf16.h's kernels (q as bf16, acc in 32-split order).
+      const bool dec_bf16 = small && std::is_same_v<T, at::BFloat16> && use_decode_bf16(rows, d);
+      const bool split = small && !dec_bf16 && decode_split<T>(rows, d);  // q, acc in split order
       const int64_t row0 = cu[tile.b] + tile.t0;  // packed index of the tile's first query
 
       // Gather the tile's queries in fp32: row r = (token r / G, head kvh * G + r % G).
@@ -184,6 +187,12 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                  q_tile + static_cast<int64_t>(t) * G * d);
       }
       if (split) split_columns(q_tile, rows, d);
+      uint16_t* q_bf16 = reinterpret_cast<uint16_t*>(q_t);  // dec_bf16: the queries' own bits
+      if (dec_bf16)
+        for (int r = 0; r < rows; ++r)
+          std::memcpy(q_bf16 + static_cast<int64_t>(r) * d,
+                      q_data + (row0 + r / G) * P.q_row_stride + (kvh * G + r % G) * P.q_head_stride,
+                      sizeof(uint16_t) * d);
       // The QK^T GEMM reads Q^T [d x rows]: fp32, or bf16 pairs for the bf16 dot products.
       uint32_t* q_pairs = reinterpret_cast<uint32_t*>(q_t);
       if (!small && bf16_dot) {
@@ -219,7 +228,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const T* kb = k_seq + k0 * P.k_row_stride;
         const T* vb = v_seq + k0 * P.v_row_stride;
         const int n_pad = round_up(n, 32);  // P's keys for bf16_pv: whole 16-pair tiles
-        if (small) {
+        if (dec_bf16) {
+          decode_qk_bf16(q_bf16, rows, d, reinterpret_cast<const uint16_t*>(kb), P.k_row_stride, n,
+                         P.scale, scores);
+        } else if (small) {
           decode_qk(q_tile, rows, d, kb, P.k_row_stride, n, P.scale, scores, k_block, split);
         } else {
           if (bf16_pv)
@@ -258,7 +270,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           softmax_update(scores, n, rows, row_max, row_sum, corr, tmp0, tmp1);
         if (!first) scale_rows(acc, rows, d, corr);
         // acc [rows x d] (+)= P V, P(r, c) = scores[c * rows + r].
-        if (small) {
+        if (dec_bf16) {
+          decode_pv_bf16(scores, rows, n, reinterpret_cast<const uint16_t*>(vb), P.v_row_stride, d, acc);
+        } else if (small) {
           decode_pv(scores, rows, n, vb, P.v_row_stride, d, acc, split);
         } else if (bf16_pv) {
           beacon_cpu::gemm_bf16_pairs(rows, d, n_pad / 2, 1.0f, p_bf16, n_pad, v_pairs, d, !first, acc, d);
@@ -269,6 +283,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       }
 
       if (split && !first) merge_columns(acc, rows, d);
+      if (dec_bf16 && !first) merge_columns(acc, rows, d, 32);
       // Normalise and write out; a row that saw no key gets out = 0 and lse = +inf.
       for (int r = 0; r < rows; ++r) {
         const int t = r / G, g = r % G;

@@ -584,24 +584,26 @@ bool decode_split(int rows, int d) {
 #endif
   return false;
 }
-// rows x d floats from the cache's column order into split order (each 16 columns: the even
-// ones, then the odd ones), and back.
-inline void split_columns(float* x, int rows, int d) {
+// rows x d floats from the cache's column order into split order (each `width` columns: the
+// even ones, then the odd ones; width 16 for the AVX2 kernels, 32 for decode_bf16.h's), and back.
+inline void split_columns(float* x, int rows, int d, int width = 16) {
+  const int half = width / 2;
   for (int r = 0; r < rows; ++r)
-    for (int i = 0; i < d; i += 16) {
+    for (int i = 0; i < d; i += width) {
       float* g = x + static_cast<int64_t>(r) * d + i;
-      float t[16];
-      for (int j = 0; j < 8; ++j) t[j] = g[2 * j], t[8 + j] = g[2 * j + 1];
-      std::memcpy(g, t, sizeof t);
+      float t[32];
+      for (int j = 0; j < half; ++j) t[j] = g[2 * j], t[half + j] = g[2 * j + 1];
+      std::memcpy(g, t, sizeof(float) * width);
     }
 }
-inline void merge_columns(float* x, int rows, int d) {
+inline void merge_columns(float* x, int rows, int d, int width = 16) {
+  const int half = width / 2;
   for (int r = 0; r < rows; ++r)
-    for (int i = 0; i < d; i += 16) {
+    for (int i = 0; i < d; i += width) {
       float* g = x + static_cast<int64_t>(r) * d + i;
-      float t[16];
-      for (int j = 0; j < 8; ++j) t[2 * j] = g[j], t[2 * j + 1] = g[8 + j];
-      std::memcpy(g, t, sizeof t);
+      float t[32];
+      for (int j = 0; j < half; ++j) t[2 * j] = g[j], t[2 * j + 1] = g[half + j];
+      std::memcpy(g, t, sizeof(float) * width);
     }
 }
 

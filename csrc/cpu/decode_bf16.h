@@ -1,0 +1,163 @@
+// Decode (few-row tiles) over a bf16 cache on CPUs with AVX-512-BF16 (cpu_isa() level avx512bf16
+// and above): Q K^T by vdpbf16ps straight from the cache against the queries' own bf16 rows (each
+// pair product exact in fp32, as in the prefill's bf16 GEMM), P V by 16-wide fp32 FMAs with V
+// widened in registers. The AVX2 decode kernels (attention_blocks.h) left a bf16 decode step
+// bound by instructions, not memory (a cache that stays in the CPU caches ran no faster than
+// one read from DRAM, ~0.6x copy bandwidth); these take about a quarter (Q K^T) and half (P V)
+// of their instructions per key. head_dim % 32 == 0; other head dims take the AVX2 kernels.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/attention_blocks.h"  // prefetch_key_row, kPrefetchKeys, kPvChunkKeys
+#include "cpu/cpu_isa.h"
+
+namespace beacon::cpu::attn {
+
+#if defined(BEACON_CPU_X86) && !defined(BEACON_OPS_EMULATE_BF16_DOT)
+#define BEACON_DECODE_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+// GCC 12 reports the intrinsics' own undefined-vector idiom as maybe-uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// Whether a decode tile of `rows` rows over a bf16 cache takes these kernels.
+inline bool use_decode_bf16(int rows, int d) {
+  return rows >= 1 && rows <= 7 && d % 32 == 0 && cpu_has(Isa::kAvx512Bf16);
+}
+
+// Lane i of the result = the sum of v[i]'s 16 lanes: pairs of vectors, then of 64-bit halves,
+// then of 128-bit lanes combined (45 instructions for 16 sums, where a reduction per vector
+// takes 8 dependent ones each).
+BEACON_DECODE_BF16_TARGET inline __m512 hsum16x16(const __m512* v) {
+  __m512 w[8];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  __m512 z[4];
+  for (int j = 0; j < 4; ++j) {  // per 128-bit lane: the lane's sum of v[4j], ..., v[4j + 3]
+    const __m512d x = _mm512_castps_pd(w[2 * j]), y = _mm512_castps_pd(w[2 * j + 1]);
+    z[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // 0x88: 128-bit lanes 0 and 2 of each operand; 0xDD: lanes 1 and 3.
+  const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
+                                   _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+  const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], 0x88),
+                                   _mm512_shuffle_f32x4(z[2], z[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88), _mm512_shuffle_f32x4(u01, u23, 0xDD));
+}
+
+// s [n x ROWS] = alpha * k q^T, KEYS = 16 / ROWS keys at a time: ROWS x KEYS accumulators,
+// reduced together by hsum16x16 straight into the scores' key-major order (accumulator
+// j * ROWS + r = key j, row r), one masked store per KEYS keys. q: ROWS rows of d bf16.
+template <int ROWS>
+BEACON_DECODE_BF16_TARGET void decode_qk_bf16_rows(const uint16_t* q, int d, const uint16_t* k,
+                                                   int64_t ldk, int n, float alpha, float* s) {
+  constexpr int KEYS = 16 / ROWS;
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int c = 0; c < n; c += KEYS) {
+    const int nk = std::min(KEYS, n - c);
+    const uint16_t* kr[KEYS];
+    // A short last group repeats its last key (read, never stored): no read past the block.
+    for (int j = 0; j < KEYS; ++j) kr[j] = k + (c + std::min(j, nk - 1)) * ldk;
+    for (int j = 0; j < KEYS; ++j) prefetch_key_row(k + (c + 16 + j) * ldk, d);
+    __m512 acc[16];
+    for (int a = 0; a < 16; ++a) acc[a] = _mm512_setzero_ps();
+    for (int i = 0; i < d; i += 32) {
+      __m512bh kv[KEYS];
+      for (int j = 0; j < KEYS; ++j) kv[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(kr[j] + i));
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + r * d + i));
+        for (int j = 0; j < KEYS; ++j) acc[j * ROWS + r] = _mm512_dpbf16_ps(acc[j * ROWS + r], qv, kv[j]);
+      }
+    }
+    const __mmask16 keep = static_cast<__mmask16>((1u << (nk * ROWS)) - 1u);
+    _mm512_mask_storeu_ps(s + static_cast<int64_t>(c) * ROWS, keep, _mm512_mul_ps(hsum16x16(acc), va));
+  }
+}
+
+// acc [ROWS x d] += p v (p transposed [n x ROWS]), acc in 32-split column order (each 32
+// columns: the even 16, then the odd 16; merge_columns(acc, rows, d, 32) undoes it): a 64-byte
+// load of V is widened by one shift (even columns) and one mask (odd). Chunks of kPvChunkKeys
+// keys stay in L1 while 32 columns of every row are accumulated in registers per pass, and the
+// next chunk is prefetched a line per key visited (as small_pv_rows_avx2).
+template <int ROWS>
+BEACON_DECODE_BF16_TARGET void decode_pv_bf16_rows(const float* p, int n, const uint16_t* v,
+                                                   int64_t ldv, int d, float* acc) {
+  const int row_lines = d * 2 / 64;
+  const __m512i odd = _mm512_set1_epi32(-65536);
+  for (int c = 0; c < std::min(n, kPvChunkKeys); ++c) prefetch_key_row(v + c * ldv, d);
+  for (int c0 = 0; c0 < n; c0 += kPvChunkKeys) {
+    const int c1 = std::min(n, c0 + kPvChunkKeys);
+    const int pf_end = std::min(n, c1 + kPvChunkKeys);
+    int pf_row = c1, pf_line = 0;  // the next chunk's line to prefetch next
+    for (int i0 = 0; i0 < d; i0 += 32) {
+      __m512 lo[ROWS], hi[ROWS];
+      for (int r = 0; r < ROWS; ++r) {
+        lo[r] = _mm512_loadu_ps(acc + r * d + i0);
+        hi[r] = _mm512_loadu_ps(acc + r * d + i0 + 16);
+      }
+      for (int c = c0; c < c1; ++c) {
+        if (pf_row < pf_end) {
+          _mm_prefetch(reinterpret_cast<const char*>(v + pf_row * ldv) + 64 * pf_line, _MM_HINT_T0);
+          if (++pf_line == row_lines) pf_line = 0, ++pf_row;
+        }
+        const __m512i w = _mm512_loadu_si512(v + c * ldv + i0);
+        const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        const __m512 v1 = _mm512_castsi512_ps(_mm512_and_si512(w, odd));
+        const float* pc = p + static_cast<int64_t>(c) * ROWS;
+        for (int r = 0; r < ROWS; ++r) {
+          const __m512 pr = _mm512_set1_ps(pc[r]);
+          lo[r] = _mm512_fmadd_ps(pr, v0, lo[r]);
+          hi[r] = _mm512_fmadd_ps(pr, v1, hi[r]);
+        }
+      }
+      for (int r = 0; r < ROWS; ++r) {
+        _mm512_storeu_ps(acc + r * d + i0, lo[r]);
+        _mm512_storeu_ps(acc + r * d + i0 + 16, hi[r]);
+      }
+    }
+    if (pf_row < pf_end) {  // lines the passes did not reach (see small_pv_rows_avx2)
+      for (int c = pf_row; c < pf_end; ++c) prefetch_key_row(v + c * ldv, d);
+    }
+  }
+}
+
+// The two kernels for 1-7 rows (use_decode_bf16 said so).
+inline void decode_qk_bf16(const uint16_t* q, int rows, int d, const uint16_t* k, int64_t ldk, int n,
+                           float alpha, float* s) {
+  switch (rows) {
+    case 1: decode_qk_bf16_rows<1>(q, d, k, ldk, n, alpha, s); return;
+    case 2: decode_qk_bf16_rows<2>(q, d, k, ldk, n, alpha, s); return;
+    case 3: decode_qk_bf16_rows<3>(q, d, k, ldk, n, alpha, s); return;
+    case 4: decode_qk_bf16_rows<4>(q, d, k, ldk, n, alpha, s); return;
+    case 5: decode_qk_bf16_rows<5>(q, d, k, ldk, n, alpha, s); return;
+    case 6: decode_qk_bf16_rows<6>(q, d, k, ldk, n, alpha, s); return;
+    default: decode_qk_bf16_rows<7>(q, d, k, ldk, n, alpha, s); return;
+  }
+}
+inline void decode_pv_bf16(const float* p, int rows, int n, const uint16_t* v, int64_t ldv, int d,
+                           float* acc) {
+  switch (rows) {
+    case 1: decode_pv_bf16_rows<1>(p, n, v, ldv, d, acc); return;
+    case 2: decode_pv_bf16_rows<2>(p, n, v, ldv, d, acc); return;
+    case 3: decode_pv_bf16_rows<3>(p, n, v, ldv, d, acc); return;
+    case 4: decode_pv_bf16_rows<4>(p, n, v, ldv, d, acc); return;
+    case 5: decode_pv_bf16_rows<5>(p, n, v, ldv, d, acc); return;
+    case 6: decode_pv_bf16_rows<6>(p, n, v, ldv, d, acc); return;
+    default: decode_pv_bf16_rows<7>(p, n, v, ldv, d, acc); return;
+  }
+}
+#pragma GCC diagnostic pop
+#undef BEACON_DECODE_BF16_TARGET
+#else
+// Not compiled here (no x86, or the bf16 dot products emulated): never taken.
+inline bool use_decode_bf16(int, int) { return false; }
+inline void decode_qk_bf16(const uint16_t*, int, int, const uint16_t*, int64_t, int, float, float*) {}
+inline void decode_pv_bf16(const float*, int, int, const uint16_t*, int64_t, int, float*) {}
+#endif
+
+}  // namespace beacon::cpu::attn
