@@ -51,14 +51,27 @@ BEACON_BF16_TARGET inline void exp_to_bf16_rows_avx512(const float* st, int n, i
     __m512 sum = _mm512_maskz_loadu_ps(m, sums + r0);
     for (int c0 = 0; c0 < n_pad; c0 += 16) {
       __m512 x[16];
-      for (int i = 0; i < 16; ++i) {
-        if (c0 + i >= n) {
-          x[i] = _mm512_setzero_ps();
-          continue;
+      if (c0 + 16 <= n) {
+        // Whole groups fully unrolled, so that x stays in registers (the loop with the bound
+        // check below kept it on the stack: a store and a reload per vector).
+        __m512 sum1 = _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) {
+          const __m512 s = _mm512_maskz_loadu_ps(m, st + static_cast<int64_t>(c0 + i) * rows + r0);
+          x[i] = fast_exp2_16(_mm512_fmsub_ps(s, sc, mu));
+          if (i % 2) sum1 = _mm512_add_ps(sum1, x[i]); else sum = _mm512_add_ps(sum, x[i]);
         }
-        const __m512 s = _mm512_maskz_loadu_ps(m, st + static_cast<int64_t>(c0 + i) * rows + r0);
-        x[i] = fast_exp2_16(_mm512_fmsub_ps(s, sc, mu));
-        sum = _mm512_add_ps(sum, x[i]);
+        sum = _mm512_add_ps(sum, sum1);
+      } else {
+        for (int i = 0; i < 16; ++i) {
+          if (c0 + i >= n) {
+            x[i] = _mm512_setzero_ps();
+            continue;
+          }
+          const __m512 s = _mm512_maskz_loadu_ps(m, st + static_cast<int64_t>(c0 + i) * rows + r0);
+          x[i] = fast_exp2_16(_mm512_fmsub_ps(s, sc, mu));
+          sum = _mm512_add_ps(sum, x[i]);
+        }
       }
       transpose16(x);
       for (int j = 0; j < nr; ++j)
