@@ -189,3 +189,45 @@ def test_init_with_another_rank(tmp_path, capsys):
                     "140", "--rank", "2", "--out", out], capsys)[0] == 0
     assert_usage_error(["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len",
                         "140", "--rank", "3", "--init", out], capsys, "--init", "rank=2")
+
+
+def test_commands_take_one_thread_on_a_busy_cpu(monkeypatch, capsys) -> None:
+    """one_thread_when_busy: one thread (said so) when the load average reaches the CPU count,
+    unless OMP_NUM_THREADS is set; torch's count restored afterwards, also after an error."""
+    import argparse
+    import os
+
+    import torch
+
+    from beacon_ops.commands.common import one_thread_when_busy
+
+    seen = []
+
+    @one_thread_when_busy
+    def run(args: argparse.Namespace) -> int:
+        seen.append(torch.get_num_threads())
+        if args.fail:
+            raise ValueError("boom")
+        return 0
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+        monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 2.0, 1.0))
+        assert run(argparse.Namespace(device="cpu", fail=False)) == 0
+        assert "threads: 1 (load average 2.5 >= 2 CPUs" in capsys.readouterr().out
+        with pytest.raises(ValueError):
+            run(argparse.Namespace(device="cpu", fail=True))
+        assert torch.get_num_threads() == 2
+        capsys.readouterr()
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        run(argparse.Namespace(device="cpu", fail=False))
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+        run(argparse.Namespace(device="cpu", fail=False))
+        assert seen == [1, 1, 2, 2]
+        assert "threads:" not in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)

@@ -24,7 +24,8 @@ from ..evaluation import passkey_min_tokens, passkey_prompt
 from ..generation import decode_step, prefill, ratio_for_length
 from ..memory import peak_memory
 from .common import (Command, UsageError, add_model_args, beacon_config, float_between,
-                     full_attention_limit, int_at_least, load_model_for, write_json)
+                     full_attention_limit, int_at_least, load_model_for, write_json,
+                     one_thread_when_busy)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +61,7 @@ def run_passkey(lm: LoadedModel, ids: list[int], attention: str, max_new: int, d
             "cache_mib": cache_bytes / 2**20}
 
 
+@one_thread_when_busy
 @torch.no_grad()  # scoped, not global: the commands also run in-process (tests)
 def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)

@@ -19,7 +19,8 @@ import torch
 from ..evaluation import accuracy_table, passkey_grid, passkey_min_tokens, plot_passkey_heatmap
 from ..generation import ratio_for_length
 from .common import (Command, UsageError, add_model_args, full_attention_limit,
-                     load_evaluated_model, load_model_for, write_json)
+                     load_evaluated_model, load_model_for, write_json,
+                     one_thread_when_busy)
 from .eval_ppl import parse_lengths
 
 METHODS = ("beacon", "untrained", "full", "sliding")
@@ -56,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="DIR", help="write passkey_heatmap.png into DIR")
 
 
+@one_thread_when_busy
 @torch.no_grad()  # scoped, not global: the commands also run in-process (tests)
 def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)

@@ -18,7 +18,8 @@ import torch
 from ..evaluation import default_text
 from ..generation import ATTENTION_KINDS, ratio_for_length, sequence_loss
 from .common import (Command, UsageError, add_model_args, existing_path, full_attention_limit,
-                     int_at_least, load_evaluated_model, write_json)
+                     int_at_least, load_evaluated_model, write_json,
+                     one_thread_when_busy)
 
 
 def parse_lengths(s: str) -> list[int]:
@@ -57,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention kinds to evaluate (default beacon,full,sliding)")
 
 
+@one_thread_when_busy
 @torch.no_grad()  # scoped, not global: the commands also run in-process (tests)
 def run(args: argparse.Namespace) -> int:
     lm = load_evaluated_model(args)

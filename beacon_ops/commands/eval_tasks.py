@@ -20,7 +20,8 @@ import torch
 from ..evaluation import task_answers, task_table
 from ..long_tasks import LongTaskMixture, public_domain_texts
 from .common import (Command, UsageError, add_model_args, float_between, int_at_least,
-                     load_evaluated_model, write_json)
+                     load_evaluated_model, write_json,
+                     one_thread_when_busy)
 from .train import parse_tasks
 
 
@@ -43,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the samples (default %(default)s; train's default is 42)")
 
 
+@one_thread_when_busy
 @torch.no_grad()  # scoped, not global: the commands also run in-process (tests)
 def run(args: argparse.Namespace) -> int:
     lm = load_evaluated_model(args)
