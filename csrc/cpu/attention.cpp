@@ -183,8 +183,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       for (int t = 0; t < n_tok; ++t) {
         spans[t] = beacon::row_spans(L, nq, tile.t0 + t, P.mode, P.attend_previous);
         key_end = std::max(key_end, beacon::key_end(spans[t]));
-        to_float(q_data + (row0 + t) * P.q_row_stride + kvh * G * P.q_head_stride, P.q_head_stride, G, d,
-                 q_tile + static_cast<int64_t>(t) * G * d);
+        if (!dec_bf16)  // that path reads the queries' bf16 rows (below)
+          to_float(q_data + (row0 + t) * P.q_row_stride + kvh * G * P.q_head_stride, P.q_head_stride, G,
+                   d, q_tile + static_cast<int64_t>(t) * G * d);
       }
       if (split) split_columns(q_tile, rows, d);
       uint16_t* q_bf16 = reinterpret_cast<uint16_t*>(q_t);  // dec_bf16: the queries' own bits

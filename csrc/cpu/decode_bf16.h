@@ -9,9 +9,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
-#include "cpu/attention_blocks.h"  // prefetch_key_row, kPrefetchKeys, kPvChunkKeys
+#include "cpu/attention_blocks.h"  // prefetch_key_row, kPvChunkKeys
 #include "cpu/cpu_isa.h"
 
 namespace beacon::cpu::attn {
@@ -63,6 +62,7 @@ BEACON_DECODE_BF16_TARGET void decode_qk_bf16_rows(const uint16_t* q, int d, con
     const uint16_t* kr[KEYS];
     // A short last group repeats its last key (read, never stored): no read past the block.
     for (int j = 0; j < KEYS; ++j) kr[j] = k + (c + std::min(j, nk - 1)) * ldk;
+    // The group 16 keys ahead (whatever KEYS is), as the AVX2 kernel's 8 keys ahead of 4 at a time.
     for (int j = 0; j < KEYS; ++j) prefetch_key_row(k + (c + 16 + j) * ldk, d);
     __m512 acc[16];
     for (int a = 0; a < 16; ++a) acc[a] = _mm512_setzero_ps();
