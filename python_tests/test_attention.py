@@ -389,6 +389,15 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         c = make_case("cpu", dtype, mem=[517, 37], raw=[6, 2], beacon=[0, 0], ratio=[0, 0],
                       nq=nq, heads=heads, kv_heads=kv_heads, head_dim=d)
         check(c)
+# The backward (fp32 tile products and exp per level) against the fp64 reference: partial key
+# and query blocks, GQA 3, head_dim 72, a loss on out and lse.
+from test_attention_backward import Case, Seq, make_inputs, random_grads, grads_of_op, grads_of_reference
+case = Case([Seq(mem=70, raw=90, beacon=9, ratio=10, n_q=99), Seq(mem=5, raw=40, beacon=0, ratio=0, n_q=40)],
+            heads=6, kv_heads=2, dim=72)
+inputs, lengths = make_inputs(case, torch.float32)
+dout, dlse = random_grads(case, inputs)
+for g, w in zip(grads_of_op(case, inputs, lengths, dout, dlse), grads_of_reference(case, inputs, lengths, dout, dlse)):
+    torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
 print("ok")
 """
 

@@ -10,11 +10,13 @@
 //      tokens that see the block, all query heads of the GQA group stacked as GEMM rows.
 //   2. dQ:     parallel over (sequence, kv head, query block), same stacking.
 // Recomputing P in both passes costs two extra tile products but needs no atomics and no
-// per-thread copies of the cache. The products are ATen GEMMs (at::mm_out / addmm_ on tile
-// buffers); mask and exp are applied row by row between them. bf16/fp16/fp32 run in fp32
-// (inputs widened once); fp64 runs in fp64 (so that gradcheck can test this kernel against
-// finite differences). Extra memory: the widened, head-regrouped inputs and per-thread tiles of
-// at most kChunkQ * group x kBlockK; nothing grows with queries x keys.
+// per-thread copies of the cache. bf16/fp16/fp32 run in fp32 (inputs widened once): the tile
+// products by block_gemm.h (no per-call dispatch: on a training step's small tiles, ATen's GEMMs
+// made this op ~1.9x slower), the exp by attention_blocks.h's fast_exp
+// in loops compiled per ISA level. fp64 runs in fp64 with ATen GEMMs and std::exp (so that
+// gradcheck can test this kernel against finite differences). Extra memory: the widened,
+// head-regrouped inputs (K and V also transposed: the B operands of S and dP) and per-thread
+// tiles of at most kChunkQ * group x kBlockK; nothing grows with queries x keys.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,6 +29,8 @@
 
 #include "attn_params.h"
 #include "beacon_mask.h"
+#include "cpu/attention_blocks.h"
+#include "cpu/block_gemm.h"
 #include "cpu/step_lengths.h"
 #include "op_checks.h"
 
@@ -36,6 +40,9 @@ using beacon::BlockKind;
 using beacon::Mode;
 using beacon::RowSpans;
 using beacon::SeqLens;
+using beacon::cpu::cpu_isa;
+using beacon::cpu::Isa;
+using beacon::cpu::attn::fast_exp;
 
 constexpr int kBlockQ = 32;   // query tokens per dQ work item (times the GQA group: GEMM rows)
 constexpr int kBlockK = 64;   // keys per tile
@@ -70,22 +77,64 @@ template <typename T>
 struct Problem {
   const T *q, *dout, *lse, *delta;  // [kv_heads, total_q, group, (dim)]
   const T *k, *v;                   // [batch, kv_heads, capacity, dim]
+  const T *kT, *vT;                 // the same transposed: [batch, kv_heads, dim, capacity]
   int64_t total_q, kv_heads, group, capacity, dim;
   T scale;
   Mode mode;
   bool attend_previous;
   const Sequences* seqs;
-  at::TensorOptions options;
 
   int64_t row(int64_t g, int64_t token) const { return (g * total_q + token) * group; }
   int64_t kv_off(int64_t b, int64_t g, int64_t key) const {
     return ((b * kv_heads + g) * capacity + key) * dim;
   }
-  // A row-major [rows, cols] matrix over memory this kernel owns or only reads.
-  at::Tensor matrix(const T* data, int64_t rows, int64_t cols) const {
-    return at::from_blob(const_cast<T*>(data), {rows, cols}, options);
+  // Column `key` of the transposed cache (row stride: capacity).
+  int64_t kvT_off(int64_t b, int64_t g, int64_t key) const {
+    return (b * kv_heads + g) * dim * capacity + key;
   }
 };
+
+// C [M x N] = alpha * A * B (+ C when accumulate); A(i, k) = A[i * sa_m + k * sa_k], B and C
+// row-major with leading dimensions ldb, ldc.
+template <typename T>
+void tile_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t sa_m, int64_t sa_k,
+               const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    beacon_cpu::block_gemm(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A,
+                           sa_m, sa_k, B, ldb, accumulate, C, ldc);
+  } else {
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    const at::Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {sa_m, sa_k}, opts);
+    const at::Tensor b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+    at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+    if (accumulate)
+      c.addmm_(a, b, 1, alpha);
+    else
+      at::mm_out(c, a, b).mul_(alpha);
+  }
+}
+
+// One row of a tile: scores s -> P = exp(scale s - lse), dP -> dS = P (dP - D). fp32 by fast_exp
+// in a loop compiled per ISA level (std::exp's scalar calls were half of this kernel's time).
+BEACON_ALWAYS_INLINE void probs_and_dscores_row_body(float* s, float* dp, int n, float scale, float lse,
+                                                     float delta) {
+#pragma omp simd
+  for (int c = 0; c < n; ++c) {
+    const float prob = fast_exp(scale * s[c] - lse);
+    s[c] = prob;
+    dp[c] = prob * (dp[c] - delta);
+  }
+}
+BEACON_ISA_VARIANTS(probs_and_dscores_row, (float* s, float* dp, int n, float scale, float lse, float delta),
+                    (s, dp, n, scale, lse, delta))
+
+inline void probs_and_dscores_row(double* s, double* dp, int n, double scale, double lse, double delta) {
+  for (int c = 0; c < n; ++c) {
+    const double prob = std::exp(scale * s[c] - lse);
+    s[c] = prob;
+    dp[c] = prob * (dp[c] - delta);
+  }
+}
 
 // P and dS of one tile: query tokens [i0, i1) of sequence b (all `group` heads of kv head g,
 // stacked as rows) against keys [k0, k1). Both products are GEMMs; the mask (beacon_mask.h) and
@@ -111,11 +160,11 @@ bool tile_probs_and_dscores(const Problem<T>& p, int b, int64_t g, int i0, int i
   if (!any) return false;
   const int64_t rows = int64_t(i1 - i0) * p.group;
   const int64_t first = p.row(g, p.seqs->q_start[b] + i0);
-  at::Tensor S_m = p.matrix(S, rows, nk), dS_m = p.matrix(dS, rows, nk);
-  at::mm_out(S_m, p.matrix(p.q + first * p.dim, rows, p.dim),
-             p.matrix(p.k + p.kv_off(b, g, k0), nk, p.dim).t());
-  at::mm_out(dS_m, p.matrix(p.dout + first * p.dim, rows, p.dim),
-             p.matrix(p.v + p.kv_off(b, g, k0), nk, p.dim).t());
+  // S = q k^T, dP = dout v^T (into dS), with k^T, v^T read from the transposed caches.
+  tile_gemm<T>(rows, nk, p.dim, T(1), p.q + first * p.dim, p.dim, 1, p.kT + p.kvT_off(b, g, k0), p.capacity,
+               false, S, nk);
+  tile_gemm<T>(rows, nk, p.dim, T(1), p.dout + first * p.dim, p.dim, 1, p.vT + p.kvT_off(b, g, k0),
+               p.capacity, false, dS, nk);
   for (int64_t r = 0; r < rows; ++r) {
     const int i = static_cast<int>(r / p.group);
     T* P_row = S + r * nk;
@@ -126,18 +175,13 @@ bool tile_probs_and_dscores(const Problem<T>& p, int b, int64_t g, int i0, int i
       std::fill(dS_row, dS_row + nk, T(0));
       continue;
     }
-    const T delta = p.delta[first + r];
-    const bool partial = kinds[i] == BlockKind::kPartial;
-    for (int c = 0; c < nk; ++c) {
-      if (partial && !beacon::key_visible(spans[i], k0 + c)) {
-        P_row[c] = T(0);
-        dS_row[c] = T(0);
-        continue;
-      }
-      const T prob = std::exp(p.scale * P_row[c] - lse);
-      P_row[c] = prob;
-      dS_row[c] = prob * (dS_row[c] - delta);
-    }
+    probs_and_dscores_row(P_row, dS_row, nk, p.scale, lse, p.delta[first + r]);
+    if (kinds[i] == BlockKind::kPartial)
+      for (int c = 0; c < nk; ++c)
+        if (!beacon::key_visible(spans[i], k0 + c)) {
+          P_row[c] = T(0);
+          dS_row[c] = T(0);
+        }
   }
   return true;
 }
@@ -158,8 +202,6 @@ void key_block_grads(const Problem<T>& p, int b, int64_t g, int k0, int k1, std:
     }
   }
   const int nk = k1 - k0;
-  at::Tensor dk_m = p.matrix(dk + p.kv_off(b, g, k0), nk, p.dim);
-  at::Tensor dv_m = p.matrix(dv + p.kv_off(b, g, k0), nk, p.dim);
   for (int i0 = lo; i0 < hi; i0 += kChunkQ) {
     const int i1 = std::min(i0 + kChunkQ, hi);
     const int64_t rows = int64_t(i1 - i0) * p.group;
@@ -167,9 +209,11 @@ void key_block_grads(const Problem<T>& p, int b, int64_t g, int k0, int k1, std:
     dS.resize(rows * nk);
     if (!tile_probs_and_dscores(p, b, g, i0, i1, k0, k1, S.data(), dS.data())) continue;
     const int64_t first = p.row(g, p.seqs->q_start[b] + i0);
-    dv_m.addmm_(p.matrix(S.data(), rows, nk).t(), p.matrix(p.dout + first * p.dim, rows, p.dim));
-    dk_m.addmm_(p.matrix(dS.data(), rows, nk).t(), p.matrix(p.q + first * p.dim, rows, p.dim),
-                1, p.scale);
+    // P^T and dS^T: the tiles read column-major.
+    tile_gemm<T>(nk, p.dim, rows, T(1), S.data(), 1, nk, p.dout + first * p.dim, p.dim, true,
+                 dv + p.kv_off(b, g, k0), p.dim);
+    tile_gemm<T>(nk, p.dim, rows, p.scale, dS.data(), 1, nk, p.q + first * p.dim, p.dim, true,
+                 dk + p.kv_off(b, g, k0), p.dim);
   }
 }
 
@@ -186,14 +230,13 @@ void query_block_grads(const Problem<T>& p, int b, int64_t g, int i0, int i1, st
                                                                   p.attend_previous)));
   const int64_t rows = int64_t(i1 - i0) * p.group;
   const int64_t first = p.row(g, p.seqs->q_start[b] + i0);
-  at::Tensor dq_m = p.matrix(dq + first * p.dim, rows, p.dim);
   S.resize(rows * kBlockK);
   dS.resize(rows * kBlockK);
   for (int k0 = 0; k0 < key_end; k0 += kBlockK) {
     const int k1 = std::min(k0 + kBlockK, key_end);
     if (!tile_probs_and_dscores(p, b, g, i0, i1, k0, k1, S.data(), dS.data())) continue;
-    dq_m.addmm_(p.matrix(dS.data(), rows, k1 - k0),
-                p.matrix(p.k + p.kv_off(b, g, k0), k1 - k0, p.dim), 1, p.scale);
+    tile_gemm<T>(rows, p.dim, k1 - k0, p.scale, dS.data(), k1 - k0, 1, p.k + p.kv_off(b, g, k0), p.dim,
+                 true, dq + first * p.dim, p.dim);
   }
 }
 
@@ -231,6 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   const at::Tensor delta_g = (do_g * grouped(out)).sum(-1, true).contiguous();  // D
   const at::Tensor k_acc = k_cache.to(acc).contiguous();
   const at::Tensor v_acc = v_cache.to(acc).contiguous();
+  const at::Tensor kT_acc = k_acc.transpose(2, 3).contiguous();  // B operands of S and dP
+  const at::Tensor vT_acc = v_acc.transpose(2, 3).contiguous();
 
   at::Tensor dq_g = at::zeros_like(q_g);
   at::Tensor dk = at::zeros(k_cache.sizes(), k_cache.options().dtype(acc));
@@ -243,6 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   p.delta = delta_g.data_ptr<T>();
   p.k = k_acc.data_ptr<T>();
   p.v = v_acc.data_ptr<T>();
+  p.kT = kT_acc.data_ptr<T>();
+  p.vT = vT_acc.data_ptr<T>();
   p.total_q = total_q;
   p.kv_heads = kv_heads;
   p.group = group;
@@ -252,7 +299,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   p.mode = params.mode;
   p.attend_previous = params.attend_previous;
   p.seqs = &seqs;
-  p.options = at::TensorOptions().dtype(acc);
   const int batch = static_cast<int>(seqs.lens.size());
 
   struct Work {
