@@ -103,14 +103,7 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t sa_
     beacon_cpu::block_gemm(static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A,
                            sa_m, sa_k, B, ldb, accumulate, C, ldc);
   } else {
-    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    const at::Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {sa_m, sa_k}, opts);
-    const at::Tensor b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
-    at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-    if (accumulate)
-      c.addmm_(a, b, 1, alpha);
-    else
-      at::mm_out(c, a, b).mul_(alpha);
+    beacon_cpu::aten_gemm<T>(M, N, K, alpha, A, sa_m, sa_k, B, ldb, accumulate, C, ldc);
   }
 }
 

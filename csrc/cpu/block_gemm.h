@@ -143,6 +143,20 @@ __attribute__((target("avx512f"))) inline void gemm_avx512(int M, int N, int K, 
 }
 #endif
 
+// block_gemm's arguments as ATen matmuls on views (also the fp64 path of the backward).
+template <typename T>
+inline void aten_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t sa_m, int64_t sa_k,
+                      const T* B, int64_t ldb, bool accumulate, T* C, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {sa_m, sa_k}, opts);
+  const at::Tensor b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (accumulate)
+    c.addmm_(a, b, 1, alpha);
+  else
+    at::mm_out(c, a, b).mul_(alpha);
+}
+
 // C [M x N] = alpha * A * B (+ C when accumulate). A(i, k) = A[i * sa_m + k * sa_k]; one of
 // sa_m, sa_k must be 1 (row- or column-major A). B(k, j) = B[k * ldb + j], C(i, j) = C[i * ldc + j].
 inline void block_gemm(int M, int N, int K, float alpha, const float* A, int64_t sa_m,
@@ -165,14 +179,7 @@ inline void block_gemm(int M, int N, int K, float alpha, const float* A, int64_t
     find_sgemm()("N", ta, &N, &M, &K, &alpha, B, &ldb_i, A, &lda, &beta, C, &ldc_i);
     return;
   }
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor a = at::from_blob(const_cast<float*>(A), {M, K}, {sa_m, sa_k}, opts);
-  const at::Tensor b = at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (accumulate)
-    c.addmm_(a, b, 1.0, alpha);
-  else
-    at::mm_out(c, a, b).mul_(alpha);
+  aten_gemm<float>(M, N, K, alpha, A, sa_m, sa_k, B, ldb, accumulate, C, ldc);
 }
 
 }  // namespace beacon_cpu
