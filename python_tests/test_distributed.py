@@ -116,3 +116,33 @@ def test_resume_keeps_the_batch_size(tmp_path) -> None:
     with pytest.raises(ValueError, match="batch size 3"):
         other.resume(path)
     assert other.step == 0
+
+
+def test_every_train_option_passes_through_torchrun() -> None:
+    """torchrun's parser scans the whole command line: each `train` option must reach the script
+    unchanged (``--log`` may not, an ambiguous abbreviation of torchrun's --log-dir / --logs-specs:
+    ``--log-file`` is its alias)."""
+    import argparse
+    import contextlib
+    import io
+
+    from torch.distributed.run import get_args_parser
+
+    from beacon_ops.commands.train import add_arguments
+
+    ours = argparse.ArgumentParser()
+    add_arguments(ours)
+    options = {o for a in ours._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    assert "--log-file" in options
+    torchrun = get_args_parser()
+    refused = []
+    for option in sorted(options):
+        argv = ["--standalone", "--nproc-per-node", "2", "-m", "beacon_ops", "train", option, "1"]
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                args = torchrun.parse_args(argv)
+        except SystemExit:
+            refused.append(option)
+            continue
+        assert args.training_script_args == ["train", option, "1"], option
+    assert set(refused) <= {"--log"}, refused

@@ -124,7 +124,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype (default bfloat16 on the GPU, float32 on the CPU)")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--log", default=None, metavar="PATH", help="append one JSON line per step")
+    # --log-file: under torchrun, whose parser reads "--log" as an ambiguous abbreviation of its own
+    # --log-dir / --logs-specs and stops.
+    p.add_argument("--log", "--log-file", dest="log", default=None, metavar="PATH",
+                   help="append one JSON line per step (under torchrun write --log-file)")
     p.add_argument("--json", default=None, metavar="PATH", help="write a run summary as JSON")
 
 
