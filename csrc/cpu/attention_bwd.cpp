@@ -12,11 +12,11 @@
 // Recomputing P in both passes costs two extra tile products but needs no atomics and no
 // per-thread copies of the cache. bf16/fp16/fp32 run in fp32 (inputs widened once): the tile
 // products by block_gemm.h (no per-call dispatch: on a training step's small tiles, ATen's GEMMs
-// made this op ~1.9x slower), the exp by attention_blocks.h's fast_exp
-// in loops compiled per ISA level. fp64 runs in fp64 with ATen GEMMs and std::exp (so that
-// gradcheck can test this kernel against finite differences). Extra memory: the widened,
-// head-regrouped inputs (K and V also transposed: the B operands of S and dP) and per-thread
-// tiles of at most kChunkQ * group x kBlockK; nothing grows with queries x keys.
+// made this op ~1.9x slower), the exp by attention_blocks.h's fast_exp in loops compiled per ISA
+// level. fp64 runs in fp64 with ATen GEMMs and std::exp (so that gradcheck can test this kernel
+// against finite differences). Extra memory: the widened, head-regrouped inputs (K and V also
+// transposed: the B operands of S and dP) and per-thread tiles of at most kChunkQ * group x
+// kBlockK; nothing grows with queries x keys.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -108,7 +108,7 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t sa_
 }
 
 // One row of a tile: scores s -> P = exp(scale s - lse), dP -> dS = P (dP - D). fp32 by fast_exp
-// in a loop compiled per ISA level (std::exp's scalar calls were half of this kernel's time).
+// in a loop compiled per ISA level (std::exp is a scalar libm call: the loop did not vectorise).
 BEACON_ALWAYS_INLINE void probs_and_dscores_row_body(float* s, float* dp, int n, float scale, float lse,
                                                      float delta) {
 #pragma omp simd
