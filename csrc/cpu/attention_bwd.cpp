@@ -76,8 +76,8 @@ Sequences read_sequences(const at::Tensor& q, const at::Tensor& k_cache, const a
 template <typename T>
 struct Problem {
   const T *q, *dout, *lse, *delta;  // [kv_heads, total_q, group, (dim)]
-  const T *k, *v;                   // [batch, kv_heads, capacity, dim]
-  const T *kT, *vT;                 // the same transposed: [batch, kv_heads, dim, capacity]
+  const T* k;                       // [batch, kv_heads, capacity, dim]
+  const T *kT, *vT;                 // K and V transposed: [batch, kv_heads, dim, capacity]
   int64_t total_q, kv_heads, group, capacity, dim;
   T scale;
   Mode mode;
@@ -266,9 +266,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   const at::Tensor q_g = grouped(q), do_g = grouped(dout), lse_g = grouped(lse.unsqueeze(-1));
   const at::Tensor delta_g = (do_g * grouped(out)).sum(-1, true).contiguous();  // D
   const at::Tensor k_acc = k_cache.to(acc).contiguous();
-  const at::Tensor v_acc = v_cache.to(acc).contiguous();
-  const at::Tensor kT_acc = k_acc.transpose(2, 3).contiguous();  // B operands of S and dP
-  const at::Tensor vT_acc = v_acc.transpose(2, 3).contiguous();
+  // The B operands of S and dP (V is read only there, so only transposed).
+  const at::Tensor kT_acc = k_acc.transpose(2, 3).contiguous();
+  const at::Tensor vT_acc = v_cache.to(acc).transpose(2, 3).contiguous();
 
   at::Tensor dq_g = at::zeros_like(q_g);
   at::Tensor dk = at::zeros(k_cache.sizes(), k_cache.options().dtype(acc));
@@ -280,7 +280,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   p.lse = lse_g.data_ptr<T>();
   p.delta = delta_g.data_ptr<T>();
   p.k = k_acc.data_ptr<T>();
-  p.v = v_acc.data_ptr<T>();
   p.kT = kT_acc.data_ptr<T>();
   p.vT = vT_acc.data_ptr<T>();
   p.total_q = total_q;
