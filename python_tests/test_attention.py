@@ -384,8 +384,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                       nq=[1, 1], heads=4, kv_heads=4, head_dim=d)
         check(c)
     # decode tiles of 3, 5, 6 and 7 rows (GQA 3 with one and two tokens, GQA 5 and 7), head_dim 96
-    # and 32; key counts that leave a partial group of keys in every kernel
-    for heads, kv_heads, nq, d in ((6, 2, [2, 1], 96), (5, 1, [1, 1], 32), (7, 1, [1, 1], 64)):
+    # and 32; key counts that leave a partial group of keys in every kernel; head_dim 192 and 256
+    # (the AMX decode's Q tiles reloaded per chunk)
+    for heads, kv_heads, nq, d in ((6, 2, [2, 1], 96), (5, 1, [1, 1], 32), (7, 1, [1, 1], 64),
+                                   (6, 3, [1, 2], 192), (4, 1, [1, 1], 256)):
         c = make_case("cpu", dtype, mem=[517, 37], raw=[6, 2], beacon=[0, 0], ratio=[0, 0],
                       nq=nq, heads=heads, kv_heads=kv_heads, head_dim=d)
         check(c)

@@ -175,6 +175,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const bool small = rows < kSmallRows;
       // bf16 decode with AVX-512-BF16: decode_bf16.h's kernels (q as bf16, acc in 32-split order).
       const bool dec_bf16 = small && std::is_same_v<T, at::BFloat16> && use_decode_bf16(rows, d);
+      const bool dec_amx = dec_bf16 && use_decode_amx(rows, d);  // its Q K^T on AMX tiles
       const bool split = small && !dec_bf16 && decode_split<T>(rows, d);  // q, acc in split order
       const int64_t row0 = cu[tile.b] + tile.t0;  // packed index of the tile's first query
 
@@ -194,6 +195,11 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           std::memcpy(q_bf16 + static_cast<int64_t>(r) * d,
                       q_data + (row0 + r / G) * P.q_row_stride + (kvh * G + r % G) * P.q_head_stride,
                       sizeof(uint16_t) * d);
+      // dec_amx: Q^T in pairs too (B of the tile product), in q_tile (unused by that path).
+      uint32_t* q_pairs_dec = reinterpret_cast<uint32_t*>(q_tile);
+      if (dec_amx)
+        for (int r = 0; r < rows; ++r)
+          beacon_cpu::pack_row_pairs_transposed(q_bf16 + static_cast<int64_t>(r) * d, d, q_pairs_dec + r, rows);
       // The QK^T GEMM reads Q^T [d x rows]: fp32, or bf16 pairs for the bf16 dot products.
       uint32_t* q_pairs = reinterpret_cast<uint32_t*>(q_t);
       if (!small && bf16_dot) {
@@ -229,7 +235,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const T* kb = k_seq + k0 * P.k_row_stride;
         const T* vb = v_seq + k0 * P.v_row_stride;
         const int n_pad = round_up(n, 32);  // P's keys for bf16_pv: whole 16-pair tiles
-        if (dec_bf16) {
+        if (dec_amx) {
+          decode_qk_amx(q_pairs_dec, q_bf16, rows, d, reinterpret_cast<const uint16_t*>(kb), P.k_row_stride,
+                        n, P.scale, scores);
+        } else if (dec_bf16) {
           decode_qk_bf16(q_bf16, rows, d, reinterpret_cast<const uint16_t*>(kb), P.k_row_stride, n,
                          P.scale, scores);
         } else if (small) {

@@ -202,9 +202,9 @@ inline void gemm_bf16_pairs(int M, int N, int Kp, float alpha, const uint16_t* A
 #endif
 }
 
-// Packs `count` rows of a bf16 matrix [rows x d] (row i at rows_at(i), d even) as pairs of its
-// transpose: bp[p * ld + first + i] = the pair (2p, 2p + 1) of row i, i.e. B = M^T in the layout
-// above (for Q^T, with M the query tile).
+// Writes one row of a bf16 matrix M (d even) as a column of pairs of its transpose: bp[p * ld] =
+// the pair (2p, 2p + 1) of the row. Called for row i at bp + i, B = M^T in the layout above (for
+// Q^T, with M the query tile).
 inline void pack_row_pairs_transposed(const uint16_t* row, int d, uint32_t* bp, int64_t ld) {
   for (int p = 0; p < d / 2; ++p) std::memcpy(bp + static_cast<int64_t>(p) * ld, row + 2 * p, 4);
 }

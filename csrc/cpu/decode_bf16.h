@@ -5,6 +5,7 @@
 // bound by instructions, not memory (a cache that stays in the CPU caches ran no faster than
 // one read from DRAM, ~0.6x copy bandwidth); these take about a quarter (Q K^T) and half (P V)
 // of their instructions per key. head_dim % 32 == 0; other head dims take the AVX2 kernels.
+// At level amx, Q K^T runs on AMX tiles instead (decode_qk_amx, below).
 #pragma once
 
 #include <algorithm>
@@ -151,6 +152,138 @@ inline void decode_pv_bf16(const float* p, int rows, int n, const uint16_t* v, i
     default: decode_pv_bf16_rows<7>(p, n, v, ldv, d, acc); return;
   }
 }
+
+// Q K^T of a decode tile on AMX tiles (cpu_isa() level amx): S^T for 16 keys = K's 16 rows (read
+// from the cache as tile A, 32 bf16 a row) times Q^T in pairs (tile B, 16 pair rows x `rows`
+// words), per 32 columns of d. A tile product costs about the same for 1-16 columns of B, so a
+// decode tile's few rows take ~3-4 ns a key (d 128, 4 rows, K in L2) where decode_qk_bf16_rows
+// took ~20: on this machine kind vdpbf16ps ran at a quarter of the fp32 FMA instruction rate
+// (12 independent chains, registers only). Same products and pair sums as decode_qk_bf16_rows
+// (each pair product exact, added in fp32).
+#define BEACON_DECODE_AMX_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+// The tile intrinsics are inline asm whose memory operands the compiler does not see (amx_gemm.h).
+#define BEACON_DECODE_AMX_BARRIER() __asm__ volatile("" ::: "memory")
+
+// Whether a decode tile's Q K^T takes decode_qk_amx (d up to 8 chunks of 32: tiles 1-7 below).
+inline bool use_decode_amx(int rows, int d) {
+  return use_decode_bf16(rows, d) && d <= 256 && cpu_has(Isa::kAmx);
+}
+
+// Tile 0: S^T of 16 keys (16 x rows fp32); tiles 1, 2: K chunks (16 keys x 32 bf16), alternating;
+// tiles 3-7: Q^T's pair chunks (16 pair rows x rows words), resident when d has at most 5 chunks,
+// else reloaded per chunk into tiles 3 and 4.
+struct alignas(64) DecodeTileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tile intrinsics take tile numbers as literal tokens: these map template arguments to them.
+template <int T>
+BEACON_DECODE_AMX_TARGET inline void tile_load(const void* p, int64_t stride) {
+  static_assert(T >= 1 && T <= 7);
+  if constexpr (T == 1) _tile_loadd(1, p, stride);
+  else if constexpr (T == 2) _tile_loadd(2, p, stride);
+  else if constexpr (T == 3) _tile_loadd(3, p, stride);
+  else if constexpr (T == 4) _tile_loadd(4, p, stride);
+  else if constexpr (T == 5) _tile_loadd(5, p, stride);
+  else if constexpr (T == 6) _tile_loadd(6, p, stride);
+  else _tile_loadd(7, p, stride);
+}
+// tile 0 += tile A times tile B (A in {1, 2}, B in 3-7).
+template <int A, int B>
+BEACON_DECODE_AMX_TARGET inline void tile_dp() {
+  static_assert((A == 1 || A == 2) && B >= 3 && B <= 7);
+  if constexpr (A == 1) {
+    if constexpr (B == 3) _tile_dpbf16ps(0, 1, 3);
+    else if constexpr (B == 4) _tile_dpbf16ps(0, 1, 4);
+    else if constexpr (B == 5) _tile_dpbf16ps(0, 1, 5);
+    else if constexpr (B == 6) _tile_dpbf16ps(0, 1, 6);
+    else _tile_dpbf16ps(0, 1, 7);
+  } else {
+    if constexpr (B == 3) _tile_dpbf16ps(0, 2, 3);
+    else if constexpr (B == 4) _tile_dpbf16ps(0, 2, 4);
+    else if constexpr (B == 5) _tile_dpbf16ps(0, 2, 5);
+    else if constexpr (B == 6) _tile_dpbf16ps(0, 2, 6);
+    else _tile_dpbf16ps(0, 2, 7);
+  }
+}
+
+// Chunks C .. CH - 1 of 16 keys' S^T, accumulated in tile 0.
+template <int C, int CH>
+BEACON_DECODE_AMX_TARGET inline void qk_amx_chunks(const uint16_t* k, int64_t k_bytes, const uint32_t* qp,
+                                                   int rows) {
+  if constexpr (C < CH) {
+    constexpr int a = 1 + C % 2;
+    tile_load<a>(k + 32 * C, k_bytes);
+    if constexpr (CH <= 5) {
+      tile_dp<a, 3 + C>();
+    } else {
+      tile_load<3 + C % 2>(qp + 16 * C * rows, rows * 4);
+      tile_dp<a, 3 + C % 2>();
+    }
+    qk_amx_chunks<C + 1, CH>(k, k_bytes, qp, rows);
+  }
+}
+
+template <int C, int CH>
+BEACON_DECODE_AMX_TARGET inline void load_q_tiles(const uint32_t* qp, int rows) {
+  if constexpr (C < CH) {
+    tile_load<3 + C>(qp + 16 * C * rows, rows * 4);
+    load_q_tiles<C + 1, CH>(qp, rows);
+  }
+}
+
+// s [n16 x rows] = k q^T (unscaled) for n16 keys, a multiple of 16; qp [d / 2 x rows] Q^T's pairs.
+template <int CH>
+BEACON_DECODE_AMX_TARGET void decode_qk_amx_tiles(const uint32_t* qp, int rows, const uint16_t* k,
+                                                  int64_t ldk, int n16, float* s) {
+  DecodeTileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = static_cast<uint16_t>(t == 1 || t == 2 ? 64 : rows * 4);
+  }
+  BEACON_DECODE_AMX_BARRIER();
+  _tile_loadconfig(&cfg);
+  if constexpr (CH <= 5) load_q_tiles<0, CH>(qp, rows);
+  for (int c = 0; c < n16; c += 16) {
+    // The next 16 keys (as decode_qk_bf16_rows): without it a cold cache ran ~10% slower.
+    for (int j = 0; j < 16; ++j) prefetch_key_row(k + (c + 16 + j) * ldk, 32 * CH);
+    _tile_zero(0);
+    qk_amx_chunks<0, CH>(k + c * ldk, ldk * 2, qp, rows);
+    _tile_stored(0, s + static_cast<int64_t>(c) * rows, rows * 4);
+  }
+  _tile_release();
+  BEACON_DECODE_AMX_BARRIER();
+}
+
+// s [n x rows] = alpha * k q^T as decode_qk_bf16 (which takes the last n % 16 keys); qp: Q^T's
+// pairs (pack_row_pairs_transposed), q: the same rows in bf16. use_decode_amx said so.
+inline void decode_qk_amx(const uint32_t* qp, const uint16_t* q, int rows, int d, const uint16_t* k,
+                          int64_t ldk, int n, float alpha, float* s) {
+  const int n16 = n & ~15;
+  if (n16 > 0) {
+    switch (d / 32) {
+      case 1: decode_qk_amx_tiles<1>(qp, rows, k, ldk, n16, s); break;
+      case 2: decode_qk_amx_tiles<2>(qp, rows, k, ldk, n16, s); break;
+      case 3: decode_qk_amx_tiles<3>(qp, rows, k, ldk, n16, s); break;
+      case 4: decode_qk_amx_tiles<4>(qp, rows, k, ldk, n16, s); break;
+      case 5: decode_qk_amx_tiles<5>(qp, rows, k, ldk, n16, s); break;
+      case 6: decode_qk_amx_tiles<6>(qp, rows, k, ldk, n16, s); break;
+      case 7: decode_qk_amx_tiles<7>(qp, rows, k, ldk, n16, s); break;
+      default: decode_qk_amx_tiles<8>(qp, rows, k, ldk, n16, s); break;
+    }
+    const int64_t m = static_cast<int64_t>(n16) * rows;
+    for (int64_t i = 0; i < m; ++i) s[i] *= alpha;
+  }
+  if (n > n16)
+    decode_qk_bf16(q, rows, d, k + n16 * ldk, ldk, n - n16, alpha, s + static_cast<int64_t>(n16) * rows);
+}
+#undef BEACON_DECODE_AMX_BARRIER
+#undef BEACON_DECODE_AMX_TARGET
 #pragma GCC diagnostic pop
 #undef BEACON_DECODE_BF16_TARGET
 #else
@@ -158,6 +291,9 @@ inline void decode_pv_bf16(const float* p, int rows, int n, const uint16_t* v, i
 inline bool use_decode_bf16(int, int) { return false; }
 inline void decode_qk_bf16(const uint16_t*, int, int, const uint16_t*, int64_t, int, float, float*) {}
 inline void decode_pv_bf16(const float*, int, int, const uint16_t*, int64_t, int, float*) {}
+inline bool use_decode_amx(int, int) { return false; }
+inline void decode_qk_amx(const uint32_t*, const uint16_t*, int, int, const uint16_t*, int64_t, int, float,
+                          float*) {}
 #endif
 
 }  // namespace beacon::cpu::attn
