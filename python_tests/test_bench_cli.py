@@ -108,3 +108,20 @@ def test_training_step_settings_compute_the_same_loss():
         tol = 5e-2 if "bf16" in r["setting"] else 1e-5
         assert abs(r["loss"] - base) <= tol * max(1.0, abs(base)), (r["setting"], r["loss"], base)
     assert m.beacon.window == 8
+
+
+def test_layer_copies_fill_the_budget_with_separate_equal_caches():
+    import torch
+
+    from beacon_ops.benchmarks.attention import layer_copies
+
+    k = torch.randn(1, 2, 100, 8)  # 6,400 bytes
+    v = torch.randn(1, 2, 100, 8)
+    layers = layer_copies(k, v, 64_000)  # 12,800 bytes a layer: 5 layers hold 64,000
+    assert len(layers) == 5
+    assert layers[0][0] is k and layers[0][1] is v
+    ptrs = {t.data_ptr() for kv in layers for t in kv}
+    assert len(ptrs) == 10  # each copy has storage of its own (its reads evict the others')
+    for kl, vl in layers:
+        assert torch.equal(kl, k) and torch.equal(vl, v)
+    assert len(layer_copies(k, v, 1)) == 1 and len(layer_copies(k, v, 12_801)) == 2
