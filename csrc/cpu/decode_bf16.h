@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/amx_gemm.h"          // TileConfig
 #include "cpu/attention_blocks.h"  // prefetch_key_row, kPvChunkKeys
 #include "cpu/cpu_isa.h"
 
@@ -170,16 +171,9 @@ inline bool use_decode_amx(int rows, int d) {
   return use_decode_bf16(rows, d) && d <= 256 && cpu_has(Isa::kAmx);
 }
 
-// Tile 0: S^T of 16 keys (16 x rows fp32); tiles 1, 2: K chunks (16 keys x 32 bf16), alternating;
-// tiles 3-7: Q^T's pair chunks (16 pair rows x rows words), resident when d has at most 5 chunks,
-// else reloaded per chunk into tiles 3 and 4.
-struct alignas(64) DecodeTileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+// Tiles (amx_gemm.h's TileConfig, narrowed): 0: S^T of 16 keys (16 x rows fp32); 1, 2: K chunks
+// (16 keys x 32 bf16), alternating; 3-7: Q^T's pair chunks (16 pair rows x rows words), resident
+// when d has at most 5 chunks, else reloaded per chunk into tiles 3 and 4.
 
 // The tile intrinsics take tile numbers as literal tokens: these map template arguments to them.
 template <int T>
@@ -241,11 +235,8 @@ BEACON_DECODE_AMX_TARGET inline void load_q_tiles(const uint32_t* qp, int rows) 
 template <int CH>
 BEACON_DECODE_AMX_TARGET void decode_qk_amx_tiles(const uint32_t* qp, int rows, const uint16_t* k,
                                                   int64_t ldk, int n16, float* s) {
-  DecodeTileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = static_cast<uint16_t>(t == 1 || t == 2 ? 64 : rows * 4);
-  }
+  beacon_cpu::amx::TileConfig cfg;  // tiles 0-7: 16 rows x 64 bytes
+  for (int t : {0, 3, 4, 5, 6, 7}) cfg.colsb[t] = static_cast<uint16_t>(rows * 4);
   BEACON_DECODE_AMX_BARRIER();
   _tile_loadconfig(&cfg);
   if constexpr (CH <= 5) load_q_tiles<0, CH>(qp, rows);
