@@ -52,6 +52,15 @@ test-cuda-emu: venv
 	$(MAKE) build CMAKE_ARGS="$(CMAKE_ARGS) -DBEACON_OPS_CUDA_EMU=ON -DBEACON_OPS_CUDA_EMU_SANITIZE=OFF"
 	BEACON_CUDA_EMU=1 $(PY) -m pytest python_tests/test_cuda_emu.py python_tests/test_cuda.py python_tests/test_cuda_backward.py -q $(PYTEST_ARGS)
 
+# What the AMX tiles give the bf16 prefill's GEMMs on this CPU (bench/amx_tiles.cpp; plain C++,
+# no torch): the multiply and load rates, the 2 x 2 block's, the kernel's two GEMM shapes.
+CXX ?= c++
+.PHONY: bench-amx
+bench-amx:
+	mkdir -p build
+	$(CXX) -O2 -std=c++17 -Icsrc bench/amx_tiles.cpp -o build/amx_tiles
+	./build/amx_tiles
+
 clean:
 	rm -rf build beacon_ops/_C*.so beacon_ops/_cuda_emu*.so beacon_ops/_build.json
 
