@@ -1,7 +1,8 @@
 // AMX tile probe: what the bf16 prefill's tile GEMMs (csrc/cpu/amx_gemm.h) can reach on this CPU.
 // Times, in turns over several rounds (shared machines are noisy; medians are printed):
 //   dp     tdpbf16ps alone on resident tiles (two accumulators): the multiply rate;
-//   load   tileloadd of 1 KB tiles from L1, alone;
+//   load   tileloadd of 1 KB tiles from L1, alone: from 64-byte lines (as the kernel's scratch,
+//          csrc/cpu/line_aligned.h) and 16 bytes off them (what new[] and std::vector give);
 //   block  the 2 x 2 block's step, as amx_gemm.h runs it: two A and two B tiles loaded, four products;
 //   qk, pv gemm_bf16_pairs_tiles on the attention kernel's two shapes (d 128, a 192-row query tile,
 //          a 256-key block): scores^T = K Q^T, and acc += P V.
@@ -14,6 +15,7 @@
 
 #include "cpu/amx_gemm.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/line_aligned.h"
 
 #ifdef BEACON_CPU_X86
 #define PROBE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-bf16")))
@@ -85,22 +87,24 @@ int main(int argc, char** argv) {
   }
   const int rounds = argc > 1 ? std::max(1, std::atoi(argv[1])) : 7;
   // Operands: varied bf16 values near 1 (the multiply's speed does not depend on them, but zeros
-  // are not what attention multiplies).
-  std::vector<uint16_t> buf(64 * 1024);
-  for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<uint16_t>(0x3f00 + i % 97);
-  const char* a = reinterpret_cast<const char*>(buf.data());
+  // are not what attention multiplies), every buffer on a 64-byte line as the kernel's are.
+  using beacon_cpu::line_buffer;
+  const auto buf = line_buffer<uint16_t>(64 * 1024 + 32);
+  for (size_t i = 0; i < 64 * 1024 + 32; ++i) buf[i] = static_cast<uint16_t>(0x3f00 + i % 97);
+  const char* a = reinterpret_cast<const char*>(buf.get());
   const char* b = a + 32 * 1024;
   // The kernel's shapes: K [256 x 128] and Q^T pairs [64 x 192]; P [192 x 256] and V pairs [128 x 128].
-  std::vector<uint16_t> K(256 * 128), P(192 * 256);
-  std::vector<uint32_t> Qp(64 * 192), Vp(128 * 128);
-  for (size_t i = 0; i < K.size(); ++i) K[i] = static_cast<uint16_t>(0x3c00 + i % 89);
-  for (size_t i = 0; i < P.size(); ++i) P[i] = static_cast<uint16_t>(0x3c00 + i % 83);
-  for (size_t i = 0; i < Qp.size(); ++i) Qp[i] = 0x3c003c00u + static_cast<uint32_t>(i % 79);
-  for (size_t i = 0; i < Vp.size(); ++i) Vp[i] = 0x3c003c00u + static_cast<uint32_t>(i % 73);
-  std::vector<float> S(256 * 192), acc(192 * 128, 0.0f);
+  const auto K = line_buffer<uint16_t>(256 * 128), P = line_buffer<uint16_t>(192 * 256);
+  const auto Qp = line_buffer<uint32_t>(64 * 192), Vp = line_buffer<uint32_t>(128 * 128);
+  for (size_t i = 0; i < 256 * 128; ++i) K[i] = static_cast<uint16_t>(0x3c00 + i % 89);
+  for (size_t i = 0; i < 192 * 256; ++i) P[i] = static_cast<uint16_t>(0x3c00 + i % 83);
+  for (size_t i = 0; i < 64 * 192; ++i) Qp[i] = 0x3c003c00u + static_cast<uint32_t>(i % 79);
+  for (size_t i = 0; i < 128 * 128; ++i) Vp[i] = 0x3c003c00u + static_cast<uint32_t>(i % 73);
+  const auto S = line_buffer<float>(256 * 192), acc = line_buffer<float>(192 * 128);
+  std::fill(acc.get(), acc.get() + 192 * 128, 0.0f);
 
   const int n_dp = 200000, n_load = 100000, n_block = 20000, steps = 8, n_gemm = 300;
-  std::vector<double> dp_ns, load_ns, block_gf, qk_gf, pv_gf;
+  std::vector<double> dp_ns, load_ns, load_off_ns, block_gf, qk_gf, pv_gf;
   for (int r = 0; r < rounds; ++r) {
     configure();
     zero_accumulators();
@@ -112,16 +116,19 @@ int main(int argc, char** argv) {
     load_only(n_load, a);
     load_ns.push_back((now() - t) / (2.0 * n_load) * 1e9);
     t = now();
+    load_only(n_load, a + 16);
+    load_off_ns.push_back((now() - t) / (2.0 * n_load) * 1e9);
+    t = now();
     block_steps(n_block, steps, a, b);
     block_gf.push_back(4.0 * kTileFlops * n_block * steps / (now() - t) / 1e9);
     release();
     t = now();
     for (int i = 0; i < n_gemm; ++i)
-      beacon_cpu::amx::gemm_bf16_pairs_tiles(256, 192, 64, K.data(), 128, Qp.data(), 192, false, S.data(), 192);
+      beacon_cpu::amx::gemm_bf16_pairs_tiles(256, 192, 64, K.get(), 128, Qp.get(), 192, false, S.get(), 192);
     qk_gf.push_back(2.0 * 256 * 192 * 128 * n_gemm / (now() - t) / 1e9);
     t = now();
     for (int i = 0; i < n_gemm; ++i)
-      beacon_cpu::amx::gemm_bf16_pairs_tiles(192, 128, 128, P.data(), 256, Vp.data(), 128, true, acc.data(), 128);
+      beacon_cpu::amx::gemm_bf16_pairs_tiles(192, 128, 128, P.get(), 256, Vp.get(), 128, true, acc.get(), 128);
     pv_gf.push_back(2.0 * 192 * 128 * 256 * n_gemm / (now() - t) / 1e9);
   }
   const double dp = median(dp_ns), ld = median(load_ns);
@@ -129,6 +136,7 @@ int main(int argc, char** argv) {
   std::printf("  tdpbf16ps alone          %6.2f ns each  (%5.0f GFLOP/s: the multiply's ceiling)\n", dp,
               kTileFlops / dp);
   std::printf("  tileloadd (1 KB, L1)     %6.2f ns each\n", ld);
+  std::printf("  tileloadd 16 B off lines %6.2f ns each (every row straddles two lines)\n", median(load_off_ns));
   std::printf("  2x2 block step           %6.0f GFLOP/s (4 loads + 4 products; alone they'd take %.0f ns, "
               "serialised %.0f ns)\n",
               median(block_gf), 4 * std::max(dp, ld), 4 * (dp + ld));

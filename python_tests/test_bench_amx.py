@@ -43,7 +43,7 @@ def test_probe_prints_positive_rates(probe):
     out = run(probe, None)
     if "no AMX-BF16 tiles" in out:
         pytest.skip("this CPU has no AMX-BF16 tiles")
-    names = ["tdpbf16ps alone", "tileloadd", "2x2 block step", "gemm QK^T", "gemm P V"]
+    names = ["tdpbf16ps alone", "tileloadd (1 KB", "16 B off lines", "2x2 block step", "gemm QK^T", "gemm P V"]
     for name in names:
         line = next(l for l in out.splitlines() if name in l)
         value = float(re.search(r"\s(\d+(?:\.\d+)?) (?:ns|GFLOP/s)", line).group(1))
