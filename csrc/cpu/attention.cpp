@@ -124,7 +124,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   // a hot, contiguous block measured about 7% faster than reading the cache in place).
   const int key_block = kKeyBlock;
   // Every piece starts on a 64-byte line (sizes rounded to 16 floats, the buffer aligned): AMX
-  // tile loads and stores of rows that straddle two lines ran 3-5x slower here.
+  // tile loads and stores of rows that straddle two lines took ~3x as long here.
   const auto line = [](int64_t floats) { return static_cast<int64_t>(beacon_cpu::whole_lines<float>(floats)); };
   const int64_t q_elems = line(static_cast<int64_t>(rows_max) * d);
   const int64_t s_elems = line(static_cast<int64_t>(rows_max) * key_block);

@@ -1,7 +1,7 @@
 // Scratch memory that starts on a 64-byte cache line, left uninitialised. Tile and vector loads
 // of rows that straddle two lines cost more: on the AMX Xeon a 1 KB tileloadd from a buffer 16
-// bytes off a line took 3-5x as long as an aligned one, and the bf16 prefill ran ~1.4x slower;
-// the fp32 kernels ~6% (new[] and std::vector only promise 16 bytes).
+// bytes off a line took ~3x as long as an aligned one (make bench-amx), and the bf16 prefill ran
+// ~1.4x slower, the fp32 one ~6% (new[] and std::vector only promise 16 bytes).
 #pragma once
 
 #include <cstddef>
