@@ -68,20 +68,23 @@ class PasskeyResult:
 
 
 def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence[int],
-                 depths: Sequence[float], *, seed: int = 0, max_tokens: dict[str, int] | None = None,
-                 max_new_tokens: int = 8, progress: bool = True,
+                 depths: Sequence[float], *, seed: int = 0, keys: int = 1,
+                 max_tokens: dict[str, int] | None = None, max_new_tokens: int = 8, progress: bool = True,
                  on_result: Callable[[PasskeyResult], None] | None = None) -> list[PasskeyResult]:
     """Greedy passkey answers for every (length, depth) and method.
 
     ``models``: method name -> (model, attention kind: ``beacon``, ``full`` or ``sliding``).
     ``max_tokens``: per method, lengths above it are skipped (e.g. full attention past the
-    model's context). Each (length, depth) has its own 5-digit key drawn from ``seed``, the same
-    for every method.
+    model's context). Each (length, depth) has ``keys`` prompts, each with its own 5-digit key
+    drawn from ``seed`` (the same for every method; with one key per cell, the keys of earlier
+    versions).
     """
+    if keys < 1:
+        raise ValueError(f"keys must be >= 1, got {keys}")
     from .generation import generate, ratio_for_length
 
     rng = random.Random(seed)
-    cells = [(n, d, rng.randint(10000, 99999)) for n in lengths for d in depths]
+    cells = [(n, d, rng.randint(10000, 99999)) for n in lengths for d in depths for _ in range(keys)]
     limits = max_tokens or {}
     todo = [(m, n, d, k) for n, d, k in cells for m in models if n <= limits.get(m, n)]
     bar = None
@@ -141,7 +144,8 @@ def accuracy_table(results: Sequence[PasskeyResult]) -> str:
 
 
 def plot_passkey_heatmap(results: Sequence[PasskeyResult], path: str, title: str = "") -> str:
-    """One length x depth heatmap per method (green = key found), side by side, saved to ``path``."""
+    """One length x depth heatmap per method (the share of the cell's keys found: green = all),
+    side by side, saved to ``path``; with several keys a cell, each cell says how many."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,11 +156,16 @@ def plot_passkey_heatmap(results: Sequence[PasskeyResult], path: str, title: str
     depths = sorted({r.depth for r in results})
     fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.2), squeeze=False)
     for ax, m in zip(axes[0], methods):
-        grid = [[float("nan")] * len(lengths) for _ in depths]
+        found_in = [[[] for _ in lengths] for _ in depths]
         for r in results:
             if r.method == m:
-                grid[depths.index(r.depth)][lengths.index(r.length)] = float(r.correct)
+                found_in[depths.index(r.depth)][lengths.index(r.length)].append(r.correct)
+        grid = [[sum(c) / len(c) if c else float("nan") for c in row] for row in found_in]
         ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for i, row in enumerate(found_in):
+            for j, c in enumerate(row):
+                if len(c) > 1:
+                    ax.text(j, i, f"{sum(c)}/{len(c)}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("prompt length")

@@ -101,6 +101,22 @@ def test_eval_passkey_grid_table_heatmap(tmp_path, no_smollm2, capsys):
     assert (tmp_path / "passkey_heatmap.png").stat().st_size > 1000
 
 
+def test_eval_passkey_keys_per_cell(tmp_path, no_smollm2, capsys):
+    out = tmp_path / "pk.json"
+    assert main(["eval-passkey", "--lengths", "400", "--depths", "0,1", "--keys", "3", "--window", "128",
+                 "--methods", "beacon,sliding", "--json", str(out), "--plot", str(tmp_path)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert len(res) == 2 * 3 * 2  # depths x keys x methods
+    for d in (0.0, 1.0):
+        beacon = [r["key"] for r in res if r["method"] == "beacon" and r["depth"] == d]
+        sliding = [r["key"] for r in res if r["method"] == "sliding" and r["depth"] == d]
+        assert beacon == sliding and len(set(beacon)) == 3  # three keys a cell, the same for both methods
+    assert "/6)" in capsys.readouterr().out  # the table counts every key of the length
+    with pytest.raises(SystemExit) as e:
+        main(["eval-passkey", "--keys", "0"])
+    assert e.value.code == 2 and "--keys" in capsys.readouterr().err
+
+
 def test_shipped_adapter_is_the_default_for_smollm2_only(monkeypatch):
     import argparse
 

@@ -1,7 +1,7 @@
 """``python -m beacon_ops eval-passkey``: the paper's passkey test over lengths x depths.
 
-For every ``--lengths`` x ``--depths`` cell a passkey prompt
-(:func:`beacon_ops.evaluation.passkey_prompt`, its own random 5-digit key) is answered greedily by
+For every ``--lengths`` x ``--depths`` cell ``--keys`` passkey prompts
+(:func:`beacon_ops.evaluation.passkey_prompt`, each its own random 5-digit key) are answered greedily by
 each method: ``beacon`` (the model with its adapter: by default the shipped one for SmolLM2),
 ``untrained`` (beacon parameters copied from the base projections), ``full`` attention (up to
 ``--full-max``, by default the model's context) and ``sliding`` (a window of ``W`` raw tokens, no
@@ -18,7 +18,7 @@ import torch
 
 from ..evaluation import accuracy_table, passkey_grid, passkey_min_tokens, plot_passkey_heatmap
 from ..generation import ratio_for_length
-from .common import (Command, UsageError, add_model_args, full_attention_limit,
+from .common import (Command, UsageError, add_model_args, full_attention_limit, int_at_least,
                      load_evaluated_model, load_model_for, write_json,
                      one_thread_when_busy)
 from .eval_ppl import parse_lengths
@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="depths of the key, 0 (start) .. 1 (end) (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--methods", type=parse_methods, default=list(METHODS),
                    help="beacon, untrained, full, sliding (default: all)")
+    p.add_argument("--keys", type=int_at_least(1), default=1,
+                   help="prompts (keys) per length x depth cell (default 1; more for tighter figures)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys")
     p.add_argument("--plot", default=None, metavar="DIR", help="write passkey_heatmap.png into DIR")
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {lm.name}; adapter: {lm.adapter or 'none (untrained beacons)'}; window {b.window}, "
           f"mode {b.mode}; ratio {'adapt-N: ' + ratios if b.ratio is None else b.ratio}", flush=True)
     results = passkey_grid(models, lm.tokenizer, args.lengths, args.depths, seed=args.seed,
-                           max_tokens={"full": full_max})
+                           keys=args.keys, max_tokens={"full": full_max})
     print()
     print(accuracy_table(results))
     if "full" in args.methods and any(n > full_max for n in args.lengths):
