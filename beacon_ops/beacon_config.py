@@ -23,7 +23,9 @@ class BeaconConfig:
     """Activation Beacon settings (``docs/activation-beacon.md``, sections 3-6).
 
     ``ratio``: a fixed condensing ratio (0 = no beacons, the base model) or None for adapt-N with
-    ``adapt_n`` (section 6). ``beacon_params``: which of q/k/v/o have beacon copies.
+    ``adapt_n`` (section 6) over the model's trained context, or over ``adapt_context`` positions
+    when that is smaller: an adapter trained on short memories sets it, so that adapt-N picks the
+    ratio that keeps memory + window within what it was trained to read. ``beacon_params``: which of q/k/v/o have beacon copies.
 
     ``variant``: ``"v1"`` (sections 3-5, the default) or ``"v3"``, the newer rules of the released
     beacon models (section 9), with ``placement`` (``"append"`` or ``"interleave"``) and
@@ -47,6 +49,7 @@ class BeaconConfig:
     placement: str = "append"
     sink_size: int = 0
     adapt_ratios: tuple[int, ...] | None = None  # adapt-N candidates (None: the paper's, section 6)
+    adapt_context: int | None = None  # adapt-N's context cap (None: the model's trained context)
     sink_recapture: bool = False
 
     def __post_init__(self) -> None:
@@ -63,6 +66,8 @@ class BeaconConfig:
         if bad:
             raise ValueError(f"beacon_params may only contain {BEACON_PROJS}, got {sorted(bad)}")
         self.beacon_params = tuple(p for p in BEACON_PROJS if p in self.beacon_params)
+        if self.adapt_context is not None and not self.window < self.adapt_context:
+            raise ValueError(f"adapt_context must exceed the window {self.window}, got {self.adapt_context}")
         if self.adapt_ratios is not None:
             if not self.adapt_ratios:
                 raise ValueError("adapt_ratios must be None or a non-empty list of ratios")

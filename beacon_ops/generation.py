@@ -54,9 +54,10 @@ def ratio_for_length(model: Llama, total: int) -> int:
     b = model.beacon
     if b.ratio is not None:
         return b.ratio
+    context = model.trained_context if b.adapt_context is None else min(model.trained_context, b.adapt_context)
     if b.adapt_ratios is not None:
-        return adapt_ratio(total, model.trained_context, b.window, b.adapt_n, b.adapt_ratios)
-    return check_ratio(adapt_ratio(total, model.trained_context, b.window, b.adapt_n), b.stride)
+        return adapt_ratio(total, context, b.window, b.adapt_n, b.adapt_ratios)
+    return check_ratio(adapt_ratio(total, context, b.window, b.adapt_n), b.stride)
 
 
 def new_session(model: Llama, lengths: Sequence[int], extra_tokens: int = 0, *,

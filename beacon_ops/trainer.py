@@ -255,6 +255,7 @@ class Trainer:
         return {**self.meta, "format": 1, "params": list(c.params), "rank": c.rank,
                 "window": b.window, "stride": b.stride, "mode": b.mode,
                 "attend_previous": b.attend_previous, "step": self.step,
+                **({"adapt_context": b.adapt_context} if b.adapt_context is not None else {}),
                 "train": {k: (list(v) if isinstance(v, tuple) else v)
                           for k, v in vars(c).items()}}
 

@@ -176,6 +176,48 @@ def test_memory_probe_trains_on_its_copies(tmp_path, capsys):
     assert kinds == ['"passkey"'] * 3
 
 
+def test_train_speed_hints() -> None:
+    """train warns about bf16 autocast without bf16 dot products and about jemalloc without
+    oversize_threshold:0; nothing on a GPU or with the right settings."""
+    from beacon_ops.commands.train import speed_hints
+
+    jemalloc = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
+    assert speed_hints("cpu", "float32", env={}, cpu_isa="avx2") == []
+    assert speed_hints("cpu", "bfloat16", env={}, cpu_isa="amx") == []
+    (slow,) = speed_hints("cpu", "bfloat16", env={}, cpu_isa="avx2")
+    assert "--dtype bfloat16" in slow and "avx2" in slow
+    (hint,) = speed_hints("cpu", "float32", env=jemalloc, cpu_isa="avx2")
+    assert "oversize_threshold:0" in hint
+    assert speed_hints("cpu", "float32", env={**jemalloc, "MALLOC_CONF": "oversize_threshold:0"},
+                       cpu_isa="avx2") == []
+    assert speed_hints("cuda", "bfloat16", env=jemalloc, cpu_isa="avx2") == []
+
+
+def test_adapt_context_travels_with_the_adapter(tmp_path, capsys):
+    """train --adapt-context N stores N in the adapter; the commands that load it give adapt-N
+    that context (the demo says so); N <= --window is a usage error."""
+    import argparse
+
+    from beacon_ops.adapter import read_adapter_config
+    from beacon_ops.commands.common import beacon_config
+    from beacon_ops.commands.demo import adapt_n_note
+
+    out = str(tmp_path / "a.safetensors")
+    assert run_cli(["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len",
+                    "140", "--rank", "2", "--adapt-context", "200", "--out", out], capsys)[0] == 0
+    assert read_adapter_config(out)["adapt_context"] == 200
+    args = argparse.Namespace(adapter=out, window=None, stride=None, ratio=None, mode="step-expansion",
+                              model=None, default_window=1024)
+    assert beacon_config(args).adapt_context == 200 and args.window == 64
+    args = argparse.Namespace(adapter=out, window=256, stride=None, ratio=None, mode="step-expansion",
+                              model=None, default_window=1024)
+    assert beacon_config(args).adapt_context is None  # a window past the cap: the model's context
+    args.window = None
+    assert adapt_n_note(beacon_config(args)) == " (adapt-N, N = 1024, context 200 (the adapter's))"
+    assert_usage_error(["train", "--tiny", "--steps", "1", "--window", "64", "--adapt-context", "64"], capsys,
+                       "--adapt-context", "must exceed --window")
+
+
 def test_init_and_resume_exclude_each_other(tmp_path, capsys):
     f = tmp_path / "a.safetensors"
     f.write_bytes(b"")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from beacon_ops.checkpoints import load_llama
-from beacon_ops.generation import decode_step, generate, prefill, sample, sequence_loss
+from beacon_ops.generation import decode_step, generate, prefill, ratio_for_length, sample, sequence_loss
 from beacon_ops.llama import BeaconConfig, Llama
 
 from beacon_reference import reference_logits
@@ -277,6 +277,24 @@ def test_adapt_ratio_per_sequence():
         ref = reference_logits(model.state_dict(), model.config, x.tolist(), window=16, stride=16,
                                ratio=r, mode=model.beacon.mode)
         assert (o - ref).abs().max() <= TINY_TOL
+
+
+def test_adapt_context_caps_the_context_adapt_n_plans_for():
+    # max_pos 64 capped at 40, W 16, N 16: maxlen(r) = 24 r + 16 (cap 40; uncapped 48 r + 16)
+    model = tiny_model(tiny_config(max_position_embeddings=64), window=16, ratio=None, adapt_n=16,
+                       adapt_context=40)
+    assert [ratio_for_length(model, n) for n in (20, 60, 100, 180)] == [0, 4, 8, 8]
+    seqs = [_ids(100, seed=27)]  # 116 tokens: r = 8 (uncapped: 4)
+    out = prefill(model, seqs, logits="all")
+    assert model.session.cache.host_ratio == [8]
+    ref = reference_logits(model.state_dict(), model.config, seqs[0].tolist(), window=16, stride=16,
+                           ratio=8, mode=model.beacon.mode)
+    assert (out[0] - ref).abs().max() <= TINY_TOL
+    big = tiny_model(tiny_config(max_position_embeddings=64), window=16, ratio=None, adapt_n=16,
+                     adapt_context=1000)  # above the model's context: the model's context
+    assert ratio_for_length(big, 100) == 4
+    with pytest.raises(ValueError, match="adapt_context must exceed the window 16"):
+        BeaconConfig(window=16, adapt_context=16)
 
 
 def test_adapt_ratio_that_does_not_divide_the_stride_is_named():

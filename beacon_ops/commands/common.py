@@ -184,7 +184,12 @@ def beacon_config(args: argparse.Namespace, window: int | None = None) -> Beacon
             check_ratio(args.ratio, stride)
         except ValueError:
             raise UsageError("--ratio", f"must be 0 or a divisor of the stride {stride}, got {args.ratio}") from None
-    return BeaconConfig(window=window, stride=args.stride, ratio=args.ratio, mode=args.mode)
+    # An adapter trained on short memories says how long a context adapt-N may plan for.
+    adapt_context = read_adapter_config(args.adapter).get("adapt_context") if args.adapter else None
+    if adapt_context is not None and adapt_context <= window:
+        adapt_context = None  # trained for a larger window than this run's: the model's context
+    return BeaconConfig(window=window, stride=args.stride, ratio=args.ratio, mode=args.mode,
+                        adapt_context=adapt_context)
 
 
 def load_model_for(args: argparse.Namespace, beacon: BeaconConfig, dtype: torch.dtype) -> LoadedModel:

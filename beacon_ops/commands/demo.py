@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..beacon_config import BeaconConfig
 from ..checkpoints import LoadedModel
 from ..evaluation import passkey_min_tokens, passkey_prompt
 from ..generation import decode_step, prefill, ratio_for_length
@@ -35,6 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="depth of the pass key, 0 (start) .. 1 (end)")
     p.add_argument("--key", type=int_at_least(0), default=68044, help="the pass key")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=8)
+
+
+def adapt_n_note(b: BeaconConfig) -> str:
+    """How adapt-N chose the ratio: its N, and the adapter's context cap when it has one."""
+    cap = f", context {b.adapt_context} (the adapter's)" if b.adapt_context is not None else ""
+    return f" (adapt-N, N = {b.adapt_n}{cap})"
 
 
 def run_passkey(lm: LoadedModel, ids: list[int], attention: str, max_new: int, device: str) -> dict[str, Any]:
@@ -82,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(ids)} tokens, pass key {args.key} at depth {args.depth}; beacon window "
           f"{b.window}, stride {b.stride}, mode {b.mode}, "
           f"ratio {ratio_for_length(lm.model, len(ids))}"
-          f"{' (adapt-N, N = %d)' % b.adapt_n if b.ratio is None else ' (fixed)'}; "
+          f"{adapt_n_note(b) if b.ratio is None else ' (fixed)'}; "
           f"adapter: {lm.adapter or 'none (untrained beacons)'}")
     full_max, why = full_attention_limit(args, c.max_position_embeddings)
     runs = []

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .. import checkpoints
+from .. import build_info, checkpoints
 from ..checkpoints import ByteTokenizer, load_model, tiny_random_llama
 from ..distributed import Distributed, init_from_env
 from ..llama import BEACON_PROJS, BeaconConfig
@@ -105,6 +105,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int_at_least(0), default=0, help="also save every N steps")
     p.add_argument("--window", type=int_at_least(1), default=1024)
     p.add_argument("--mode", default="step-expansion", choices=list(MODES))
+    p.add_argument("--adapt-context", type=int_at_least(2), default=None, metavar="TOKENS",
+                   help="stored in the adapter: the context adapt-N plans for when it is loaded (memory "
+                   "+ window positions; default: the model's trained context). An adapter trained on "
+                   "memories of ~1-2K beacons reads long inputs better at the higher ratio this picks")
     p.add_argument("--min-len", type=int_at_least(2), default=1200)
     p.add_argument("--max-len", type=int_at_least(2), default=8192)
     p.add_argument("--ratios", type=parse_ratios, default=STEP_RANDOM_RATIOS,
@@ -144,9 +148,34 @@ def run(args: argparse.Namespace) -> int:
         dist.close()
 
 
+NATIVE_BF16_ISAS = ("avx512bf16", "amx")  # CPU kernel levels with bf16 dot products
+
+
+def speed_hints(device: str, dtype: str, env: dict[str, str] | None = None,
+                cpu_isa: str | None = None) -> list[str]:
+    """One-line warnings about settings that make CPU training several times slower than it
+    need be: 16-bit autocast on a CPU without bf16 dot products (~10x slower than fp32, README
+    "Training speed"), jemalloc preloaded without ``oversize_threshold:0`` (every allocation of
+    8 MB and more faulted in afresh: 45% of a rank's time in the kernel, measured)."""
+    if not device.startswith("cpu"):
+        return []
+    env = os.environ if env is None else env
+    hints = []
+    isa = cpu_isa if cpu_isa is not None else build_info().get("cpu_isa", "")
+    if dtype != "float32" and isa not in NATIVE_BF16_ISAS:
+        hints.append(f"warning: --dtype {dtype} on a CPU without bf16 dot products (kernel level {isa}) "
+                     "runs ~10x slower than float32")
+    if "jemalloc" in env.get("LD_PRELOAD", "") and "oversize_threshold" not in env.get("MALLOC_CONF", ""):
+        hints.append("hint: with jemalloc preloaded, MALLOC_CONF=oversize_threshold:0 keeps large tensors' "
+                     "pages (else the kernel zeroes them afresh on every use; README, Training speed)")
+    return hints
+
+
 def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed, device: str) -> int:
     say = print if dist.is_main else (lambda *a, **k: None)
-    beacon = BeaconConfig(window=args.window, mode=args.mode)
+    if args.adapt_context is not None and args.adapt_context <= args.window:
+        raise UsageError("--adapt-context", f"must exceed --window ({args.window}), got {args.adapt_context}")
+    beacon = BeaconConfig(window=args.window, mode=args.mode, adapt_context=args.adapt_context)
     if args.tiny:
         model, tok, name = tiny_random_llama(beacon).to(device), ByteTokenizer(), "tiny random Llama"
     else:
@@ -181,6 +210,8 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
                       checkpoint=None if args.checkpoint == "none" else args.checkpoint,
                       autocast=None if dtype == "float32" else dtype, attention=args.attention,
                       batch_size=args.batch_size)
+    for hint in speed_hints(device, dtype):
+        say(hint, flush=True)
     trainer = Trainer(model, cfg, batches, meta={"base_model": name}, dist=dist)
     try:
         if args.resume:
