@@ -25,7 +25,8 @@ class BeaconConfig:
     ``ratio``: a fixed condensing ratio (0 = no beacons, the base model) or None for adapt-N with
     ``adapt_n`` (section 6) over the model's trained context, or over ``adapt_context`` positions
     when that is smaller: an adapter trained on short memories sets it, so that adapt-N picks the
-    ratio that keeps memory + window within what it was trained to read. ``beacon_params``: which of q/k/v/o have beacon copies.
+    ratio that keeps memory + window within what it was trained to read. ``beacon_params``: which
+    of q/k/v/o have beacon copies.
 
     ``variant``: ``"v1"`` (sections 3-5, the default) or ``"v3"``, the newer rules of the released
     beacon models (section 9), with ``placement`` (``"append"`` or ``"interleave"``) and

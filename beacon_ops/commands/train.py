@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 NATIVE_BF16_ISAS = ("avx512bf16", "amx")  # CPU kernel levels with bf16 dot products
 
 
-def speed_hints(device: str, dtype: str, env: dict[str, str] | None = None,
+def speed_hints(device: str, dtype: str, env: Mapping[str, str] | None = None,
                 cpu_isa: str | None = None) -> list[str]:
     """One-line warnings about settings that make CPU training several times slower than it
     need be: 16-bit autocast on a CPU without bf16 dot products (~10x slower than fp32, README
