@@ -38,6 +38,7 @@
 #include "cpu/attention_blocks.h"
 #include "cpu/bf16_gemm.h"
 #include "cpu/block_gemm.h"
+#include "cpu/block_prefetch.h"
 #include "cpu/decode_bf16.h"
 #include "cpu/line_aligned.h"
 #include "cpu/softmax_to_bf16.h"
@@ -171,6 +172,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     uint32_t* v_pairs = reinterpret_cast<uint32_t*>(v_block);  // V in pairs (bf16_pv)
     std::vector<RowSpans> spans(P.tokens_per_tile);
     std::vector<BlockKind> kinds(P.tokens_per_tile);
+    std::vector<int> skip_rows;
+    skip_rows.reserve(rows_max);
 
     for (int64_t w = next_work.fetch_add(1); w < n_work; w = next_work.fetch_add(1)) {
       const Tile& tile = tiles[w / P.kv_heads];
@@ -191,7 +194,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       for (int t = 0; t < n_tok; ++t) {
         spans[t] = beacon::row_spans(L, nq, tile.t0 + t, P.mode, P.attend_previous);
         key_end = std::max(key_end, beacon::key_end(spans[t]));
-        if (!dec_bf16)  // that path reads the queries' bf16 rows (below)
+        if (!dec_bf16 && (small || !bf16_dot))  // the bf16 paths read the queries' bf16 rows (below)
           to_float(q_data + (row0 + t) * P.q_row_stride + kvh * G * P.q_head_stride, P.q_head_stride, G,
                    d, q_tile + static_cast<int64_t>(t) * G * d);
       }
@@ -210,11 +213,11 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       // The QK^T GEMM reads Q^T [d x rows]: fp32, or bf16 pairs for the bf16 dot products.
       uint32_t* q_pairs = reinterpret_cast<uint32_t*>(q_t);
       if (!small && bf16_dot) {
-        for (int r = 0; r < rows; ++r)
-          beacon_cpu::pack_row_pairs_transposed(
-              reinterpret_cast<const uint16_t*>(q_data + (row0 + r / G) * P.q_row_stride +
-                                                (kvh * G + r % G) * P.q_head_stride),
-              d, q_pairs + r, rows);
+        const auto q_row = [&](int r) {
+          return reinterpret_cast<const uint16_t*>(q_data + (row0 + r / G) * P.q_row_stride +
+                                                   (kvh * G + r % G) * P.q_head_stride);
+        };
+        beacon_cpu::pack_rows_pairs_transposed(q_row, rows, d, q_pairs, rows);
       } else if (!small) {
         for (int r = 0; r < rows; ++r)
           for (int i = 0; i < d; ++i) q_t[static_cast<int64_t>(i) * rows + r] = q_tile[r * d + i];
@@ -268,23 +271,35 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           }
         }
         if (kind == BlockKind::kPartial) {
+          skip_rows.clear();
           for (int t = 0; t < n_tok; ++t) {
             if (kinds[t] == BlockKind::kFull) continue;
             for (int g = 0; g < G; ++g) {
               const int r = t * G + g;
-              if (kinds[t] == BlockKind::kSkip) {
-                for (int c = 0; c < n; ++c) scores[static_cast<int64_t>(c) * rows + r] = kNegInf;
-              } else {
-                mask_column(scores, n, rows, r, k0, spans[t]);
-              }
+              if (kinds[t] == BlockKind::kSkip) skip_rows.push_back(r);
+              else mask_column(scores, n, rows, r, k0, spans[t]);
             }
           }
+          // Rows that see none of the block, key by key: neighbouring rows share cache lines in
+          // the transposed scores (row by row, every store touched another line).
+          if (!skip_rows.empty())
+            for (int c = 0; c < n; ++c) {
+              float* col = scores + static_cast<int64_t>(c) * rows;
+              for (const int r : skip_rows) col[r] = kNegInf;
+            }
+        }
+        // GEMM tiles: the next block's K and V into L2 during the exp pass (block_prefetch.h).
+        beacon_cpu::BlockPrefetch next_block;
+        if (!small && k1 < key_end) {
+          const int n_next = std::min(key_block, key_end - k1);
+          next_block.add(kb + key_block * P.k_row_stride, n_next, d * sizeof(T), P.k_row_stride * sizeof(T));
+          next_block.add(vb + key_block * P.v_row_stride, n_next, d * sizeof(T), P.v_row_stride * sizeof(T));
         }
         if (bf16_pv && !small)
           beacon_cpu::softmax_to_bf16_rows(scores, n, rows, P.scale, row_max, row_sum, corr, tmp0, tmp1,
-                                           n_pad, p_bf16);
+                                           n_pad, p_bf16, &next_block);
         else
-          softmax_update(scores, n, rows, row_max, row_sum, corr, tmp0, tmp1);
+          softmax_update(scores, n, rows, row_max, row_sum, corr, tmp0, tmp1, small ? nullptr : &next_block);
         if (!first) scale_rows(acc, rows, d, corr);
         // acc [rows x d] (+)= P V, P(r, c) = scores[c * rows + r].
         if (dec_bf16) {

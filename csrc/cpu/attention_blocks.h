@@ -13,6 +13,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "cpu/block_prefetch.h"
 #include "cpu/cpu_isa.h"
 
 namespace beacon::cpu::attn {
@@ -96,8 +97,10 @@ BEACON_ALWAYS_INLINE void softmax_begin(const float* st, int n, int rows, float*
   softmax_rescale(rows, row_max, corr, m_blk, m_use);
 }
 BEACON_ALWAYS_INLINE void softmax_exp(float* st, int n, int rows, int r0, float* m_blk,
-                                      const float* m_use) {
+                                      const float* m_use, beacon_cpu::BlockPrefetch* pf = nullptr) {
+  if (pf) pf->spread_over(n);
   for (int c = 0; c < n; ++c) {
+    if (pf) pf->step();
     float* s = st + static_cast<int64_t>(c) * rows;
 #pragma omp simd
     for (int r = r0; r < rows; ++r) {
@@ -116,11 +119,12 @@ BEACON_ALWAYS_INLINE void softmax_end(int rows, float* row_sum, const float* cor
 // row r), so every step vectorises across rows. Turns the scores (already scaled) into
 // probabilities relative to each row's new running max and returns in corr[r] the factor for the
 // row's previous accumulator. m_blk, m_use: scratch of `rows` floats.
+// pf: the next block's rows to prefetch during the exp pass (block_prefetch.h), or null.
 BEACON_ALWAYS_INLINE void softmax_update_body(float* st, int n, int rows, float* row_max,
                                               float* row_sum, float* corr, float* m_blk,
-                                              float* m_use) {
+                                              float* m_use, beacon_cpu::BlockPrefetch* pf = nullptr) {
   softmax_begin(st, n, rows, row_max, corr, m_blk, m_use);
-  softmax_exp(st, n, rows, 0, m_blk, m_use);
+  softmax_exp(st, n, rows, 0, m_blk, m_use, pf);
   softmax_end(rows, row_sum, corr, m_blk);
 }
 
@@ -155,7 +159,7 @@ __attribute__((target("avx2"))) inline __m256 fast_exp8(__m256 x) {
 // softmax_update_body with the exp pass written for AVX2 (the other passes vectorise as is).
 __attribute__((target("avx2"))) inline void softmax_update_avx2(
     float* st, int n, int rows, float* row_max, float* row_sum, float* corr, float* m_blk,
-    float* m_use) {
+    float* m_use, beacon_cpu::BlockPrefetch* pf) {
   if (rows < 8) {
     // Few rows (decode): the scores are one run of n * rows floats, key c's at [c * rows, (c + 1)
     // * rows). The maxima and the sums keep lanes [0, rows) of one register and take a whole
@@ -193,7 +197,9 @@ __attribute__((target("avx2"))) inline void softmax_update_avx2(
   }
   softmax_begin(st, n, rows, row_max, corr, m_blk, m_use);
   const int r8 = rows - rows % 8;
+  if (pf) pf->spread_over(n);
   for (int c = 0; c < n; ++c) {
+    if (pf) pf->step();
     float* s = st + static_cast<int64_t>(c) * rows;
     for (int r = 0; r < r8; r += 8) {
       const __m256 p = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + r), _mm256_loadu_ps(m_use + r)));
@@ -207,26 +213,27 @@ __attribute__((target("avx2"))) inline void softmax_update_avx2(
 
 __attribute__((target("avx512f"))) inline void softmax_update_avx512(
     float* st, int n, int rows, float* row_max, float* row_sum, float* corr, float* m_blk,
-    float* m_use) {
-  softmax_update_body(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
+    float* m_use, beacon_cpu::BlockPrefetch* pf) {
+  softmax_update_body(st, n, rows, row_max, row_sum, corr, m_blk, m_use, pf);
 }
 #endif
 
 inline void softmax_update(float* st, int n, int rows, float* row_max, float* row_sum,
-                           float* corr, float* m_blk, float* m_use) {
+                           float* corr, float* m_blk, float* m_use,
+                           beacon_cpu::BlockPrefetch* pf = nullptr) {
 #ifdef BEACON_CPU_X86
   // Few rows (decode) take the AVX2 update at every x86 level: it keeps maxima and sums in
   // registers (levels are ordered, so AVX-512 implies AVX2).
   if (cpu_has(Isa::kAvx512) && rows >= 8) {
-    softmax_update_avx512(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
+    softmax_update_avx512(st, n, rows, row_max, row_sum, corr, m_blk, m_use, pf);
     return;
   }
   if (cpu_has(Isa::kAvx2)) {
-    softmax_update_avx2(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
+    softmax_update_avx2(st, n, rows, row_max, row_sum, corr, m_blk, m_use, pf);
     return;
   }
 #endif
-  softmax_update_body(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
+  softmax_update_body(st, n, rows, row_max, row_sum, corr, m_blk, m_use, pf);
 }
 
 // acc [rows x d] row r *= corr[r].

@@ -147,6 +147,29 @@ BEACON_BF16_TARGET inline void pack_pair_rows_avx512(const uint16_t* v, int64_t 
     }
   }
 }
+
+// pack_rows_pairs_transposed (below) 16 rows x 16 pairs at a time: each row's 16 pairs are one
+// 64-byte load, a register transpose turns them into 16 pair rows of 16 words, one store each.
+template <typename RowAt>
+BEACON_BF16_TARGET inline void pack_rows_pairs_transposed_avx512(const RowAt& row_at, int rows, int d,
+                                                                 uint32_t* bp, int64_t ld) {
+  const int pairs = d / 2;
+  for (int r0 = 0; r0 < rows; r0 += 16) {
+    const int nr = rows - r0 < 16 ? rows - r0 : 16;
+    const __mmask16 row_mask = static_cast<__mmask16>((1u << nr) - 1u);
+    for (int p0 = 0; p0 < pairs; p0 += 16) {
+      const int np = pairs - p0 < 16 ? pairs - p0 : 16;
+      const __mmask16 pair_mask = static_cast<__mmask16>((1u << np) - 1u);
+      __m512 x[16];
+      for (int i = 0; i < 16; ++i)
+        x[i] = i < nr ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(pair_mask, row_at(r0 + i) + 2 * p0))
+                      : _mm512_setzero_ps();
+      transpose16(x);
+      for (int j = 0; j < np; ++j)
+        _mm512_mask_storeu_epi32(bp + static_cast<int64_t>(p0 + j) * ld + r0, row_mask, _mm512_castps_si512(x[j]));
+    }
+  }
+}
 #pragma GCC diagnostic pop
 #undef BEACON_BF16_TARGET
 #endif
@@ -207,5 +230,17 @@ inline void gemm_bf16_pairs(int M, int N, int Kp, float alpha, const uint16_t* A
 // Q^T, with M the query tile).
 inline void pack_row_pairs_transposed(const uint16_t* row, int d, uint32_t* bp, int64_t ld) {
   for (int p = 0; p < d / 2; ++p) std::memcpy(bp + static_cast<int64_t>(p) * ld, row + 2 * p, 4);
+}
+
+// The same for `rows` rows, row r at row_at(r) (a const uint16_t*): bp [d / 2 x ld] gets B = M^T
+// in pairs, bp[p * ld + r] = pair p of row r. (Row by row, a 4-byte store per pair and row with
+// every row touching each of bp's lines in turn, this took 3-4% of a bf16 prefill step.)
+template <typename RowAt>
+inline void pack_rows_pairs_transposed(const RowAt& row_at, int rows, int d, uint32_t* bp, int64_t ld) {
+#if defined(BEACON_CPU_X86) && !defined(BEACON_OPS_EMULATE_BF16_DOT)
+  pack_rows_pairs_transposed_avx512(row_at, rows, d, bp, ld);
+#else
+  for (int r = 0; r < rows; ++r) pack_row_pairs_transposed(row_at(r), d, bp + r, ld);
+#endif
 }
 }  // namespace beacon_cpu

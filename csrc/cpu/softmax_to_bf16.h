@@ -12,6 +12,7 @@
 
 #include "cpu/attention_blocks.h"
 #include "cpu/bf16_gemm.h"
+#include "cpu/block_prefetch.h"
 
 namespace beacon_cpu {
 
@@ -41,9 +42,10 @@ BEACON_BF16_TARGET inline __m512 fast_exp2_16(__m512 t) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // as in bf16_gemm.h
 BEACON_BF16_TARGET inline void exp_to_bf16_rows_avx512(const float* st, int n, int rows, float scale,
                                                        const float* m_use, float* sums, int n_pad,
-                                                       uint16_t* p) {
+                                                       uint16_t* p, BlockPrefetch* pf) {
   constexpr float kLog2e = 1.44269504088896341f;
   const __m512 sc = _mm512_set1_ps(scale * kLog2e);
+  if (pf) pf->spread_over(((rows + 15) / 16) * (n_pad / 16));
   for (int r0 = 0; r0 < rows; r0 += 16) {
     const int nr = rows - r0 < 16 ? rows - r0 : 16;
     const __mmask16 m = static_cast<__mmask16>((1u << nr) - 1u);
@@ -73,6 +75,7 @@ BEACON_BF16_TARGET inline void exp_to_bf16_rows_avx512(const float* st, int n, i
           sum = _mm512_add_ps(sum, x[i]);
         }
       }
+      if (pf) pf->step();
       transpose16(x);
       for (int j = 0; j < nr; ++j)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + static_cast<int64_t>(r0 + j) * n_pad + c0),
@@ -87,13 +90,13 @@ BEACON_BF16_TARGET inline void exp_to_bf16_rows_avx512(const float* st, int n, i
 BEACON_BF16_TARGET inline void softmax_to_bf16_rows_avx512(float* st, int n, int rows, float scale,
                                                            float* row_max, float* row_sum, float* corr,
                                                            float* m_blk, float* m_use, int n_pad,
-                                                           uint16_t* p) {
+                                                           uint16_t* p, BlockPrefetch* pf) {
   using namespace beacon::cpu::attn;
   for (int r = 0; r < rows; ++r) m_blk[r] = kNegInf;
   softmax_max(st, 0, n, rows, m_blk);
   for (int r = 0; r < rows; ++r) m_blk[r] *= scale;
   softmax_rescale(rows, row_max, corr, m_blk, m_use);  // m_blk: zeros, the block's sums
-  exp_to_bf16_rows_avx512(st, n, rows, scale, m_use, m_blk, n_pad, p);
+  exp_to_bf16_rows_avx512(st, n, rows, scale, m_use, m_blk, n_pad, p, pf);
   softmax_end(rows, row_sum, corr, m_blk);
 }
 #undef BEACON_BF16_TARGET
@@ -102,17 +105,17 @@ BEACON_BF16_TARGET inline void softmax_to_bf16_rows_avx512(float* st, int n, int
 // The update for key block st [n x rows] (transposed, unscaled scores; masked ones -inf): row
 // maxima, running max / sum and corr as softmax_update (scale > 0, so the scaled maximum is the
 // maximum scaled), and p [rows x n_pad] = bf16(exp(scale * s - max)), zero past key n. n_pad:
-// a multiple of 16. m_blk, m_use: scratch of `rows` floats.
+// a multiple of 16. m_blk, m_use: scratch of `rows` floats. pf: rows to prefetch meanwhile, or null.
 inline void softmax_to_bf16_rows(float* st, int n, int rows, float scale, float* row_max,
                                  float* row_sum, float* corr, float* m_blk, float* m_use, int n_pad,
-                                 uint16_t* p) {
+                                 uint16_t* p, BlockPrefetch* pf = nullptr) {
 #if defined(BEACON_CPU_X86) && !defined(BEACON_OPS_EMULATE_BF16_DOT)
-  softmax_to_bf16_rows_avx512(st, n, rows, scale, row_max, row_sum, corr, m_blk, m_use, n_pad, p);
+  softmax_to_bf16_rows_avx512(st, n, rows, scale, row_max, row_sum, corr, m_blk, m_use, n_pad, p, pf);
 #else
   using namespace beacon::cpu::attn;
   const int64_t total = static_cast<int64_t>(n) * rows;
   for (int64_t i = 0; i < total; ++i) st[i] *= scale;
-  softmax_update(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
+  softmax_update(st, n, rows, row_max, row_sum, corr, m_blk, m_use, pf);
   for (int r = 0; r < rows; ++r)
     for (int c = 0; c < n_pad; ++c)
       p[static_cast<int64_t>(r) * n_pad + c] =
