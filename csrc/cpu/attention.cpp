@@ -208,8 +208,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       // dec_amx: Q^T in pairs too (B of the tile product), in q_tile (unused by that path).
       uint32_t* q_pairs_dec = reinterpret_cast<uint32_t*>(q_tile);
       if (dec_amx)
-        for (int r = 0; r < rows; ++r)
-          beacon_cpu::pack_row_pairs_transposed(q_bf16 + static_cast<int64_t>(r) * d, d, q_pairs_dec + r, rows);
+        beacon_cpu::pack_rows_pairs_transposed([&](int r) { return q_bf16 + static_cast<int64_t>(r) * d; }, rows,
+                                               d, q_pairs_dec, rows);
       // The QK^T GEMM reads Q^T [d x rows]: fp32, or bf16 pairs for the bf16 dot products.
       uint32_t* q_pairs = reinterpret_cast<uint32_t*>(q_t);
       if (!small && bf16_dot) {

@@ -252,7 +252,7 @@ BEACON_DECODE_AMX_TARGET void decode_qk_amx_tiles(const uint32_t* qp, int rows, 
 }
 
 // s [n x rows] = alpha * k q^T as decode_qk_bf16 (which takes the last n % 16 keys); qp: Q^T's
-// pairs (pack_row_pairs_transposed), q: the same rows in bf16. use_decode_amx said so.
+// pairs (pack_rows_pairs_transposed), q: the same rows in bf16. use_decode_amx said so.
 inline void decode_qk_amx(const uint32_t* qp, const uint16_t* q, int rows, int d, const uint16_t* k,
                           int64_t ldk, int n, float alpha, float* s) {
   const int n16 = n & ~15;
