@@ -18,24 +18,35 @@ namespace beacon_cpu {
 
 #if defined(BEACON_CPU_X86) && !defined(BEACON_OPS_EMULATE_BF16_DOT)
 #define BEACON_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-// 2^t on 16 lanes: t = n + f with n = round(t) and |f| <= 1/2, 2^f by a degree-5 polynomial
-// (relative error 8e-8 on [-1/2, 1/2], fitted at Chebyshev nodes), times 2^n by vscalefps, which
-// also takes care of the exponent's range. About half the instructions of exp by the exponent's
-// bit arithmetic (a range reduction by ln 2 in two parts, a degree-7 polynomial, clamps). The
-// callers fold log2(e) into the scale and the row maxima. t < -125.9 (e^-87.3; masked -inf
-// scores included) gives exactly 0; NaN stays NaN.
-BEACON_BF16_TARGET inline __m512 fast_exp2_16(__m512 t) {
-  const __m512 lo = _mm512_set1_ps(-125.9f);
-  const __m512 tc = _mm512_max_ps(lo, t);  // t second: a NaN passes through
-  const __m512 n = _mm512_roundscale_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(tc, n);
-  __m512 p = _mm512_set1_ps(1.3266970386e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6754597455e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507426160e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121754e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314694916e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000710e+0f));
-  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(t, lo, _CMP_NLT_UQ), p, n);
+// The 16 x 16 bf16 transpose of P's group: y[k] holds keys 2k (elements 0-15) and 2k + 1 (16-31)
+// of 16 rows; afterwards y[j] holds rows 2j (elements 0-15) and 2j + 1 (16-31) of the 16 keys.
+// Three rounds swap one register-index bit (a key bit) with an element-index bit (a row bit):
+// 16-bit, 64-bit and 128-bit moves, 24 shuffles in all where the fp32 transpose before the
+// conversion took 64 (the exp pass's port-5 bottleneck, perf on the AMX Xeon).
+BEACON_BF16_TARGET inline void transpose_bf16_16x16(__m512i (&y)[8]) {
+  alignas(64) static const uint16_t kWords[2][32] = {
+      {0, 16, 32, 48, 4, 20, 36, 52, 8, 24, 40, 56, 12, 28, 44, 60,
+       1, 17, 33, 49, 5, 21, 37, 53, 9, 25, 41, 57, 13, 29, 45, 61},
+      {2, 18, 34, 50, 6, 22, 38, 54, 10, 26, 42, 58, 14, 30, 46, 62,
+       3, 19, 35, 51, 7, 23, 39, 55, 11, 27, 43, 59, 15, 31, 47, 63}};
+  const __m512i w0 = _mm512_load_si512(kWords[0]), w1 = _mm512_load_si512(kWords[1]);
+  for (int a = 0; a < 8; a += 2) {  // key bit 1 <-> row bit 1
+    const __m512i lo = _mm512_permutex2var_epi16(y[a], w0, y[a + 1]);
+    y[a + 1] = _mm512_permutex2var_epi16(y[a], w1, y[a + 1]);
+    y[a] = lo;
+  }
+  for (int a : {0, 1, 4, 5}) {  // key bit 2 <-> row bit 2, in 64-bit groups
+    const __m512i lo = _mm512_unpacklo_epi64(y[a], y[a + 2]);
+    y[a + 2] = _mm512_unpackhi_epi64(y[a], y[a + 2]);
+    y[a] = lo;
+  }
+  const __m512i q0 = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+  const __m512i q1 = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  for (int a = 0; a < 4; ++a) {  // key bit 3 <-> row bit 3, in 128-bit groups
+    const __m512i lo = _mm512_permutex2var_epi64(y[a], q0, y[a + 4]);
+    y[a + 4] = _mm512_permutex2var_epi64(y[a], q1, y[a + 4]);
+    y[a] = lo;
+  }
 }
 
 #pragma GCC diagnostic push
@@ -60,7 +71,7 @@ BEACON_BF16_TARGET inline void exp_to_bf16_rows_avx512(const float* st, int n, i
 #pragma GCC unroll 16
         for (int i = 0; i < 16; ++i) {
           const __m512 s = _mm512_maskz_loadu_ps(m, st + static_cast<int64_t>(c0 + i) * rows + r0);
-          x[i] = fast_exp2_16(_mm512_fmsub_ps(s, sc, mu));
+          x[i] = beacon::cpu::attn::fast_exp2_16(_mm512_fmsub_ps(s, sc, mu));
           if (i % 2) sum1 = _mm512_add_ps(sum1, x[i]); else sum = _mm512_add_ps(sum, x[i]);
         }
         sum = _mm512_add_ps(sum, sum1);
@@ -71,15 +82,21 @@ BEACON_BF16_TARGET inline void exp_to_bf16_rows_avx512(const float* st, int n, i
             continue;
           }
           const __m512 s = _mm512_maskz_loadu_ps(m, st + static_cast<int64_t>(c0 + i) * rows + r0);
-          x[i] = fast_exp2_16(_mm512_fmsub_ps(s, sc, mu));
+          x[i] = beacon::cpu::attn::fast_exp2_16(_mm512_fmsub_ps(s, sc, mu));
           sum = _mm512_add_ps(sum, x[i]);
         }
       }
       if (pf) pf->step();
-      transpose16(x);
-      for (int j = 0; j < nr; ++j)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + static_cast<int64_t>(r0 + j) * n_pad + c0),
-                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x[j])));
+      __m512i y[8];
+      for (int k = 0; k < 8; ++k)  // round to nearest even, as _mm512_cvtneps_pbh
+        y[k] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x[2 * k + 1], x[2 * k]));
+      transpose_bf16_16x16(y);
+      // Row 2j from elements 0-15, row 2j + 1 from 16-31 (a masked store from 16 before it).
+      for (int j = 0; 2 * j < nr; ++j) {
+        uint16_t* row = p + static_cast<int64_t>(r0 + 2 * j) * n_pad + c0;
+        _mm512_mask_storeu_epi16(row, 0x0000FFFFu, y[j]);
+        if (2 * j + 1 < nr) _mm512_mask_storeu_epi16(row + n_pad - 16, 0xFFFF0000u, y[j]);
+      }
     }
     _mm512_mask_storeu_ps(sums + r0, m, sum);
   }
