@@ -9,8 +9,8 @@
 // only on boundary (partial) blocks. Work units are handed out longest first from an atomic
 // counter (at::parallel_for starts the threads): tile costs differ a lot (causal rows, beacon
 // rows, varlen batches) and the machines are shared.
-// QK^T and PV run in fp32 on per-block fp32 copies of K and V through block_gemm.h (an
-// AVX-512 micro-kernel, else torch's BLAS); with bf16 inputs on CPUs with AVX-512-BF16, QK^T
+// QK^T and PV run in fp32 on K and V (per-block fp32 copies of 16-bit or strided rows) through
+// block_gemm.h (an AVX-512 micro-kernel, else torch's BLAS); with bf16 inputs on CPUs with AVX-512-BF16, QK^T
 // instead reads K in place by bf16 dot products with fp32 accumulation (bf16_gemm.h), and with
 // AMX tiles P V multiplies P rounded to bf16 by V in pairs; tiles of fewer than kSmallRows rows (decode) use
 // dot products straight from the cache. Scores are kept transposed (key-major) so the softmax
@@ -231,8 +231,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const T* v_seq = v_data + tile.b * P.v_batch_stride + kvh * P.v_head_stride;
 
       // fp32 K / V rows that lie back to back are the GEMMs' operands as they are (the copy cost
-      // 4.6% of an fp32 prefill step); other rows are copied, since rows a whole cache row apart
-      // would share the L1 sets the GEMM's panels need.
+      // 4.6% of an fp32 prefill step, perf); rows of a strided view are still copied per block.
       const bool k_in_place = std::is_same_v<T, float> && P.k_row_stride == d;
       const bool v_in_place = std::is_same_v<T, float> && P.v_row_stride == d;
       bool first = true;
