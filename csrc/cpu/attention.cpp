@@ -10,12 +10,13 @@
 // counter (at::parallel_for starts the threads): tile costs differ a lot (causal rows, beacon
 // rows, varlen batches) and the machines are shared.
 // QK^T and PV run in fp32 on K and V (per-block fp32 copies of 16-bit or strided rows) through
-// block_gemm.h (an AVX-512 micro-kernel, else torch's BLAS); with bf16 inputs on CPUs with AVX-512-BF16, QK^T
-// instead reads K in place by bf16 dot products with fp32 accumulation (bf16_gemm.h), and with
-// AMX tiles P V multiplies P rounded to bf16 by V in pairs; tiles of fewer than kSmallRows rows (decode) use
-// dot products straight from the cache. Scores are kept transposed (key-major) so the softmax
-// bookkeeping vectorises across rows; those loops live in attention_blocks.h, compiled for
-// AVX-512 / AVX2 / baseline and chosen by cpu_isa.h like every CPU kernel.
+// block_gemm.h (an AVX-512 micro-kernel, else torch's BLAS); with bf16 inputs on CPUs with
+// AVX-512-BF16, QK^T instead reads K in place by bf16 dot products with fp32 accumulation
+// (bf16_gemm.h), and with AMX tiles P V multiplies P rounded to bf16 by V in pairs; tiles of
+// fewer than kSmallRows rows (decode) use dot products straight from the cache. Scores are kept
+// transposed (key-major) so the softmax bookkeeping vectorises across rows; those loops live in
+// attention_blocks.h, compiled for AVX-512 / AVX2 / baseline and chosen by cpu_isa.h like every
+// CPU kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
