@@ -178,7 +178,7 @@ def test_memory_probe_trains_on_its_copies(tmp_path, capsys):
 
 def test_train_speed_hints() -> None:
     """train warns about bf16 autocast without bf16 dot products and about jemalloc without
-    oversize_threshold:0; nothing on a GPU or with the right settings."""
+    oversize_threshold:0 and muzzy_decay_ms:-1; nothing on a GPU or with the right settings."""
     from beacon_ops.commands.train import speed_hints
 
     jemalloc = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
@@ -187,9 +187,12 @@ def test_train_speed_hints() -> None:
     (slow,) = speed_hints("cpu", "bfloat16", env={}, cpu_isa="avx2")
     assert "--dtype bfloat16" in slow and "avx2" in slow
     (hint,) = speed_hints("cpu", "float32", env=jemalloc, cpu_isa="avx2")
-    assert "oversize_threshold:0" in hint
-    assert speed_hints("cpu", "float32", env={**jemalloc, "MALLOC_CONF": "oversize_threshold:0"},
-                       cpu_isa="avx2") == []
+    assert "oversize_threshold:0" in hint and "muzzy_decay_ms:-1" in hint
+    (hint,) = speed_hints("cpu", "float32", env={**jemalloc, "MALLOC_CONF": "oversize_threshold:0"},
+                          cpu_isa="avx2")
+    assert "muzzy_decay_ms:-1" in hint
+    conf = "oversize_threshold:0,dirty_decay_ms:1000,muzzy_decay_ms:-1"
+    assert speed_hints("cpu", "float32", env={**jemalloc, "MALLOC_CONF": conf}, cpu_isa="avx2") == []
     assert speed_hints("cuda", "bfloat16", env=jemalloc, cpu_isa="avx2") == []
 
 
