@@ -512,6 +512,27 @@ def test_low_rank_delta_keeps_the_base_bias() -> None:
     assert at.beacon_k_proj.lora_B.grad is not None and at.beacon_k_proj.lora_B.grad.abs().sum() > 0
 
 
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_low_rank_delta_forward_is_its_weight(bias: bool) -> None:
+    """The training forward (base, then the factors: x A^T B^T) equals a linear map by the
+    effective ``weight`` (the inference path) in fp64, output and gradients of A, B and x."""
+    g = torch.Generator().manual_seed(6)
+    base = torch.nn.Linear(12, 10, bias=bias).double()
+    d = LowRankDelta(base, rank=3, generator=g)
+    with torch.no_grad():
+        d.lora_A.copy_(torch.randn(3, 12, generator=g, dtype=torch.float64))
+        d.lora_B.copy_(torch.randn(10, 3, generator=g, dtype=torch.float64))
+    x = torch.randn(5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    grads = []
+    for f in (d, lambda t: torch.nn.functional.linear(t, d.weight, d.bias)):
+        out = f(x)
+        gx, ga, gb = torch.autograd.grad((out * w).sum(), (x, d.lora_A, d.lora_B))
+        grads.append((out.detach(), gx, ga, gb))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
 # --- small pieces ---------------------------------------------------------------------------------
 def test_step_random_ratios() -> None:
     a, b = StepRandomRatios(), StepRandomRatios()
