@@ -400,6 +400,10 @@ inputs, lengths = make_inputs(case, torch.float32)
 dout, dlse = random_grads(case, inputs)
 for g, w in zip(grads_of_op(case, inputs, lengths, dout, dlse), grads_of_reference(case, inputs, lengths, dout, dlse)):
     torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+# bf16: the bf16 operand path at levels avx512bf16 (dot products) and amx (tiles), fp32 below
+from test_attention_backward import BF16_TILE_CASES, check_low_precision_rule
+for case in BF16_TILE_CASES.values():
+    check_low_precision_rule(case, torch.bfloat16)
 print("ok")
 """
 

@@ -7,6 +7,7 @@ its gradients stay finite for rows that see no key.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -250,14 +251,8 @@ def test_fp32_expanded_dout_and_lse_only(device, loss):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_tolerance_rule(device, dtype):
+def check_low_precision_rule(case: Case, dtype: torch.dtype, device: str = "cpu") -> None:
     """max|grad - ref| <= 2 * max|baseline - ref| + eps, baseline = the reference in dtype."""
-    skip_without_backward_kernel(device)
-    seqs = [Seq(mem=20, raw=48, beacon=6, ratio=8, n_q=54), Seq(mem=5, raw=12, beacon=0, ratio=0,
-                                                                 n_q=12)]
-    case = Case(seqs, heads=6, kv_heads=2, dim=32, mode="step-expansion")
     inputs, lengths = make_inputs(case, dtype, device)
     dout, _ = random_grads(case, inputs)
     got = grads_of_op(case, inputs, lengths, dout.to(dtype).float())
@@ -268,6 +263,36 @@ def test_low_precision_tolerance_rule(device, dtype):
         err = (g.double() - w).abs().max().item()
         base_err = (bl.double() - w).abs().max().item()
         assert err <= 2 * base_err + 1e-3, (name, err, base_err)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_tolerance_rule(device, dtype):
+    """The low-precision rule on a small two-sequence step."""
+    skip_without_backward_kernel(device)
+    seqs = [Seq(mem=20, raw=48, beacon=6, ratio=8, n_q=54), Seq(mem=5, raw=12, beacon=0, ratio=0,
+                                                                 n_q=12)]
+    check_low_precision_rule(Case(seqs, heads=6, kv_heads=2, dim=32, mode="step-expansion"), dtype, device)
+
+
+# Steps for the CPU's bf16 operand path (bf16 dot products; AMX tiles where whole 16s): GQA 3
+# (query chunks that start on an odd packed row), a query chunk past 256 tokens, key blocks of
+# 64 with a partial (odd) last one, whole and partial 16s of head_dim, an odd capacity.
+BF16_TILE_CASES = {
+    "gqa3-d64": Case([Seq(mem=70, raw=200, beacon=25, ratio=8, n_q=225),
+                      Seq(mem=3, raw=17, beacon=0, ratio=0, n_q=17)], heads=6, kv_heads=2, dim=64, slack=3),
+    "chunk-d128": Case([Seq(mem=129, raw=290, beacon=0, ratio=0, n_q=290)], heads=2, kv_heads=2, dim=128),
+    "d40-gqa5": Case([Seq(mem=33, raw=64, beacon=8, ratio=8, n_q=72)], heads=5, kv_heads=1, dim=40),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(BF16_TILE_CASES))
+def test_bf16_tiles_tolerance_rule(case, mode):
+    """The low-precision rule in bf16 on steps whose tiles reach every part of the bf16 operand
+    path (and of the fp32 path on CPUs without bf16 dot products), every mask mode."""
+    c = dataclasses.replace(BF16_TILE_CASES[case], mode=mode, attend_previous=mode != "segmentation")
+    check_low_precision_rule(c, torch.bfloat16)
 
 
 def test_fully_masked_row_contributes_nothing():
