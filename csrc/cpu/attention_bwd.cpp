@@ -10,11 +10,13 @@
 //      tokens that see the block, all query heads of the GQA group stacked as GEMM rows.
 //   2. dQ:     parallel over (sequence, kv head, query block), same stacking.
 // Recomputing P in both passes costs two extra tile products but needs no atomics and no
-// per-thread copies of the cache. bf16/fp16/fp32 run in fp32 (inputs widened once): the tile
-// products by block_gemm.h (no per-call dispatch: on a training step's small tiles, ATen's GEMMs
-// made this op ~1.9x slower), the exp by attention_blocks.h's fast_exp in loops compiled per ISA
-// level. fp64 runs in fp64 with ATen GEMMs and std::exp (so that gradcheck can test this kernel
-// against finite differences). Extra memory: the widened, head-regrouped inputs (K and V also
+// per-thread copies of the cache. bf16 on CPUs with AVX-512-BF16 (head_dim even) multiplies bf16
+// operands (run_backward_bf16, below: AMX tiles where it can, P and dS rounded to bf16);
+// otherwise bf16/fp16/fp32 run in fp32 (inputs widened once): the tile products by block_gemm.h
+// (no per-call dispatch: on a training step's small tiles, ATen's GEMMs made this op ~1.9x
+// slower), the exp by attention_blocks.h's fast_exp in loops compiled per ISA level. fp64 runs
+// in fp64 with ATen GEMMs and std::exp (so that gradcheck can test this kernel against finite
+// differences). Extra memory: the widened, head-regrouped inputs (K and V also
 // transposed: the B operands of S and dP) and per-thread tiles of at most kChunkQ * group x
 // kBlockK; nothing grows with queries x keys.
 #include <ATen/ATen.h>
@@ -139,7 +141,7 @@ inline void probs_and_dscores_row(double* s, double* dp, int n, double scale, do
 // S becomes P. Masked entries and rows that see nothing (lse = +inf) are 0. Returns false,
 // computing nothing, when no row of the tile sees a key of the block.
 // The key spans of query tokens [i0, i1) of sequence b and how each meets keys [k0, k1) (in
-// thread-local vectors, indexed from i0); false when none of them sees a key of the block.
+// thread-local vectors, indexed from i0); null when none of them sees a key of the block.
 struct TileRows {
   std::vector<RowSpans> spans;
   std::vector<BlockKind> kinds;

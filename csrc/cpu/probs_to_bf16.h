@@ -65,7 +65,8 @@ BEACON_BF16_TARGET inline void probs_to_bf16_cols_avx512(const float* s, const f
     for (int c = 0; c < keys; ++c) {
       const int64_t o = static_cast<int64_t>(c) * n + r0;
       const __m512 prob = fast_exp2_16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, s + o), sc2, mu));
-      const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(prob, sc), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + o), dl));
+      const __m512 diff = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + o), dl);
+      const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(prob, sc), diff);
       _mm256_mask_storeu_epi16(p_t + o, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(prob)));
       _mm256_mask_storeu_epi16(ds_t + o, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(ds)));
     }
@@ -82,7 +83,8 @@ BEACON_BF16_TARGET inline void dscores_to_bf16_row_avx512(const float* s, const 
     const __mmask16 w = keys_pad - c0 < 16 ? static_cast<__mmask16>((1u << (keys_pad - c0)) - 1u) : 0xFFFF;
     const __m512 prob = fast_exp2_16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, s + c0), sc2, mu));
     // lanes past `keys` (the pad) are zero: prob of a zero-masked load is not, so mask the result
-    const __m512 d = _mm512_maskz_mul_ps(m, _mm512_mul_ps(prob, sc), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + c0), dl));
+    const __m512 diff = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, dp + c0), dl);
+    const __m512 d = _mm512_maskz_mul_ps(m, _mm512_mul_ps(prob, sc), diff);
     _mm256_mask_storeu_epi16(ds + c0, w, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(d)));
   }
 }
