@@ -520,27 +520,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward_bf16(
   const int64_t rows_pad = ((rows + 15) & ~int64_t{15}) + kRowSlack, cap = params.capacity;
   const int64_t cap_16 = (cap + 15) & ~int64_t{15}, cap_pad = (cap + 1) & ~int64_t{1};
   // q and dout: rows in Problem::row order, then zero rows.
-  auto rows_of = [&](const at::Tensor& t) {
+  auto rows_of = [&](const at::Tensor& t) {  // one copy: grouped()'s order written in place
     at::Tensor r = at::zeros({rows_pad, d}, t.options().dtype(at::kBFloat16));
-    r.narrow(0, 0, rows).copy_(grouped(t, params, at::kBFloat16).reshape({rows, d}));
+    r.narrow(0, 0, rows)
+        .view({params.kv_heads, params.total_q, params.group, d})
+        .copy_(t.reshape({params.total_q, params.kv_heads, params.group, d}).permute({1, 0, 2, 3}));
     return r;
   };
-  // [n, d] bf16 -> [d / 2, n] words (pair p of row i at (p, i)); [n, d] -> [n / 2, d] words
-  // (rows 2p, 2p + 1 of column j at (p, j)). bf16 pairs are int32 views (little endian: the
-  // first of a pair is the low half, as bf16_gemm.h's layout).
-  auto pairs_t = [](const at::Tensor& m) { return m.view(at::kInt).transpose(-2, -1).contiguous(); };
+  // [n, d] bf16 -> [d / 2, cols] words (pair p of row i at (p, i), zero columns past n); [n, d]
+  // -> [n / 2, d] words (rows 2p, 2p + 1 of column j at (p, j)). bf16 pairs are int32 views
+  // (little endian: the first of a pair is the low half, as bf16_gemm.h's layout).
+  auto pairs_t = [](const at::Tensor& m, int64_t cols) {
+    // contiguous(): with nothing to pad, constant_pad_nd clones the transposed view's strides
+    return at::constant_pad_nd(m.view(at::kInt).transpose(-2, -1), {0, cols - m.size(-2)}).contiguous();
+  };
   auto row_pairs = [](const at::Tensor& m) {
     std::vector<int64_t> s(m.sizes().begin(), m.sizes().end() - 2);
     s.insert(s.end(), {m.size(-2) / 2, 2, m.size(-1)});
     return m.reshape(s).transpose(-2, -1).contiguous();  // [..., n / 2, d, 2]
   };
   const at::Tensor q_r = rows_of(q), do_r = rows_of(dout);
-  const at::Tensor q_t = pairs_t(q_r), do_t = pairs_t(do_r), q_p = row_pairs(q_r), do_p = row_pairs(do_r);
+  const at::Tensor q_t = pairs_t(q_r, rows_pad), do_t = pairs_t(do_r, rows_pad);
+  const at::Tensor q_p = row_pairs(q_r), do_p = row_pairs(do_r);
   const at::Tensor k = k_cache.to(at::kBFloat16).contiguous(), v = v_cache.to(at::kBFloat16).contiguous();
-  auto pairs_t16 = [&](const at::Tensor& m) {  // columns padded to capacity_16 (rows on lines)
-    return at::constant_pad_nd(m.view(at::kInt).transpose(-2, -1), {0, cap_16 - cap}).contiguous();
-  };
-  const at::Tensor k_t = pairs_t16(k), v_t = pairs_t16(v);
+  const at::Tensor k_t = pairs_t(k, cap_16), v_t = pairs_t(v, cap_16);  // rows on cache lines
   const at::Tensor k_p = row_pairs(cap_pad == cap ? k : at::constant_pad_nd(k, {0, 0, 0, 1}));
 
   const at::Tensor lse_g = grouped(lse.unsqueeze(-1), params, at::kFloat);

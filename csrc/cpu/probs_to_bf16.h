@@ -12,20 +12,13 @@
 // portable loops here); lse = +inf gives P = 0 and dS = 0.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
-#include <cstring>
 
 #include "cpu/attention_blocks.h"
 
 namespace beacon::cpu::attn {
-
-// float -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN. Branch-free: vectorises.
-BEACON_ALWAYS_INLINE uint16_t bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
-}
 
 // Portable loops (builds that emulate the bf16 dot products, other CPUs).
 inline void probs_to_bf16_cols_portable(const float* s, const float* dp, int keys, int n, float scale,
@@ -34,8 +27,8 @@ inline void probs_to_bf16_cols_portable(const float* s, const float* dp, int key
     const int64_t o = static_cast<int64_t>(c) * n;
     for (int r = 0; r < n; ++r) {
       const float prob = fast_exp(scale * s[o + r] - lse[r]);
-      p_t[o + r] = bf16_bits(prob);
-      ds_t[o + r] = bf16_bits(scale * prob * (dp[o + r] - delta[r]));
+      p_t[o + r] = c10::BFloat16(prob).x;
+      ds_t[o + r] = c10::BFloat16(scale * prob * (dp[o + r] - delta[r])).x;
     }
   }
 }
@@ -43,7 +36,7 @@ inline void probs_to_bf16_cols_portable(const float* s, const float* dp, int key
 inline void dscores_to_bf16_row_portable(const float* s, const float* dp, int keys, int keys_pad, float scale,
                                          float lse, float delta, uint16_t* ds) {
   for (int c = 0; c < keys; ++c)
-    ds[c] = bf16_bits(scale * fast_exp(scale * s[c] - lse) * (dp[c] - delta));
+    ds[c] = c10::BFloat16(scale * fast_exp(scale * s[c] - lse) * (dp[c] - delta)).x;
   for (int c = keys; c < keys_pad; ++c) ds[c] = 0;
 }
 
