@@ -62,7 +62,9 @@ def build_info() -> dict[str, Any]:
     CUDA), ``cuda_kernels`` (the CUDA kernel kinds compiled in, each with its instantiations, e.g.
     ``{'prefill': ['hdim64_bf16', ...], 'decode': [...], 'attention_generic': [], 'cache': []}``;
     an empty list: one kernel for every head dim and dtype it accepts; ``{}`` without CUDA),
-    ``cpu_isa_detected`` and ``cpu_isa`` (the CPU kernels' instruction set: detected, used).
+    ``cpu_isa_detected`` and ``cpu_isa`` (the CPU kernels' instruction set: detected, used),
+    ``cpu_fp32_gemm`` (how the CPU kernels multiply fp32 tiles: ``blas``, torch's own BLAS;
+    ``kernel``, the project's AVX-512 micro-kernel; ``aten``; ``BEACON_OPS_FP32_GEMM`` overrides).
     """
     return dict(_C.build_info())
 

@@ -11,6 +11,10 @@
 
 namespace py = pybind11;
 
+namespace beacon_cpu {
+const char* fp32_gemm_path();  // cpu/attention.cpp: the fp32 tile GEMMs' path (block_gemm.h)
+}  // namespace beacon_cpu
+
 namespace {
 std::vector<std::string> split(const std::string& s, char sep) {
   std::vector<std::string> out;
@@ -62,6 +66,7 @@ PYBIND11_MODULE(_C, m) {
     // The CPU kernels' instruction set: what this CPU has, and what they use (BEACON_OPS_CPU_ISA).
     d["cpu_isa_detected"] = std::string(beacon::cpu::isa_name(beacon::cpu::detected_isa()));
     d["cpu_isa"] = std::string(beacon::cpu::isa_name(beacon::cpu::cpu_isa()));
+    d["cpu_fp32_gemm"] = std::string(beacon_cpu::fp32_gemm_path());  // blas, kernel or aten
     return d;
   });
 }

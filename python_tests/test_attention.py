@@ -369,7 +369,7 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 import beacon_ops
 from test_attention import make_case, check
-print(beacon_ops.build_info()["cpu_isa"])
+print(beacon_ops.build_info()["cpu_isa"], beacon_ops.build_info()["cpu_fp32_gemm"])
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     # GEMM tiles (partial blocks, GQA 3, head_dim 72: not a multiple of 16 or 32)
     c = make_case("cpu", dtype, mem=[300, 7], raw=[260, 70], beacon=[32, 0], ratio=[8, 0],
@@ -414,8 +414,16 @@ def _detected_isa() -> str:
     return beacon_ops.build_info()["cpu_isa_detected"]
 
 
-@pytest.mark.parametrize("isa", ISA_LEVELS)
-def test_cpu_isa_paths(isa):
+# Each level with its default fp32 GEMM (BLAS on Intel CPUs at avx512 and above), and the avx512
+# level once more with the other one (BEACON_OPS_FP32_GEMM, block_gemm.h), so the AVX-512
+# micro-kernel and torch's BLAS both run on any CPU that has AVX-512.
+ISA_CASES = [pytest.param(isa, None, id=isa) for isa in ISA_LEVELS] + [
+    pytest.param("avx512", "kernel", id="avx512-gemm-kernel"),
+    pytest.param("avx512", "blas", id="avx512-gemm-blas")]
+
+
+@pytest.mark.parametrize("isa,gemm", ISA_CASES)
+def test_cpu_isa_paths(isa, gemm):
     import os
     import subprocess
     import sys
@@ -424,8 +432,17 @@ def test_cpu_isa_paths(isa):
     if ISA_LEVELS.index(isa) > ISA_LEVELS.index(detected):
         pytest.skip(f"this CPU's widest level is {detected}")
     env = dict(os.environ, BEACON_OPS_CPU_ISA=isa)
+    env.pop("BEACON_OPS_FP32_GEMM", None)
+    if gemm is not None:
+        env["BEACON_OPS_FP32_GEMM"] = gemm
     here = os.path.dirname(os.path.abspath(__file__))
     res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, here], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
-    assert res.stdout.split()[0] == isa  # the cap took effect
+    level, gemm_used = res.stdout.split()[:2]
+    assert level == isa  # the cap took effect
+    expected = {"portable": "aten", "avx2": "blas"}.get(isa, gemm)
+    if expected is not None:
+        assert gemm_used == expected
+    else:
+        assert gemm_used in ("blas", "kernel")

@@ -380,4 +380,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
 
 }  // namespace
 
+namespace beacon_cpu {
+// For build_info() (bindings.cpp), which does not include ATen.
+const char* fp32_gemm_path() { return gemm_path_name(); }
+}  // namespace beacon_cpu
+
 TORCH_LIBRARY_IMPL(beacon, CPU, m) { m.impl("attention", &attention_cpu); }

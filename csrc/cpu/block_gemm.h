@@ -1,11 +1,17 @@
 // fp32 block GEMM for the CPU attention kernel: C [M x N] (+)= alpha * A [M x K] * B [K x N],
 // with A addressed by two strides (so a transposed operand needs no copy), B and C row-major.
 //
-// Why not ATen: its fast cpublas::gemm(float) overloads are not exported from libtorch_cpu, and
-// the MKL that torch bundles runs its AVX2 kernels on AMD CPUs (half the AVX-512 peak of Zen 5).
-// So, by cpu_isa() (cpu_isa.h): at level avx512 a register-blocked AVX-512 micro-kernel (6 x 64
-// block of C in 24 zmm registers); at avx2 the Fortran `sgemm_` that torch is linked with (looked
-// up in the already loaded libtorch_cpu); at portable, or without sgemm_, ATen matmuls on views.
+// Why not ATen: its fast cpublas::gemm(float) overloads are not exported from libtorch_cpu.
+// Three paths (gemm_path()):
+//   blas     the Fortran `sgemm_` that torch is linked with (looked up in the already loaded
+//            libtorch_cpu): at level avx2, and at avx512 and above on Intel CPUs, where torch's
+//            MKL runs its AVX-512 kernels (on the AMX Xeon 10-20% faster than the micro-kernel
+//            below: prefill steps and the backward, README "Benchmarks")
+//   kernel   a register-blocked AVX-512 micro-kernel (6 x 64 block of C in 24 zmm registers): at
+//            avx512 and above on other CPUs (torch's MKL runs its AVX2 kernels on AMD CPUs, half
+//            the AVX-512 peak of Zen 4/5)
+//   aten     ATen matmuls on views: at level portable, or without sgemm_
+// BEACON_OPS_FP32_GEMM=blas|kernel overrides the choice where the path exists (tests, benchmarks).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +19,8 @@
 #include <dlfcn.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "cpu/cpu_isa.h"
 
@@ -44,11 +52,28 @@ inline SgemmFn find_sgemm() {
 inline GemmPath gemm_path() {
   using beacon::cpu::Isa;
   static const GemmPath path = [] {
-    if (beacon::cpu::cpu_has(Isa::kAvx512)) return GemmPath::kAvx512;
-    if (beacon::cpu::cpu_has(Isa::kAvx2) && find_sgemm()) return GemmPath::kSgemm;
-    return GemmPath::kGeneric;
+    const char* env = std::getenv("BEACON_OPS_FP32_GEMM");
+    const std::string choice = env ? env : "";
+    const bool blas = beacon::cpu::cpu_has(Isa::kAvx2) && find_sgemm() != nullptr;
+#ifdef BEACON_HAVE_AVX512_KERNEL
+    if (beacon::cpu::cpu_has(Isa::kAvx512)) {
+      if (choice == "kernel" || !blas) return GemmPath::kAvx512;
+      if (choice == "blas") return GemmPath::kSgemm;
+      return __builtin_cpu_is("intel") ? GemmPath::kSgemm : GemmPath::kAvx512;
+    }
+#endif
+    return blas ? GemmPath::kSgemm : GemmPath::kGeneric;
   }();
   return path;
+}
+
+// The path's name for build_info()["cpu_fp32_gemm"].
+inline const char* gemm_path_name() {
+  switch (gemm_path()) {
+    case GemmPath::kAvx512: return "kernel";
+    case GemmPath::kSgemm: return "blas";
+    default: return "aten";
+  }
 }
 
 #ifdef BEACON_HAVE_AVX512_KERNEL
