@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from .llama import BEACON_PROJS, Llama
 
 __all__ = ["LowRankDelta", "make_beacon_trainable", "adapter_tensors", "save_beacon_adapter",
-           "load_beacon_adapter", "read_adapter_config", "METADATA_KEY"]
+           "load_beacon_adapter", "load_adapter_into_higher_rank", "read_adapter_config",
+           "METADATA_KEY"]
 
 METADATA_KEY = "beacon_ops_adapter"
 
@@ -205,4 +206,46 @@ def load_beacon_adapter(model: Llama, path: str, *, trainable: bool = False) -> 
                 raise ValueError(f"adapter tensor {name!r}: shape {tuple(t.shape)} != model shape "
                                  f"{tuple(own[name].shape)}")
             own[name].copy_(t)
+    return cfg
+
+
+def load_adapter_into_higher_rank(model: Llama, path: str) -> dict[str, Any]:
+    """Copy a low-rank adapter of rank ``r`` into ``model``'s low-rank deltas of rank ``R >= r``.
+
+    ``lora_A``'s first ``r`` rows and ``lora_B``'s first ``r`` columns take the adapter's
+    values; the other rows of ``A`` keep their random draw and the other columns of ``B`` stay
+    zero, so the model computes exactly what the adapter did while training can use the added
+    rank (growing an adapter's capacity without starting over). ``model`` must already have the
+    deltas (:func:`make_beacon_trainable` with the higher rank). Returns the adapter's config.
+    """
+    from safetensors.torch import load_file
+
+    cfg = read_adapter_config(path)
+    rank = int(cfg["rank"])
+    own = dict(model.named_parameters())
+    tensors = load_file(path)
+    if rank <= 0:
+        raise ValueError(f"adapter {path!r} has rank {rank}: only low-rank adapters can be grown")
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise ValueError(f"adapter {path!r} has tensors the model lacks: {unknown[:6]}")
+    # check every shape before copying anything: a failed call leaves the model as it was
+    for name, t in tensors.items():
+        o = own[name]
+        ok = (o.shape == t.shape if not name.endswith((".lora_A", ".lora_B")) else
+              o.shape[1] == t.shape[1] and o.shape[0] >= t.shape[0] if name.endswith(".lora_A") else
+              o.shape[0] == t.shape[0] and o.shape[1] >= t.shape[1])
+        if not ok:
+            raise ValueError(f"adapter tensor {name!r}: shape {tuple(t.shape)} does not fit model shape "
+                             f"{tuple(o.shape)} (the model's rank must be >= the adapter's {rank})")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            o = own[name]
+            if name.endswith(".lora_A"):
+                o[: t.shape[0]].copy_(t)
+            elif name.endswith(".lora_B"):
+                o[:, : t.shape[1]].copy_(t)
+                o[:, t.shape[1]:].zero_()
+            else:
+                o.copy_(t)
     return cfg

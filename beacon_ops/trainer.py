@@ -30,8 +30,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .adapter import (cast_frozen_projections, load_beacon_adapter, make_beacon_trainable, read_adapter_config,
-                      save_beacon_adapter)
+from .adapter import (cast_frozen_projections, load_adapter_into_higher_rank, load_beacon_adapter,
+                      make_beacon_trainable, read_adapter_config, save_beacon_adapter)
 from .distributed import Distributed
 from .llama import BEACON_PROJS, Llama
 from .long_tasks import Sample, kjv_text, shakespeare_files
@@ -284,13 +284,23 @@ class Trainer:
     def start_from(self, path: str) -> None:
         """Start this run from the weights of an adapter (e.g. one trained on language modelling):
         its tensors are copied in, the optimizer and step stay fresh. The adapter must have this
-        run's projections, rank and window. Every rank reads the same file."""
-        cfg = self._adapter_config_for_this_run(path, "--init")
+        run's projections and window, and its rank, or for low-rank runs a lower one (grown: the
+        added rank starts at zero, so step 0 computes what the adapter did). Every rank reads the
+        same file."""
+        cfg = read_adapter_config(path)
+        c, r = self.config, int(cfg["rank"])
+        grow = 0 < r < c.rank and tuple(cfg["params"]) == tuple(c.params)
+        if not grow:
+            cfg = self._adapter_config_for_this_run(path, "--init")
         b = self.model.beacon
         if int(cfg.get("window", b.window)) != b.window:
             raise ValueError(f"--init: adapter was trained with window {cfg['window']}, the run uses "
                              f"{b.window} (--window must match)")
-        load_beacon_adapter(self.model, path)
+        if grow:
+            load_adapter_into_higher_rank(self.model, path)
+            self.meta["init_rank"] = r
+        else:
+            load_beacon_adapter(self.model, path)
         self.meta["init"] = os.path.basename(path)
 
     def resume(self, path: str) -> None:

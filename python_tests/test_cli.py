@@ -233,7 +233,11 @@ def test_init_with_another_rank(tmp_path, capsys):
     assert run_cli(["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len",
                     "140", "--rank", "2", "--out", out], capsys)[0] == 0
     assert_usage_error(["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len",
-                        "140", "--rank", "3", "--init", out], capsys, "--init", "rank=2")
+                        "140", "--rank", "1", "--init", out], capsys, "--init", "rank=2")
+    # a higher rank grows the adapter (the added rank starts at zero)
+    assert run_cli(["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len",
+                    "140", "--rank", "3", "--init", out, "--out", str(tmp_path / "b.safetensors")],
+                   capsys)[0] == 0
 
 
 def test_commands_take_one_thread_on_a_busy_cpu(monkeypatch, capsys) -> None:

@@ -641,6 +641,29 @@ def test_start_from_copies_weights_with_a_fresh_optimizer(tmp_path) -> None:
     started.run(progress=False)
     by_hand.run(progress=False)
     assert [h.loss for h in started.history] == [h.loss for h in by_hand.history]
-    other_rank = _trainer(rank=3, steps=1)
+    lower_rank = _trainer(rank=1, steps=1)
     with pytest.raises(ValueError, match="rank"):
-        other_rank.start_from(path)
+        lower_rank.start_from(path)
+
+
+def test_start_from_a_lower_rank_grows_the_adapter(tmp_path) -> None:
+    """--init with a rank-2 adapter into a rank-3 run: the first rows of A / columns of B are the
+    adapter's, B's added column is zero, so every beacon projection is the adapter's exactly;
+    the added rank then trains (its B column moves)."""
+    from beacon_ops.adapter import LowRankDelta
+
+    tr = _trainer(rank=2, steps=2)
+    tr.run(progress=False)
+    path = str(tmp_path / "a.safetensors")
+    tr.save(path)
+    grown = _trainer(rank=3, steps=2, seed=0)
+    grown.start_from(path)
+    deltas = lambda t: [m for m in t.model.modules() if isinstance(m, LowRankDelta)]  # noqa: E731
+    assert len(deltas(tr)) == len(deltas(grown)) > 0
+    for small, big in zip(deltas(tr), deltas(grown)):
+        assert big.rank == 3 and torch.equal(big.lora_A[:2], small.lora_A)
+        assert torch.equal(big.lora_B[:, :2], small.lora_B) and not big.lora_B[:, 2].any()
+        assert torch.equal(big.weight, small.weight)
+    assert grown.adapter_config()["init_rank"] == 2
+    grown.run(progress=False)
+    assert any(big.lora_B[:, 2].any() for big in deltas(grown))

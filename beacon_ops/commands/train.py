@@ -102,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="continue from this adapter (+ .state.pt)")
     start.add_argument("--init", type=existing_path, default=None, metavar="PATH",
                        help="start from this adapter's weights (fresh optimizer, step 0), e.g. the "
-                       "shipped language-modelling adapter before task training")
+                       "shipped language-modelling adapter before task training; a low-rank adapter of a lower "
+                       "--rank than the run's is grown (the added rank starts at zero)")
     p.add_argument("--save-every", type=int_at_least(0), default=0, help="also save every N steps")
     p.add_argument("--window", type=int_at_least(1), default=1024)
     p.add_argument("--mode", default="step-expansion", choices=list(MODES))
