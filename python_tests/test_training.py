@@ -622,13 +622,19 @@ def test_shipped_smollm2_adapter_beats_untrained() -> None:
     assert trained < full + 0.4, (trained, full)
 
 
-def test_start_from_copies_weights_with_a_fresh_optimizer(tmp_path) -> None:
-    """--init: the adapter's tensors are copied in; step, optimizer and history start fresh, and
-    training from there equals training a model that was given the same weights by hand."""
+def _trained_rank2_adapter(tmp_path) -> tuple[Trainer, str]:
+    """A rank-2 trainer after two steps, and the adapter it saved."""
     tr = _trainer(rank=2, steps=2)
     tr.run(progress=False)
     path = str(tmp_path / "a.safetensors")
     tr.save(path)
+    return tr, path
+
+
+def test_start_from_copies_weights_with_a_fresh_optimizer(tmp_path) -> None:
+    """--init: the adapter's tensors are copied in; step, optimizer and history start fresh, and
+    training from there equals training a model that was given the same weights by hand."""
+    tr, path = _trained_rank2_adapter(tmp_path)
     started = _trainer(rank=2, steps=3, seed=0)
     started.start_from(path)
     assert started.step == 0 and not started.history and not started.opt.state
@@ -650,12 +656,7 @@ def test_start_from_a_lower_rank_grows_the_adapter(tmp_path) -> None:
     """--init with a rank-2 adapter into a rank-3 run: the first rows of A / columns of B are the
     adapter's, B's added column is zero, so every beacon projection is the adapter's exactly;
     the added rank then trains (its B column moves)."""
-    from beacon_ops.adapter import LowRankDelta
-
-    tr = _trainer(rank=2, steps=2)
-    tr.run(progress=False)
-    path = str(tmp_path / "a.safetensors")
-    tr.save(path)
+    tr, path = _trained_rank2_adapter(tmp_path)
     grown = _trainer(rank=3, steps=2, seed=0)
     grown.start_from(path)
     deltas = lambda t: [m for m in t.model.modules() if isinstance(m, LowRankDelta)]  # noqa: E731
