@@ -173,6 +173,23 @@ def test_dtypes(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_running_max_grows_in_later_key_blocks(device, dtype):
+    """Later key blocks whose scores pass the earlier blocks' maxima by a little (4-5 log2
+    units: the CPU's bf16 update keeps its running maxima, P above 1) and by a lot (~13: that
+    block is redone with new maxima), for queries of every tile."""
+    c = make_case(device, dtype, mem=[300], raw=[500], beacon=[0], ratio=[0], nq=[500], heads=4,
+                  kv_heads=2, head_dim=64, extra_capacity=0)
+    k = c.k.float()
+    k[:, :, 256:300] *= 2.0   # memory, second block: ~3 nats above the first block's maxima
+    k[:, :, 520:600] *= 4.0   # raw keys: ~9 nats above
+    k[:, 1, 700:760] *= 3.0   # one KV head only, late raw keys
+    c.k = k.to(dtype)
+    check(c)
+    check(c, "causal")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_sequences_and_batch(device):
     c = make_case(device, torch.float32, mem=[10, 0, 3], raw=[0, 0, 4], beacon=[0, 0, 0],
                   ratio=[0, 0, 0], nq=[0, 0, 4])
