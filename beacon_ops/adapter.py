@@ -187,26 +187,48 @@ def load_beacon_adapter(model: Llama, path: str, *, trainable: bool = False) -> 
     sets ``requires_grad`` as :func:`make_beacon_trainable` does (for resuming). Returns the
     adapter's config.
     """
-    from safetensors.torch import load_file
-
     cfg = read_adapter_config(path)
     params, rank = tuple(cfg["params"]), int(cfg["rank"])
     if trainable:
         make_beacon_trainable(model, params, rank)
     elif rank:
         _install_low_rank(model, params, rank, 0)
+    _copy_adapter_tensors(model, path, grow=False)
+    return cfg
+
+
+def _copy_adapter_tensors(model: Llama, path: str, *, grow: bool) -> None:
+    """Copy the adapter file's tensors into ``model``'s parameters of the same names, every name
+    and shape checked before anything is copied (a failed call leaves the model as it was).
+    ``grow``: a ``lora_A`` / ``lora_B`` may have fewer rows / columns than the model's; it fills
+    the first ones, and ``B``'s other columns are zeroed."""
+    from safetensors.torch import load_file
+
     own = dict(model.named_parameters())
     tensors = load_file(path)
     unknown = sorted(set(tensors) - set(own))
     if unknown:
         raise ValueError(f"adapter {path!r} has tensors the model lacks: {unknown[:6]}")
+
+    def rank_dim(name: str) -> int | None:  # the factor's rank dimension, when it may grow
+        return {".lora_A": 0, ".lora_B": 1}.get(name[name.rfind("."):]) if grow else None
+
+    for name, t in tensors.items():
+        o, dim = own[name], rank_dim(name)
+        fits = (o.shape == t.shape if dim is None else
+                o.shape[1 - dim] == t.shape[1 - dim] and o.shape[dim] >= t.shape[dim])
+        if not fits:
+            raise ValueError(f"adapter tensor {name!r}: shape {tuple(t.shape)} does not fit model shape "
+                             f"{tuple(o.shape)}" + (" (the model's rank must be >= the adapter's)" if grow else ""))
     with torch.no_grad():
         for name, t in tensors.items():
-            if tuple(t.shape) != tuple(own[name].shape):
-                raise ValueError(f"adapter tensor {name!r}: shape {tuple(t.shape)} != model shape "
-                                 f"{tuple(own[name].shape)}")
-            own[name].copy_(t)
-    return cfg
+            o, dim = own[name], rank_dim(name)
+            if dim is None:
+                o.copy_(t)
+                continue
+            o.narrow(dim, 0, t.shape[dim]).copy_(t)
+            if dim == 1:  # B's added columns: zero, so the added rank adds nothing yet
+                o.narrow(1, t.shape[1], o.shape[1] - t.shape[1]).zero_()
 
 
 def load_adapter_into_higher_rank(model: Llama, path: str) -> dict[str, Any]:
@@ -218,34 +240,9 @@ def load_adapter_into_higher_rank(model: Llama, path: str) -> dict[str, Any]:
     rank (growing an adapter's capacity without starting over). ``model`` must already have the
     deltas (:func:`make_beacon_trainable` with the higher rank). Returns the adapter's config.
     """
-    from safetensors.torch import load_file
-
     cfg = read_adapter_config(path)
     rank = int(cfg["rank"])
-    own = dict(model.named_parameters())
-    tensors = load_file(path)
     if rank <= 0:
         raise ValueError(f"adapter {path!r} has rank {rank}: only low-rank adapters can be grown")
-    unknown = sorted(set(tensors) - set(own))
-    if unknown:
-        raise ValueError(f"adapter {path!r} has tensors the model lacks: {unknown[:6]}")
-    # check every shape before copying anything: a failed call leaves the model as it was
-    for name, t in tensors.items():
-        o = own[name]
-        ok = (o.shape == t.shape if not name.endswith((".lora_A", ".lora_B")) else
-              o.shape[1] == t.shape[1] and o.shape[0] >= t.shape[0] if name.endswith(".lora_A") else
-              o.shape[0] == t.shape[0] and o.shape[1] >= t.shape[1])
-        if not ok:
-            raise ValueError(f"adapter tensor {name!r}: shape {tuple(t.shape)} does not fit model shape "
-                             f"{tuple(o.shape)} (the model's rank must be >= the adapter's {rank})")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            o = own[name]
-            if name.endswith(".lora_A"):
-                o[: t.shape[0]].copy_(t)
-            elif name.endswith(".lora_B"):
-                o[:, : t.shape[1]].copy_(t)
-                o[:, t.shape[1]:].zero_()
-            else:
-                o.copy_(t)
+    _copy_adapter_tensors(model, path, grow=True)
     return cfg

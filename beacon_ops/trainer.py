@@ -272,11 +272,14 @@ class Trainer:
                     "history": [vars(h) for h in self.history]}, path + ".state.pt")
         self.dist.barrier()
 
-    def _adapter_config_for_this_run(self, path: str, flag: str) -> dict[str, Any]:
+    def _adapter_config_for_this_run(self, path: str, flag: str, lower_rank: bool = False) -> dict[str, Any]:
         """The settings of the adapter at ``path``, which must have this run's projections and
-        rank (``flag`` names the option in the error)."""
+        rank, or with ``lower_rank`` a low rank below the run's (``flag`` names the option in the
+        error)."""
         cfg = read_adapter_config(path)
-        if tuple(cfg["params"]) != tuple(self.config.params) or int(cfg["rank"]) != self.config.rank:
+        r, run_rank = int(cfg["rank"]), self.config.rank
+        rank_ok = r == run_rank or (lower_rank and 0 < r < run_rank)
+        if tuple(cfg["params"]) != tuple(self.config.params) or not rank_ok:
             raise ValueError(f"{flag}: adapter has params={cfg['params']} rank={cfg['rank']}, the run "
                              f"asks for params={list(self.config.params)} rank={self.config.rank}")
         return cfg
@@ -287,11 +290,9 @@ class Trainer:
         run's projections and window, and its rank, or for low-rank runs a lower one (grown: the
         added rank starts at zero, so step 0 computes what the adapter did). Every rank reads the
         same file."""
-        cfg = read_adapter_config(path)
-        c, r = self.config, int(cfg["rank"])
-        grow = 0 < r < c.rank and tuple(cfg["params"]) == tuple(c.params)
-        if not grow:
-            cfg = self._adapter_config_for_this_run(path, "--init")
+        cfg = self._adapter_config_for_this_run(path, "--init", lower_rank=True)
+        r = int(cfg["rank"])
+        grow = r < self.config.rank
         b = self.model.beacon
         if int(cfg.get("window", b.window)) != b.window:
             raise ValueError(f"--init: adapter was trained with window {cfg['window']}, the run uses "
