@@ -138,7 +138,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const bool bf16_pv = bf16_dot && beacon_cpu::use_bf16_pv();
   // P in bf16 [rows x keys padded to 32]: whole 16-pair tiles for the P V GEMM.
   const int64_t p_elems = bf16_pv ? line(static_cast<int64_t>(rows_max) * key_block / 2) : 0;
-  const int64_t per_thread = 3 * q_elems + s_elems + 5 * r_elems + 2 * kv_elems + p_elems;
+  // A decode tile's second scores (the next key block's, decode_pv_qk_amx), after the first.
+  const int64_t s2_elems = line(static_cast<int64_t>(std::min(rows_max, kSmallRows - 1)) * key_block);
+  const int64_t per_thread = 3 * q_elems + s_elems + s2_elems + 5 * r_elems + 2 * kv_elems + p_elems;
   const int n_threads = at::get_num_threads();
   // Not zero-filled: every piece is written before it is read (a decode step's scratch was
   // filled at every call, more bytes than a short cache's K and V).
@@ -162,7 +164,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     float* q_t = q_tile + q_elems;
     float* acc = q_t + q_elems;
     float* scores = acc + q_elems;
-    float* row_max = scores + s_elems;
+    float* scores_next = scores + s_elems;
+    float* row_max = scores_next + s2_elems;
     float* row_sum = row_max + r_elems;
     float* corr = row_sum + r_elems;
     float* tmp0 = corr + r_elems;
@@ -187,6 +190,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       // bf16 decode with AVX-512-BF16: decode_bf16.h's kernels (q as bf16, acc in 32-split order).
       const bool dec_bf16 = small && std::is_same_v<T, at::BFloat16> && use_decode_bf16(rows, d);
       const bool dec_amx = dec_bf16 && use_decode_amx(rows, d);  // its Q K^T on AMX tiles
+      // Its P V interleaved with the next key block's Q K^T, whose scores wait in scores_next.
+      const bool dec_pv_qk = dec_amx && use_decode_pv_qk(rows, d);
+      bool next_scored = false;
       const bool split = small && !dec_bf16 && decode_split<T>(rows, d);  // q, acc in split order
       const int64_t row0 = cu[tile.b] + tile.t0;  // packed index of the tile's first query
 
@@ -235,22 +241,30 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       // 4.6% of an fp32 prefill step, perf); rows of a strided view are still copied per block.
       const bool k_in_place = std::is_same_v<T, float> && P.k_row_stride == d;
       const bool v_in_place = std::is_same_v<T, float> && P.v_row_stride == d;
+      // The block's kind for the tile (each token's in kinds when given).
+      const auto block_kind = [&](int k0, int k1, BlockKind* per_token) {
+        BlockKind kind = BlockKind::kSkip;
+        for (int t = 0; t < n_tok; ++t) {
+          const BlockKind kt = beacon::classify_block(spans[t], k0, k1);
+          if (per_token != nullptr) per_token[t] = kt;
+          kind = t == 0 ? kt : beacon::combine_kinds(kind, kt);
+        }
+        return kind;
+      };
       bool first = true;
       for (int k0 = 0; k0 < key_end; k0 += key_block) {
         const int k1 = std::min(k0 + key_block, key_end);
         const int n = k1 - k0;
-        BlockKind kind = BlockKind::kSkip;
-        for (int t = 0; t < n_tok; ++t) {
-          kinds[t] = beacon::classify_block(spans[t], k0, k1);
-          kind = t == 0 ? kinds[t] : beacon::combine_kinds(kind, kinds[t]);
-        }
+        const BlockKind kind = block_kind(k0, k1, kinds.data());
         if (kind == BlockKind::kSkip) continue;
 
         // scores^T [n x rows] = scale * K_block Q^T.
         const T* kb = k_seq + k0 * P.k_row_stride;
         const T* vb = v_seq + k0 * P.v_row_stride;
         const int n_pad = round_up(n, 32);  // P's keys for bf16_pv: whole 16-pair tiles
-        if (dec_amx) {
+        if (next_scored) {  // by the previous block's decode_pv_qk_amx
+          std::swap(scores, scores_next);
+        } else if (dec_amx) {
           decode_qk_amx(q_pairs_dec, q_bf16, rows, d, reinterpret_cast<const uint16_t*>(kb), P.k_row_stride,
                         n, P.scale, scores);
         } else if (dec_bf16) {
@@ -308,7 +322,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           softmax_update(scores, n, rows, row_max, row_sum, corr, tmp0, tmp1, small ? nullptr : &next_block);
         if (!first && rescale) scale_rows(acc, rows, d, corr);
         // acc [rows x d] (+)= P V, P(r, c) = scores[c * rows + r].
-        if (dec_bf16) {
+        const int n_next = std::min(key_block, key_end - k1);
+        next_scored = dec_pv_qk && n_next > 0 && block_kind(k1, k1 + n_next, nullptr) != BlockKind::kSkip;
+        if (next_scored) {
+          decode_pv_qk_amx(scores, rows, n, reinterpret_cast<const uint16_t*>(vb), P.v_row_stride, d, acc,
+                           q_pairs_dec, q_bf16, reinterpret_cast<const uint16_t*>(kb + key_block * P.k_row_stride),
+                           P.k_row_stride, n_next, P.scale, scores_next);
+        } else if (dec_bf16) {
           decode_pv_bf16(scores, rows, n, reinterpret_cast<const uint16_t*>(vb), P.v_row_stride, d, acc);
         } else if (small) {
           decode_pv(scores, rows, n, vb, P.v_row_stride, d, acc, split);
@@ -321,6 +341,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         first = false;
       }
 
+      if (scores > scores_next) std::swap(scores, scores_next);  // scores_next may be the shorter
       if (split && !first) merge_columns(acc, rows, d);
       if (dec_bf16 && !first) merge_columns(acc, rows, d, 32);
       // Normalise and write out; a row that saw no key gets out = 0 and lse = +inf.
