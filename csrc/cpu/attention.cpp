@@ -314,12 +314,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           next_block.add(kb + key_block * P.k_row_stride, n_next, d * sizeof(T), P.k_row_stride * sizeof(T));
           next_block.add(vb + key_block * P.v_row_stride, n_next, d * sizeof(T), P.v_row_stride * sizeof(T));
         }
-        bool rescale = true;  // false: the running maxima stayed (lazy bf16 update), corr all 1
+        bool rescale = true;  // false: the running maxima stayed (lazy update), corr all 1
         if (bf16_pv && !small)
           rescale = beacon_cpu::softmax_to_bf16_rows(scores, n, rows, P.scale, row_max, row_sum, corr, tmp0,
                                                      tmp1, n_pad, p_bf16, &next_block);
         else
-          softmax_update(scores, n, rows, row_max, row_sum, corr, tmp0, tmp1, small ? nullptr : &next_block);
+          rescale = softmax_update(scores, n, rows, row_max, row_sum, corr, tmp0, tmp1,
+                                   small ? nullptr : &next_block);
         if (!first && rescale) scale_rows(acc, rows, d, corr);
         // acc [rows x d] (+)= P V, P(r, c) = scores[c * rows + r].
         const int n_next = std::min(key_block, key_end - k1);

@@ -274,25 +274,104 @@ __attribute__((target("avx512f"))) inline void softmax_update_avx512(
   }
   softmax_end(rows, row_sum, corr, m_blk);
 }
+
+// Lazy running maxima (as softmax_to_bf16.h's bf16 update, FlashAttention-4's conditional
+// rescaling), once every row has seen a key: each 16-row strip is exponentiated against the
+// maxima as they stand, 16 keys at a time, a group stored only when no exponent in it passes
+// kLazyMaxLog2 (P then stays below 2^8). A group that passes it stops the strip's lazy pass: the
+// keys from there still hold scores, so the strip's new maxima come from them, the P already
+// written is multiplied down to the new maxima and the rest is exponentiated against them
+// (corr set for the strip's rows). Skips the max pass over the scores and, where no strip stops,
+// the caller's rescaling of its accumulator. Returns whether corr was set (else corr is all 1).
+constexpr float kLazyMaxLog2 = 8.0f;
+__attribute__((target("avx512f"))) inline bool softmax_update_lazy_avx512(
+    float* st, int n, int rows, float* row_max, float* row_sum, float* corr, beacon_cpu::BlockPrefetch* pf) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  const __m512 l2e = _mm512_set1_ps(kLog2e);
+  if (pf) pf->spread_over(n * ((rows + 15) / 16));
+  bool any_corr = false;
+  for (int r0 = 0; r0 < rows; r0 += 16) {
+    const int nr = rows - r0 < 16 ? rows - r0 : 16;
+    const __mmask16 m = static_cast<__mmask16>((1u << nr) - 1u);
+    const __m512 m_old = _mm512_maskz_loadu_ps(m, row_max + r0);
+    __m512 mu = _mm512_mul_ps(m_old, l2e);
+    __m512 sum = _mm512_setzero_ps();
+    const auto col = [&](int c) { return st + static_cast<int64_t>(c) * rows + r0; };
+    int c0 = 0;
+    for (; c0 + 16 <= n; c0 += 16) {
+      __m512 t[16];
+      __m512 t_max = _mm512_set1_ps(-kLazyMaxLog2);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        t[i] = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, col(c0 + i)), l2e, mu);
+        t_max = _mm512_max_ps(t_max, t[i]);
+      }
+      if (_mm512_cmp_ps_mask(t_max, _mm512_set1_ps(kLazyMaxLog2), _CMP_GT_OQ)) break;
+      __m512 sum1 = _mm512_setzero_ps();
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        if (pf) pf->step();
+        const __m512 x = fast_exp2_16(t[i]);
+        _mm512_mask_storeu_ps(col(c0 + i), m, x);
+        if (i % 2) sum1 = _mm512_add_ps(sum1, x); else sum = _mm512_add_ps(sum, x);
+      }
+      sum = _mm512_add_ps(sum, sum1);
+    }
+    const int lazy_end = c0;  // keys before it hold P against m_old
+    __m512 f = _mm512_set1_ps(1.0f);  // the strip's corr
+    bool grow = c0 + 16 <= n;  // a group passed the maxima
+    if (!grow && c0 < n) {       // the last n % 16 keys: the same test
+      __m512 t_max = _mm512_set1_ps(-kLazyMaxLog2);
+      for (int c = c0; c < n; ++c)
+        t_max = _mm512_max_ps(t_max, _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, col(c)), l2e, mu));
+      grow = _mm512_cmp_ps_mask(t_max, _mm512_set1_ps(kLazyMaxLog2), _CMP_GT_OQ) != 0;
+    }
+    if (grow) {  // the strip's maxima from the keys left (still scores), the P before scaled down
+      __m512 m_new = m_old;
+      for (int c = lazy_end; c < n; ++c) m_new = _mm512_max_ps(m_new, _mm512_maskz_loadu_ps(m, col(c)));
+      f = fast_exp2_16(_mm512_mul_ps(_mm512_sub_ps(m_old, m_new), l2e));
+      for (int c = 0; c < lazy_end; ++c)
+        _mm512_mask_storeu_ps(col(c), m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, col(c)), f));
+      sum = _mm512_mul_ps(sum, f);
+      mu = _mm512_mul_ps(m_new, l2e);
+      _mm512_mask_storeu_ps(row_max + r0, m, m_new);
+      any_corr = true;
+    }
+    for (int c = c0; c < n; ++c) {
+      if (pf) pf->step();
+      const __m512 x = fast_exp2_16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, col(c)), l2e, mu));
+      _mm512_mask_storeu_ps(col(c), m, x);
+      sum = _mm512_add_ps(sum, x);
+    }
+    _mm512_mask_storeu_ps(corr + r0, m, f);
+    _mm512_mask_storeu_ps(row_sum + r0, m, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, row_sum + r0), f, sum));
+  }
+  return any_corr;
+}
 #pragma GCC diagnostic pop
 #endif
 
-inline void softmax_update(float* st, int n, int rows, float* row_max, float* row_sum,
+// Returns whether corr was set; false: every factor is 1 (the accumulator needs no rescaling).
+inline bool softmax_update(float* st, int n, int rows, float* row_max, float* row_sum,
                            float* corr, float* m_blk, float* m_use,
                            beacon_cpu::BlockPrefetch* pf = nullptr) {
 #ifdef BEACON_CPU_X86
   // Few rows (decode) take the AVX2 update at every x86 level: it keeps maxima and sums in
   // registers (levels are ordered, so AVX-512 implies AVX2).
   if (cpu_has(Isa::kAvx512) && rows >= 8) {
+    bool lazy = true;
+    for (int r = 0; r < rows; ++r) lazy &= row_max[r] != kNegInf;
+    if (lazy) return softmax_update_lazy_avx512(st, n, rows, row_max, row_sum, corr, pf);
     softmax_update_avx512(st, n, rows, row_max, row_sum, corr, m_blk, m_use, pf);
-    return;
+    return true;
   }
   if (cpu_has(Isa::kAvx2)) {
     softmax_update_avx2(st, n, rows, row_max, row_sum, corr, m_blk, m_use, pf);
-    return;
+    return true;
   }
 #endif
   softmax_update_body(st, n, rows, row_max, row_sum, corr, m_blk, m_use, pf);
+  return true;
 }
 
 // acc [rows x d] row r *= corr[r].

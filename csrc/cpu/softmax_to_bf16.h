@@ -54,7 +54,6 @@ BEACON_BF16_TARGET inline void transpose_bf16_16x16(__m512i (&y)[8]) {
 // The exp pass. kLazy: m_use are the rows' running maxima as they stood before the block; the
 // pass stops and returns false as soon as a 16-row strip has a score more than kLazyMaxLog2 above
 // its row's maximum (in log2 units), leaving P and sums partly written. Otherwise true.
-constexpr float kLazyMaxLog2 = 8.0f;
 template <bool kLazy>
 BEACON_BF16_TARGET inline bool exp_to_bf16_rows_avx512(const float* st, int n, int rows, float scale,
                                                        const float* m_use, float* sums, int n_pad,
@@ -109,7 +108,7 @@ BEACON_BF16_TARGET inline bool exp_to_bf16_rows_avx512(const float* st, int n, i
       }
     }
     if constexpr (kLazy) {
-      if (_mm512_cmp_ps_mask(t_max, _mm512_set1_ps(kLazyMaxLog2), _CMP_GT_OQ)) return false;
+      if (_mm512_cmp_ps_mask(t_max, _mm512_set1_ps(beacon::cpu::attn::kLazyMaxLog2), _CMP_GT_OQ)) return false;
     }
     _mm512_mask_storeu_ps(sums + r0, m, sum);
   }
