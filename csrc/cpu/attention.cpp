@@ -40,7 +40,7 @@
 #include "cpu/bf16_gemm.h"
 #include "cpu/block_gemm.h"
 #include "cpu/block_prefetch.h"
-#include "cpu/decode_bf16.h"
+#include "cpu/decode_avx512.h"
 #include "cpu/line_aligned.h"
 #include "cpu/softmax_to_bf16.h"
 #include "cpu/step_lengths.h"
@@ -187,13 +187,15 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const int n_tok = tile.t1 - tile.t0;
       const int rows = n_tok * G;
       const bool small = rows < kSmallRows;
-      // bf16 decode with AVX-512-BF16: decode_bf16.h's kernels (q as bf16, acc in 32-split order).
+      // bf16 decode with AVX-512-BF16: decode_avx512.h's kernels (q as bf16, acc in 32-split order).
       const bool dec_bf16 = small && std::is_same_v<T, at::BFloat16> && use_decode_bf16(rows, d);
       const bool dec_amx = dec_bf16 && use_decode_amx(rows, d);  // its Q K^T on AMX tiles
+      // fp32 decode with AVX-512: decode_avx512.h's kernels (q, acc in order).
+      const bool dec_f32 = small && std::is_same_v<T, float> && use_decode_f32(rows, d);
       // Its P V interleaved with the next key block's Q K^T, whose scores wait in scores_next.
       const bool dec_pv_qk = dec_amx && use_decode_pv_qk(rows, d);
       bool next_scored = false;
-      const bool split = small && !dec_bf16 && decode_split<T>(rows, d);  // q, acc in split order
+      const bool split = small && !dec_bf16 && !dec_f32 && decode_split<T>(rows, d);  // q, acc in split order
       const int64_t row0 = cu[tile.b] + tile.t0;  // packed index of the tile's first query
 
       // Gather the tile's queries in fp32: row r = (token r / G, head kvh * G + r % G).
@@ -270,6 +272,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         } else if (dec_bf16) {
           decode_qk_bf16(q_bf16, rows, d, reinterpret_cast<const uint16_t*>(kb), P.k_row_stride, n,
                          P.scale, scores);
+        } else if (dec_f32) {
+          decode_qk_f32(q_tile, rows, d, reinterpret_cast<const float*>(kb), P.k_row_stride, n, P.scale, scores);
         } else if (small) {
           decode_qk(q_tile, rows, d, kb, P.k_row_stride, n, P.scale, scores, k_block, split);
         } else {
@@ -331,6 +335,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                            P.k_row_stride, n_next, P.scale, scores_next);
         } else if (dec_bf16) {
           decode_pv_bf16(scores, rows, n, reinterpret_cast<const uint16_t*>(vb), P.v_row_stride, d, acc);
+        } else if (dec_f32) {
+          decode_pv_f32(scores, rows, n, reinterpret_cast<const float*>(vb), P.v_row_stride, d, acc);
         } else if (small) {
           decode_pv(scores, rows, n, vb, P.v_row_stride, d, acc, split);
         } else if (bf16_pv) {

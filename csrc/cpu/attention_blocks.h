@@ -730,7 +730,7 @@ bool decode_split(int rows, int d) {
   return false;
 }
 // rows x d floats from the cache's column order into split order (each `width` columns: the
-// even ones, then the odd ones; width 16 for the AVX2 kernels, 32 for decode_bf16.h's), and back.
+// even ones, then the odd ones; width 16 for the AVX2 kernels, 32 for decode_avx512.h's), and back.
 inline void split_columns(float* x, int rows, int d, int width = 16) {
   const int half = width / 2;
   for (int r = 0; r < rows; ++r)

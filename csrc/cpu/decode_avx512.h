@@ -1,4 +1,8 @@
-// Decode (few-row tiles) over a bf16 cache on CPUs with AVX-512-BF16 (cpu_isa() level avx512bf16
+// Decode (few-row tiles) with AVX-512. fp32 cache (level avx512 and above): Q K^T and P V by
+// 16-wide FMAs, the Q K^T sums of 16 (key, row) pairs reduced together (hsum16x16), where the
+// AVX2 kernels of attention_blocks.h take twice the instructions (a 4-row fp32 decode over a
+// cache in the CPU caches ran at ~7.5 GB/s there, under one core's DRAM stream).
+// bf16 cache on CPUs with AVX-512-BF16 (cpu_isa() level avx512bf16
 // and above): Q K^T by vdpbf16ps straight from the cache against the queries' own bf16 rows (each
 // pair product exact in fp32, as in the prefill's bf16 GEMM), P V by 16-wide fp32 FMAs with V
 // widened in registers. The AVX2 decode kernels (attention_blocks.h) left a bf16 decode step
@@ -10,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/amx_gemm.h"          // TileConfig
 #include "cpu/attention_blocks.h"  // prefetch_key_row, kPvChunkKeys
@@ -18,11 +23,17 @@
 namespace beacon::cpu::attn {
 
 #if defined(BEACON_CPU_X86) && !defined(BEACON_OPS_EMULATE_BF16_DOT)
+#define BEACON_DECODE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define BEACON_DECODE_BF16_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 // GCC 12 reports the intrinsics' own undefined-vector idiom as maybe-uninitialized.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// Whether a decode tile of `rows` rows over an fp32 cache takes these kernels.
+inline bool use_decode_f32(int rows, int d) {
+  return rows >= 1 && rows <= 7 && d % 32 == 0 && cpu_has(Isa::kAvx512);
+}
 
 // Whether a decode tile of `rows` rows over a bf16 cache takes these kernels.
 inline bool use_decode_bf16(int rows, int d) {
@@ -32,7 +43,7 @@ inline bool use_decode_bf16(int rows, int d) {
 // Lane i of the result = the sum of v[i]'s 16 lanes: pairs of vectors, then of 64-bit halves,
 // then of 128-bit lanes combined (45 instructions for 16 sums, where a reduction per vector
 // takes 8 dependent ones each).
-BEACON_DECODE_BF16_TARGET inline __m512 hsum16x16(const __m512* v) {
+BEACON_DECODE_AVX512_TARGET inline __m512 hsum16x16(const __m512* v) {
   __m512 w[8];
   for (int i = 0; i < 8; ++i)  // per 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3
     w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
@@ -81,11 +92,38 @@ BEACON_DECODE_BF16_TARGET void decode_qk_bf16_rows(const uint16_t* q, int d, con
   }
 }
 
-// Keys c0 .. c1 - 1 of decode_pv_bf16_rows (one chunk), prefetching the keys after it up to pf_end.
+// decode_qk_bf16_rows for an fp32 cache and fp32 queries: 16-wide FMAs over d, 16 at a time.
 template <int ROWS>
-BEACON_DECODE_BF16_TARGET inline void pv_chunk_bf16(const float* p, int c0, int c1, int pf_end,
-                                                    const uint16_t* v, int64_t ldv, int d, float* acc) {
-  const int row_lines = d * 2 / 64;
+BEACON_DECODE_AVX512_TARGET void decode_qk_f32_rows(const float* q, int d, const float* k, int64_t ldk, int n,
+                                                    float alpha, float* s) {
+  constexpr int KEYS = 16 / ROWS;
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int c = 0; c < n; c += KEYS) {
+    const int nk = std::min(KEYS, n - c);
+    const float* kr[KEYS];
+    for (int j = 0; j < KEYS; ++j) kr[j] = k + (c + std::min(j, nk - 1)) * ldk;
+    for (int j = 0; j < KEYS; ++j) prefetch_key_row(k + (c + 16 + j) * ldk, d);
+    __m512 acc[16];
+    for (int a = 0; a < 16; ++a) acc[a] = _mm512_setzero_ps();
+    for (int i = 0; i < d; i += 16) {
+      __m512 kv[KEYS];
+      for (int j = 0; j < KEYS; ++j) kv[j] = _mm512_loadu_ps(kr[j] + i);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512 qv = _mm512_loadu_ps(q + r * d + i);
+        for (int j = 0; j < KEYS; ++j) acc[j * ROWS + r] = _mm512_fmadd_ps(qv, kv[j], acc[j * ROWS + r]);
+      }
+    }
+    const __mmask16 keep = static_cast<__mmask16>((1u << (nk * ROWS)) - 1u);
+    _mm512_mask_storeu_ps(s + static_cast<int64_t>(c) * ROWS, keep, _mm512_mul_ps(hsum16x16(acc), va));
+  }
+}
+
+// Keys c0 .. c1 - 1 of decode_pv_rows (one chunk), prefetching the keys after it up to pf_end.
+// 32 columns of a V row: fp32 two loads in order; bf16 one load widened (the 32-split order).
+template <int ROWS, typename T>
+BEACON_DECODE_AVX512_TARGET inline void pv_chunk(const float* p, int c0, int c1, int pf_end, const T* v,
+                                                 int64_t ldv, int d, float* acc) {
+  const int row_lines = d * static_cast<int>(sizeof(T)) / 64;
   const __m512i odd = _mm512_set1_epi32(-65536);
   int pf_row = c1, pf_line = 0;  // the next chunk's line to prefetch next
   for (int i0 = 0; i0 < d; i0 += 32) {
@@ -99,9 +137,15 @@ BEACON_DECODE_BF16_TARGET inline void pv_chunk_bf16(const float* p, int c0, int 
         _mm_prefetch(reinterpret_cast<const char*>(v + pf_row * ldv) + 64 * pf_line, _MM_HINT_T0);
         if (++pf_line == row_lines) pf_line = 0, ++pf_row;
       }
-      const __m512i w = _mm512_loadu_si512(v + c * ldv + i0);
-      const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-      const __m512 v1 = _mm512_castsi512_ps(_mm512_and_si512(w, odd));
+      __m512 v0, v1;
+      if constexpr (std::is_same_v<T, float>) {
+        v0 = _mm512_loadu_ps(v + c * ldv + i0);
+        v1 = _mm512_loadu_ps(v + c * ldv + i0 + 16);
+      } else {
+        const __m512i w = _mm512_loadu_si512(v + c * ldv + i0);
+        v0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        v1 = _mm512_castsi512_ps(_mm512_and_si512(w, odd));
+      }
       const float* pc = p + static_cast<int64_t>(c) * ROWS;
       for (int r = 0; r < ROWS; ++r) {
         const __m512 pr = _mm512_set1_ps(pc[r]);
@@ -119,18 +163,18 @@ BEACON_DECODE_BF16_TARGET inline void pv_chunk_bf16(const float* p, int c0, int 
   }
 }
 
-// acc [ROWS x d] += p v (p transposed [n x ROWS]), acc in 32-split column order (each 32
+// acc [ROWS x d] += p v (p transposed [n x ROWS]); bf16: acc in 32-split column order (each 32
 // columns: the even 16, then the odd 16; merge_columns(acc, rows, d, 32) undoes it): a 64-byte
-// load of V is widened by one shift (even columns) and one mask (odd). Chunks of kPvChunkKeys
+// load of V is widened by one shift (even columns) and one mask (odd); fp32: in order. Chunks of kPvChunkKeys
 // keys stay in L1 while 32 columns of every row are accumulated in registers per pass, and the
 // next chunk is prefetched a line per key visited (as small_pv_rows_avx2).
-template <int ROWS>
-BEACON_DECODE_BF16_TARGET void decode_pv_bf16_rows(const float* p, int n, const uint16_t* v,
-                                                   int64_t ldv, int d, float* acc) {
+template <int ROWS, typename T>
+BEACON_DECODE_AVX512_TARGET void decode_pv_rows(const float* p, int n, const T* v, int64_t ldv, int d,
+                                                float* acc) {
   for (int c = 0; c < std::min(n, kPvChunkKeys); ++c) prefetch_key_row(v + c * ldv, d);
   for (int c0 = 0; c0 < n; c0 += kPvChunkKeys) {
     const int c1 = std::min(n, c0 + kPvChunkKeys);
-    pv_chunk_bf16<ROWS>(p, c0, c1, std::min(n, c1 + kPvChunkKeys), v, ldv, d, acc);
+    pv_chunk<ROWS>(p, c0, c1, std::min(n, c1 + kPvChunkKeys), v, ldv, d, acc);
   }
 }
 
@@ -147,17 +191,39 @@ inline void decode_qk_bf16(const uint16_t* q, int rows, int d, const uint16_t* k
     default: decode_qk_bf16_rows<7>(q, d, k, ldk, n, alpha, s); return;
   }
 }
+template <typename T>
+inline void decode_pv_t(const float* p, int rows, int n, const T* v, int64_t ldv, int d, float* acc) {
+  switch (rows) {
+    case 1: decode_pv_rows<1>(p, n, v, ldv, d, acc); return;
+    case 2: decode_pv_rows<2>(p, n, v, ldv, d, acc); return;
+    case 3: decode_pv_rows<3>(p, n, v, ldv, d, acc); return;
+    case 4: decode_pv_rows<4>(p, n, v, ldv, d, acc); return;
+    case 5: decode_pv_rows<5>(p, n, v, ldv, d, acc); return;
+    case 6: decode_pv_rows<6>(p, n, v, ldv, d, acc); return;
+    default: decode_pv_rows<7>(p, n, v, ldv, d, acc); return;
+  }
+}
 inline void decode_pv_bf16(const float* p, int rows, int n, const uint16_t* v, int64_t ldv, int d,
                            float* acc) {
+  decode_pv_t(p, rows, n, v, ldv, d, acc);
+}
+
+// The fp32 kernels for 1-7 rows (use_decode_f32 said so): s [n x rows] = alpha * k q^T, q fp32
+// rows in order; acc [rows x d] += p v, acc in order.
+inline void decode_qk_f32(const float* q, int rows, int d, const float* k, int64_t ldk, int n, float alpha,
+                          float* s) {
   switch (rows) {
-    case 1: decode_pv_bf16_rows<1>(p, n, v, ldv, d, acc); return;
-    case 2: decode_pv_bf16_rows<2>(p, n, v, ldv, d, acc); return;
-    case 3: decode_pv_bf16_rows<3>(p, n, v, ldv, d, acc); return;
-    case 4: decode_pv_bf16_rows<4>(p, n, v, ldv, d, acc); return;
-    case 5: decode_pv_bf16_rows<5>(p, n, v, ldv, d, acc); return;
-    case 6: decode_pv_bf16_rows<6>(p, n, v, ldv, d, acc); return;
-    default: decode_pv_bf16_rows<7>(p, n, v, ldv, d, acc); return;
+    case 1: decode_qk_f32_rows<1>(q, d, k, ldk, n, alpha, s); return;
+    case 2: decode_qk_f32_rows<2>(q, d, k, ldk, n, alpha, s); return;
+    case 3: decode_qk_f32_rows<3>(q, d, k, ldk, n, alpha, s); return;
+    case 4: decode_qk_f32_rows<4>(q, d, k, ldk, n, alpha, s); return;
+    case 5: decode_qk_f32_rows<5>(q, d, k, ldk, n, alpha, s); return;
+    case 6: decode_qk_f32_rows<6>(q, d, k, ldk, n, alpha, s); return;
+    default: decode_qk_f32_rows<7>(q, d, k, ldk, n, alpha, s); return;
   }
+}
+inline void decode_pv_f32(const float* p, int rows, int n, const float* v, int64_t ldv, int d, float* acc) {
+  decode_pv_t(p, rows, n, v, ldv, d, acc);
 }
 
 // Q K^T of a decode tile on AMX tiles (cpu_isa() level amx): S^T for 16 keys = K's 16 rows (read
@@ -271,7 +337,7 @@ BEACON_DECODE_AMX_TARGET void decode_qk_amx_tiles(const uint32_t* qp, int rows, 
   end_qk_tiles();
 }
 
-// P V of one key block (decode_pv_bf16_rows) with Q K^T of the next block's first n16 keys
+// P V of one key block (decode_pv_rows) with Q K^T of the next block's first n16 keys
 // (decode_qk_amx_tiles) between its chunks, at the same pace: one core's demand reads of two
 // streams at once (this block's V, the next block's K) ran faster than of one after the other
 // (bf16 decode over 3,584 keys, d 128: 0.77 -> 0.80 of copy bandwidth, medians of 6; a third
@@ -289,7 +355,7 @@ BEACON_DECODE_AMX_TARGET void decode_pv_qk_amx_tiles(const float* p, int n, cons
     const int c1 = std::min(n, c0 + kPvChunkKeys);
     for (; kc < std::min(n16, c1); kc += 16)
       qk_amx_16<CH>(qp, ROWS, k + kc * ldk, ldk, s + static_cast<int64_t>(kc) * ROWS);
-    pv_chunk_bf16<ROWS>(p, c0, c1, std::min(n, c1 + kPvChunkKeys), v, ldv, d, acc);
+    pv_chunk<ROWS>(p, c0, c1, std::min(n, c1 + kPvChunkKeys), v, ldv, d, acc);
   }
   for (; kc < n16; kc += 16) qk_amx_16<CH>(qp, ROWS, k + kc * ldk, ldk, s + static_cast<int64_t>(kc) * ROWS);
   end_qk_tiles();
@@ -357,8 +423,12 @@ inline void decode_pv_qk_amx(const float* p, int rows, int n, const uint16_t* v,
 #undef BEACON_DECODE_AMX_TARGET
 #pragma GCC diagnostic pop
 #undef BEACON_DECODE_BF16_TARGET
+#undef BEACON_DECODE_AVX512_TARGET
 #else
 // Not compiled here (no x86, or the bf16 dot products emulated): never taken.
+inline bool use_decode_f32(int, int) { return false; }
+inline void decode_qk_f32(const float*, int, int, const float*, int64_t, int, float, float*) {}
+inline void decode_pv_f32(const float*, int, int, const float*, int64_t, int, float*) {}
 inline bool use_decode_bf16(int, int) { return false; }
 inline void decode_qk_bf16(const uint16_t*, int, int, const uint16_t*, int64_t, int, float, float*) {}
 inline void decode_pv_bf16(const float*, int, int, const uint16_t*, int64_t, int, float*) {}
