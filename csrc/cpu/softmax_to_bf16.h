@@ -49,20 +49,6 @@ BEACON_BF16_TARGET inline void transpose_bf16_16x16(__m512i (&y)[8]) {
   }
 }
 
-// 2^t as fast_exp2_16 with a degree-3 polynomial (relative error 8e-5 on [-1/2, 1/2], fitted at
-// Chebyshev nodes) where it has degree 5: P is rounded to bf16 (relative step 2^-8) right after,
-// and the two fewer FMAs a key and row are ~1/7 of the exp pass's instructions.
-BEACON_BF16_TARGET inline __m512 exp2_for_bf16_16(__m512 t) {
-  const __m512 lo = _mm512_set1_ps(-125.9f);
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(5.5088684e-2f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4260405e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9327620e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9992895e-1f));
-  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(t, lo, _CMP_NLT_UQ), p, n);
-}
-
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // as in bf16_gemm.h
 // The exp pass. kLazy: m_use are the rows' running maxima as they stood before the block; the
@@ -92,7 +78,7 @@ BEACON_BF16_TARGET inline bool exp_to_bf16_rows_avx512(const float* st, int n, i
           const __m512 s = _mm512_maskz_loadu_ps(m, st + static_cast<int64_t>(c0 + i) * rows + r0);
           const __m512 t = _mm512_fmsub_ps(s, sc, mu);
           if constexpr (kLazy) t_max = _mm512_max_ps(t_max, t);
-          x[i] = exp2_for_bf16_16(t);
+          x[i] = beacon::cpu::attn::fast_exp2_16<3>(t);
           if (i % 2) sum1 = _mm512_add_ps(sum1, x[i]); else sum = _mm512_add_ps(sum, x[i]);
         }
         sum = _mm512_add_ps(sum, sum1);
@@ -105,7 +91,7 @@ BEACON_BF16_TARGET inline bool exp_to_bf16_rows_avx512(const float* st, int n, i
           const __m512 s = _mm512_maskz_loadu_ps(m, st + static_cast<int64_t>(c0 + i) * rows + r0);
           const __m512 t = _mm512_fmsub_ps(s, sc, mu);
           if constexpr (kLazy) t_max = _mm512_max_ps(t_max, t);
-          x[i] = exp2_for_bf16_16(t);
+          x[i] = beacon::cpu::attn::fast_exp2_16<3>(t);
           sum = _mm512_add_ps(sum, x[i]);
         }
       }
