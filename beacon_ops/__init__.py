@@ -64,7 +64,9 @@ def build_info() -> dict[str, Any]:
     an empty list: one kernel for every head dim and dtype it accepts; ``{}`` without CUDA),
     ``cpu_isa_detected`` and ``cpu_isa`` (the CPU kernels' instruction set: detected, used),
     ``cpu_fp32_gemm`` (how the CPU kernels multiply fp32 tiles: ``blas``, torch's own BLAS;
-    ``kernel``, the project's AVX-512 micro-kernel; ``aten``; ``BEACON_OPS_FP32_GEMM`` overrides).
+    ``kernel``, the project's AVX-512 micro-kernel; ``aten``; ``BEACON_OPS_FP32_GEMM`` overrides),
+    ``cpu_decode`` (the few-row decode kernels: ``avx512`` on Intel CPUs, ``avx2`` on others,
+    where they read the cache faster on AMD Zen 4; ``portable``; ``BEACON_OPS_CPU_DECODE`` overrides).
     """
     return dict(_C.build_info())
 

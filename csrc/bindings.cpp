@@ -67,6 +67,14 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isa_detected"] = std::string(beacon::cpu::isa_name(beacon::cpu::detected_isa()));
     d["cpu_isa"] = std::string(beacon::cpu::isa_name(beacon::cpu::cpu_isa()));
     d["cpu_fp32_gemm"] = std::string(beacon_cpu::fp32_gemm_path());  // blas, kernel or aten
+    // The decode kernels: decode_avx512.h's (avx512) or the AVX2 ones (BEACON_OPS_CPU_DECODE).
+    {
+      using beacon::cpu::cpu_has;
+      using beacon::cpu::Isa;
+      d["cpu_decode"] = std::string(!cpu_has(Isa::kAvx2) ? "portable"
+                                    : cpu_has(Isa::kAvx512) && beacon::cpu::decode_avx512_preferred() ? "avx512"
+                                                                                                       : "avx2");
+    }
     return d;
   });
 }

@@ -386,7 +386,7 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 import beacon_ops
 from test_attention import make_case, check
-print(beacon_ops.build_info()["cpu_isa"], beacon_ops.build_info()["cpu_fp32_gemm"])
+print(beacon_ops.build_info()["cpu_isa"], beacon_ops.build_info()["cpu_fp32_gemm"], beacon_ops.build_info()["cpu_decode"])
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     # GEMM tiles (partial blocks, GQA 3, head_dim 72: not a multiple of 16 or 32)
     c = make_case("cpu", dtype, mem=[300, 7], raw=[260, 70], beacon=[32, 0], ratio=[8, 0],
@@ -399,6 +399,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         check(c)
         c = make_case("cpu", dtype, mem=[1000, 3], raw=[3, 1], beacon=[0, 0], ratio=[0, 0],
                       nq=[1, 1], heads=4, kv_heads=4, head_dim=d)
+        check(c)
+        # decode over more than two decode key blocks (1024 keys), 1 and 2 rows
+        c = make_case("cpu", dtype, mem=[2300, 1030], raw=[5, 1], beacon=[0, 0], ratio=[0, 0],
+                      nq=[1, 1], heads=4, kv_heads=2, head_dim=d)
         check(c)
     # decode tiles of 3, 5, 6 and 7 rows (GQA 3 with one and two tokens, GQA 5 and 7), head_dim 96
     # and 32; key counts that leave a partial group of keys in every kernel; head_dim 192 and 256
@@ -434,13 +438,17 @@ def _detected_isa() -> str:
 # Each level with its default fp32 GEMM (BLAS on Intel CPUs at avx512 and above), and the avx512
 # level once more with the other one (BEACON_OPS_FP32_GEMM, block_gemm.h), so the AVX-512
 # micro-kernel and torch's BLAS both run on any CPU that has AVX-512.
-ISA_CASES = [pytest.param(isa, None, id=isa) for isa in ISA_LEVELS] + [
-    pytest.param("avx512", "kernel", id="avx512-gemm-kernel"),
-    pytest.param("avx512", "blas", id="avx512-gemm-blas")]
+# Also each of the two decode kernel families (BEACON_OPS_CPU_DECODE, cpu_isa.h) at the widest
+# levels, whichever this CPU's vendor picks by default.
+ISA_CASES = [pytest.param(isa, None, None, id=isa) for isa in ISA_LEVELS] + [
+    pytest.param("avx512", "kernel", None, id="avx512-gemm-kernel"),
+    pytest.param("avx512", "blas", None, id="avx512-gemm-blas")] + [
+    pytest.param(isa, None, dec, id=f"{isa}-decode-{dec}")
+    for isa in ("avx512", "avx512bf16", "amx") for dec in ("avx2", "avx512")]
 
 
-@pytest.mark.parametrize("isa,gemm", ISA_CASES)
-def test_cpu_isa_paths(isa, gemm):
+@pytest.mark.parametrize("isa,gemm,decode", ISA_CASES)
+def test_cpu_isa_paths(isa, gemm, decode):
     import os
     import subprocess
     import sys
@@ -452,12 +460,17 @@ def test_cpu_isa_paths(isa, gemm):
     env.pop("BEACON_OPS_FP32_GEMM", None)
     if gemm is not None:
         env["BEACON_OPS_FP32_GEMM"] = gemm
+    env.pop("BEACON_OPS_CPU_DECODE", None)
+    if decode is not None:
+        env["BEACON_OPS_CPU_DECODE"] = decode
     here = os.path.dirname(os.path.abspath(__file__))
     res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, here], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
-    level, gemm_used = res.stdout.split()[:2]
+    level, gemm_used, decode_used = res.stdout.split()[:3]
     assert level == isa  # the cap took effect
+    if decode is not None:
+        assert decode_used == decode
     expected = {"portable": "aten", "avx2": "blas"}.get(isa, gemm)
     if expected is not None:
         assert gemm_used == expected

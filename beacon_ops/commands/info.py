@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for k in ("version", "torch", "torch_runtime", "cuda_compiled", "cuda_archs", "cutlass",
               "cuda_head_dims", "cuda_dtypes", "cuda_kernels", "cuda_available", "cpu_isa_detected",
-              "cpu_isa", "cpu_fp32_gemm", "ops", "mask_kinds"):
+              "cpu_isa", "cpu_fp32_gemm", "cpu_decode", "ops", "mask_kinds"):
         v = info.get(k)
         if isinstance(v, dict):  # cuda_kernels: kind (instances)
             v = ", ".join(f"{kind} ({' '.join(insts)})" if insts else kind for kind, insts in v.items())

@@ -58,6 +58,10 @@ constexpr const char* kOp = "beacon.attention";
 // Tile sizes, chosen by timing candidates with `python -m beacon_ops bench attention`.
 constexpr int kQueryTileRows = 192;  // rows of a query tile: three 64-wide panels of the 6 x 64 micro-kernel
 constexpr int kKeyBlock = 256;       // keys of a key block
+// Keys of a decode tile's key block: each block reads K, then V, and every switch restarts the
+// hardware prefetchers' streams (Zen 4, 32 query heads over 8 kv heads, 4,608 fp32 keys: 0.65
+// of copy bandwidth at 256 keys, 0.72 at 1024, 0.70 at 2048).
+constexpr int kDecodeKeyBlock = 1024;
 
 // Set row r's masked-out scores of the key block [k0, k0 + n) to -inf (transposed storage).
 void mask_column(float* st, int n, int rows, int r, int k0, const RowSpans& sp) {
@@ -124,22 +128,25 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   // Per-thread fp32 scratch: Q tile and its transpose, transposed scores, accumulator, row
   // state, and the key and value blocks in fp32 (16-bit blocks widened; fp32 blocks copied too:
   // a hot, contiguous block measured about 7% faster than reading the cache in place).
-  const int key_block = kKeyBlock;
   // Every piece starts on a 64-byte line (sizes rounded to 16 floats, the buffer aligned): AMX
   // tile loads and stores of rows that straddle two lines took ~3x as long here.
   const auto line = [](int64_t floats) { return static_cast<int64_t>(beacon_cpu::whole_lines<float>(floats)); };
   const int64_t q_elems = line(static_cast<int64_t>(rows_max) * d);
-  const int64_t s_elems = line(static_cast<int64_t>(rows_max) * key_block);
+  const int small_rows_max = std::min(rows_max, kSmallRows - 1);  // rows of a decode tile, at most
+  const int64_t s_elems = line(std::max<int64_t>(static_cast<int64_t>(rows_max) * kKeyBlock,
+                                                 static_cast<int64_t>(small_rows_max) * kDecodeKeyBlock));
   const int64_t r_elems = line(rows_max);
-  const int64_t kv_elems = line(static_cast<int64_t>(key_block) * d);
+  // (decode_qk widens a 16-bit decode block into k_block for 5 or 7 rows; pages never touched
+  // cost nothing)
+  const int64_t kv_elems = line(static_cast<int64_t>(std::max(kKeyBlock, kDecodeKeyBlock)) * d);
   // bf16 with AVX-512-BF16: Q K^T by bf16 dot products (bf16_gemm.h); P V too where AMX tiles
   // do them (P rounded to bf16, as flash attention's GPU kernels do), else in fp32.
   const bool bf16_dot = std::is_same_v<T, at::BFloat16> && beacon_cpu::use_bf16_dot();
   const bool bf16_pv = bf16_dot && beacon_cpu::use_bf16_pv();
   // P in bf16 [rows x keys padded to 32]: whole 16-pair tiles for the P V GEMM.
-  const int64_t p_elems = bf16_pv ? line(static_cast<int64_t>(rows_max) * key_block / 2) : 0;
+  const int64_t p_elems = bf16_pv ? line(static_cast<int64_t>(rows_max) * kKeyBlock / 2) : 0;
   // A decode tile's second scores (the next key block's, decode_pv_qk_amx), after the first.
-  const int64_t s2_elems = line(static_cast<int64_t>(std::min(rows_max, kSmallRows - 1)) * key_block);
+  const int64_t s2_elems = line(static_cast<int64_t>(small_rows_max) * kDecodeKeyBlock);
   const int64_t per_thread = 3 * q_elems + s_elems + s2_elems + 5 * r_elems + 2 * kv_elems + p_elems;
   const int n_threads = at::get_num_threads();
   // Not zero-filled: every piece is written before it is read (a decode step's scratch was
@@ -187,15 +194,20 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const int n_tok = tile.t1 - tile.t0;
       const int rows = n_tok * G;
       const bool small = rows < kSmallRows;
+      const int key_block = small ? kDecodeKeyBlock : kKeyBlock;
       // bf16 decode with AVX-512-BF16: decode_avx512.h's kernels (q as bf16, acc in 32-split order).
       const bool dec_bf16 = small && std::is_same_v<T, at::BFloat16> && use_decode_bf16(rows, d);
       const bool dec_amx = dec_bf16 && use_decode_amx(rows, d);  // its Q K^T on AMX tiles
       // fp32 decode with AVX-512: decode_avx512.h's kernels (q, acc in order).
       const bool dec_f32 = small && std::is_same_v<T, float> && use_decode_f32(rows, d);
+      // Else the AVX2 decode kernels, P V over an fp32 or bf16 cache streamed (decode_pv_stream;
+      // q and acc in order).
+      const bool dec_pv_stream = small && !dec_f32 && !dec_bf16 && !std::is_same_v<T, at::Half> &&
+                                 use_decode_pv_stream(rows, d);
       // Its P V interleaved with the next key block's Q K^T, whose scores wait in scores_next.
       const bool dec_pv_qk = dec_amx && use_decode_pv_qk(rows, d);
       bool next_scored = false;
-      const bool split = small && !dec_bf16 && !dec_f32 && decode_split<T>(rows, d);  // q, acc in split order
+      const bool split = small && !dec_bf16 && !dec_f32 && !dec_pv_stream && decode_split<T>(rows, d);  // q, acc in split order
       const int64_t row0 = cu[tile.b] + tile.t0;  // packed index of the tile's first query
 
       // Gather the tile's queries in fp32: row r = (token r / G, head kvh * G + r % G).
@@ -337,6 +349,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           decode_pv_bf16(scores, rows, n, reinterpret_cast<const uint16_t*>(vb), P.v_row_stride, d, acc);
         } else if (dec_f32) {
           decode_pv_f32(scores, rows, n, reinterpret_cast<const float*>(vb), P.v_row_stride, d, acc);
+        } else if (dec_pv_stream) {
+          if constexpr (!std::is_same_v<T, at::Half>) decode_pv_stream(scores, rows, n, vb, P.v_row_stride, d, acc);
         } else if (small) {
           decode_pv(scores, rows, n, vb, P.v_row_stride, d, acc, split);
         } else if (bf16_pv) {

@@ -84,6 +84,27 @@ inline Isa cpu_isa() {
 
 inline bool cpu_has(Isa level) { return static_cast<int>(cpu_isa()) >= static_cast<int>(level); }
 
+// Which few-row (decode) kernels stream the cache at levels avx512 and above: decode_avx512.h's
+// 512-bit ones on Intel CPUs, attention_blocks.h's AVX2 ones on others. AMD Zen 4 executes 512-bit
+// operations as two 256-bit halves, and there its decode kernels read the cache slower than the
+// AVX2 ones (one query over 3,584 fp32 keys, 8 heads: 0.41-0.59 of copy bandwidth against
+// 0.70-0.73; the same 4-key loop with 512-bit loads 0.66, with 256-bit loads 0.80; README
+// "Benchmarks"). BEACON_OPS_CPU_DECODE=avx2|avx512 overrides the choice (tests, benchmarks).
+inline bool decode_avx512_preferred() {
+  static const bool avx512 = [] {
+    const char* env = std::getenv("BEACON_OPS_CPU_DECODE");
+    const std::string c = env ? env : "";
+    if (c == "avx2") return false;
+    if (c == "avx512") return true;
+#ifdef BEACON_CPU_X86
+    return __builtin_cpu_is("intel") != 0;
+#else
+    return false;
+#endif
+  }();
+  return avx512;
+}
+
 inline const char* isa_name(Isa level) {
   switch (level) {
     case Isa::kPortable: return "portable";
