@@ -12,7 +12,7 @@
 // QK^T and PV run in fp32 on K and V (per-block fp32 copies of 16-bit or strided rows) through
 // block_gemm.h (an AVX-512 micro-kernel, else torch's BLAS); with bf16 inputs on CPUs with
 // AVX-512-BF16, QK^T instead reads K in place by bf16 dot products with fp32 accumulation
-// (bf16_gemm.h), and with AMX tiles P V multiplies P rounded to bf16 by V in pairs; tiles of
+// (bf16_gemm.h), and P V multiplies P rounded to bf16 by V in pairs (AMX tiles, else vdpbf16ps); tiles of
 // fewer than kSmallRows rows (decode) use dot products straight from the cache. Scores are kept
 // transposed (key-major) so the softmax bookkeeping vectorises across rows; those loops live in
 // attention_blocks.h, compiled for AVX-512 / AVX2 / baseline and chosen by cpu_isa.h like every
@@ -139,8 +139,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   // (decode_qk widens a 16-bit decode block into k_block for 5 or 7 rows; pages never touched
   // cost nothing)
   const int64_t kv_elems = line(static_cast<int64_t>(std::max(kKeyBlock, kDecodeKeyBlock)) * d);
-  // bf16 with AVX-512-BF16: Q K^T by bf16 dot products (bf16_gemm.h); P V too where AMX tiles
-  // do them (P rounded to bf16, as flash attention's GPU kernels do), else in fp32.
+  // bf16 with AVX-512-BF16: Q K^T and P V by bf16 dot products (bf16_gemm.h; P rounded to bf16,
+  // as flash attention's GPU kernels do), on AMX tiles where the CPU has them.
   const bool bf16_dot = std::is_same_v<T, at::BFloat16> && beacon_cpu::use_bf16_dot();
   const bool bf16_pv = bf16_dot && beacon_cpu::use_bf16_pv();
   // P in bf16 [rows x keys padded to 32]: whole 16-pair tiles for the P V GEMM.

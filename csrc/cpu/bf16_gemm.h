@@ -174,12 +174,15 @@ BEACON_BF16_TARGET inline void pack_rows_pairs_transposed_avx512(const RowAt& ro
 #undef BEACON_BF16_TARGET
 #endif
 
-// Whether P V also runs on bf16 (P rounded): where AMX tiles multiply it.
+// Whether P V also runs on bf16 (P rounded): at level avx512bf16 and above (AMX tiles, else
+// vdpbf16ps). Before, only with AMX (P V in fp32 below it): on Zen 4 (no AMX) a bf16 prefill
+// step (W 1024 + 128 beacons over 3,072, 8 heads, d 128, one thread) took 145 ms, 0.56-0.58 of a
+// bf16 matmul; with the pairs 91-102 ms, 0.87-0.89 (bench attention --quick --threads 1).
 inline bool use_bf16_pv() {
 #ifdef BEACON_OPS_EMULATE_BF16_DOT
   return true;
 #else
-  return beacon::cpu::cpu_has(beacon::cpu::Isa::kAmx);
+  return beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx512Bf16);
 #endif
 }
 

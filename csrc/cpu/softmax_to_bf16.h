@@ -1,4 +1,4 @@
-// The online-softmax update of one key block for the bf16 P V GEMM (AMX level): the same
+// The online-softmax update of one key block for the bf16 P V GEMM (level avx512bf16): the same
 // bookkeeping as attention_blocks.h's softmax_update, but the probabilities go straight to P in
 // bf16 rows [rows x n_pad] (the GEMM's A operand) instead of back over the transposed fp32
 // scores, and the softmax scale is applied here (Q K^T left the scores unscaled, so its GEMM
