@@ -85,7 +85,8 @@ inline Isa cpu_isa() {
 inline bool cpu_has(Isa level) { return static_cast<int>(cpu_isa()) >= static_cast<int>(level); }
 
 // Which few-row (decode) kernels stream the cache at levels avx512 and above: decode_avx512.h's
-// 512-bit ones on Intel CPUs, attention_blocks.h's AVX2 ones on others. AMD Zen 4 executes 512-bit
+// 512-bit ones on Intel CPUs, attention_blocks.h's AVX2 ones on others (with decode_avx512.h's
+// P V of few rows streamed, and its bf16 kernels where that does not apply). AMD Zen 4 executes 512-bit
 // operations as two 256-bit halves, and there its decode kernels read the cache slower than the
 // AVX2 ones (one query over 3,584 fp32 keys, 8 heads: 0.41-0.59 of copy bandwidth against
 // 0.70-0.73; the same 4-key loop with 512-bit loads 0.66, with 256-bit loads 0.80; README

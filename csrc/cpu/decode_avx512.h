@@ -30,14 +30,25 @@ namespace beacon::cpu::attn {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+// Whether a decode tile's P V over an fp32 or bf16 cache takes pv_stream (below; the head dims
+// of the models in use), with the AVX2 Q K^T: where decode_avx512_preferred() is false.
+inline bool use_decode_pv_stream(int rows, int d) {
+  return cpu_has(Isa::kAvx512) && !decode_avx512_preferred() &&
+         ((d == 128 && rows >= 1 && rows <= 3) || (d == 64 && rows >= 1 && rows <= 6));
+}
+
 // Whether a decode tile of `rows` rows over an fp32 cache takes these kernels.
 inline bool use_decode_f32(int rows, int d) {
   return rows >= 1 && rows <= 7 && d % 32 == 0 && cpu_has(Isa::kAvx512) && decode_avx512_preferred();
 }
 
-// Whether a decode tile of `rows` rows over a bf16 cache takes these kernels.
+// Whether a decode tile of `rows` rows over a bf16 cache takes these kernels: also where the AVX2
+// family is preferred but P V does not stream (Zen 4, 32 query heads over 8 kv heads, i.e. 4 rows,
+// bf16: 0.53-0.63 of copy bandwidth with these, 0.47-0.56 with the AVX2 kernels; fp32 the other
+// way round, 0.37-0.40 against 0.56-0.63).
 inline bool use_decode_bf16(int rows, int d) {
-  return rows >= 1 && rows <= 7 && d % 32 == 0 && cpu_has(Isa::kAvx512Bf16) && decode_avx512_preferred();
+  return rows >= 1 && rows <= 7 && d % 32 == 0 && cpu_has(Isa::kAvx512Bf16) &&
+         (decode_avx512_preferred() || !use_decode_pv_stream(rows, d));
 }
 
 // Lane i of the result = the sum of v[i]'s 16 lanes: pairs of vectors, then of 64-bit halves,
@@ -190,13 +201,6 @@ BEACON_DECODE_AVX512_TARGET void pv_stream(const float* p, int n, const T* v, in
   }
   for (int r = 0; r < ROWS; ++r)
     for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + r * D + 16 * i, a[r][i]);
-}
-
-// Whether a decode tile's P V over an fp32 or bf16 cache takes pv_stream (the head dims of the
-// models in use).
-inline bool use_decode_pv_stream(int rows, int d) {
-  return cpu_has(Isa::kAvx512) && !decode_avx512_preferred() &&
-         ((d == 128 && rows >= 1 && rows <= 3) || (d == 64 && rows >= 1 && rows <= 6));
 }
 
 // pv_stream for 1-3 rows at d 128, 1-6 at d 64 (use_decode_pv_stream said so).
