@@ -6,7 +6,9 @@ the chosen ``beacon_{q,k,v,o}_proj`` of every layer, either as full matrices or,
 ``rank > 0``, as low-rank deltas from the layer's *base* projection (LoRA-style:
 ``W_beacon = W_base + B @ A`` with ``B = 0`` at the start, so training starts exactly at the
 documented initialisation "beacon projection = copy of the base projection", and the saved result
-is small). A low-rank delta replaces whatever beacon matrix was loaded (it is a delta from the
+is small). Optionally a *reader* too (``reader_rank``, :func:`install_reader`): low-rank maps
+that change how raw tokens query and read the condensed memory (:mod:`beacon_ops.memory_reading`),
+zero at the start, unused by every input of at most one window. A low-rank delta replaces whatever beacon matrix was loaded (it is a delta from the
 base projection, not from a released beacon checkpoint).
 
 The adapter file (safetensors) holds only the trained tensors under their model names, e.g.
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 from .llama import BEACON_PROJS, Llama
 
-__all__ = ["LowRankDelta", "make_beacon_trainable", "adapter_tensors", "save_beacon_adapter",
+__all__ = ["LowRankDelta", "LowRankMap", "install_reader", "make_beacon_trainable", "adapter_tensors", "save_beacon_adapter",
            "load_beacon_adapter", "load_adapter_into_higher_rank", "read_adapter_config",
            "METADATA_KEY"]
 
@@ -73,6 +75,41 @@ class LowRankDelta(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class LowRankMap(nn.Module):
+    """A map ``x -> lora_B @ lora_A @ x`` with no base (``lora_B`` starts at zero, so the map
+    starts as zero): the reader's deltas (:class:`~beacon_ops.llama.Attention`)."""
+
+    def __init__(self, features: int, rank: int, like: Tensor, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"reader rank must be > 0, got {rank}")
+        self.features, self.rank = features, rank
+        a = torch.empty(rank, features, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(features)
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(like.device, like.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(features, rank, dtype=like.dtype, device=like.device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, rank={self.rank}"
+
+
+def install_reader(model: Llama, rank: int, seed: int = 0) -> None:
+    """Give every layer a reader of ``rank`` (``beacon_reader_q``, ``beacon_reader_o``; zero maps,
+    so the model computes what it did); no-op for layers that have one."""
+    g = torch.Generator().manual_seed(seed + 1)
+    c = model.config
+    for layer in model.model.layers:
+        at = layer.self_attn
+        if at.beacon_reader_q is None:
+            w = at.q_proj.weight
+            at.beacon_reader_q = LowRankMap(c.num_heads * c.head_dim, rank, w, g)
+            at.beacon_reader_o = LowRankMap(c.num_heads * c.head_dim, rank, w, g)
+
+
 def _install_low_rank(model: Llama, params: Sequence[str], rank: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(model.model.layers):
@@ -88,13 +125,16 @@ def _install_low_rank(model: Llama, params: Sequence[str], rank: int, seed: int)
 
 
 def make_beacon_trainable(model: Llama, params: Sequence[str] = BEACON_PROJS, rank: int = 0,
-                          seed: int = 0) -> list[tuple[str, nn.Parameter]]:
+                          seed: int = 0, reader_rank: int = 0) -> list[tuple[str, nn.Parameter]]:
     """Freeze ``model`` except ``beacon_embed_tokens`` and ``beacon_{p}_proj`` for ``p`` in ``params``.
 
     ``rank > 0``: those projections become :class:`LowRankDelta` of that rank (``A`` drawn from
-    a generator seeded with ``seed``). Returns the trainable ``(name, parameter)`` pairs; every
-    name contains ``beacon``.
+    a generator seeded with ``seed``). ``reader_rank > 0``: every layer also gets a reader
+    (:func:`install_reader`), trained too. Returns the trainable ``(name, parameter)`` pairs;
+    every name contains ``beacon``.
     """
+    if reader_rank < 0:
+        raise ValueError(f"reader_rank must be >= 0, got {reader_rank}")
     bad = set(params) - set(BEACON_PROJS)
     if bad:
         raise ValueError(f"params may only contain {BEACON_PROJS}, got {sorted(bad)}")
@@ -106,7 +146,10 @@ def make_beacon_trainable(model: Llama, params: Sequence[str] = BEACON_PROJS, ra
         raise ValueError(f"rank must be >= 0, got {rank}")
     if rank:
         _install_low_rank(model, params, rank, seed)
-    wanted = ("model.beacon_embed_tokens.",) + tuple(f".beacon_{p}_proj." for p in params)
+    if reader_rank:
+        install_reader(model, reader_rank, seed)
+    wanted = ("model.beacon_embed_tokens.",) + tuple(f".beacon_{p}_proj." for p in params) + (
+        (".beacon_reader_q.", ".beacon_reader_o.") if reader_rank else ())
     out = []
     for name, prm in model.named_parameters():
         train = any(w in name for w in wanted)
@@ -188,11 +231,14 @@ def load_beacon_adapter(model: Llama, path: str, *, trainable: bool = False) -> 
     adapter's config.
     """
     cfg = read_adapter_config(path)
-    params, rank = tuple(cfg["params"]), int(cfg["rank"])
+    params, rank, reader = tuple(cfg["params"]), int(cfg["rank"]), int(cfg.get("reader_rank", 0))
     if trainable:
-        make_beacon_trainable(model, params, rank)
-    elif rank:
-        _install_low_rank(model, params, rank, 0)
+        make_beacon_trainable(model, params, rank, reader_rank=reader)
+    else:
+        if rank:
+            _install_low_rank(model, params, rank, 0)
+        if reader:
+            install_reader(model, reader)
     _copy_adapter_tensors(model, path, grow=False)
     return cfg
 

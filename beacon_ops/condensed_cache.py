@@ -30,6 +30,7 @@ from torch import Tensor
 from .attention import beacon_attention
 from .cache_ops import append_kv, compact_, rope_
 from .kv_cache import StepPlan, check_ratio, interleaved_beacon_slots, memory_entries
+from .memory_reading import beacons_see_memory, dense_attention
 from .positions import check_mask_kind, default_inv_freq, rope_tables, slot_position, step_positions
 from .variants import check_cache_layout
 
@@ -364,6 +365,48 @@ class CondensedKVCache:
         return beacon_attention(q, self.k[layer], self.v[layer], plan.cu_seqlens, self.mem_len, self.raw_len,
                                 self.beacon_len, self.ratio, max_seqlen_q=plan.max_seqlen_q, mode=self.mode,
                                 attend_previous=self.attend_previous, softmax_scale=softmax_scale)
+
+    def attention_parts(self, layer: int, q: Tensor, q_memory: Tensor, plan: StepPlan,
+                        softmax_scale: float | None = None
+                        ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+        """The step's attention split at the memory boundary (:mod:`beacon_ops.memory_reading`):
+        ``((out, lse) over each window, (out, lse) over each memory)``, the window read with the
+        rotated ``q``, the memory with ``q_memory`` (same shape, *not yet rotated*: rotated here).
+        ``lse`` is fp32 with ``-inf`` for a row that sees no key of that part. None when no
+        sequence has memory (then :meth:`attention` is the whole story)."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer={layer} is outside [0, num_layers={self.num_layers})")
+        self._check_plan(plan, q, "q", None)
+        self._check_plan(plan, q_memory, "q_memory", q.shape[1])
+        if not any(self.host_mem_len):
+            return None
+        q_memory = self.rotate_queries(q_memory.to(q.dtype).contiguous(), plan)
+        scale = softmax_scale if softmax_scale and softmax_scale > 0 else self.head_dim ** -0.5
+        see = beacons_see_memory(self.mode, self.attend_previous)  # interleaved beacons: causal kinds
+        cu = plan.cu_seqlens.tolist()
+        win_out, win_lse, mem_out, mem_lse = [], [], [], []
+        same_m = len(set(self.host_mem_len)) == 1
+        for b in ([None] if same_m else range(self.batch_size)):
+            m = self.host_mem_len[0 if b is None else b]
+            rows = slice(None) if b is None else slice(cu[b], cu[b + 1])
+            seqs = slice(None) if b is None else slice(b, b + 1)
+            cu_b = plan.cu_seqlens if b is None else plan.cu_seqlens[b:b + 2] - cu[b]
+            o, lse = beacon_attention(q[rows], self.k[layer][seqs, :, m:], self.v[layer][seqs, :, m:], cu_b,
+                                      torch.zeros_like(self.mem_len[seqs]), self.raw_len[seqs],
+                                      self.beacon_len[seqs], self.ratio[seqs], max_seqlen_q=plan.max_seqlen_q,
+                                      mode=self.mode, attend_previous=self.attend_previous,
+                                      softmax_scale=softmax_scale)
+            win_out.append(o)
+            win_lse.append(torch.where(torch.isinf(lse), float("-inf"), lse))  # the op: +inf = saw nothing
+        for b in range(self.batch_size):
+            m, qm = self.host_mem_len[b], q_memory[cu[b]:cu[b + 1]]
+            visible = torch.ones(len(qm), m, dtype=torch.bool, device=self.device)
+            if not see and plan.num_beacons[b]:
+                visible[len(qm) - plan.num_beacons[b]:] = False
+            o, lse = dense_attention(qm, self.k[layer][b, :, :m], self.v[layer][b, :, :m], scale, visible)
+            mem_out.append(o)
+            mem_lse.append(lse)
+        return ((torch.cat(win_out), torch.cat(win_lse)), (torch.cat(mem_out), torch.cat(mem_lse)))
 
     def compact(self) -> None:
         """Compact every sequence whose window is full, all layers at once; no-op otherwise."""

@@ -110,6 +110,10 @@ class FullKVCache:
                 self.k[layer, b, :, s0:s0 + n] = k_rot[cu[b]:cu[b + 1]].transpose(0, 1)
                 self.v[layer, b, :, s0:s0 + n] = v_new[cu[b]:cu[b + 1]].transpose(0, 1)
 
+    def attention_parts(self, layer: int, q: Tensor, q_memory: Tensor, plan: FullStepPlan) -> None:
+        """None: a plain cache holds no condensed memory (its steps are :meth:`attention` alone)."""
+        return None
+
     def attention(self, layer: int, q: Tensor, plan: FullStepPlan,
                   softmax_scale: float | None = None) -> tuple[Tensor, None]:
         """Causal (optionally sliding-window) attention; returns ``(out, None)`` (no LSE)."""

@@ -130,6 +130,13 @@ class KVCache(Protocol):
         """Attention of the step's rotated queries over layer ``layer``: ``(out, lse or None)``."""
         ...
 
+    def attention_parts(self, layer: int, q: Tensor, q_memory: Tensor, plan: StepPlan
+                        ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+        """The attention split at the memory boundary (:mod:`beacon_ops.memory_reading`):
+        ``((out, lse) over the window with q, (out, lse) over the memory with q_memory)``,
+        ``q_memory`` not yet rotated; None when the step reads no condensed memory."""
+        ...
+
     def compact(self) -> None:
         """Turn every full window's beacons into memory (no-op for caches without beacons)."""
         ...

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .beacon_config import BEACON_PROJS, BeaconConfig
 from .kv_cache import KVCache, StepPlan
+from .memory_reading import merge_by_lse
 from .positions import default_inv_freq
 
 __all__ = ["LlamaConfig", "BeaconConfig", "Llama", "rope_inv_freq", "check_token_ids", "BEACON_PROJS"]
@@ -161,6 +162,14 @@ class _Rows:
                            torch.tensor(bea, dtype=torch.long, device=device))
         return self._index
 
+    def raw_mask(self, like: Tensor) -> Tensor:
+        """``[rows, 1]`` of ``like``'s dtype and device: 1 on raw rows, 0 on beacon rows."""
+        m = torch.ones(like.shape[0], 1, dtype=like.dtype, device=like.device)
+        for s, e, b in self.runs:
+            if b:
+                m[s:e] = 0
+        return m
+
     def raw(self, h: Tensor) -> Tensor:
         """``h``'s raw rows, in order."""
         if self.gathered:
@@ -200,15 +209,31 @@ class Attention(nn.Module):
             bias = p in c.attention_bias  # a beacon projection copies its layer's, bias included
             setattr(self, f"{p}_proj", nn.Linear(i, o, bias=bias))
             setattr(self, f"beacon_{p}_proj", nn.Linear(i, o, bias=bias) if p in beacon_params else None)
+        # The reader (installed by an adapter that has one, beacon_ops.adapter): low-rank deltas
+        # x -> delta on the raw rows' queries for the memory, and on what they read from it.
+        self.beacon_reader_q: nn.Module | None = None
+        self.beacon_reader_o: nn.Module | None = None
 
     def forward(self, x: Tensor, layer: int, cache: KVCache, plan: StepPlan, rows: _Rows) -> Tensor:
         c, n = self.c, x.shape[0]
-        q = _project(x, rows, self.q_proj, self.beacon_q_proj).view(n, c.num_heads, c.head_dim)
+        q = _project(x, rows, self.q_proj, self.beacon_q_proj)
         k = _project(x, rows, self.k_proj, self.beacon_k_proj).view(n, c.num_kv_heads, c.head_dim)
         v = _project(x, rows, self.v_proj, self.beacon_v_proj).view(n, c.num_kv_heads, c.head_dim)
-        q = cache.rotate_queries(q.contiguous(), plan)
+        q_memory = None
+        if self.beacon_reader_q is not None:  # before q is rotated (in place)
+            raw = rows.raw_mask(q)
+            q_memory = (q + raw * self.beacon_reader_q(x)).view(n, c.num_heads, c.head_dim)
+        q = cache.rotate_queries(q.view(n, c.num_heads, c.head_dim).contiguous(), plan)
         cache.append(layer, k.contiguous(), v.contiguous(), plan)
-        out, _ = cache.attention(layer, q, plan)
+        parts = None if q_memory is None else cache.attention_parts(layer, q, q_memory, plan)
+        if parts is None:  # no reader, or nothing in memory yet: one pass (the base model's)
+            out, _ = cache.attention(layer, q, plan)
+        else:  # the memory read with the reader's query, merged with the window's by LSE
+            (out_w, lse_w), (out_m, lse_m) = parts
+            if self.beacon_reader_o is not None:
+                read = out_m.reshape(n, -1)
+                out_m = (read + raw.float() * self.beacon_reader_o(read.to(x.dtype)).float()).view_as(out_m)
+            out = merge_by_lse(out_w, lse_w, out_m, lse_m)
         return _project(out.reshape(n, -1), rows, self.o_proj, self.beacon_o_proj)
 
 

@@ -85,6 +85,7 @@ class TrainConfig:
     clip: float = 1.0                 # gradient-norm clipping (0 = off)
     params: tuple[str, ...] = BEACON_PROJS
     rank: int = 0                     # 0: full beacon matrices; > 0: low-rank deltas
+    reader_rank: int = 0              # > 0: a reader of this rank (beacon_ops.memory_reading) trained too
     ratios: tuple[int, ...] = STEP_RANDOM_RATIOS
     ratio_seed: int = 42
     seed: int = 42
@@ -133,7 +134,8 @@ class Trainer:
         self.model, self.config, self.batches = model, config, batches
         self.dist = dist or Distributed.current()
         self.meta = dict(meta or {})
-        self.trainable = make_beacon_trainable(model, config.params, config.rank, seed=config.seed)
+        self.trainable = make_beacon_trainable(model, config.params, config.rank, seed=config.seed,
+                                               reader_rank=config.reader_rank)
         if config.autocast:  # the frozen base once in the autocast dtype, not cast per matmul
             cast_frozen_projections(model, getattr(torch, config.autocast))
         self.opt = torch.optim.AdamW([p for _, p in self.trainable], lr=config.lr,
@@ -253,6 +255,7 @@ class Trainer:
     def adapter_config(self) -> dict[str, Any]:
         c, b = self.config, self.model.beacon
         return {**self.meta, "format": 1, "params": list(c.params), "rank": c.rank,
+                **({"reader_rank": c.reader_rank} if c.reader_rank else {}),
                 "window": b.window, "stride": b.stride, "mode": b.mode,
                 "attend_previous": b.attend_previous, "step": self.step,
                 **({"adapt_context": b.adapt_context} if b.adapt_context is not None else {}),
@@ -282,6 +285,10 @@ class Trainer:
         if tuple(cfg["params"]) != tuple(self.config.params) or not rank_ok:
             raise ValueError(f"{flag}: adapter has params={cfg['params']} rank={cfg['rank']}, the run "
                              f"asks for params={list(self.config.params)} rank={self.config.rank}")
+        reader = int(cfg.get("reader_rank", 0))
+        if reader != self.config.reader_rank and not (lower_rank and reader == 0):
+            raise ValueError(f"{flag}: adapter has reader_rank={reader}, the run asks for "
+                             f"{self.config.reader_rank} (--reader-rank)")
         return cfg
 
     def start_from(self, path: str) -> None:

@@ -36,10 +36,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .attention import beacon_attention
 from .kv_cache import StepPlan, check_ratio, interleaved_beacon_slots, memory_entries
 from .masks import step_mask
+from .memory_reading import beacons_see_memory, dense_attention
 from .positions import check_mask_kind, rotate, step_positions
 from .variants import check_cache_layout
 
@@ -226,6 +228,44 @@ class TrainingKVCache:
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], vals[None],
                                              attn_mask=plan.mask, enable_gqa=True)[0].transpose(0, 1)
         return out, None
+
+    def attention_parts(self, layer: int, q: Tensor, q_memory: Tensor, plan: StepPlan
+                        ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+        """As :meth:`~beacon_ops.condensed_cache.CondensedKVCache.attention_parts`: ``((out, lse)
+        over the window, (out, lse) over the memory)``, ``q_memory`` not yet rotated; None
+        without memory."""
+        m = plan.mem_len
+        if m == 0:
+            return None
+        _, _, keys, vals = plan.new[layer]
+        q = q.to(vals.dtype).contiguous()
+        q_memory = self.rotate_queries(q_memory, plan).to(vals.dtype)
+        scale = q.shape[-1] ** -0.5
+        n = q.shape[0]
+        if plan.mask is None:
+            dev = q.device
+
+            def i32(x: int) -> Tensor:
+                return torch.tensor([x], dtype=torch.int32, device=dev)
+
+            out_w, lse_w = beacon_attention(q, keys[:, m:].unsqueeze(0), vals[:, m:].unsqueeze(0), plan.cu_seqlens,
+                                            i32(0), i32(plan.raw_len), i32(plan.beacon_len), i32(plan.ratio),
+                                            max_seqlen_q=n, mode=self.mode, attend_previous=self.attend_previous)
+            lse_w = torch.where(torch.isinf(lse_w), float("-inf"), lse_w)  # the op: +inf = saw nothing
+            visible = torch.ones(n, m, dtype=torch.bool, device=dev)
+            if not beacons_see_memory(self.mode, self.attend_previous) and plan.beacon_len:
+                visible[n - plan.beacon_len:] = False
+        else:
+            out_w, lse_w = dense_attention(q, keys[:, m:], vals[:, m:], scale, plan.mask[:, m:])
+            out_w = out_w.to(q.dtype)
+            visible = plan.mask[:, :m]
+        if torch.is_grad_enabled():  # recomputed in the backward: a window would otherwise keep
+            # [queries x memory] scores and probabilities of every layer until the loss
+            out_m, lse_m = checkpoint(dense_attention, q_memory, keys[:, :m], vals[:, :m], scale, visible,
+                                      use_reentrant=False)
+        else:
+            out_m, lse_m = dense_attention(q_memory, keys[:, :m], vals[:, :m], scale, visible)
+        return (out_w, lse_w), (out_m, lse_m)
 
     def compact(self) -> None:
         """The entries the window keeps (sink, beacons or ratio-0 raw keys) join the memory, their

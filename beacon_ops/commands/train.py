@@ -117,6 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="step-random list (duplicates weight); one value = a fixed ratio")
     p.add_argument("--params", default="q,k,v,o", help="beacon projections to train")
     p.add_argument("--rank", type=int_at_least(0), default=0, help="low-rank deltas of this rank (0: full matrices)")
+    p.add_argument("--reader-rank", type=int_at_least(0), default=0,
+                   help="also train a reader of this rank: low-rank deltas on how raw tokens query and read "
+                   "the condensed memory (0: none; inputs of one window never use it)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 5e-5 for full matrices, the paper's; 1e-3 low-rank)")
     p.add_argument("--warmup", type=int_at_least(0), default=None, help="warm-up steps (default 5%% of --steps)")
@@ -214,6 +217,7 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     cfg = TrainConfig(steps=args.steps, lr=args.lr or (1e-3 if args.rank else 5e-5),
                       warmup=args.warmup if args.warmup is not None else max(1, args.steps // 20),
                       weight_decay=args.weight_decay, clip=args.clip, params=params, rank=args.rank,
+                      reader_rank=args.reader_rank,
                       ratios=ratios, seed=args.seed,
                       checkpoint=None if args.checkpoint == "none" else args.checkpoint,
                       autocast=None if dtype == "float32" else dtype, attention=args.attention,
@@ -232,7 +236,8 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     n_train = sum(p.numel() for _, p in trainer.trainable)
     say(f"model: {name}; texts: {len(texts)} files, {sampler.num_tokens} tokens; samples "
           f"{args.min_len}-{args.max_len}; window {args.window}; trainable {n_train} parameters "
-          f"({'rank ' + str(args.rank) if args.rank else 'full'} {','.join(params)}); lr {cfg.lr}; "
+          f"({'rank ' + str(args.rank) if args.rank else 'full'} {','.join(params)}"
+          f"{'; reader rank ' + str(args.reader_rank) if args.reader_rank else ''}); lr {cfg.lr}; "
           f"autocast {cfg.autocast}; language modelling {args.lm_share:.0%}, tasks "
           f"{','.join(args.tasks)}; batch {args.batch_size} over {dist.world_size} process(es); "
         f"starting at step {trainer.step}/{args.steps}", flush=True)
