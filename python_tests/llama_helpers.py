@@ -29,6 +29,26 @@ def tiny_model(config: LlamaConfig | None = None, seed: int = 0, **beacon) -> Ll
                         norm_range=(0.5, 1.5)).eval()
 
 
+def check_gradient_by_finite_differences(model: Llama, names: list[str], loss) -> None:
+    """Each named parameter's ``.grad`` (already computed) against central finite differences of
+    ``loss()`` (a float, e.g. the *inference* loss) along that gradient's direction, within 5%."""
+    named = dict(model.named_parameters())
+    for name in names:
+        p = named[name]
+        grad = p.grad.clone()
+        assert grad.abs().max() > 0, name
+        d = grad / grad.norm()
+        eps = 1e-2
+        with torch.no_grad():
+            p.add_(eps * d)
+            up = loss()
+            p.sub_(2 * eps * d)
+            down = loss()
+            p.add_(eps * d)
+        fd = (up - down) / (2 * eps)
+        assert abs(fd - grad.norm().item()) <= 0.05 * grad.norm().item() + 1e-4, (name, fd, grad.norm().item())
+
+
 def hf_twin(model: Llama):
     """transformers' LlamaForCausalLM with ``model``'s base weights (fp32, eager attention)."""
     from transformers import LlamaConfig as HFConfig
