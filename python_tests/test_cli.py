@@ -240,6 +240,20 @@ def test_init_with_another_rank(tmp_path, capsys):
                    capsys)[0] == 0
 
 
+def test_train_with_a_reader(tmp_path, capsys):
+    """--reader-rank trains a reader on top of an --init adapter without one, and stores its
+    rank; resuming asks for the same rank (one line naming the flag)."""
+    from beacon_ops.adapter import read_adapter_config
+
+    base = ["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len", "140",
+            "--rank", "2"]
+    plain, reader = str(tmp_path / "plain.safetensors"), str(tmp_path / "reader.safetensors")
+    assert run_cli(base + ["--out", plain], capsys)[0] == 0
+    assert run_cli(base + ["--reader-rank", "2", "--init", plain, "--out", reader], capsys)[0] == 0
+    assert read_adapter_config(reader)["reader_rank"] == 2
+    assert_usage_error(base + ["--resume", reader], capsys, "--resume", "reader_rank=2")
+
+
 def test_commands_take_one_thread_on_a_busy_cpu(monkeypatch, capsys) -> None:
     """one_thread_when_busy: one thread (said so) when the load average reaches the CPU count,
     unless OMP_NUM_THREADS is set; torch's count restored afterwards, also after an error."""
