@@ -6,10 +6,11 @@ the chosen ``beacon_{q,k,v,o}_proj`` of every layer, either as full matrices or,
 ``rank > 0``, as low-rank deltas from the layer's *base* projection (LoRA-style:
 ``W_beacon = W_base + B @ A`` with ``B = 0`` at the start, so training starts exactly at the
 documented initialisation "beacon projection = copy of the base projection", and the saved result
-is small). Optionally a *reader* too (``reader_rank``, :func:`install_reader`): low-rank maps
-that change how raw tokens query and read the condensed memory (:mod:`beacon_ops.memory_reading`),
-zero at the start, unused by every input of at most one window. A low-rank delta replaces whatever beacon matrix was loaded (it is a delta from the
-base projection, not from a released beacon checkpoint).
+is small). A low-rank delta replaces whatever beacon matrix was loaded (it is a delta from the
+base projection, not from a released beacon checkpoint). Optionally a *reader* too
+(``reader_rank``, :func:`install_reader`): low-rank maps that change how raw tokens query and
+read the condensed memory (:mod:`beacon_ops.memory_reading`), zero at the start, unused by every
+input of at most one window.
 
 The adapter file (safetensors) holds only the trained tensors under their model names, e.g.
 ``model.layers.3.self_attn.beacon_q_proj.lora_A``, with the settings as JSON in the metadata
@@ -29,8 +30,8 @@ from torch import Tensor, nn
 
 from .llama import BEACON_PROJS, Llama
 
-__all__ = ["LowRankDelta", "LowRankMap", "install_reader", "make_beacon_trainable", "adapter_tensors", "save_beacon_adapter",
-           "load_beacon_adapter", "load_adapter_into_higher_rank", "read_adapter_config",
+__all__ = ["LowRankDelta", "LowRankMap", "install_reader", "make_beacon_trainable", "adapter_tensors",
+           "save_beacon_adapter", "load_beacon_adapter", "load_adapter_into_higher_rank", "read_adapter_config",
            "METADATA_KEY"]
 
 METADATA_KEY = "beacon_ops_adapter"
