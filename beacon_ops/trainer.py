@@ -86,6 +86,7 @@ class TrainConfig:
     params: tuple[str, ...] = BEACON_PROJS
     rank: int = 0                     # 0: full beacon matrices; > 0: low-rank deltas
     reader_rank: int = 0              # > 0: a reader of this rank (beacon_ops.memory_reading) trained too
+    reader_lr: float | None = None    # the reader's peak learning rate (None: lr)
     ratios: tuple[int, ...] = STEP_RANDOM_RATIOS
     ratio_seed: int = 42
     seed: int = 42
@@ -138,8 +139,15 @@ class Trainer:
                                                reader_rank=config.reader_rank)
         if config.autocast:  # the frozen base once in the autocast dtype, not cast per matmul
             cast_frozen_projections(model, getattr(torch, config.autocast))
-        self.opt = torch.optim.AdamW([p for _, p in self.trainable], lr=config.lr,
-                                     weight_decay=config.weight_decay)
+        # two groups when a reader has its own rate (a reader starts at zero; the beacon side may
+        # continue a trained adapter at a lower rate)
+        reader = [p for n, p in self.trainable if ".beacon_reader_" in n]
+        groups = [{"params": [p for n, p in self.trainable if ".beacon_reader_" not in n]}]
+        if reader and config.reader_lr is not None:
+            groups.append({"params": reader})
+        else:
+            groups[0]["params"] += reader
+        self.opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = StepRandomRatios(config.ratios, config.ratio_seed, model.beacon.stride)
         self.dist.broadcast_([p for _, p in self.trainable])   # every rank starts from rank 0's
         self.step = 0
@@ -157,9 +165,10 @@ class Trainer:
         """
         c, model, d = self.config, self.model, self.dist
         t0 = time.perf_counter()
-        lr = c.lr * lr_factor(self.step, c.warmup, c.steps)
-        for grp in self.opt.param_groups:
-            grp["lr"] = lr
+        factor = lr_factor(self.step, c.warmup, c.steps)
+        lr = c.lr * factor
+        for i, grp in enumerate(self.opt.param_groups):  # group 1: the reader at its own rate
+            grp["lr"] = lr if i == 0 else c.reader_lr * factor
         size, first = c.batch_size, self.step * c.batch_size
         mine = [(i, *self._batch(first + i)) for i in d.shard(size)]
         lengths = dict(kv for part in d.all_gather([(i, len(ids)) for i, ids, _, _ in mine]) for kv in part)

@@ -249,9 +249,12 @@ def test_train_with_a_reader(tmp_path, capsys):
             "--rank", "2"]
     plain, reader = str(tmp_path / "plain.safetensors"), str(tmp_path / "reader.safetensors")
     assert run_cli(base + ["--out", plain], capsys)[0] == 0
-    assert run_cli(base + ["--reader-rank", "2", "--init", plain, "--out", reader], capsys)[0] == 0
+    assert run_cli(base + ["--reader-rank", "2", "--reader-lr", "1e-3", "--init", plain, "--out", reader],
+                   capsys)[0] == 0
     assert read_adapter_config(reader)["reader_rank"] == 2
+    assert read_adapter_config(reader)["train"]["reader_lr"] == 1e-3
     assert_usage_error(base + ["--resume", reader], capsys, "--resume", "reader_rank=2")
+    assert_usage_error(base + ["--reader-lr", "1e-3"], capsys, "--reader-lr", "--reader-rank")
 
 
 def test_commands_take_one_thread_on_a_busy_cpu(monkeypatch, capsys) -> None:

@@ -163,6 +163,19 @@ def test_reader_gradients_and_training(tmp_path) -> None:
         trainer(0).resume(path)
 
 
+def test_reader_has_its_own_learning_rate() -> None:
+    """--reader-lr: the reader's factors in a second optimizer group at that rate (the same
+    warm-up and decay), the beacon side at --lr."""
+    docs = [torch.randint(0, 101, (400,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(2)]
+    cfg = TrainConfig(steps=4, lr=1e-3, warmup=2, rank=2, reader_rank=2, reader_lr=5e-3, ratios=(4,),
+                      checkpoint=None)
+    tr = Trainer(tiny_model(window=16), cfg, TextSampler(docs, 40, 90, seed=1))
+    beacon_group, reader_group = tr.opt.param_groups
+    assert {id(p) for p in reader_group["params"]} == {id(p) for n, p in tr.trainable if "beacon_reader" in n}
+    tr.train_step()
+    assert beacon_group["lr"] == pytest.approx(1e-3 / 2) and reader_group["lr"] == pytest.approx(5e-3 / 2)
+
+
 @pytest.mark.parametrize("attention", ["op", "masked"])
 def test_reader_gradients_match_finite_differences(attention: str) -> None:
     """Gradients of the training loss for the reader's factors, and for the beacon parameters

@@ -120,6 +120,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reader-rank", type=int_at_least(0), default=0,
                    help="also train a reader of this rank: low-rank deltas on how raw tokens query and read "
                    "the condensed memory (0: none; inputs of one window never use it)")
+    p.add_argument("--reader-lr", type=float, default=None,
+                   help="the reader's peak learning rate (default: --lr's)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 5e-5 for full matrices, the paper's; 1e-3 low-rank)")
     p.add_argument("--warmup", type=int_at_least(0), default=None, help="warm-up steps (default 5%% of --steps)")
@@ -186,6 +188,9 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     say = print if dist.is_main else (lambda *a, **k: None)
     if args.adapt_context is not None and args.adapt_context <= args.window:
         raise UsageError("--adapt-context", f"must exceed --window ({args.window}), got {args.adapt_context}")
+    if args.reader_lr is not None and (not args.reader_rank or not args.reader_lr > 0):
+        raise UsageError("--reader-lr", f"must be > 0 and comes with --reader-rank, got {args.reader_lr}"
+                         f" with --reader-rank {args.reader_rank}")
     beacon = BeaconConfig(window=args.window, mode=args.mode, adapt_context=args.adapt_context)
     if args.tiny:
         model, tok, name = tiny_random_llama(beacon).to(device), ByteTokenizer(), "tiny random Llama"
@@ -217,7 +222,7 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     cfg = TrainConfig(steps=args.steps, lr=args.lr or (1e-3 if args.rank else 5e-5),
                       warmup=args.warmup if args.warmup is not None else max(1, args.steps // 20),
                       weight_decay=args.weight_decay, clip=args.clip, params=params, rank=args.rank,
-                      reader_rank=args.reader_rank,
+                      reader_rank=args.reader_rank, reader_lr=args.reader_lr,
                       ratios=ratios, seed=args.seed,
                       checkpoint=None if args.checkpoint == "none" else args.checkpoint,
                       autocast=None if dtype == "float32" else dtype, attention=args.attention,
