@@ -400,8 +400,9 @@ class CondensedKVCache:
             win_lse.append(torch.where(torch.isinf(lse), float("-inf"), lse))  # the op: +inf = saw nothing
         for b in range(self.batch_size):
             m, qm = self.host_mem_len[b], q_memory[cu[b]:cu[b + 1]]
-            visible = torch.ones(len(qm), m, dtype=torch.bool, device=self.device)
+            visible = None  # every row sees the memory, unless the mask kind hides it from beacons
             if not see and plan.num_beacons[b]:
+                visible = torch.ones(len(qm), m, dtype=torch.bool, device=self.device)
                 visible[len(qm) - plan.num_beacons[b]:] = False
             o, lse = dense_attention(qm, self.k[layer][b, :, :m], self.v[layer][b, :, :m], scale, visible)
             mem_out.append(o)

@@ -19,7 +19,7 @@ generation and the loss are in :mod:`beacon_ops.generation`; checkpoints in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -141,6 +141,7 @@ class _Rows:
 
     runs: list[tuple[int, int, bool]]
     _index: tuple[Tensor, Tensor] | None = None
+    _raw_mask: dict[tuple[torch.dtype, torch.device], Tensor] = field(default_factory=dict)
 
     MAX_SLICED_RUNS = 8
 
@@ -163,12 +164,16 @@ class _Rows:
         return self._index
 
     def raw_mask(self, like: Tensor) -> Tensor:
-        """``[rows, 1]`` of ``like``'s dtype and device: 1 on raw rows, 0 on beacon rows."""
-        m = torch.ones(like.shape[0], 1, dtype=like.dtype, device=like.device)
-        for s, e, b in self.runs:
-            if b:
-                m[s:e] = 0
-        return m
+        """``[rows, 1]`` of ``like``'s dtype and device: 1 on raw rows, 0 on beacon rows (built once
+        a step, not once a layer)."""
+        key = (like.dtype, like.device)
+        if key not in self._raw_mask:
+            m = torch.ones(like.shape[0], 1, dtype=like.dtype, device=like.device)
+            for s, e, b in self.runs:
+                if b:
+                    m[s:e] = 0
+            self._raw_mask[key] = m
+        return self._raw_mask[key]
 
     def raw(self, h: Tensor) -> Tensor:
         """``h``'s raw rows, in order."""

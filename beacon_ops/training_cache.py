@@ -216,18 +216,21 @@ class TrainingKVCache:
         _, _, keys, vals = plan.new[layer]
         q = q.to(vals.dtype)
         if plan.mask is None:
-            dev, n = q.device, q.shape[0]
-
-            def i32(x: int) -> Tensor:
-                return torch.tensor([x], dtype=torch.int32, device=dev)
-
-            return beacon_attention(q.contiguous(), keys.unsqueeze(0), vals.unsqueeze(0), plan.cu_seqlens,
-                                    i32(plan.mem_len), i32(plan.raw_len), i32(plan.beacon_len),
-                                    i32(plan.ratio), max_seqlen_q=n, mode=self.mode,
-                                    attend_previous=self.attend_previous)
+            return self._op_attention(q, keys, vals, plan, plan.mem_len)
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], vals[None],
                                              attn_mask=plan.mask, enable_gqa=True)[0].transpose(0, 1)
         return out, None
+
+    def _op_attention(self, q: Tensor, keys: Tensor, vals: Tensor, plan: TrainingStepPlan,
+                      mem_len: int) -> tuple[Tensor, Tensor]:
+        """``beacon_attention`` of the step's queries over ``keys`` / ``vals`` ``[kv_heads, mem_len
+        + R + B, head_dim]`` with the plan's lengths."""
+        def i32(x: int) -> Tensor:
+            return torch.tensor([x], dtype=torch.int32, device=q.device)
+
+        return beacon_attention(q.contiguous(), keys.unsqueeze(0), vals.unsqueeze(0), plan.cu_seqlens,
+                                i32(mem_len), i32(plan.raw_len), i32(plan.beacon_len), i32(plan.ratio),
+                                max_seqlen_q=q.shape[0], mode=self.mode, attend_previous=self.attend_previous)
 
     def attention_parts(self, layer: int, q: Tensor, q_memory: Tensor, plan: StepPlan
                         ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
@@ -242,18 +245,12 @@ class TrainingKVCache:
         q_memory = self.rotate_queries(q_memory, plan).to(vals.dtype)
         scale = q.shape[-1] ** -0.5
         n = q.shape[0]
-        if plan.mask is None:
-            dev = q.device
-
-            def i32(x: int) -> Tensor:
-                return torch.tensor([x], dtype=torch.int32, device=dev)
-
-            out_w, lse_w = beacon_attention(q, keys[:, m:].unsqueeze(0), vals[:, m:].unsqueeze(0), plan.cu_seqlens,
-                                            i32(0), i32(plan.raw_len), i32(plan.beacon_len), i32(plan.ratio),
-                                            max_seqlen_q=n, mode=self.mode, attend_previous=self.attend_previous)
+        if plan.mask is None:  # the op over the window's keys alone (the cache sliced at the memory)
+            out_w, lse_w = self._op_attention(q, keys[:, m:], vals[:, m:], plan, 0)
             lse_w = torch.where(torch.isinf(lse_w), float("-inf"), lse_w)  # the op: +inf = saw nothing
-            visible = torch.ones(n, m, dtype=torch.bool, device=dev)
+            visible = None  # every row sees the memory, unless the mask kind hides it from beacons
             if not beacons_see_memory(self.mode, self.attend_previous) and plan.beacon_len:
+                visible = torch.ones(n, m, dtype=torch.bool, device=q.device)
                 visible[n - plan.beacon_len:] = False
         else:
             out_w, lse_w = dense_attention(q, keys[:, m:], vals[:, m:], scale, plan.mask[:, m:])

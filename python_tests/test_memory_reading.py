@@ -69,9 +69,9 @@ def _with_reader(model, rank: int = 3, seed: int = 5, scale: float = 1.5):
     return model
 
 
-def _inference_loss(model, ids) -> float:
+def _inference_loss(model, ids, labels=None) -> float:
     with torch.no_grad():
-        out = sequence_loss(model, [ids], progress=False)
+        out = sequence_loss(model, [ids], None if labels is None else [labels], progress=False)
     model.reset()
     return float(out)
 
@@ -192,11 +192,4 @@ def test_reader_gradients_match_finite_differences(attention: str) -> None:
     groups = ["model.layers.1.self_attn.beacon_reader_q.lora_B", "model.layers.1.self_attn.beacon_reader_q.lora_A",
               "model.layers.0.self_attn.beacon_reader_o.lora_B", "model.layers.1.self_attn.beacon_reader_o.lora_A",
               "model.layers.0.self_attn.beacon_k_proj.weight", "model.beacon_embed_tokens.weight"]
-    check_gradient_by_finite_differences(m, groups, lambda: _labelled_loss(m, ids, labels))
-
-
-def _labelled_loss(model, ids, labels) -> float:
-    with torch.no_grad():
-        out = sequence_loss(model, [ids], [labels], progress=False)
-    model.reset()
-    return float(out)
+    check_gradient_by_finite_differences(m, groups, lambda: _inference_loss(m, ids, labels))
