@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .llama import BEACON_PROJS, Llama
+from .llama import BEACON_PROJS, BeaconConfig, Llama
 
 __all__ = ["LowRankDelta", "LowRankMap", "install_reader", "make_beacon_trainable", "adapter_tensors",
            "save_beacon_adapter", "load_beacon_adapter", "load_adapter_into_higher_rank", "read_adapter_config",
+           "adapter_layout", "adapter_beacon_config",
            "METADATA_KEY"]
 
 METADATA_KEY = "beacon_ops_adapter"
@@ -221,6 +222,22 @@ def read_adapter_config(path: str) -> dict[str, Any]:
     if METADATA_KEY not in meta:
         raise ValueError(f"{path!r} is not a beacon_ops adapter (no {METADATA_KEY!r} metadata)")
     return json.loads(meta[METADATA_KEY])
+
+
+def adapter_layout(config: dict[str, Any]) -> dict[str, Any]:
+    """The beacon layout (:meth:`BeaconConfig.layout`) an adapter was trained with, from its
+    settings (:func:`read_adapter_config`). Adapters written before the layout was stored name
+    only the mode and ``attend_previous``: the rest is the default (v1, appended beacons, no sink)."""
+    return {k: config.get(k, v) for k, v in BeaconConfig().layout().items()}
+
+
+def adapter_beacon_config(config: dict[str, Any], **overrides: Any) -> BeaconConfig:
+    """The :class:`BeaconConfig` an adapter was trained for, from its settings
+    (:func:`read_adapter_config`): its window, stride, layout (:func:`adapter_layout`) and the
+    context adapt-N plans for; ``overrides`` (e.g. ``ratio=8``) replace any of them."""
+    settings = {"window": int(config["window"]), "stride": config.get("stride"),
+                "adapt_context": config.get("adapt_context"), **adapter_layout(config)}
+    return BeaconConfig(**{**settings, **overrides})
 
 
 def load_beacon_adapter(model: Llama, path: str, *, trainable: bool = False) -> dict[str, Any]:

@@ -13,9 +13,13 @@ from .kv_cache import check_ratio
 from .positions import check_mode
 from .variants import check_variant, mask_kind
 
-__all__ = ["BeaconConfig", "BEACON_PROJS"]
+__all__ = ["BeaconConfig", "BEACON_PROJS", "LAYOUT_FIELDS"]
 
 BEACON_PROJS = ("q", "k", "v", "o")
+
+
+# The fields of BeaconConfig that trained beacon parameters depend on (BeaconConfig.layout).
+LAYOUT_FIELDS = ("mode", "attend_previous", "variant", "placement", "sink_size", "sink_recapture")
 
 
 @dataclass
@@ -106,6 +110,24 @@ class BeaconConfig:
                    placement=config.get("beacon_pos", "interleave") if newer else "append",
                    sink_size=int(config.get("beacon_sink_size", 0)),
                    sink_recapture=newer and int(config.get("beacon_sink_size", 0)) == 1)
+
+    def layout(self) -> dict[str, Any]:
+        """The settings that fix how beacons are placed, masked and positioned (mode,
+        ``attend_previous``, variant, placement, sink): what trained beacon parameters depend on,
+        stored in an adapter and taken by the commands that load it (:data:`LAYOUT_FIELDS`)."""
+        return {k: getattr(self, k) for k in LAYOUT_FIELDS}
+
+    def layout_text(self) -> str:
+        """The layout in a few words, e.g. ``"mode step-expansion"`` or ``"mode full-coverage,
+        interleaved beacons, sink 1 (v3)"``."""
+        parts = [f"mode {self.mode}"]
+        if not self.attend_previous:
+            parts.append("no attend-previous")
+        if self.placement == "interleave":
+            parts.append("interleaved beacons")
+        if self.sink_size:
+            parts.append(f"sink {self.sink_size}")
+        return ", ".join(parts) + (f" ({self.variant})" if self.variant != "v1" else "")
 
     @property
     def attention_mask_kind(self) -> tuple[str, bool]:

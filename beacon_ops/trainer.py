@@ -30,8 +30,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .adapter import (cast_frozen_projections, load_adapter_into_higher_rank, load_beacon_adapter,
-                      make_beacon_trainable, read_adapter_config, save_beacon_adapter)
+from .adapter import (adapter_layout, cast_frozen_projections, load_adapter_into_higher_rank,
+                      load_beacon_adapter, make_beacon_trainable, read_adapter_config, save_beacon_adapter)
 from .distributed import Distributed
 from .llama import BEACON_PROJS, Llama
 from .long_tasks import Sample, kjv_text, shakespeare_files
@@ -265,8 +265,7 @@ class Trainer:
         c, b = self.config, self.model.beacon
         return {**self.meta, "format": 1, "params": list(c.params), "rank": c.rank,
                 **({"reader_rank": c.reader_rank} if c.reader_rank else {}),
-                "window": b.window, "stride": b.stride, "mode": b.mode,
-                "attend_previous": b.attend_previous, "step": self.step,
+                "window": b.window, "stride": b.stride, **b.layout(), "step": self.step,
                 **({"adapt_context": b.adapt_context} if b.adapt_context is not None else {}),
                 "train": {k: (list(v) if isinstance(v, tuple) else v)
                           for k, v in vars(c).items()}}
@@ -304,7 +303,8 @@ class Trainer:
         """Start this run from the weights of an adapter (e.g. one trained on language modelling):
         its tensors are copied in, the optimizer and step stay fresh. The adapter must have this
         run's projections and window, and its rank, or for low-rank runs a lower one (grown: the
-        added rank starts at zero, so step 0 computes what the adapter did). Every rank reads the
+        added rank starts at zero, so step 0 computes what the adapter did). Its beacon layout may
+        differ from the run's (a warm start for another mode or placement). Every rank reads the
         same file."""
         cfg = self._adapter_config_for_this_run(path, "--init", lower_rank=True)
         r = int(cfg["rank"])
@@ -326,6 +326,12 @@ class Trainer:
         The world size may differ from the saving run's; the batch size may not (it fixes which
         samples a step reads)."""
         cfg = self._adapter_config_for_this_run(path, "--resume")
+        saved, run = adapter_layout(cfg), self.model.beacon.layout()
+        if saved != run:
+            differ = ", ".join(f"{k}={saved[k]!r}" for k in saved if saved[k] != run[k])
+            raise ValueError(f"--resume: the adapter was trained with {differ}, this run asks for "
+                             + ", ".join(f"{k}={run[k]!r}" for k in saved if saved[k] != run[k])
+                             + " (--mode, --placement and --sink must stay the same)")
         saved_batch = int(cfg.get("train", {}).get("batch_size", 1))
         if saved_batch != self.config.batch_size:
             raise ValueError(f"--resume: the run was trained with batch size {saved_batch}, this one asks "

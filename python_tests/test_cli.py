@@ -257,6 +257,45 @@ def test_train_with_a_reader(tmp_path, capsys):
     assert_usage_error(base + ["--reader-lr", "1e-3"], capsys, "--reader-lr", "--reader-rank")
 
 
+def test_the_beacon_layout_travels_with_the_adapter(tmp_path, capsys):
+    """train --placement interleave --mode full-coverage --sink 1 stores that layout (variant v3)
+    in the adapter; the commands that load it read with it unless --mode says otherwise (a mode
+    the layout does not allow is one line naming --mode); --resume asks for the same layout,
+    --init may change it; a bad combination names its flag."""
+    import argparse
+
+    from beacon_ops.adapter import adapter_layout, read_adapter_config
+    from beacon_ops.commands.common import UsageError, beacon_config
+
+    base = ["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len", "140",
+            "--rank", "2"]
+    out = str(tmp_path / "interleaved.safetensors")
+    code, printed, _ = run_cli(base + ["--placement", "interleave", "--mode", "full-coverage", "--sink", "1",
+                                       "--out", out], capsys)
+    assert code == 0 and "mode full-coverage, interleaved beacons, sink 1 (v3)" in printed
+    cfg = read_adapter_config(out)
+    assert (cfg["variant"], cfg["placement"], cfg["mode"], cfg["sink_size"]) == ("v3", "interleave",
+                                                                                 "full-coverage", 1)
+    args = argparse.Namespace(adapter=out, window=None, stride=None, ratio=None, mode=None, model=None,
+                              default_window=1024)
+    b = beacon_config(args)
+    assert (b.variant, b.placement, b.mode, b.sink_size, b.window) == ("v3", "interleave", "full-coverage", 1, 64)
+    args.mode = "step-expansion"
+    with pytest.raises(UsageError) as e:
+        beacon_config(args)
+    assert e.value.flag == "--mode" and "interleave" in str(e.value)
+    # adapters written before the layout was stored: the paper's layout
+    assert adapter_layout({"mode": "full-coverage"}) == {
+        "mode": "full-coverage", "attend_previous": True, "variant": "v1", "placement": "append",
+        "sink_size": 0, "sink_recapture": False}
+    assert_usage_error(base + ["--resume", out], capsys, "--resume", "placement='interleave'", "--placement")
+    assert run_cli(base + ["--init", out, "--out", str(tmp_path / "appended.safetensors")], capsys)[0] == 0
+    assert read_adapter_config(str(tmp_path / "appended.safetensors"))["placement"] == "append"
+    assert_usage_error(base + ["--placement", "interleave"], capsys, "--mode", "full-coverage")
+    assert_usage_error(base + ["--variant", "v1", "--sink", "1"], capsys, "--variant", "v3")
+    assert_usage_error(base + ["--sink", "64"], capsys, "--sink", "smaller than the window")
+
+
 def test_commands_take_one_thread_on_a_busy_cpu(monkeypatch, capsys) -> None:
     """one_thread_when_busy: one thread (said so) when the load average reaches the CPU count,
     unless OMP_NUM_THREADS is set; torch's count restored afterwards, also after an error."""

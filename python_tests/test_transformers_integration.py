@@ -144,6 +144,29 @@ def test_adapter_loads_into_the_wrapper(tmp_path):
     assert max_diff(prefill(wrapped, [x], logits="all")[0], prefill(ours, [x], logits="all")[0]) <= 1e-5
 
 
+def test_the_adapter_brings_its_beacon_settings(tmp_path):
+    """Without a BeaconConfig, from_transformers reads with the window and layout the adapter was
+    trained for (here the newer code's interleaved beacons), and computes what our own model does."""
+    import dataclasses
+
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path / "hf")
+    beacon = BeaconConfig(window=16, mode="full-coverage", variant="v3", placement="interleave", sink_size=1)
+    ours = load_llama(str(tmp_path / "hf"), beacon).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "beacon" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    path = str(tmp_path / "adapter.safetensors")
+    save_beacon_adapter(ours, path, {"params": ["q", "k", "v", "o"], "rank": 0, "window": 16, "stride": 16,
+                                     **beacon.layout()})
+    wrapped = from_transformers(hf, adapter=path)
+    assert wrapped.beacon == beacon
+    ours.beacon = wrapped.beacon = dataclasses.replace(beacon, ratio=2)
+    x = ids(70, seed=4)
+    assert max_diff(prefill(wrapped, [x], logits="all")[0], prefill(ours, [x], logits="all")[0]) <= 1e-5
+
+
 def test_bad_models_are_named():
     with pytest.raises(TypeError, match="hf_model"):
         from_transformers(torch.nn.Linear(2, 2))

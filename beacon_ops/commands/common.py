@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from .. import checkpoints
-from ..adapter import read_adapter_config, shipped_adapter_path
+from ..adapter import adapter_layout, read_adapter_config, shipped_adapter_path
 from ..benchmarks.common import busy_machine_threads
 from ..checkpoints import LoadedModel, load_model
 from ..kv_cache import check_ratio
@@ -142,7 +142,9 @@ def add_model_args(p: argparse.ArgumentParser, window: int = 1024) -> None:
     p.add_argument("--stride", type=int_at_least(1), default=None, help="beacon stride S, 1..W (default W)")
     p.add_argument("--ratio", type=int_at_least(0), default=None,
                    help="fixed condensing ratio, 0 or a divisor of S (default adapt-N)")
-    p.add_argument("--mode", default="step-expansion", choices=list(MODES))
+    p.add_argument("--mode", default=None, choices=list(MODES),
+                   help="beacon mode (default: the adapter's, else step-expansion; the adapter's "
+                   "placement and sink come with it)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--full-max", type=int_at_least(0), default=None,
@@ -184,12 +186,22 @@ def beacon_config(args: argparse.Namespace, window: int | None = None) -> Beacon
             check_ratio(args.ratio, stride)
         except ValueError:
             raise UsageError("--ratio", f"must be 0 or a divisor of the stride {stride}, got {args.ratio}") from None
+    adapter = read_adapter_config(args.adapter) if args.adapter else {}
     # An adapter trained on short memories says how long a context adapt-N may plan for.
-    adapt_context = read_adapter_config(args.adapter).get("adapt_context") if args.adapter else None
+    adapt_context = adapter.get("adapt_context")
     if adapt_context is not None and adapt_context <= window:
         adapt_context = None  # trained for a larger window than this run's: the model's context
-    return BeaconConfig(window=window, stride=args.stride, ratio=args.ratio, mode=args.mode,
-                        adapt_context=adapt_context)
+    # The beacons are read in the layout they were trained in, unless --mode says otherwise.
+    layout = adapter_layout(adapter) if args.adapter else {}
+    if args.mode is not None:
+        layout["mode"] = args.mode
+    try:
+        return BeaconConfig(window=window, stride=args.stride, ratio=args.ratio,
+                            adapt_context=adapt_context, **layout)
+    except ValueError as e:  # e.g. --mode step-expansion for an adapter of interleaved beacons
+        msg = str(e)
+        raise UsageError("--stride" if msg.startswith("stride=") else
+                         "--mode" if args.mode is not None else "--adapter", msg) from None
 
 
 def load_model_for(args: argparse.Namespace, beacon: BeaconConfig, dtype: torch.dtype) -> LoadedModel:

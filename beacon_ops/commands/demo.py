@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     ids = passkey_prompt(lm.tokenizer, tokens, args.key, args.depth)
     print(f"model: {lm.name} ({c.num_layers} layers, context {c.max_position_embeddings}); prompt: "
           f"{len(ids)} tokens, pass key {args.key} at depth {args.depth}; beacon window "
-          f"{b.window}, stride {b.stride}, mode {b.mode}, "
+          f"{b.window}, stride {b.stride}, {b.layout_text()}, "
           f"ratio {ratio_for_length(lm.model, len(ids))}"
           f"{adapt_n_note(b) if b.ratio is None else ' (fixed)'}; "
           f"adapter: {lm.adapter or 'none (untrained beacons)'}")

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     b = lm.model.beacon
     ratios = ", ".join(f"{n} -> r = {ratio_for_length(lm.model, n)}" for n in args.lengths)
     print(f"model: {lm.name}; adapter: {lm.adapter or 'none (untrained beacons)'}; window {b.window}, "
-          f"mode {b.mode}; ratio {'adapt-N: ' + ratios if b.ratio is None else b.ratio}", flush=True)
+          f"{b.layout_text()}; ratio {'adapt-N: ' + ratios if b.ratio is None else b.ratio}", flush=True)
     results = passkey_grid(models, lm.tokenizer, args.lengths, args.depths, seed=args.seed,
                            keys=args.keys, max_tokens={"full": full_max})
     print()

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     full_max, why = full_attention_limit(args, lm.model.config.max_position_embeddings)
     end = lengths[-1]
     print(f"model: {lm.name}; text: {path} ({len(ids)} tokens); scoring tokens "
-          f"[{end - args.targets}, {end}) at every length; window {args.window}")
+          f"[{end - args.targets}, {end}) at every length; window {args.window}, "
+          f"{lm.model.beacon.layout_text()}")
     rows = []
     for L in lengths:
         x = torch.tensor(ids[end - L:end])
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if "full" in kinds and any(r.get("full") is None for r in rows):
         print(f"(full attention skipped past {full_max} tokens, {why}; --full-max N sets the limit)")
     write_json({"model": lm.name, "text": path, "targets": args.targets, "window": args.window,
-                "stride": args.stride or args.window, "mode": args.mode, "fixed_ratio": args.ratio,
+                "stride": args.stride or args.window, "mode": lm.model.beacon.mode, "fixed_ratio": args.ratio,
                 "full_max": args.full_max, "rows": rows}, args.json)
     return 0
 

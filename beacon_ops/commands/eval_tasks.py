@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
                               filler_share=args.filler_share, kinds=args.tasks, seed=args.seed)
     b = lm.model.beacon
     print(f"model: {lm.name}; adapter: {lm.adapter or 'none (untrained beacons)'}; attention "
-          f"{args.attention}; window {w}, ratio {'adapt-N' if b.ratio is None else b.ratio}; "
+          f"{args.attention}; window {w}, {b.layout_text()}, "
+          f"ratio {'adapt-N' if b.ratio is None else b.ratio}; "
           f"{args.samples} samples of {lo}-{hi} tokens, tasks {','.join(args.tasks)}", flush=True)
     results = task_answers(lm.model, lm.tokenizer, sampler, args.samples, window=w,
                            attention=args.attention)

@@ -27,6 +27,7 @@ from ..checkpoints import ByteTokenizer, load_model, tiny_random_llama
 from ..distributed import Distributed, init_from_env
 from ..llama import BEACON_PROJS, BeaconConfig
 from ..positions import MODES
+from ..variants import PLACEMENTS, VARIANTS
 from ..long_tasks import TASK_KINDS, LongTaskMixture, memory_probe_samples, public_domain_texts
 from ..trainer import TrainConfig, Trainer
 from ..training import STEP_RANDOM_RATIOS
@@ -107,6 +108,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int_at_least(0), default=0, help="also save every N steps")
     p.add_argument("--window", type=int_at_least(1), default=1024)
     p.add_argument("--mode", default="step-expansion", choices=list(MODES))
+    p.add_argument("--placement", default="append", choices=list(PLACEMENTS),
+                   help="where a window's beacons go: after its raw tokens (the paper's) or one after "
+                   "every r-th raw token (the newer code's released recipe, with --mode full-coverage); "
+                   "interleave implies --variant v3")
+    p.add_argument("--sink", type=int_at_least(0), default=0, metavar="N",
+                   help="sink tokens: the first N tokens' keys kept in front of the memory (implies "
+                   "--variant v3; the released Llama-3 model uses 1)")
+    p.add_argument("--variant", default=None, choices=list(VARIANTS),
+                   help="the beacon rules: v1 the paper's, v3 the newer code's (default v1, v3 with "
+                   "interleaved beacons or a sink); stored in the adapter with the mode, placement and "
+                   "sink, and the commands that load it use them")
     p.add_argument("--adapt-context", type=int_at_least(2), default=None, metavar="TOKENS",
                    help="stored in the adapter: the context adapt-N plans for when it is loaded (memory "
                    "+ window positions; default: the model's trained context). An adapter trained on "
@@ -191,7 +203,15 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     if args.reader_lr is not None and (not args.reader_rank or not args.reader_lr > 0):
         raise UsageError("--reader-lr", f"must be > 0 and comes with --reader-rank, got {args.reader_lr}"
                          f" with --reader-rank {args.reader_rank}")
-    beacon = BeaconConfig(window=args.window, mode=args.mode, adapt_context=args.adapt_context)
+    variant = args.variant or ("v3" if args.placement == "interleave" or args.sink else "v1")
+    try:
+        beacon = BeaconConfig(window=args.window, mode=args.mode, adapt_context=args.adapt_context,
+                              variant=variant, placement=args.placement, sink_size=args.sink)
+    except ValueError as e:
+        msg = str(e)  # check_variant's messages begin with the setting they blame
+        flag = ("--variant" if "needs variant" in msg else "--mode" if msg.startswith("mode=")
+                else "--sink" if msg.startswith("sink_size=") else "--placement")
+        raise UsageError(flag, msg) from None
     if args.tiny:
         model, tok, name = tiny_random_llama(beacon).to(device), ByteTokenizer(), "tiny random Llama"
     else:
@@ -240,7 +260,7 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
         raise UsageError(flag, str(e).removeprefix(flag + ": ")) from None
     n_train = sum(p.numel() for _, p in trainer.trainable)
     say(f"model: {name}; texts: {len(texts)} files, {sampler.num_tokens} tokens; samples "
-          f"{args.min_len}-{args.max_len}; window {args.window}; trainable {n_train} parameters "
+          f"{args.min_len}-{args.max_len}; window {args.window}, {beacon.layout_text()}; trainable {n_train} parameters "
           f"({'rank ' + str(args.rank) if args.rank else 'full'} {','.join(params)}"
           f"{'; reader rank ' + str(args.reader_rank) if args.reader_rank else ''}); lr {cfg.lr}; "
           f"autocast {cfg.autocast}; language modelling {args.lm_share:.0%}, tasks "

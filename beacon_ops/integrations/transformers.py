@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter import load_beacon_adapter
+from ..adapter import adapter_beacon_config, load_beacon_adapter, read_adapter_config
 from ..checkpoints import config_from_hf, initial_beacon_embedding
 from ..llama import BEACON_PROJS, BeaconConfig, Llama, rope_inv_freq
 
@@ -50,7 +50,9 @@ def from_transformers(hf_model: Any, beacon: BeaconConfig | None = None, *,
     Args:
         hf_model: a loaded ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``
             (any dtype and device; the beacon parameters follow them).
-        beacon: window, stride, ratio, ... (default :class:`~beacon_ops.llama.BeaconConfig()`).
+        beacon: window, stride, ratio, ... (default: with ``adapter``, the settings it was trained
+            for, :func:`~beacon_ops.adapter.adapter_beacon_config`; else
+            :class:`~beacon_ops.llama.BeaconConfig()`).
         adapter: a beacon adapter file to load over the initial beacon parameters.
 
     Raises ``TypeError`` for another kind of model and ``ValueError`` for a config this package
@@ -60,6 +62,8 @@ def from_transformers(hf_model: Any, beacon: BeaconConfig | None = None, *,
     if name not in SUPPORTED:
         raise TypeError(f"hf_model: expected one of {SUPPORTED}, got {name}")
     config = config_from_hf(hf_model.config.to_dict())
+    if beacon is None and adapter:
+        beacon = adapter_beacon_config(read_adapter_config(adapter))
     with torch.device("meta"):  # placeholders only: every module below is replaced
         model = Llama(config, beacon)
     hf = hf_model.model
