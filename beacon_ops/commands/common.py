@@ -191,8 +191,9 @@ def beacon_config(args: argparse.Namespace, window: int | None = None) -> Beacon
     adapt_context = adapter.get("adapt_context")
     if adapt_context is not None and adapt_context <= window:
         adapt_context = None  # trained for a larger window than this run's: the model's context
-    # The beacons are read in the layout they were trained in, unless --mode says otherwise.
-    layout = adapter_layout(adapter) if args.adapter else {}
+    # The beacons are read in the layout they were trained in (no adapter: the defaults), unless
+    # --mode says otherwise.
+    layout = adapter_layout(adapter)
     if args.mode is not None:
         layout["mode"] = args.mode
     try:

@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{row['length']:>8} " + " ".join(cells) + (f" {row['ratio']:>7}" if "beacon" in kinds else ""))
     if "full" in kinds and any(r.get("full") is None for r in rows):
         print(f"(full attention skipped past {full_max} tokens, {why}; --full-max N sets the limit)")
-    write_json({"model": lm.name, "text": path, "targets": args.targets, "window": args.window,
-                "stride": args.stride or args.window, "mode": lm.model.beacon.mode, "fixed_ratio": args.ratio,
+    b = lm.model.beacon
+    write_json({"model": lm.name, "text": path, "targets": args.targets, "window": b.window,
+                "stride": b.stride, "mode": b.mode, "fixed_ratio": args.ratio,
                 "full_max": args.full_max, "rows": rows}, args.json)
     return 0
 
