@@ -359,11 +359,14 @@ __attribute__((target("avx512f"))) inline bool softmax_update_lazy_avx512(
   }
   return any_corr;
 }
-// The update for a decode tile of 1, 2 or 4 rows (16 % rows == 0): the scores are one run of
-// n * rows floats in which lane j of every 16-float vector is row j % rows, so the max pass and
-// the exp pass (fast_exp2_16, the sums fused into it) take 16 scores a vector whatever the row
-// count. The AVX2 update took 8 a vector with twice the instructions per exp: ~20% of a bf16
-// decode step's arithmetic (4 rows, perf, AMX Xeon), time in which no cache line is read.
+// The update for a decode tile of 1-7 rows: the scores are one run of n * rows floats, so the max
+// pass and the exp pass (fast_exp2_16, the sums fused into it) take 16 scores a vector whatever
+// the row count. Lane j of the run's vector u is row (16 u + j) % rows, a pattern that repeats
+// every V vectors (V = rows / gcd(16, rows): 1, 3, 5 or 7; 2 where it is 1, for two independent
+// sums): V maxima, V sums and V row patterns of the maxima stay in registers. The AVX2 update took
+// 8 a vector with twice the instructions per exp: ~20% of a bf16 decode step's arithmetic (4 rows,
+// perf, AMX Xeon), time in which no cache line is read.
+template <int V>
 __attribute__((target("avx512f"))) inline void softmax_update_few_avx512(
     float* st, int n, int rows, float* row_max, float* row_sum, float* corr, float* m_blk, float* m_use) {
   constexpr float kLog2e = 1.44269504088896341f;
@@ -371,39 +374,42 @@ __attribute__((target("avx512f"))) inline void softmax_update_few_avx512(
   const int64_t whole = total & ~int64_t{15};
   const __mmask16 tail = static_cast<__mmask16>((1u << (total - whole)) - 1u);
   const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  // Whole periods up to `periods`, then fewer than V vectors (the last one masked where n * rows
+  // is not a multiple of 16): vector u of those at st + periods + 16 u, under mask_of(u).
+  const int64_t periods = whole / (16 * V) * (16 * V);
+  const int n_rest = static_cast<int>((total - periods + 15) / 16);
+  const auto mask_of = [&](int u) { return periods + 16 * u < whole ? __mmask16{0xFFFF} : tail; };
   // max_ps(s, m) is s > m ? s : m (NaN scores ignored), as softmax_max.
-  __m512 mx = neg_inf;
-  for (int64_t i = 0; i < whole; i += 16) mx = _mm512_max_ps(_mm512_loadu_ps(st + i), mx);
-  if (tail) mx = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, tail, st + whole), mx);
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, mx);
+  __m512 mx[V];
+  for (int u = 0; u < V; ++u) mx[u] = neg_inf;
+  for (int64_t i = 0; i < periods; i += 16 * V)
+    for (int u = 0; u < V; ++u) mx[u] = _mm512_max_ps(_mm512_loadu_ps(st + i + 16 * u), mx[u]);
+  for (int u = 0; u < n_rest; ++u)
+    mx[u] = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mask_of(u), st + periods + 16 * u), mx[u]);
+  alignas(64) float lanes[16 * V];
+  for (int u = 0; u < V; ++u) _mm512_store_ps(lanes + 16 * u, mx[u]);
   for (int r = 0; r < rows; ++r) m_blk[r] = kNegInf;
-  for (int j = 0; j < 16; ++j) m_blk[j % rows] = lanes[j] > m_blk[j % rows] ? lanes[j] : m_blk[j % rows];
+  for (int j = 0; j < 16 * V; ++j) m_blk[j % rows] = lanes[j] > m_blk[j % rows] ? lanes[j] : m_blk[j % rows];
   softmax_rescale(rows, row_max, corr, m_blk, m_use);
-  for (int j = 0; j < 16; ++j) lanes[j] = m_use[j % rows] * kLog2e;
-  const __m512 l2e = _mm512_set1_ps(kLog2e), mu = _mm512_load_ps(lanes);
-  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= whole; i += 32) {  // two vectors a step: two independent sums
-    const __m512 p0 = fast_exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(st + i), l2e, mu));
-    const __m512 p1 = fast_exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(st + i + 16), l2e, mu));
-    _mm512_storeu_ps(st + i, p0);
-    _mm512_storeu_ps(st + i + 16, p1);
-    sum0 = _mm512_add_ps(sum0, p0);
-    sum1 = _mm512_add_ps(sum1, p1);
+  __m512 mu[V], sum[V];
+  for (int j = 0; j < 16 * V; ++j) lanes[j] = m_use[j % rows] * kLog2e;
+  for (int u = 0; u < V; ++u) mu[u] = _mm512_load_ps(lanes + 16 * u), sum[u] = _mm512_setzero_ps();
+  const __m512 l2e = _mm512_set1_ps(kLog2e);
+  for (int64_t i = 0; i < periods; i += 16 * V)
+    for (int u = 0; u < V; ++u) {
+      const __m512 p = fast_exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(st + i + 16 * u), l2e, mu[u]));
+      _mm512_storeu_ps(st + i + 16 * u, p);
+      sum[u] = _mm512_add_ps(sum[u], p);
+    }
+  for (int u = 0; u < n_rest; ++u) {
+    const __mmask16 m = mask_of(u);
+    float* x = st + periods + 16 * u;
+    const __m512 p = fast_exp2_16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, x), l2e, mu[u]));
+    _mm512_mask_storeu_ps(x, m, p);
+    sum[u] = _mm512_mask_add_ps(sum[u], m, sum[u], p);
   }
-  if (i < whole) {
-    const __m512 p0 = fast_exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(st + i), l2e, mu));
-    _mm512_storeu_ps(st + i, p0);
-    sum0 = _mm512_add_ps(sum0, p0);
-  }
-  if (tail) {
-    const __m512 p = fast_exp2_16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, st + whole), l2e, mu));
-    _mm512_mask_storeu_ps(st + whole, tail, p);
-    sum1 = _mm512_mask_add_ps(sum1, tail, sum1, p);
-  }
-  _mm512_store_ps(lanes, _mm512_add_ps(sum0, sum1));
-  for (int j = 0; j < 16; ++j) m_blk[j % rows] += lanes[j];  // m_blk: the block's sums (rescale zeroed it)
+  for (int u = 0; u < V; ++u) _mm512_store_ps(lanes + 16 * u, sum[u]);
+  for (int j = 0; j < 16 * V; ++j) m_blk[j % rows] += lanes[j];  // m_blk: the block's sums (rescale zeroed it)
   softmax_end(rows, row_sum, corr, m_blk);
 }
 #pragma GCC diagnostic pop
@@ -414,9 +420,8 @@ inline bool softmax_update(float* st, int n, int rows, float* row_max, float* ro
                            float* corr, float* m_blk, float* m_use,
                            beacon_cpu::BlockPrefetch* pf = nullptr) {
 #ifdef BEACON_CPU_X86
-  // Few rows (decode): 1, 2 or 4 rows with AVX-512 take softmax_update_few_avx512, the others
-  // the AVX2 update at every x86 level: both keep maxima and sums in registers (levels are
-  // ordered, so AVX-512 implies AVX2).
+  // Few rows (decode): softmax_update_few_avx512 with AVX-512, else the AVX2 update: both keep
+  // maxima and sums in registers (levels are ordered, so AVX-512 implies AVX2).
   if (cpu_has(Isa::kAvx512) && rows >= 8) {
     bool lazy = true;
     for (int r = 0; r < rows; ++r) lazy &= row_max[r] != kNegInf;
@@ -424,8 +429,13 @@ inline bool softmax_update(float* st, int n, int rows, float* row_max, float* ro
     softmax_update_avx512(st, n, rows, row_max, row_sum, corr, m_blk, m_use, pf);
     return true;
   }
-  if (cpu_has(Isa::kAvx512) && 16 % rows == 0 && pf == nullptr) {
-    softmax_update_few_avx512(st, n, rows, row_max, row_sum, corr, m_blk, m_use);
+  if (cpu_has(Isa::kAvx512) && rows < 8 && pf == nullptr) {
+    switch (rows) {
+      case 3: case 6: softmax_update_few_avx512<3>(st, n, rows, row_max, row_sum, corr, m_blk, m_use); break;
+      case 5: softmax_update_few_avx512<5>(st, n, rows, row_max, row_sum, corr, m_blk, m_use); break;
+      case 7: softmax_update_few_avx512<7>(st, n, rows, row_max, row_sum, corr, m_blk, m_use); break;
+      default: softmax_update_few_avx512<2>(st, n, rows, row_max, row_sum, corr, m_blk, m_use); break;
+    }
     return true;
   }
   if (cpu_has(Isa::kAvx2)) {
