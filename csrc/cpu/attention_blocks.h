@@ -386,14 +386,14 @@ __attribute__((target("avx512f"))) inline void softmax_update_few_avx512(
     for (int u = 0; u < V; ++u) mx[u] = _mm512_max_ps(_mm512_loadu_ps(st + i + 16 * u), mx[u]);
   for (int u = 0; u < n_rest; ++u)
     mx[u] = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mask_of(u), st + periods + 16 * u), mx[u]);
-  alignas(64) float lanes[16 * V];
-  for (int u = 0; u < V; ++u) _mm512_store_ps(lanes + 16 * u, mx[u]);
+  float lanes[16 * V];
+  for (int u = 0; u < V; ++u) _mm512_storeu_ps(lanes + 16 * u, mx[u]);
   for (int r = 0; r < rows; ++r) m_blk[r] = kNegInf;
   for (int j = 0; j < 16 * V; ++j) m_blk[j % rows] = lanes[j] > m_blk[j % rows] ? lanes[j] : m_blk[j % rows];
   softmax_rescale(rows, row_max, corr, m_blk, m_use);
   __m512 mu[V], sum[V];
   for (int j = 0; j < 16 * V; ++j) lanes[j] = m_use[j % rows] * kLog2e;
-  for (int u = 0; u < V; ++u) mu[u] = _mm512_load_ps(lanes + 16 * u), sum[u] = _mm512_setzero_ps();
+  for (int u = 0; u < V; ++u) mu[u] = _mm512_loadu_ps(lanes + 16 * u), sum[u] = _mm512_setzero_ps();
   const __m512 l2e = _mm512_set1_ps(kLog2e);
   for (int64_t i = 0; i < periods; i += 16 * V)
     for (int u = 0; u < V; ++u) {
@@ -408,7 +408,7 @@ __attribute__((target("avx512f"))) inline void softmax_update_few_avx512(
     _mm512_mask_storeu_ps(x, m, p);
     sum[u] = _mm512_mask_add_ps(sum[u], m, sum[u], p);
   }
-  for (int u = 0; u < V; ++u) _mm512_store_ps(lanes + 16 * u, sum[u]);
+  for (int u = 0; u < V; ++u) _mm512_storeu_ps(lanes + 16 * u, sum[u]);
   for (int j = 0; j < 16 * V; ++j) m_blk[j % rows] += lanes[j];  // m_blk: the block's sums (rescale zeroed it)
   softmax_end(rows, row_sum, corr, m_blk);
 }
