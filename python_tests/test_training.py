@@ -6,6 +6,7 @@ finite differences of that inference path.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -224,7 +225,14 @@ def test_constant_raw_rows_read_without_autograd(beacon: dict, ratios: list | No
     """split_constant_windows: the first window's raw tokens (and, after windows kept raw with
     ratio 0, the next window's) read without autograd; loss and gradients as in one step per
     window, the loss also equal to the inference path. Interleaved beacons and sink_recapture keep
-    one step per window."""
+    one step per window.
+
+    Gradients against an fp64 reference (the same model in float64, one step per window, the
+    explicit-mask attention), by FlashAttention's rule: the split path's error at most twice the
+    one-step path's, plus 1e-7. Both fp32 paths are 1-2e-7 from it (gradients up to ~0.1); they
+    split a window's rows into different kernel tiles (few-row decode tiles against whole-window
+    ones), so their roundings differ by as much, and an element-wise 1e-7 between the two held only
+    while both tile kinds rounded alike."""
     m = tiny_model(window=16, beacon_params=("q", "k", "v", "o"), **beacon)
     trainable = make_beacon_trainable(m)
     ids = torch.randint(0, 101, (70,), generator=torch.Generator().manual_seed(5))
@@ -242,13 +250,20 @@ def test_constant_raw_rows_read_without_autograd(beacon: dict, ratios: list | No
         runs.append((out.loss.item(), {n: p.grad.clone() for n, p in trainable if p.grad is not None}, list(rows)))
     hook.remove()
     (l_split, g_split, rows_split), (l_one, g_one, rows_one) = runs
+    m64 = copy.deepcopy(m).double()
+    trainable64 = dict(make_beacon_trainable(m64))
+    ratio = None if ratios is None else iter(ratios).__next__
+    beacon_loss(m64, ids, ratio=ratio, split_constant_windows=False, attention="masked").loss.backward()
     ref = _inference_loss(m, ids) if ratios is None else None
     if ref is not None:
         assert abs(l_split - ref) <= 2e-5 * max(1.0, abs(ref)), (l_split, ref)
     assert abs(l_split - l_one) <= 1e-6 * max(1.0, abs(l_one)), (l_split, l_one)
     assert g_split.keys() == g_one.keys() and g_split
     for n in g_one:
-        torch.testing.assert_close(g_split[n], g_one[n], rtol=1e-5, atol=1e-7, msg=n)
+        g_ref = trainable64[n].grad
+        err_split = (g_split[n].double() - g_ref).abs().max().item()
+        err_one = (g_one[n].double() - g_ref).abs().max().item()
+        assert err_split <= 2 * err_one + 1e-7, (n, err_split, err_one)
     splits = beacon.get("placement", "append") == "append" and not beacon.get("sink_recapture")
     window_ratios = (ratios or [beacon["ratio"]] * 4)[:4]
     expect = []
