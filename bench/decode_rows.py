@@ -11,6 +11,7 @@ import torch
 
 from beacon_ops.attention import beacon_attention
 from beacon_ops.benchmarks.attention import layer_copies, time_best, time_best_interleaved
+from beacon_ops.benchmarks.decode import _decode_inputs
 
 KEYS, RAW = 4608, 512
 # (rows per K/V stream, kv heads, head_dim): 3 rows at d 128, SmolLM2's 9 / 3 heads at d 64, 1 row.
@@ -21,13 +22,9 @@ def main() -> None:
     torch.set_num_threads(1)
     src = torch.empty(64 << 20).uniform_()
     dst = torch.empty_like(src)
-    lens = [torch.tensor(x, dtype=torch.int32) for x in ([0, 1], [KEYS - RAW], [RAW], [0], [0])]
     for dtype in (torch.bfloat16, torch.float32):
         for rows, kv_heads, d in SHAPES:
-            g = torch.Generator().manual_seed(0)
-            k = torch.randn(1, kv_heads, KEYS, d, generator=g).to(dtype)
-            v = torch.randn(1, kv_heads, KEYS, d, generator=g).to(dtype)
-            q = torch.randn(1, rows * kv_heads, d, generator=g).to(dtype)
+            q, k, v, lens = _decode_inputs("cpu", dtype, rows * kv_heads, kv_heads, d, KEYS - RAW, RAW)
             layers = layer_copies(k, v, src.numel() * src.element_size())
 
             def op():
