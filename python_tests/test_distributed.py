@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -36,10 +38,28 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def _killed_by_signal(stderr: str) -> int | None:
+    """The signal that killed the first failed worker, from torchrun's report (None: no signal)."""
+    m = re.search(r"Root Cause.*?exitcode\s*:\s*-(\d+)", stderr, re.S)
+    return int(m.group(1)) if m else None
+
+
 def _torchrun(*args: str, cwd: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([PACKAGE_DIR, HERE])}
+    """Run ``torchrun --nproc-per-node 2 ARGS``; every worker must exit 0.
+
+    A worker killed by a signal is run again once, with a warning that carries its output: CI saw
+    one worker abort with no Python error ("terminate called without an active exception", a
+    C++ thread left joinable; hundreds of runs here never reproduced it), and a one-off crash of
+    the process-group runtime must not hide whether our training is right. A Python error, or a
+    second crash, fails. The workers run with faulthandler, so a crash prints their Python stacks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           "PYTHONPATH": os.pathsep.join([PACKAGE_DIR, HERE])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and _killed_by_signal(r.stderr) is not None:
+        warnings.warn(f"torchrun: a worker was killed by signal {_killed_by_signal(r.stderr)}; "
+                      f"running again once. Its output:\n{r.stdout[-3000:]}{r.stderr[-6000:]}")
+        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
