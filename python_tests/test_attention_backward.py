@@ -16,6 +16,7 @@ import torch
 from beacon_ops import beacon_attention, beacon_attention_backward
 from beacon_ops.positions import MASK_KINDS
 from beacon_ops.reference import beacon_mask
+from accuracy_rule import assert_within_twice_baseline
 from conftest import DEVICES
 
 MODES = MASK_KINDS  # the original modes and the newer variant's kinds
@@ -260,9 +261,7 @@ def check_low_precision_rule(case: Case, dtype: torch.dtype, device: str = "cpu"
     base = grads_of_reference(case, inputs, lengths, dout.to(dtype), dtype=dtype)
     for name, g, w, bl in zip(("dq", "dk_cache", "dv_cache"), got, want, base):
         assert g.dtype == dtype, name
-        err = (g.double() - w).abs().max().item()
-        base_err = (bl.double() - w).abs().max().item()
-        assert err <= 2 * base_err + 1e-3, (name, err, base_err)
+        assert_within_twice_baseline(g, w, bl, 1e-3, name)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -24,6 +24,7 @@ import torch
 
 import beacon_ops  # noqa: F401  (registers torch.ops.beacon)
 from beacon_ops.positions import beacon_position, rope_tables
+from accuracy_rule import assert_within_twice_baseline, max_error
 from cuda_targets import cuda_targets
 
 ops = torch.ops.beacon       # the ops under test: set per target by the fixture below
@@ -133,14 +134,10 @@ def run_attention(q, k, v, cu, lens, mode, attend_previous, max_seqlen_q, scale=
 def check_rule(out, lse, q, k, v, cu, lens, mode, attend_previous, scale, eps=1e-4):
     ref_o, ref_l = masked_attention(q, k, v, cu, lens, mode, attend_previous, scale, torch.float64)
     base_o, base_l = masked_attention(q, k, v, cu, lens, mode, attend_previous, scale, q.dtype)
-    err = (out.double() - ref_o).abs().max().item()
-    base_err = (base_o - ref_o).abs().max().item()
-    assert err <= 2 * base_err + eps, (err, base_err)
+    _, base_err = assert_within_twice_baseline(out, ref_o, base_o, eps, "out")
     fin = torch.isfinite(ref_l)
     assert torch.equal(torch.isfinite(lse.double()), fin)  # +inf exactly where nothing is seen
-    lerr = (lse.double()[fin] - ref_l[fin]).abs().max().item()
-    lbase = (base_l[fin] - ref_l[fin]).abs().max().item()
-    assert lerr <= 2 * lbase + eps, (lerr, lbase)
+    assert_within_twice_baseline(lse.double()[fin], ref_l[fin], base_l[fin], eps, "lse")
     return ref_o, base_err
 
 
@@ -222,7 +219,7 @@ def test_decode_matches_reference_and_prefill_path(dtype, d, group):
     pre_o, pre_l = run_attention(q, k, v, cu, lens, "step-expansion", True, 2)  # an upper bound: prefill
     ref_o, base_err = check_rule(dec_o, dec_l, q, k, v, cu, lens, "step-expansion", True, 1 / math.sqrt(d))
     check_rule(pre_o, pre_l, q, k, v, cu, lens, "step-expansion", True, 1 / math.sqrt(d))
-    assert (dec_o.double() - pre_o.double()).abs().max().item() <= 2 * base_err + 1e-4
+    assert max_error(dec_o, pre_o) <= 2 * base_err + 1e-4
     assert torch.allclose(dec_l, pre_l, rtol=0, atol=1e-3)
 
 
@@ -252,8 +249,7 @@ def test_cpu_and_cuda_agree(max_seqlen_q):
                                 1 / math.sqrt(128), torch.float64)
     base_o, _ = masked_attention(q.to(DEV, copy=True), k.to(DEV, copy=True), v.to(DEV, copy=True), cu, lens, "segmentation", True,
                                  1 / math.sqrt(128), torch.bfloat16)
-    base_err = (base_o.cpu() - ref_o).abs().max().item()
-    assert (gpu_o.cpu().double() - cpu_o.double()).abs().max().item() <= 2 * base_err + 1e-4
+    assert max_error(gpu_o, cpu_o) <= 2 * max_error(base_o, ref_o) + 1e-4
     assert torch.allclose(gpu_l.cpu(), cpu_l, rtol=0, atol=1e-3)
 
 

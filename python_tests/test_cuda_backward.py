@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import beacon_ops  # noqa: F401  (registers torch.ops.beacon)
+from accuracy_rule import assert_within_twice_baseline, max_error
 from cuda_targets import cuda_targets
 from test_attention_backward import (MODES, Case, Seq, grads_of_reference, make_inputs, op_kwargs,
                                      random_grads, reference_attention)
@@ -127,15 +128,14 @@ def test_low_precision_tolerance_rule(target, step, dtype, dim):
     got = run_backward(target, case, poisoned, lengths, dout, out, lse)
     want = grads_of_reference(case, inputs, lengths, dout.float())
     base = grads_of_reference(case, inputs, lengths, dout, dtype=dtype)
-    errs = {}
+    base_errs = {}
     for name, g, w, bl in zip(("dq", "dk_cache", "dv_cache"), got, want, base):
         assert g.dtype == dtype and torch.isfinite(g).all(), name
-        errs[name] = ((g.double() - w).abs().max().item(), (bl.double() - w).abs().max().item())
-        assert errs[name][0] <= 2 * errs[name][1] + 1e-3, (name, errs[name])
+        _, base_errs[name] = assert_within_twice_baseline(g, w, bl, 1e-3, name)
     if _cpu_has_backward():
         cpu = beacon_ops.beacon_attention_backward(dout, *inputs, out, lse, *lengths, **op_kwargs(case))
         for name, g, c in zip(("dq", "dk_cache", "dv_cache"), got, cpu):
-            assert (g.double() - c.double()).abs().max().item() <= 2 * errs[name][1] + 1e-3, name
+            assert max_error(g, c) <= 2 * base_errs[name] + 1e-3, name
 
 
 @pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 40), (torch.float16, 96)], ids=["bf16-40", "fp16-96"])
@@ -151,8 +151,7 @@ def test_generic_path_other_head_dims(target, dtype, dim):
     base = grads_of_reference(case, inputs, lengths, dout, dtype=dtype)
     for name, g, w, bl in zip(("dq", "dk_cache", "dv_cache"), got, want, base):
         assert g.dtype == dtype, name
-        err, base_err = (g.double() - w).abs().max().item(), (bl.double() - w).abs().max().item()
-        assert err <= 2 * base_err + 1e-3, (name, err, base_err)
+        assert_within_twice_baseline(g, w, bl, 1e-3, name)
 
 
 def test_fp64_generic_path(target):
