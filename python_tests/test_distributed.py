@@ -56,8 +56,9 @@ def _torchrun(*args: str, cwd: str) -> None:
            "PYTHONPATH": os.pathsep.join([PACKAGE_DIR, HERE])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if r.returncode != 0 and _killed_by_signal(r.stderr) is not None:
-        warnings.warn(f"torchrun: a worker was killed by signal {_killed_by_signal(r.stderr)}; "
+    signal = _killed_by_signal(r.stderr) if r.returncode != 0 else None
+    if signal is not None:
+        warnings.warn(f"torchrun: a worker was killed by signal {signal}; "
                       f"running again once. Its output:\n{r.stdout[-3000:]}{r.stderr[-6000:]}")
         r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
