@@ -6,27 +6,13 @@ import json
 
 import pytest
 
-import beacon_ops.checkpoints
-from beacon_ops.cli import main
 from beacon_ops.training_plot import (_rolling_mean, plot_training_log, read_training_log,
                                       summarize_training_log)
 
+# the CLI harness and its autouse fixture (the tiny model, no BEACON_OPS_DEBUG) of test_cli
+from test_cli import no_smollm2, run_cli  # noqa: E402,F401
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def no_smollm2(monkeypatch):
-    monkeypatch.setattr(beacon_ops.checkpoints, "smollm2_path", lambda: None)
-    monkeypatch.delenv("BEACON_OPS_DEBUG", raising=False)
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def write_log(path, records) -> None:
