@@ -49,13 +49,14 @@ def _rolling_mean(values: Sequence[float], n: int) -> list[float]:
 
 
 def summarize_training_log(records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Steps, tokens, hours of step time and the mean loss of the first and last tenth of the steps."""
+    """Steps, tokens, hours of step time and the mean loss of the first and last ``tenth`` steps
+    (a tenth of them, at least one)."""
     k = max(1, len(records) // 10)
     losses = [float(r["loss"]) for r in records]
     return {"steps": len(records), "first_step": records[0]["step"], "last_step": records[-1]["step"],
             "tokens": sum(int(r.get("tokens", 0)) for r in records),
             "hours": sum(float(r.get("seconds", 0.0)) for r in records) / 3600,
-            "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k}
+            "tenth": k, "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k}
 
 
 def plot_training_log(records: Sequence[dict[str, Any]], path: str, *, smooth: int = 10,

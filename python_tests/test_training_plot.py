@@ -49,7 +49,7 @@ def test_summary_and_rolling_mean(tmp_path):
     recs = [{"step": i, "loss": float(i), "tokens": 10 * i, "seconds": 360.0} for i in range(1, 21)]
     s = summarize_training_log(recs)
     assert s == {"steps": 20, "first_step": 1, "last_step": 20, "tokens": 2100, "hours": 2.0,
-                 "loss_first": 1.5, "loss_last": 19.5}
+                 "tenth": 2, "loss_first": 1.5, "loss_last": 19.5}
     assert _rolling_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert _rolling_mean([2.0, 4.0], 5) == [2.0, 3.0]
     # without "lr" the plot has the loss panel only; still a PNG

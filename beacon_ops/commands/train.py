@@ -31,6 +31,7 @@ from ..variants import PLACEMENTS, VARIANTS
 from ..long_tasks import TASK_KINDS, LongTaskMixture, memory_probe_samples, public_domain_texts
 from ..trainer import TrainConfig, Trainer
 from ..training import STEP_RANDOM_RATIOS
+from ..training_plot import summarize_training_log
 from .common import Command, UsageError, device_name, existing_path, float_between, int_at_least, write_json
 
 
@@ -285,10 +286,9 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     if peak is not None:
         say(f"peak GPU memory {peak / 2**30:.2f} GiB")
     if hist:
-        k = max(1, len(hist) // 10)
-        first = sum(h.loss for h in hist[:k]) / k
-        last = sum(h.loss for h in hist[-k:]) / k
-        say(f"mean loss of the first {k} steps {first:.4f}, of the last {k} steps {last:.4f}")
+        s = summarize_training_log([vars(h) for h in hist])
+        say(f"mean loss of the first {s['tenth']} steps {s['loss_first']:.4f}, of the last {s['tenth']} steps "
+            f"{s['loss_last']:.4f}")
     if not dist.is_main:
         return 0
     write_json({"model": name, "out": args.out, "bytes": size, "steps": trainer.step,
