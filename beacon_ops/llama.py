@@ -191,7 +191,8 @@ def _project(x: Tensor, rows: _Rows, main: nn.Linear, beacon: nn.Linear | None) 
         raw_i, beacon_i = rows.index(x.device)
         out = x.new_zeros(x.shape[0], main.out_features)
         return out.index_copy(0, raw_i, main(x[raw_i])).index_copy(0, beacon_i, beacon(x[beacon_i]))
-    if torch.is_grad_enabled():  # out= is not differentiable
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):  # out= is not differentiable,
+        # and autocast does not cast into it
         return torch.cat([(beacon if b else main)(x[s:e]) for s, e, b in rows.runs])
     out = x.new_empty(x.shape[0], main.out_features)
     for s, e, is_beacon in rows.runs:

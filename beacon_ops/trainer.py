@@ -35,7 +35,7 @@ from .adapter import (adapter_layout, cast_frozen_projections, load_adapter_into
 from .distributed import Distributed
 from .llama import BEACON_PROJS, Llama
 from .long_tasks import Sample, kjv_text, shakespeare_files
-from .training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss, ratio_draws
+from .training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss, gradient_windows, ratio_draws
 
 __all__ = ["TrainConfig", "TextSampler", "Trainer", "StepLog", "default_texts", "kjv_text", "lr_factor"]
 
@@ -93,6 +93,8 @@ class TrainConfig:
     checkpoint: str | None = "window"
     autocast: str | None = None       # "bfloat16" / "float16" autocast dtype, None = off
     attention: str = "auto"           # beacon_loss's attention backend
+    grad_windows: int | None = None   # None: backpropagate through every window; N: only through
+    # those with a target or a fact and N others drawn per sample (training.gradient_windows)
     batch_size: int = 1               # samples per optimizer step, over all ranks together
 
 
@@ -184,7 +186,8 @@ class Trainer:
             self._seek_ratios(start_state, sum(draws[:i]))
             with ctx:
                 out = beacon_loss(model, ids.to(model.device), labels, ratio=self.sampler,
-                                  checkpoint=c.checkpoint, attention=c.attention)
+                                  checkpoint=c.checkpoint, attention=c.attention,
+                                  grad_windows=self._grad_windows(first + i, ids, labels, sample))
             if len(out.ratios) != draws[i]:
                 raise RuntimeError(f"sample {first + i} drew {len(out.ratios)} ratios, expected {draws[i]}")
             (out.loss if size == 1 else out.loss / size).backward()
@@ -210,6 +213,18 @@ class Trainer:
                       sum(r[7] for r in records), sum(r[8] for r in records))
         self.history.append(log)
         return log
+
+    def _grad_windows(self, index: int, ids: torch.Tensor, labels: torch.Tensor | None,
+                      sample: Sample | None) -> set[int] | None:
+        """Sample ``index``'s windows to backpropagate through (``config.grad_windows``); the
+        random ones are drawn from the run's seed and the sample's index, so a resumed run and
+        any number of processes draw the same."""
+        if self.config.grad_windows is None:
+            return None
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
+        return gradient_windows(len(ids), self.model.beacon.window, ids if labels is None else labels,
+                                sample.fact_positions if sample is not None else (),
+                                others=self.config.grad_windows, generator=gen)
 
     def _seek_ratios(self, start_state: torch.Tensor, draws: int) -> None:
         """Put the ratio generator ``draws`` draws after ``start_state``."""

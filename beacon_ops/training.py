@@ -28,6 +28,14 @@ written down here:
   generator (seed 42), restricted to ratios that divide the stride (so each beacon condenses
   exactly ``r`` tokens; with ``W = 1024`` the whole list is usable).
 
+Truncated backpropagation (``grad_windows``): a task's loss sits on a few answer tokens and what
+it needs on a few fact tokens, while a long haystack's windows are most of the step's time.
+Windows outside ``grad_windows`` are read without autograd (no recomputation, no backward, none
+of their memory kept for the backward); the memory entries they add are constants, while the
+memory they read keeps its gradient history (it is joined to their entries again with autograd
+on), so the loss still reaches the beacons of every window in ``grad_windows``.
+:func:`gradient_windows` picks them for a sample.
+
 Gradient checkpointing (``checkpoint="window"`` or ``"layer"``) uses
 ``torch.utils.checkpoint`` in the non-reentrant mode, as the official training does; the loss
 of a window is computed inside its checkpoint so that no ``[tokens x vocab]`` logits are kept.
@@ -35,7 +43,7 @@ of a window is computed inside its checkpoint so that no ``[tokens x vocab]`` lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +54,8 @@ from .llama import BeaconConfig, Llama, check_token_ids
 from .positions import rotate as rope
 from .training_cache import TrainingKVCache, has_attention_backward
 
-__all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "beacon_loss", "ratio_draws", "rope",
-           "has_attention_backward"]
+__all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "beacon_loss", "gradient_windows",
+           "ratio_draws", "rope", "has_attention_backward"]
 
 STEP_RANDOM_RATIOS: tuple[int, ...] = (2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 8, 8, 16, 16, 32, 32, 64, 128)
 """Section 6's ``step-random`` list (duplicates act as weights)."""
@@ -87,6 +95,35 @@ def ratio_draws(length: int, beacon: BeaconConfig) -> int:
     return length // beacon.window
 
 
+def gradient_windows(length: int, window: int, labels: Sequence[int] | Tensor, fact_positions: Sequence[int] = (),
+                     *, others: int = 0, generator: torch.Generator | None = None) -> set[int]:
+    """The windows :func:`beacon_loss` should backpropagate through for one sample.
+
+    Those holding a target (position ``t`` predicts ``labels[t + 1]``), those where a fact starts
+    and the window after each (a fact may run over the boundary), and ``others`` more drawn at
+    random from the rest (with ``generator``), so that the beacons of plain text are trained too.
+    Window ``i`` covers tokens ``i * window .. (i + 1) * window - 1``.
+    """
+    if window < 1 or length < 1:
+        raise ValueError(f"window and length must be >= 1, got {window} and {length}")
+    if others < 0:
+        raise ValueError(f"others must be >= 0, got {others}")
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if len(labels) != length:
+        raise ValueError(f"labels must have {length} entries, got {len(labels)}")
+    count = -(-length // window)
+    chosen = {int(t) // window for t in (labels[1:] != -100).nonzero()[:, 0]}
+    for p in fact_positions:
+        if not 0 <= p < length:
+            raise ValueError(f"fact_positions: {p} is outside the sample's {length} tokens")
+        chosen |= {p // window, min(p // window + 1, count - 1)}
+    rest = [i for i in range(count) if i not in chosen]
+    if others and rest:
+        pick = torch.randperm(len(rest), generator=generator)[:others]
+        chosen |= {rest[int(i)] for i in pick}
+    return chosen
+
+
 @dataclass
 class BeaconLoss:
     """Result of :func:`beacon_loss`: ``loss`` (mean CE, differentiable) and per-window figures."""
@@ -104,8 +141,9 @@ class BeaconLoss:
 
 def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequence[int] | None = None,
                 *, ratio: int | Callable[[], int] | None = None, checkpoint: str | None = None,
-                attention: str = "auto", split_constant_windows: bool = True) -> BeaconLoss:
-    """Mean next-token cross-entropy of one sequence, differentiable through all windows.
+                attention: str = "auto", split_constant_windows: bool = True,
+                grad_windows: Collection[int] | None = None) -> BeaconLoss:
+    """Mean next-token cross-entropy of one sequence, differentiable through all windows (or ``grad_windows``).
 
     Args:
         model: a :class:`~beacon_ops.llama.Llama` (its ``beacon`` config gives window, mode,
@@ -127,6 +165,12 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
             the beacons: the same loss and gradients without backpropagating through rows that
             depend on no trainable parameter (``bench train``: 13% less time for a two-window
             step). False: every window in one step, as the inference caches read it.
+        grad_windows: indices of the windows to backpropagate through (window ``i`` starts at
+            token ``i * window``; e.g. :func:`gradient_windows`); the others are read without
+            autograd and the memory entries they add are constants (the module docstring).
+            None: every window. The loss is the same either way (up to rounding with low-rank
+            deltas outside autocast, which read a window without autograd through their merged
+            matrix).
 
     Returns:
         :class:`BeaconLoss`; ``loss.backward()`` reaches the beacon parameters of every window.
@@ -155,6 +199,12 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
             raise ValueError("ratio: the model uses adapt-N; pass a fixed ratio or a sampler")
         ratio = bc.ratio
     draw = ratio if callable(ratio) else (lambda: int(ratio))
+    if grad_windows is not None:
+        count = -(-len(ids) // bc.window)
+        bad = [i for i in grad_windows if not (isinstance(i, int) and 0 <= i < count)]
+        if bad:
+            raise ValueError(f"grad_windows: {bad[:3]} are not window indices of a {len(ids)}-token sequence "
+                             f"(0..{count - 1})")
     dev, c = model.device, model.config
     ids = ids.to(dev)
     targets = torch.cat([labels[1:], labels.new_full((1,), -100)]).to(dev)
@@ -190,20 +240,29 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
             cache.set_ratio(0, r)
             out.ratios.append(r)
         x, t = ids[start:start + n], targets[start:start + n]
-        constant = None
-        if (split_constant_windows and n == bc.window > 1 and start + n < len(ids) and torch.is_grad_enabled()
-                and cache.can_split_window() and not cache.memory_requires_grad()):
-            with torch.no_grad():  # these raw tokens depend on no trainable parameter
-                constant = window_loss(x[:-1], t[:-1])
-            x, t = x[-1:], t[-1:]
-        if checkpoint == "window":
-            host, memory = cache.state()
-            s, *memory = _checkpoint(recomputable_window, host, x, t, *memory, use_reentrant=False)
-            cache.load_state(cache.state()[0], memory)  # the checkpoint's outputs
+        if grad_windows is not None and start // bc.window not in grad_windows and torch.is_grad_enabled():
+            before = cache.state()[1]
+            with torch.no_grad():
+                s = window_loss(x, t)
+            host, after = cache.state()
+            # the entries this window added are constants; the memory before them keeps its history
+            cache.load_state(host, [torch.cat([b, a[:, b.shape[1]:]], dim=1) if b.requires_grad else a
+                                    for b, a in zip(before, after)])
         else:
-            s = window_loss(x, t)
-        if constant is not None:
-            s = s + constant
+            constant = None
+            if (split_constant_windows and n == bc.window > 1 and start + n < len(ids) and torch.is_grad_enabled()
+                    and cache.can_split_window() and not cache.memory_requires_grad()):
+                with torch.no_grad():  # these raw tokens depend on no trainable parameter
+                    constant = window_loss(x[:-1], t[:-1])
+                x, t = x[-1:], t[-1:]
+            if checkpoint == "window":
+                host, memory = cache.state()
+                s, *memory = _checkpoint(recomputable_window, host, x, t, *memory, use_reentrant=False)
+                cache.load_state(cache.state()[0], memory)  # the checkpoint's outputs
+            else:
+                s = window_loss(x, t)
+            if constant is not None:
+                s = s + constant
         total = total + s
         out.window_loss_sums.append(float(s.detach()))
         out.window_counts.append(int((targets[start:start + n] != -100).sum()))

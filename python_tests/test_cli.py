@@ -147,6 +147,7 @@ def test_runtime_failure_is_one_line_without_debug(tmp_path, capsys, monkeypatch
     (["train", "--tiny", "--steps", "1", "--tasks", "passkey,poetry"], ("--tasks", "passkey")),
     (["train", "--tiny", "--steps", "1", "--start-len", "900,100"], ("--start-len", "MIN <= MAX")),
     (["train", "--tiny", "--steps", "1", "--memory-probe", "1"], ("--memory-probe", ">= 2")),
+    (["train", "--tiny", "--steps", "1", "--grad-windows", "-1"], ("--grad-windows", ">= 0")),
     (["train", "--tiny", "--steps", "1", "--memory-probe", "2", "--tasks", "numbers"], ("--memory-probe", "passkey")),
     (["train", "--tiny", "--steps", "1", "--memory-probe", "2", "--window", "1024", "--min-len", "100",
       "--max-len", "200"], ("--memory-probe", "in memory")),
@@ -174,6 +175,14 @@ def test_memory_probe_trains_on_its_copies(tmp_path, capsys):
                     "--log", str(log)], capsys)[0] == 0
     kinds = [line.split('"kind": ')[1].split(",")[0] for line in log.read_text().splitlines()]
     assert kinds == ['"passkey"'] * 3
+
+
+def test_train_with_truncated_backprop(tmp_path, capsys):
+    code, printed, _ = run_cli(["train", "--tiny", "--steps", "2", "--window", "64", "--min-len", "300",
+                                "--max-len", "400", "--tasks", "passkey", "--lm-share", "0", "--grad-windows", "1",
+                                "--out", str(tmp_path / "a.safetensors")], capsys)
+    assert code == 0 and "backpropagating through target / fact windows + 1" in printed
+    assert (tmp_path / "a.safetensors").exists()
 
 
 def test_train_speed_hints() -> None:

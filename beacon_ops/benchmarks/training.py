@@ -11,6 +11,9 @@ its rounds, so that a change of the machine's load affects them alike):
   (``split_constant_windows``);
 - ``one step per window``: the same with every window in one autograd step;
 - ``checkpoint window`` / ``checkpoint layer``: gradient checkpointing (memory for time);
+- ``truncated backprop``: ``train --grad-windows 0`` on a sample whose fact starts at token 0:
+  only the windows of the fact (the first two) and of the answer are backpropagated through, the
+  others read without autograd;
 - ``bf16 autocast``: ``train --dtype bfloat16`` (a copy of the model with its frozen projections
   stored in bf16, as the trainer keeps them); the GPU setting, and on a CPU with native bf16
   (AVX-512-BF16 / AMX) faster than fp32; on a CPU without it far slower (``--quick`` then leaves
@@ -30,7 +33,7 @@ import torch
 
 from ..adapter import cast_frozen_projections, make_beacon_trainable
 from ..llama import Llama
-from ..training import beacon_loss
+from ..training import beacon_loss, gradient_windows
 from .attention import time_best_interleaved
 
 ANSWER = 10
@@ -39,10 +42,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "one step per window": {"split_constant_windows": False},
     "checkpoint window": {"checkpoint": "window"},
     "checkpoint layer": {"checkpoint": "layer"},
+    "truncated backprop": {"fact_positions": (0,)},
     "bf16 autocast": {"autocast": torch.bfloat16},
 }
-# (window, ratio, tokens): the curriculum's two-window samples; four windows of 256
-SAMPLES = [(128, 2, 240), (256, 4, 1024)]
+# (window, ratio, tokens): the curriculum's two-window samples; four windows of 256; 16 of 128
+SAMPLES = [(128, 2, 240), (256, 4, 1024), (128, 4, 2048)]
 COLUMNS = {"setting": "setting", "window": "window", "ratio": "r", "tokens": "tokens",
            "windows": "windows", "step_s": "step s", "tokens_per_s": "tokens/s",
            "vs_default": "time / default", "loss": "loss"}
@@ -50,14 +54,14 @@ COLUMNS = {"setting": "setting", "window": "window", "ratio": "r", "tokens": "to
 
 def training_step(model: Llama, ids: torch.Tensor, labels: torch.Tensor, ratio: int, *,
                   checkpoint: str | None = None, split_constant_windows: bool = True,
-                  autocast: torch.dtype | None = None) -> float:
+                  autocast: torch.dtype | None = None, grad_windows: set[int] | None = None) -> float:
     """One training step's forward and backward (gradients left in the parameters); its loss."""
     for p in model.parameters():
         p.grad = None
     ctx = torch.autocast(model.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     with ctx:
         out = beacon_loss(model, ids, labels, ratio=ratio, checkpoint=checkpoint,
-                          split_constant_windows=split_constant_windows)
+                          split_constant_windows=split_constant_windows, grad_windows=grad_windows)
     out.loss.backward()
     return out.loss.item()
 
@@ -77,7 +81,9 @@ def measure(model: Llama, window: int, ratio: int, tokens: int, device: str,
         cast_frozen_projections(m, dt)
 
     def step(name: str) -> None:
-        kw = settings[name]
+        kw = dict(settings[name])
+        if "fact_positions" in kw:
+            kw["grad_windows"] = gradient_windows(tokens, window, labels, kw.pop("fact_positions"))
         losses[name] = training_step(models.get(kw.get("autocast"), model), ids, labels, ratio, **kw)
 
     times = time_best_interleaved({name: (lambda n=name: step(n)) for name in settings}, device,

@@ -141,6 +141,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--checkpoint", default="window", choices=["window", "layer", "none"])
+    p.add_argument("--grad-windows", type=int_at_least(0), default=None, metavar="N",
+                   help="backpropagate only through the windows that hold a target or a fact, and N "
+                   "others drawn at random per sample; the rest of a long task's haystack is read "
+                   "without autograd (several times faster, less memory; default: every window)")
     p.add_argument("--attention", default="auto", choices=["auto", "op", "masked"],
                    help="attention of the training forward: the beacon op, PyTorch SDPA with an explicit "
                    "mask, or auto (the op where its backward kernel exists, else masked)")
@@ -247,7 +251,7 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
                       ratios=ratios, seed=args.seed,
                       checkpoint=None if args.checkpoint == "none" else args.checkpoint,
                       autocast=None if dtype == "float32" else dtype, attention=args.attention,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, grad_windows=args.grad_windows)
     for hint in speed_hints(device, dtype):
         say(hint, flush=True)
     trainer = Trainer(model, cfg, batches, meta={"base_model": name}, dist=dist)
@@ -264,7 +268,9 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
           f"{args.min_len}-{args.max_len}; window {args.window}, {beacon.layout_text()}; trainable {n_train} parameters "
           f"({'rank ' + str(args.rank) if args.rank else 'full'} {','.join(params)}"
           f"{'; reader rank ' + str(args.reader_rank) if args.reader_rank else ''}); lr {cfg.lr}; "
-          f"autocast {cfg.autocast}; language modelling {args.lm_share:.0%}, tasks "
+          f"autocast {cfg.autocast}; "
+          f"{'' if cfg.grad_windows is None else f'backpropagating through target / fact windows + {cfg.grad_windows}; '}"
+          f"language modelling {args.lm_share:.0%}, tasks "
           f"{','.join(args.tasks)}; batch {args.batch_size} over {dist.world_size} process(es); "
         f"starting at step {trainer.step}/{args.steps}", flush=True)
     logf = open(args.log, "a") if args.log and dist.is_main else None
