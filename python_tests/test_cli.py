@@ -148,6 +148,7 @@ def test_runtime_failure_is_one_line_without_debug(tmp_path, capsys, monkeypatch
     (["train", "--tiny", "--steps", "1", "--start-len", "900,100"], ("--start-len", "MIN <= MAX")),
     (["train", "--tiny", "--steps", "1", "--memory-probe", "1"], ("--memory-probe", ">= 2")),
     (["train", "--tiny", "--steps", "1", "--grad-windows", "-1"], ("--grad-windows", ">= 0")),
+    (["train", "--tiny", "--steps", "1", "--lm-windows", "0"], ("--lm-windows", ">= 1")),
     (["train", "--tiny", "--steps", "1", "--memory-probe", "2", "--tasks", "numbers"], ("--memory-probe", "passkey")),
     (["train", "--tiny", "--steps", "1", "--memory-probe", "2", "--window", "1024", "--min-len", "100",
       "--max-len", "200"], ("--memory-probe", "in memory")),

