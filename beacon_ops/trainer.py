@@ -190,7 +190,8 @@ class Trainer:
                                   grad_windows=self._grad_windows(first + i, ids, labels, sample))
             if len(out.ratios) != draws[i]:
                 raise RuntimeError(f"sample {first + i} drew {len(out.ratios)} ratios, expected {draws[i]}")
-            (out.loss if size == 1 else out.loss / size).backward()
+            if out.loss.requires_grad:  # not when truncation kept no window whose beacons it reads
+                (out.loss if size == 1 else out.loss / size).backward()
             facts = (sample.kind, sample.facts_in_memory(window), len(sample.fact_positions)) \
                 if sample is not None else ("lm", 0, 0)
             records.append((i, float(out.loss.detach()), out.loss_after_first_window(), len(ids),
@@ -201,7 +202,8 @@ class Trainer:
         if c.clip > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, c.clip))
         else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            norms = [p.grad.norm() for p in params if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         self.opt.step()
         self.step += 1
         records = sorted(r for part in d.all_gather(records) for r in part)

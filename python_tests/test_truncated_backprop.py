@@ -157,3 +157,19 @@ def test_trainer_backpropagates_through_the_sample_windows(autocast: str | None)
     assert {1, 2, 4, 5, 6} <= seen[0] and len(seen[0]) == 6
     assert [tr._grad_windows(i, ids, labels, sample) for i in (0, 1)] == seen
     assert log.loss == log.loss and any(not torch.equal(p, before[n]) for n, p in tr.trainable)
+
+
+def test_a_sample_whose_fact_is_in_the_raw_window_trains_nothing() -> None:
+    """--grad-windows 0 and the fact in the answer's window: no window whose beacons the loss reads
+    is kept, so the step has no gradient; it still runs, logs the loss and changes nothing."""
+    ids, labels = _sample(length=100)
+    sample = Sample(ids.tolist(), labels.tolist(), "passkey", fact_positions=[97], answer_start=98)
+    labels[:98] = -100
+    sample.labels = labels.tolist()
+    for clip in (1.0, 0.0):
+        cfg = TrainConfig(steps=1, lr=1e-2, warmup=1, ratios=(4,), checkpoint="window", grad_windows=0, clip=clip)
+        tr = Trainer(tiny_model(window=W, ratio=4), cfg, lambda i: sample)
+        before = {n: p.detach().clone() for n, p in tr.trainable}
+        log = tr.train_step()
+        assert log.loss == log.loss and log.grad_norm == 0.0
+        assert all(torch.equal(p, before[n]) for n, p in tr.trainable)
