@@ -32,8 +32,8 @@ from .full_cache import FullKVCache
 from .kv_cache import KVCache, check_ratio
 from .llama import Llama, check_token_ids
 
-__all__ = ["Session", "ATTENTION_KINDS", "ratio_for_length", "new_session", "prefill", "decode_step",
-           "sample", "generate", "sequence_loss"]
+__all__ = ["Session", "ATTENTION_KINDS", "ratio_for_length", "new_session", "prefill", "extend", "decode_step",
+           "sample", "generate", "generate_from", "sequence_loss"]
 
 ATTENTION_KINDS = ("beacon", "full", "sliding")
 Ids = Tensor | Sequence[Sequence[int]] | Sequence[Tensor]
@@ -141,22 +141,34 @@ def _checked(model: Llama, ids: Ids) -> list[Tensor]:
 
 
 def _feed(model: Llama, seqs: list[Tensor], *, progress: bool | None,
-          on_hidden: Callable[[int, int, Tensor], None]) -> None:
-    """Feed whole sequences step by step; ``on_hidden(b, start, hidden)`` per sequence chunk."""
+          on_hidden: Callable[[int, int, Tensor], None], known: Sequence[int] | None = None,
+          whole_steps: bool = False) -> None:
+    """Feed sequences step by step; ``on_hidden(b, start, hidden)`` per sequence chunk.
+
+    ``known[b]``: the length of sequence ``b``'s whole input (for adapt-N; default: what was read
+    before plus ``seqs[b]``). ``whole_steps``: stop a sequence before a step that its remaining
+    tokens would not fill, so that reading the rest later makes the same steps as reading it all
+    at once (the session then holds fewer tokens than given: see ``session.seen``).
+    """
     s = model.session
     pos = [0] * len(seqs)
-    known = [s.seen[b] + len(x) for b, x in enumerate(seqs)]
+    if known is None:
+        known = [s.seen[b] + len(x) for b, x in enumerate(seqs)]
     total = sum(len(x) for x in seqs)
     bar = None
     if progress or (progress is None and total > 4 * model.beacon.window):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, unit="tok", desc="prefill", leave=False)
-    while any(p < len(x) for p, x in zip(pos, seqs)):
+    while True:
         chunks = []
         for b, x in enumerate(seqs):
             n = min(len(x) - pos[b], s.cache.room(b))
+            if whole_steps and n < s.cache.room(b):
+                n = 0
             chunks.append(x[pos[b]:pos[b] + n].to(model.device))
+        if not any(len(ch) for ch in chunks):
+            break
         hidden = _step(model, chunks, known)
         for b, hb in enumerate(hidden):
             if len(hb):
@@ -200,6 +212,46 @@ def prefill(model: Llama, ids: Ids, *, extra_tokens: int = 0, logits: str = "las
     if logits == "last":
         return torch.cat([o[0] for o in out])
     return [torch.cat(o) for o in out]
+
+
+@torch.no_grad()
+def extend(model: Llama, ids: Ids, *, logits: str = "last", known_lengths: Sequence[int] | None = None,
+           whole_steps: bool = False, progress: bool | None = None) -> Tensor | None:
+    """Read more of each sequence into the current session (after :func:`new_session`, or a
+    copy of a session saved after reading a shared prefix), in the steps :func:`prefill` of
+    the whole input makes: the same hidden states, bit for bit.
+
+    ``ids``: one piece per sequence of the session (empty allowed). ``known_lengths``: each
+    sequence's whole input length, which sets adapt-N's ratio (default: read so far plus
+    ``ids``). ``whole_steps``: read only whole steps (a window, later a stride) and leave the
+    rest, so that the session can be copied and continued with different inputs; how much was
+    read is ``model.session.seen``. ``logits``: ``"last"`` -> ``[batch, vocab]`` of the last
+    token read (sequences that read nothing: NaN rows) or ``"none"`` -> None.
+    """
+    s = model.session
+    if s is None:
+        raise RuntimeError("extend: start a session first (new_session)")
+    if logits not in ("last", "none"):
+        raise ValueError(f"logits must be 'last' or 'none', got {logits!r}")
+    seqs = _as_list(ids)
+    if len(seqs) != len(s.seen):
+        raise ValueError(f"ids: expected {len(s.seen)} sequences (the session's batch), got {len(seqs)}")
+    for b, x in enumerate(seqs):
+        check_token_ids(x, model.config.vocab_size, f"ids[{b}]")
+    if known_lengths is not None:
+        if len(known_lengths) != len(seqs):
+            raise ValueError(f"known_lengths: expected {len(seqs)} entries, got {len(known_lengths)}")
+        for b, (n, x) in enumerate(zip(known_lengths, seqs)):
+            if n < s.seen[b] + len(x):
+                raise ValueError(f"known_lengths[{b}]={n} is less than the {s.seen[b] + len(x)} tokens read")
+    out = torch.full((len(seqs), model.config.vocab_size), float("nan"), dtype=model.dtype, device=model.device)
+
+    def keep(b: int, start: int, h: Tensor) -> None:
+        if logits == "last":
+            out[b] = model.logits(h[-1:])[0]
+
+    _feed(model, seqs, progress=progress, on_hidden=keep, known=known_lengths, whole_steps=whole_steps)
+    return out if logits == "last" else None
 
 
 @torch.no_grad()
@@ -252,9 +304,21 @@ def generate(model: Llama, ids: Ids, max_new_tokens: int, *, temperature: float 
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    logits = prefill(model, ids, extra_tokens=max_new_tokens, attention=attention, progress=progress)
+    return generate_from(model, logits, max_new_tokens, temperature=temperature, top_p=top_p,
+                         eos_token_id=eos_token_id, generator=generator)
+
+
+@torch.no_grad()
+def generate_from(model: Llama, logits: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                  top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                  generator: torch.Generator | None = None) -> list[list[int]]:
+    """:func:`generate` after the prompts were read (:func:`prefill` or :func:`extend`):
+    ``logits`` ``[batch, vocab]`` are those of each prompt's last token."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     eos = set(model.config.eos_ids if eos_token_id is None else
               ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
-    logits = prefill(model, ids, extra_tokens=max_new_tokens, attention=attention, progress=progress)
     n = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(n)]
     active = [max_new_tokens > 0] * n

@@ -89,7 +89,7 @@ def test_eval_passkey_grid_table_heatmap(tmp_path, no_smollm2, capsys):
         [(m, n) for m in ("beacon", "sliding") for n in (400, 400, 1100, 1100)] + [("full", 400)] * 2)
     assert all(r["correct"] == (str(r["key"]) in r["answer"]) for r in res)
     assert all(0 <= r["digits"] <= 1 and (r["digits"] == 1) >= r["answer"].startswith(str(r["key"])) for r in res)
-    assert ", digits " in printed
+    assert ", digits " in printed and "read " in printed and "(the filler they share read once" in printed
     # adapt-N: r = 0 at 400 tokens, 2 at 1100 (+1024 generation allowance > the 2048 context)
     assert {r["length"]: r["ratio"] for r in res if r["method"] == "beacon"} == {400: 0, 1100: 2}
     # r = 0 is the base model: beacon answers equal full attention's where both ran

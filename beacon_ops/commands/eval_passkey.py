@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompts (keys) per length x depth cell (default 1; more for tighter figures)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys")
     p.add_argument("--plot", default=None, metavar="DIR", help="write passkey_heatmap.png into DIR")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                   help="read every prompt from its start (default: the filler a length's prompts share "
+                        "is read once and the session copied; the same answers, about half the time)")
 
 
 @one_thread_when_busy
@@ -82,9 +85,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {lm.name}; adapter: {lm.adapter or 'none (untrained beacons)'}; window {b.window}, "
           f"{b.layout_text()}; ratio {'adapt-N: ' + ratios if b.ratio is None else b.ratio}", flush=True)
     results = passkey_grid(models, lm.tokenizer, args.lengths, args.depths, seed=args.seed,
-                           keys=args.keys, max_tokens={"full": full_max})
+                           keys=args.keys, max_tokens={"full": full_max}, share_prefix=args.share_prefix)
     print()
     print(accuracy_table(results))
+    if args.share_prefix and results:
+        print(f"read {sum(r.read for r in results):,} of the prompts' {sum(r.tokens for r in results):,} tokens "
+              "(the filler they share read once; --no-share-prefix reads it all)")
     if "full" in args.methods and any(n > full_max for n in args.lengths):
         print(f"(full attention skipped past {full_max} tokens, {why}; --full-max N sets the limit)")
     if args.plot:
