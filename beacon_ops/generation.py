@@ -227,6 +227,9 @@ def extend(model: Llama, ids: Ids, *, logits: str = "last", known_lengths: Seque
     rest, so that the session can be copied and continued with different inputs; how much was
     read is ``model.session.seen``. ``logits``: ``"last"`` -> ``[batch, vocab]`` of the last
     token read (sequences that read nothing: NaN rows) or ``"none"`` -> None.
+    Arguments are checked before anything is read; a step that fails later (a cache too small
+    for the input: size it with :func:`new_session`'s ``extra_tokens``) leaves the steps before
+    it read, so start a new session (or copy a saved one) after an error.
     """
     s = model.session
     if s is None:
