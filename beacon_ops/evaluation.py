@@ -82,9 +82,9 @@ def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence
     versions).
     ``share_prefix``: the prompts of a length share the filler before their keys; read it once
     (the session is copied at the last whole step before a later prompt departs from this one),
-    which gives the answers of reading every prompt from the start, bit for bit, in about half
-    the time. A result's ``seconds`` then counts only what its
-    prompt read beyond the copy it started from.
+    which gives the answers of reading every prompt from the start, bit for bit, reading about
+    half the tokens with several keys a cell. A result's ``read`` and ``seconds`` then count only
+    what its prompt read beyond the copy it started from.
     """
     if keys < 1:
         raise ValueError(f"keys must be >= 1, got {keys}")

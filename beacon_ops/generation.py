@@ -218,8 +218,9 @@ def prefill(model: Llama, ids: Ids, *, extra_tokens: int = 0, logits: str = "las
 def extend(model: Llama, ids: Ids, *, logits: str = "last", known_lengths: Sequence[int] | None = None,
            whole_steps: bool = False, progress: bool | None = None) -> Tensor | None:
     """Read more of each sequence into the current session (after :func:`new_session`, or a
-    copy of a session saved after reading a shared prefix), in the steps :func:`prefill` of
-    the whole input makes: the same hidden states, bit for bit.
+    copy of a session saved after reading a shared prefix). When what was read before was read
+    in whole steps, this makes the steps :func:`prefill` of the whole input makes: the same
+    hidden states, bit for bit.
 
     ``ids``: one piece per sequence of the session (empty allowed). ``known_lengths``: each
     sequence's whole input length, which sets adapt-N's ratio (default: read so far plus

@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="DIR", help="write passkey_heatmap.png into DIR")
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
                    help="read every prompt from its start (default: the filler a length's prompts share "
-                        "is read once and the session copied; the same answers, about half the time)")
+                        "is read once and the session copied; the same answers from about half the tokens)")
 
 
 @one_thread_when_busy
