@@ -96,6 +96,10 @@ def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence
     # method by method, each length's prompts by depth: the next prompt shares the most filler
     todo = [(m, n, d, k) for m in models for n, d, k in cells if n <= limits.get(m, n)]
     prompts = [passkey_prompt(tok, n, k, d) for _, n, d, k in todo]
+    groups: dict[tuple[str, int], list[int]] = {}  # (method, length) -> indices into todo, in order
+    for i, t in enumerate(todo):
+        groups.setdefault(t[:2], []).append(i)
+    as_tensor = [torch.tensor(p) for p in prompts] if share_prefix else []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -111,8 +115,8 @@ def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence
             if reader is None:
                 new, read = generate(model, [ids], max_new_tokens, attention=attention, progress=False)[0], len(ids)
             else:
-                group = [j for j, t in enumerate(todo) if t[:2] == (method, n)]
-                new, read = reader.answer(model, attention, ids, [prompts[j] for j in group if j > i],
+                group = groups[(method, n)]
+                new, read = reader.answer(model, attention, as_tensor[i], [as_tensor[j] for j in group if j > i],
                                           max(len(prompts[j]) for j in group))
         model.reset()
         answer = tok.decode(new).strip()
@@ -141,7 +145,7 @@ class _PrefixReader:
         self.group: tuple[Any, ...] | None = None
         self.saved: list[tuple[torch.Tensor, int, Any]] = []  # (ids read, ratio, session), shortest first
 
-    def answer(self, model: Any, attention: str, ids: list[int], later: Sequence[list[int]],
+    def answer(self, model: Any, attention: str, x: torch.Tensor, later: Sequence[torch.Tensor],
                longest: int) -> tuple[list[int], int]:
         """The new tokens and how many prompt tokens were read for them. ``later``: the prompts
         of this group (model, attention kind, room) still to come; ``longest``: the group's
@@ -150,8 +154,7 @@ class _PrefixReader:
 
         from .generation import extend, generate_from, new_session, ratio_for_length
 
-        x = torch.tensor(ids)
-        ratio = ratio_for_length(model, len(ids)) if attention == "beacon" else 0
+        ratio = ratio_for_length(model, len(x)) if attention == "beacon" else 0
         if self.group != (id(model), attention, longest):
             self.group, self.saved = (id(model), attention, longest), []
         self.saved = [sv for sv in self.saved if sv[1] == ratio and _common_prefix(sv[0], x) == len(sv[0])]
@@ -159,16 +162,16 @@ class _PrefixReader:
         if self.saved:
             model.session = copy.deepcopy(self.saved[-1][2])
         else:
-            new_session(model, [len(ids)], self.max_new_tokens + longest - len(ids), attention=attention)
-        for cut in sorted({_common_prefix(x, torch.tensor(p)) for p in later}):
+            new_session(model, [len(x)], self.max_new_tokens + longest - len(x), attention=attention)
+        for cut in sorted({_common_prefix(x, p) for p in later}):
             read = model.session.seen[0]
             if cut > read:
-                extend(model, [x[read:cut]], logits="none", known_lengths=[len(ids)], whole_steps=True)
+                extend(model, [x[read:cut]], logits="none", known_lengths=[len(x)], whole_steps=True)
                 if model.session.seen[0] > read:
                     self.saved.append((x[:model.session.seen[0]], ratio, copy.deepcopy(model.session)))
         read = model.session.seen[0]
-        logits = extend(model, [x[read:]], known_lengths=[len(ids)])
-        return generate_from(model, logits, self.max_new_tokens)[0], len(ids) - start
+        logits = extend(model, [x[read:]], known_lengths=[len(x)])
+        return generate_from(model, logits, self.max_new_tokens)[0], len(x) - start
 
 
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:

@@ -250,8 +250,11 @@ def extend(model: Llama, ids: Ids, *, logits: str = "last", known_lengths: Seque
                 raise ValueError(f"known_lengths[{b}]={n} is less than the {s.seen[b] + len(x)} tokens read")
     out = torch.full((len(seqs), model.config.vocab_size), float("nan"), dtype=model.dtype, device=model.device)
 
+    ends = [None if whole_steps else len(x) for x in seqs]
+
     def keep(b: int, start: int, h: Tensor) -> None:
-        if logits == "last":
+        # only a sequence's last chunk (whole steps: which chunk is last is known only afterwards)
+        if logits == "last" and (ends[b] is None or start + len(h) == ends[b]):
             out[b] = model.logits(h[-1:])[0]
 
     _feed(model, seqs, progress=progress, on_hidden=keep, known=known_lengths, whole_steps=whole_steps)
