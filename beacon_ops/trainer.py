@@ -319,17 +319,17 @@ class Trainer:
     def start_from(self, path: str) -> None:
         """Start this run from the weights of an adapter (e.g. one trained on language modelling):
         its tensors are copied in, the optimizer and step stay fresh. The adapter must have this
-        run's projections and window, and its rank, or for low-rank runs a lower one (grown: the
-        added rank starts at zero, so step 0 computes what the adapter did). Its beacon layout may
-        differ from the run's (a warm start for another mode or placement). Every rank reads the
-        same file."""
+        run's projections and its rank, or for low-rank runs a lower one (grown: the added rank
+        starts at zero, so step 0 computes what the adapter did). Its window and beacon layout may
+        differ from the run's (a warm start for another window, mode or placement; the adapter's
+        window is recorded as ``init_window``). Every rank reads the same file."""
         cfg = self._adapter_config_for_this_run(path, "--init", lower_rank=True)
         r = int(cfg["rank"])
         grow = r < self.config.rank
         b = self.model.beacon
-        if int(cfg.get("window", b.window)) != b.window:
-            raise ValueError(f"--init: adapter was trained with window {cfg['window']}, the run uses "
-                             f"{b.window} (--window must match)")
+        trained_window = int(cfg.get("window", b.window))
+        if trained_window != b.window:   # the parameters do not depend on W: a warm start for another window
+            self.meta["init_window"] = trained_window
         if grow:
             load_adapter_into_higher_rank(self.model, path)
             self.meta["init_rank"] = r

@@ -75,6 +75,14 @@ def test_depth_must_lie_in_0_1(value, capsys):
     assert_usage_error(["demo", f"--depth={value}"], capsys, "--depth", "[0.0, 1.0]")
 
 
+@pytest.mark.parametrize("flag, value", [("--lr", "-1e-3"), ("--lr", "nan"), ("--lr", "2"),
+                                         ("--weight-decay", "-0.1"), ("--clip", "-1"), ("--clip", "nan")])
+def test_optimizer_numbers_are_checked(flag, value, capsys):
+    """A negative, NaN or absurd learning rate, weight decay or clip is one line naming the flag
+    (--lr 0 used to fall back silently to the default)."""
+    assert_usage_error(["train", "--tiny", "--steps", "1", f"{flag}={value}"], capsys, flag)
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["demo", "--window", "128", "--stride", "200"], ("--stride", "[1, --window=128]")),
     (["demo", "--window", "128", "--ratio", "3"], ("--ratio", "divisor of the stride 128")),
@@ -248,6 +256,24 @@ def test_init_with_another_rank(tmp_path, capsys):
     assert run_cli(["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len",
                     "140", "--rank", "3", "--init", out, "--out", str(tmp_path / "b.safetensors")],
                    capsys)[0] == 0
+
+
+def test_init_with_another_window(tmp_path, capsys):
+    """--init may change the window (the beacon parameters do not depend on it): the new adapter
+    is of the run's window, records the one it started from, and holds the same tensors after a
+    step of learning rate 0."""
+    from safetensors.torch import load_file
+
+    from beacon_ops.adapter import read_adapter_config
+
+    base = ["train", "--tiny", "--steps", "1", "--min-len", "130", "--max-len", "140", "--rank", "2"]
+    a, b = str(tmp_path / "w64.safetensors"), str(tmp_path / "w32.safetensors")
+    assert run_cli(base + ["--window", "64", "--out", a], capsys)[0] == 0
+    assert run_cli(base + ["--window", "32", "--lr", "0", "--init", a, "--out", b], capsys)[0] == 0
+    cfg = read_adapter_config(b)
+    assert (cfg["window"], cfg["init_window"], cfg["init"]) == (32, 64, "w64.safetensors")
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_train_with_a_reader(tmp_path, capsys):

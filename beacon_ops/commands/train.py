@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -109,7 +110,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     start.add_argument("--init", type=existing_path, default=None, metavar="PATH",
                        help="start from this adapter's weights (fresh optimizer, step 0), e.g. the "
                        "shipped language-modelling adapter before task training; a low-rank adapter of a lower "
-                       "--rank than the run's is grown (the added rank starts at zero)")
+                       "--rank than the run's is grown (the added rank starts at zero); its window, mode and "
+                       "placement may differ from the run's")
     p.add_argument("--save-every", type=int_at_least(0), default=0, help="also save every N steps")
     p.add_argument("--window", type=int_at_least(1), default=1024)
     p.add_argument("--mode", default="step-expansion", choices=list(MODES))
@@ -139,11 +141,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the condensed memory (0: none; inputs of one window never use it)")
     p.add_argument("--reader-lr", type=float, default=None,
                    help="the reader's peak learning rate (default: --lr's)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default 5e-5 for full matrices, the paper's; 1e-3 low-rank)")
+    p.add_argument("--lr", type=float_between(0.0, 1.0), default=None,
+                   help="peak learning rate (default 5e-5 for full matrices, the paper's; 1e-3 low-rank; "
+                        "0 leaves the weights as they are)")
     p.add_argument("--warmup", type=int_at_least(0), default=None, help="warm-up steps (default 5%% of --steps)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float_between(0.0, 1.0), default=0.0)
+    p.add_argument("--clip", type=float_between(0.0, math.inf), default=1.0,
+                   help="gradient-norm clipping (default 1.0; 0 turns it off)")
     p.add_argument("--checkpoint", default="window", choices=["window", "layer", "none"])
     p.add_argument("--grad-windows", type=int_at_least(0), default=None, metavar="N",
                    help="backpropagate only through the windows that hold a target or a fact, and N "
@@ -249,7 +253,7 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
         batches = lambda i: probe[i % len(probe)]  # noqa: E731
     ratios = args.ratios
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    cfg = TrainConfig(steps=args.steps, lr=args.lr or (1e-3 if args.rank else 5e-5),
+    cfg = TrainConfig(steps=args.steps, lr=(1e-3 if args.rank else 5e-5) if args.lr is None else args.lr,
                       warmup=args.warmup if args.warmup is not None else max(1, args.steps // 20),
                       weight_decay=args.weight_decay, clip=args.clip, params=params, rank=args.rank,
                       reader_rank=args.reader_rank, reader_lr=args.reader_lr,
