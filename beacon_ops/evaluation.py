@@ -18,6 +18,7 @@ import torch
 
 __all__ = ["FILLER", "INTRO", "QUESTION", "passkey_prompt", "passkey_min_tokens", "default_text",
            "PasskeyResult", "passkey_grid", "chars_in_place", "accuracy_table", "plot_passkey_heatmap",
+           "read_passkey_results",
            "TaskResult", "expected_answer", "task_answers", "task_table"]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -243,6 +244,32 @@ def plot_passkey_heatmap(results: Sequence[PasskeyResult], path: str, title: str
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def read_passkey_results(path: str) -> list[PasskeyResult]:
+    """The results an ``eval-passkey --json PATH`` run wrote, as :class:`PasskeyResult`.
+
+    Raises ``ValueError`` saying what is wrong when the file is not such a JSON file."""
+    import json
+    from dataclasses import fields
+
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON ({e.msg}, line {e.lineno})") from None
+    rows = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} has no 'results' list: not an eval-passkey --json file")
+    names = {f.name for f in fields(PasskeyResult)}
+    required = {f.name for f in fields(PasskeyResult) if f.name != "read"}
+    out = []
+    for i, row in enumerate(rows):
+        missing = required - set(row) if isinstance(row, dict) else required
+        if missing:
+            raise ValueError(f"{path}: result {i} lacks {', '.join(sorted(missing))}")
+        out.append(PasskeyResult(**{k: v for k, v in row.items() if k in names}))
+    return out
 
 
 # --- held-out long-context tasks ----------------------------------------------------------------

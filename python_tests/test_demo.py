@@ -117,6 +117,37 @@ def test_eval_passkey_keys_per_cell(tmp_path, no_smollm2, capsys):
     assert e.value.code == 2 and "--keys" in capsys.readouterr().err
 
 
+def test_plot_passkey_merges_runs(tmp_path, no_smollm2, capsys):
+    """plot-passkey: runs made a length at a time become one table and heatmap; --names turns two
+    runs into two panels; the same key answered twice, a file that is not eval-passkey's and a
+    wrong --names count are one line naming the argument, exit 2."""
+    runs = []
+    for n in (400, 600):
+        runs.append(tmp_path / f"pk{n}.json")
+        assert main(["eval-passkey", "--lengths", str(n), "--depths", "0,1", "--window", "128",
+                     "--methods", "beacon", "--json", str(runs[-1])]) == 0
+    capsys.readouterr()
+    png = tmp_path / "merged.png"
+    assert main(["plot-passkey", str(runs[0]), str(runs[1]), "--out", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "| length | beacon |" in printed and "| 400 | " in printed and "| 600 | " in printed
+    assert png.stat().st_size > 1000
+    assert main(["plot-passkey", str(runs[0]), str(runs[0]), "--names", "a,b", "--out", str(png)]) == 0
+    assert "| length | a | b |" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": "x"}))
+    for argv, needles in [
+        ([str(runs[0]), str(runs[0])], ("JSON", "both answer key")),
+        ([str(bad)], ("JSON", "no 'results' list")),
+        ([str(runs[0]), str(runs[1]), "--names", "a"], ("--names", "2 files")),
+    ]:
+        code = main(["plot-passkey", *argv, "--out", str(png)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and all(s in err[0] for s in needles), (code, err)
+    assert main(["plot-passkey", str(runs[0]), "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
 def test_shipped_adapter_is_the_default_for_smollm2_only(monkeypatch):
     import argparse
 

@@ -6,11 +6,11 @@ To add a command: write ``commands/<name>.py`` with a ``COMMAND`` and list it he
 """
 from __future__ import annotations
 
-from . import bench, demo, eval_passkey, eval_ppl, eval_tasks, info, plot_log, train
+from . import bench, demo, eval_passkey, eval_ppl, eval_tasks, info, plot_log, plot_passkey, train
 from .common import Command, UsageError
 
 __all__ = ["COMMANDS", "Command", "UsageError"]
 
 COMMANDS: tuple[Command, ...] = (info.COMMAND, demo.COMMAND, eval_ppl.COMMAND, eval_passkey.COMMAND,
-                                 eval_tasks.COMMAND, train.COMMAND, plot_log.COMMAND,
+                                 eval_tasks.COMMAND, train.COMMAND, plot_log.COMMAND, plot_passkey.COMMAND,
                                  bench.COMMAND)

@@ -1,0 +1,58 @@
+"""``python -m beacon_ops plot-passkey JSON... --out PNG``: one table and heatmap from several
+``eval-passkey --json`` runs.
+
+Long grids are often run a length (or an adapter) at a time; this puts them side by side.
+``--names`` renames each file's beacon results (one name a file), so that two adapters become
+two panels of one picture."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+
+from ..evaluation import accuracy_table, plot_passkey_heatmap, read_passkey_results
+from .common import Command, UsageError, existing_path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", type=existing_path, nargs="+", metavar="JSON",
+                   help="files written by eval-passkey --json")
+    p.add_argument("--out", required=True, metavar="PNG", help="the heatmap to write")
+    p.add_argument("--names", default=None, metavar="A,B,...",
+                   help="one name a file for its beacon results (default: keep 'beacon')")
+    p.add_argument("--title", default="", help="a line above the plot")
+
+
+def run(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RuntimeError("plot-passkey draws with matplotlib, which is not installed (pip install matplotlib)")
+    if not args.out.lower().endswith(".png"):
+        raise UsageError("--out", f"must name a .png file, got {args.out!r}")
+    names = args.names.split(",") if args.names is not None else [None] * len(args.files)
+    if len(names) != len(args.files) or not all(n is None or n.strip() for n in names):
+        raise UsageError("--names", f"needs one non-empty name for each of the {len(args.files)} files, "
+                         f"got {args.names!r}")
+    results, source = [], {}
+    for i, (path, name) in enumerate(zip(args.files, names)):
+        try:
+            rows = read_passkey_results(path)
+        except (ValueError, UnicodeDecodeError, IsADirectoryError) as e:
+            raise UsageError("JSON", str(e)) from None
+        for r in rows:
+            if name is not None and r.method == "beacon":
+                r = dataclasses.replace(r, method=name.strip())
+            cell = (r.method, r.length, r.depth, r.key)
+            if cell in source and source[cell][0] != i:
+                raise UsageError("JSON", f"{path} and {source[cell][1]} both answer key {r.key} at length "
+                                 f"{r.length}, depth {r.depth:g} for '{r.method}' (--names tells runs apart)")
+            source[cell] = (i, path)
+            results.append(r)
+    if not results:
+        raise UsageError("JSON", "the files hold no results")
+    print(accuracy_table(results))
+    print(f"heatmap: {plot_passkey_heatmap(results, args.out, args.title)}")
+    return 0
+
+
+COMMAND = Command("plot-passkey", "one accuracy table and heatmap from several eval-passkey --json runs",
+                  add_arguments, run)
