@@ -239,7 +239,7 @@ def plot_passkey_heatmap(results: Sequence[PasskeyResult], path: str, title: str
         found = [r.correct for r in results if r.method == m]
         ax.set_title(f"{m}: {sum(found)}/{len(found)}")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10, wrap=True)  # wrap: one panel is narrower than a long title
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -134,12 +134,15 @@ def test_plot_passkey_merges_runs(tmp_path, no_smollm2, capsys):
     assert png.stat().st_size > 1000
     assert main(["plot-passkey", str(runs[0]), str(runs[0]), "--names", "a,b", "--out", str(png)]) == 0
     assert "| length | a | b |" in capsys.readouterr().out
+    assert main(["plot-passkey", str(runs[0]), str(runs[1]), "--names", "r1", "--out", str(png)]) == 0
+    assert "| length | r1 |" in capsys.readouterr().out  # one name for every file
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": "x"}))
     for argv, needles in [
         ([str(runs[0]), str(runs[0])], ("JSON", "both answer key")),
         ([str(bad)], ("JSON", "no 'results' list")),
-        ([str(runs[0]), str(runs[1]), "--names", "a"], ("--names", "2 files")),
+        ([str(runs[0]), str(runs[1]), "--names", "a,b,c"], ("--names", "2 files")),
+        ([str(runs[0]), str(runs[1]), "--names", "a,"], ("--names", "non-empty")),
     ]:
         code = main(["plot-passkey", *argv, "--out", str(png)])
         err = capsys.readouterr().err.strip().splitlines()

@@ -2,8 +2,8 @@
 ``eval-passkey --json`` runs.
 
 Long grids are often run a length (or an adapter) at a time; this puts them side by side.
-``--names`` renames each file's beacon results (one name a file), so that two adapters become
-two panels of one picture."""
+``--names`` renames the beacon results (one name for all files, or one a file), so that two
+adapters become two panels of one picture."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="files written by eval-passkey --json")
     p.add_argument("--out", required=True, metavar="PNG", help="the heatmap to write")
     p.add_argument("--names", default=None, metavar="A,B,...",
-                   help="one name a file for its beacon results (default: keep 'beacon')")
+                   help="a name for the beacon results, one for all files or one a file (default: keep 'beacon')")
     p.add_argument("--title", default="", help="a line above the plot")
 
 
@@ -28,10 +28,12 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError("plot-passkey draws with matplotlib, which is not installed (pip install matplotlib)")
     if not args.out.lower().endswith(".png"):
         raise UsageError("--out", f"must name a .png file, got {args.out!r}")
-    names = args.names.split(",") if args.names is not None else [None] * len(args.files)
+    names = args.names.split(",") if args.names is not None else [None]
+    if len(names) == 1:
+        names *= len(args.files)
     if len(names) != len(args.files) or not all(n is None or n.strip() for n in names):
-        raise UsageError("--names", f"needs one non-empty name for each of the {len(args.files)} files, "
-                         f"got {args.names!r}")
+        raise UsageError("--names", f"needs one non-empty name, or one for each of the {len(args.files)} "
+                         f"files, got {args.names!r}")
     results, source = [], {}
     for i, (path, name) in enumerate(zip(args.files, names)):
         try:
