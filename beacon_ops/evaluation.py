@@ -8,10 +8,11 @@ PSF licence), which every Python installation ships.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 import torch
@@ -250,9 +251,6 @@ def read_passkey_results(path: str) -> list[PasskeyResult]:
     """The results an ``eval-passkey --json PATH`` run wrote, as :class:`PasskeyResult`.
 
     Raises ``ValueError`` saying what is wrong when the file is not such a JSON file."""
-    import json
-    from dataclasses import fields
-
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)
