@@ -114,6 +114,17 @@ def device_name(text: str) -> str:
     return text
 
 
+def check_png_output(out: str, command: str) -> None:
+    """A drawing command's checks before it reads anything: matplotlib is installed, ``--out``
+    names a .png file."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RuntimeError(f"{command} draws with matplotlib, which is not installed (pip install matplotlib)")
+    if not out.lower().endswith(".png"):
+        raise UsageError("--out", f"must name a .png file, got {out!r}")
+
+
 def write_json(obj: Any, dest: str | None) -> None:
     """Write ``obj`` as JSON to ``dest`` ('-' = stdout); nothing when ``dest`` is None."""
     if dest is None:

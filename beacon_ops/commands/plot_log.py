@@ -5,10 +5,9 @@ across sessions (a repeated step counts once, its last record)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 from ..training_plot import plot_training_log, read_training_log, summarize_training_log
-from .common import Command, UsageError, existing_path, int_at_least, write_json
+from .common import Command, UsageError, check_png_output, existing_path, int_at_least, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,10 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("matplotlib") is None:
-        raise RuntimeError("plot-log draws with matplotlib, which is not installed (pip install matplotlib)")
-    if not args.out.lower().endswith(".png"):
-        raise UsageError("--out", f"must name a .png file, got {args.out!r}")
+    check_png_output(args.out, "plot-log")
     try:
         records = read_training_log(args.log)
     except (ValueError, UnicodeDecodeError, IsADirectoryError) as e:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 
 from ..evaluation import accuracy_table, plot_passkey_heatmap, read_passkey_results
-from .common import Command, UsageError, existing_path
+from .common import Command, UsageError, check_png_output, existing_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,10 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("matplotlib") is None:
-        raise RuntimeError("plot-passkey draws with matplotlib, which is not installed (pip install matplotlib)")
-    if not args.out.lower().endswith(".png"):
-        raise UsageError("--out", f"must name a .png file, got {args.out!r}")
+    check_png_output(args.out, "plot-passkey")
     names = args.names.split(",") if args.names is not None else [None]
     if len(names) == 1:
         names *= len(args.files)
