@@ -64,6 +64,30 @@ def test_attention_bench_has_an_interleaved_causal_row(monkeypatch):
     assert set(res["summary"]["prefill_interleaved_speedup_vs_sdpa_masked"]) == {"fp32 1thr", "bf16 1thr"}
 
 
+def test_attention_bench_decodes_at_several_key_counts(monkeypatch):
+    """`bench attention` measures decode at 3,584 and 32,768 keys (quick) and 102,400 too (full),
+    one query over the raw 512 after memory, each against the copy; the summary names the
+    headline's ratio as before and the longer ones by their key count."""
+    from beacon_ops.benchmarks import attention
+
+    def fake_step(device, dtype, **kw):
+        nq = kw["nq"]
+        keys = kw["mem"] + kw["raw"] + kw["beacon"]
+        return {"step": kw.get("step") or ("prefill" if nq > 1 else "decode"), "dtype": str(dtype).split(".")[-1],
+                "q": nq, "keys": keys, "vs_copy": keys / 1e6, "speedup_vs_sdpa": 2.0, "raw": kw["raw"]}
+
+    monkeypatch.setattr(attention, "measure_step", fake_step)
+    for quick, keys in ((True, [3584, 32768]), (False, [3584, 32768, 102400])):
+        res = attention.run("cpu", quick, threads=[1])
+        decode = [r for r in res["rows"] if r["step"] == "decode"]
+        assert sorted({r["keys"] for r in decode}) == keys and {r["raw"] for r in decode} == {512}
+        assert res["config"]["decode_keys"] == keys
+        names = ["decode_vs_copy", "decode_vs_copy_32k", "decode_vs_copy_100k"][:len(keys)]
+        for name, n in zip(names, keys):
+            assert res["summary"][name] == {"fp32 1thr": n / 1e6, "bf16 1thr": n / 1e6}
+        assert ("decode_vs_copy_100k" in res["summary"]) == (not quick)
+
+
 def test_interleaved_causal_step_is_measured_against_its_peers():
     """A real (tiny) measurement of the interleaved-causal step: the op against SDPA with the
     materialised causal mask, the causal SDPA and the matmul ceiling; the useful work is the

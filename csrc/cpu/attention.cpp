@@ -206,6 +206,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                                  use_decode_pv_stream(rows, d);
       // Its P V interleaved with the next key block's Q K^T, whose scores wait in scores_next.
       const bool dec_pv_qk = dec_amx && use_decode_pv_qk(rows, d);
+      // Else (no AMX) its P V by bf16 dot products, acc in the pairs' order (decode_pv_pairs).
+      const bool dec_pv_pairs = dec_bf16 && !dec_pv_qk && use_decode_pv_pairs(rows, d);
       bool next_scored = false;
       const bool split = small && !dec_bf16 && !dec_f32 && !dec_pv_stream && decode_split<T>(rows, d);  // q, acc in split order
       const int64_t row0 = cu[tile.b] + tile.t0;  // packed index of the tile's first query
@@ -345,6 +347,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           decode_pv_qk_amx(scores, rows, n, reinterpret_cast<const uint16_t*>(vb), P.v_row_stride, d, acc,
                            q_pairs_dec, q_bf16, reinterpret_cast<const uint16_t*>(kb + key_block * P.k_row_stride),
                            P.k_row_stride, n_next, P.scale, scores_next);
+        } else if (dec_pv_pairs) {  // P's pairs in v_block (unused by the decode kernels)
+          decode_pv_pairs(scores, rows, n, reinterpret_cast<const uint16_t*>(vb), P.v_row_stride, d, acc,
+                          v_pairs);
         } else if (dec_bf16) {
           decode_pv_bf16(scores, rows, n, reinterpret_cast<const uint16_t*>(vb), P.v_row_stride, d, acc);
         } else if (dec_f32) {
@@ -364,7 +369,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
       if (scores > scores_next) std::swap(scores, scores_next);  // scores_next may be the shorter
       if (split && !first) merge_columns(acc, rows, d);
-      if (dec_bf16 && !first) merge_columns(acc, rows, d, 32);
+      if (dec_pv_pairs && !first) unpair_columns(acc, rows, d);
+      else if (dec_bf16 && !first) merge_columns(acc, rows, d, 32);
       // Normalise and write out; a row that saw no key gets out = 0 and lse = +inf.
       for (int r = 0; r < rows; ++r) {
         const int t = r / G, g = r % G;

@@ -825,6 +825,17 @@ inline void merge_columns(float* x, int rows, int d, int width = 16) {
     }
 }
 
+// decode_pv_pairs's column order (each 32 columns: lane 4l + j of the first 16 is column 8l + j,
+// of the second 16 column 8l + 4 + j, l < 4, j < 4) back to columns in order.
+inline void unpair_columns(float* x, int rows, int d) {
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < d; i += 32) {
+      float* g = x + static_cast<int64_t>(r) * d + i;
+      float t[32];
+      for (int j = 0; j < 16; ++j) t[8 * (j / 4) + j % 4] = g[j], t[8 * (j / 4) + 4 + j % 4] = g[16 + j];
+      std::memcpy(g, t, sizeof(t));
+    }
+}
 // Few-row tiles (decode, rows < 8): s [n x rows] = alpha * k q^T. k_scratch: n x d floats.
 // split: q is in split column order (decode_split said so).
 template <typename T>

@@ -238,6 +238,127 @@ BEACON_DECODE_AVX512_TARGET void decode_pv_rows(const float* p, int n, const T* 
   }
 }
 
+// P V of a bf16 decode tile by bf16 dot products, where Q K^T takes decode_qk_bf16 (no AMX):
+// on Zen 4 (vdpbf16ps at the rate of an fp32 FMA, 32 products each against 16) the 4-row step's
+// widen-and-FMA P V was most of its instructions, and the step ran at 0.6 of copy bandwidth from
+// memory with ~0.7 of its time spent the same from the CPU caches. P is rounded to bf16 (as the
+// prefill's bf16 P V and flash attention's GPU kernels do) and taken two keys at a time: pp
+// below holds (p[c][r], p[c + 1][r]) for every row, V rows c and c + 1 are interleaved by
+// vpunpck{l,h}wd, so that each accumulator lane sums one column over both keys. acc is then
+// kept in the pairs' column order (each 32 columns: 8l + j and 8l + 4 + j for lane l, j < 4,
+// the two halves; unpair_columns undoes it). d 64 or 128.
+inline bool use_decode_pv_pairs(int rows, int d) {
+  return use_decode_bf16(rows, d) && !cpu_has(Isa::kAmx) && (d == 64 || d == 128);
+}
+
+// pp[(c / 2) * ROWS + r] = bf16(p[c][r]) | bf16(p[c + 1][r]) << 16 for c = 0, 2, ..., the key
+// after an odd n 0; p transposed [n x ROWS]. Four keys a time: their scores (at most 28 floats)
+// in two masked loads, each pair's low and high halves gathered by vpermt2ps, rounded together
+// (vcvtne2ps2bf16) and interleaved (vpermw).
+template <int ROWS>
+BEACON_DECODE_BF16_TARGET inline void pack_p_pairs(const float* p, int n, uint32_t* pp) {
+  alignas(64) int32_t lo_idx[16], hi_idx[16];
+  for (int j = 0; j < 16; ++j) {  // out dword j: pair j / ROWS of the four keys, row j % ROWS
+    const int pair = j / ROWS < 2 ? j / ROWS : 1, r = j % ROWS;
+    lo_idx[j] = (2 * pair) * ROWS + r;
+    hi_idx[j] = (2 * pair + 1) * ROWS + r;
+  }
+  alignas(64) int16_t mix_idx[32];
+  for (int j = 0; j < 16; ++j) mix_idx[2 * j] = static_cast<int16_t>(j), mix_idx[2 * j + 1] = static_cast<int16_t>(16 + j);
+  const __m512i lo_i = _mm512_load_si512(lo_idx), hi_i = _mm512_load_si512(hi_idx);
+  const __m512i mix = _mm512_load_si512(mix_idx);
+  for (int c = 0; c < n; c += 4) {
+    const int floats = std::min(4, n - c) * ROWS;  // the rest of the group is zero
+    const __mmask16 m0 = floats >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << floats) - 1u);
+    const __mmask16 m1 = floats <= 16 ? __mmask16(0) : static_cast<__mmask16>((1u << (floats - 16)) - 1u);
+    const float* pc = p + static_cast<int64_t>(c) * ROWS;
+    const __m512 x0 = _mm512_maskz_loadu_ps(m0, pc), x1 = _mm512_maskz_loadu_ps(m1, pc + 16);
+    const __m512 lo = _mm512_permutex2var_ps(x0, lo_i, x1), hi = _mm512_permutex2var_ps(x0, hi_i, x1);
+    const __m512i w = _mm512_permutexvar_epi16(mix, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    const int pairs = (std::min(4, n - c) + 1) / 2;
+    _mm512_mask_storeu_epi32(pp + static_cast<int64_t>(c / 2) * ROWS, static_cast<__mmask16>((1u << (pairs * ROWS)) - 1u), w);
+  }
+}
+
+// Keys c0 .. c1 - 1 (c0 even) of decode_pv_pairs_rows, CB columns of every row in registers per
+// pass, prefetching the keys after the chunk up to pf_end (as pv_chunk: the chunk's lines over
+// its visits).
+template <int ROWS, int CB>
+BEACON_DECODE_BF16_TARGET inline void pv_pairs_chunk(const uint32_t* pp, int c0, int c1, int n, int pf_end,
+                                                     const uint16_t* v, int64_t ldv, int d, float* acc) {
+  constexpr int G = CB / 32;  // 32-column groups per pass
+  const int row_lines = d * 2 / 64;
+  const int lines_per_visit = std::max(1, row_lines * 2 * CB / d);  // two rows a visit
+  int pf_row = c1, pf_line = 0;
+  for (int i0 = 0; i0 < d; i0 += CB) {
+    __m512 lo[ROWS][G], hi[ROWS][G];
+    for (int r = 0; r < ROWS; ++r)
+      for (int g = 0; g < G; ++g) {
+        lo[r][g] = _mm512_loadu_ps(acc + r * d + i0 + 32 * g);
+        hi[r][g] = _mm512_loadu_ps(acc + r * d + i0 + 32 * g + 16);
+      }
+    for (int c = c0; c < c1; c += 2) {
+      for (int l = 0; l < lines_per_visit && pf_row < pf_end; ++l) {
+        _mm_prefetch(reinterpret_cast<const char*>(v + pf_row * ldv) + 64 * pf_line, _MM_HINT_T0);
+        if (++pf_line == row_lines) pf_line = 0, ++pf_row;
+      }
+      const uint16_t* va = v + c * ldv + i0;
+      const uint16_t* vb = c + 1 < n ? va + ldv : va;  // a missing key's p is 0
+      __m512bh plo[G], phi[G];
+      for (int g = 0; g < G; ++g) {
+        const __m512i a = _mm512_loadu_si512(va + 32 * g), b = _mm512_loadu_si512(vb + 32 * g);
+        plo[g] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
+        phi[g] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
+      }
+      const uint32_t* pc = pp + static_cast<int64_t>(c / 2) * ROWS;
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512bh pr = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pc[r])));
+        for (int g = 0; g < G; ++g) {
+          lo[r][g] = _mm512_dpbf16_ps(lo[r][g], plo[g], pr);
+          hi[r][g] = _mm512_dpbf16_ps(hi[r][g], phi[g], pr);
+        }
+      }
+    }
+    for (int r = 0; r < ROWS; ++r)
+      for (int g = 0; g < G; ++g) {
+        _mm512_storeu_ps(acc + r * d + i0 + 32 * g, lo[r][g]);
+        _mm512_storeu_ps(acc + r * d + i0 + 32 * g + 16, hi[r][g]);
+      }
+  }
+  if (pf_row < pf_end)
+    for (int c = pf_row; c < pf_end; ++c) prefetch_key_row(v + c * ldv, d);
+}
+
+// acc [ROWS x d] += p v (p transposed [n x ROWS]) in the pairs' column order; pp: scratch for
+// (n + 1) / 2 * ROWS words. Chunks of kPvChunkKeys keys, as decode_pv_rows.
+template <int ROWS>
+BEACON_DECODE_BF16_TARGET void decode_pv_pairs_rows(const float* p, int n, const uint16_t* v, int64_t ldv,
+                                                    int d, float* acc, uint32_t* pp) {
+  pack_p_pairs<ROWS>(p, n, pp);
+  // Registers: ROWS x CB / 16 accumulators (16 for 4 rows at 64 columns a pass).
+  constexpr int CB = ROWS <= 2 ? 128 : ROWS <= 4 ? 64 : 32;
+  for (int c = 0; c < std::min(n, kPvChunkKeys); ++c) prefetch_key_row(v + c * ldv, d);
+  for (int c0 = 0; c0 < n; c0 += kPvChunkKeys) {
+    const int c1 = std::min(n, c0 + kPvChunkKeys);
+    const int pf_end = std::min(n, c1 + kPvChunkKeys);
+    if (CB > d) pv_pairs_chunk<ROWS, 64>(pp, c0, c1, n, pf_end, v, ldv, d, acc);
+    else pv_pairs_chunk<ROWS, CB>(pp, c0, c1, n, pf_end, v, ldv, d, acc);
+  }
+}
+
+inline void decode_pv_pairs(const float* p, int rows, int n, const uint16_t* v, int64_t ldv, int d, float* acc,
+                            uint32_t* pp) {
+  switch (rows) {
+    case 1: decode_pv_pairs_rows<1>(p, n, v, ldv, d, acc, pp); return;
+    case 2: decode_pv_pairs_rows<2>(p, n, v, ldv, d, acc, pp); return;
+    case 3: decode_pv_pairs_rows<3>(p, n, v, ldv, d, acc, pp); return;
+    case 4: decode_pv_pairs_rows<4>(p, n, v, ldv, d, acc, pp); return;
+    case 5: decode_pv_pairs_rows<5>(p, n, v, ldv, d, acc, pp); return;
+    case 6: decode_pv_pairs_rows<6>(p, n, v, ldv, d, acc, pp); return;
+    default: decode_pv_pairs_rows<7>(p, n, v, ldv, d, acc, pp); return;
+  }
+}
+
 // The two kernels for 1-7 rows (use_decode_bf16 said so).
 inline void decode_qk_bf16(const uint16_t* q, int rows, int d, const uint16_t* k, int64_t ldk, int n,
                            float alpha, float* s) {
@@ -496,6 +617,8 @@ inline bool use_decode_bf16(int, int) { return false; }
 inline void decode_qk_bf16(const uint16_t*, int, int, const uint16_t*, int64_t, int, float, float*) {}
 inline void decode_pv_bf16(const float*, int, int, const uint16_t*, int64_t, int, float*) {}
 inline bool use_decode_amx(int, int) { return false; }
+inline bool use_decode_pv_pairs(int, int) { return false; }
+inline void decode_pv_pairs(const float*, int, int, const uint16_t*, int64_t, int, float*, uint32_t*) {}
 inline void decode_qk_amx(const uint32_t*, const uint16_t*, int, int, const uint16_t*, int64_t, int, float,
                           float*) {}
 inline bool use_decode_pv_qk(int, int) { return false; }
