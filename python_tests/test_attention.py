@@ -403,10 +403,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         c = make_case("cpu", dtype, mem=[2300, 1030], raw=[5, 1], beacon=[0, 0], ratio=[0, 0],
                       nq=[1, 1], heads=4, kv_heads=2, head_dim=d)
         check(c)
-        # 4 rows (GQA 4) over three key blocks, an odd key count (bf16 P V by pairs of keys)
-        c = make_case("cpu", dtype, mem=[2301], raw=[4], beacon=[0], ratio=[0],
-                      nq=[1], heads=8, kv_heads=2, head_dim=d)
-        check(c)
+        # 4 rows (GQA 4) and SmolLM2's 3 over three key blocks, an odd key count (bf16 P V by
+        # pairs of keys)
+        for heads, kv_heads in ((8, 2), (9, 3)):
+            c = make_case("cpu", dtype, mem=[2301], raw=[4], beacon=[0], ratio=[0],
+                          nq=[1], heads=heads, kv_heads=kv_heads, head_dim=d)
+            check(c)
     # decode tiles of 3, 5, 6 and 7 rows (GQA 3 with one and two tokens, GQA 5 and 7), head_dim 96
     # and 32; key counts that leave a partial group of keys in every kernel; head_dim 192 and 256
     # (the AMX decode's Q tiles reloaded per chunk)

@@ -43,12 +43,16 @@ inline bool use_decode_f32(int rows, int d) {
 }
 
 // Whether a decode tile of `rows` rows over a bf16 cache takes these kernels: also where the AVX2
-// family is preferred but P V does not stream (Zen 4, 32 query heads over 8 kv heads, i.e. 4 rows,
-// bf16: 0.53-0.63 of copy bandwidth with these, 0.47-0.56 with the AVX2 kernels; fp32 the other
-// way round, 0.37-0.40 against 0.56-0.63).
+// family is preferred, except where bf16 V streams faster through pv_stream after the AVX2 Q K^T
+// (Zen 4, one thread, 4,608 keys: 1-3 rows at d 128, 0.83-0.90 ms against 1.2-1.35 with these;
+// 1 row at d 64). Elsewhere these win there: 32 query heads over 8 kv heads (4 rows, bf16)
+// 0.53-0.63 of copy bandwidth against 0.47-0.56 with the AVX2 kernels before decode_pv_pairs, 0.7
+// after; SmolLM2's 9 over 3 (3 rows, d 64) 0.18-0.20 ms against 0.25; fp32 the other way round
+// (0.37-0.40 against 0.56-0.63), so fp32 keeps the AVX2 family there.
 inline bool use_decode_bf16(int rows, int d) {
+  const bool stream = use_decode_pv_stream(rows, d) && (d == 128 || rows <= 2);
   return rows >= 1 && rows <= 7 && d % 32 == 0 && cpu_has(Isa::kAvx512Bf16) &&
-         (decode_avx512_preferred() || !use_decode_pv_stream(rows, d));
+         (decode_avx512_preferred() || !stream);
 }
 
 // Lane i of the result = the sum of v[i]'s 16 lanes: pairs of vectors, then of 64-bit halves,
@@ -77,7 +81,7 @@ BEACON_DECODE_AVX512_TARGET inline __m512 hsum16x16(const __m512* v) {
 // reduced together by hsum16x16 straight into the scores' key-major order (accumulator
 // j * ROWS + r = key j, row r), one masked store per KEYS keys. q: ROWS rows of d bf16.
 template <int ROWS>
-BEACON_DECODE_BF16_TARGET void decode_qk_bf16_rows(const uint16_t* q, int d, const uint16_t* k,
+BEACON_DECODE_BF16_TARGET __attribute__((aligned(64))) void decode_qk_bf16_rows(const uint16_t* q, int d, const uint16_t* k,
                                                    int64_t ldk, int n, float alpha, float* s) {
   constexpr int KEYS = 16 / ROWS;
   const __m512 va = _mm512_set1_ps(alpha);
@@ -333,19 +337,27 @@ BEACON_DECODE_BF16_TARGET inline void pv_pairs_chunk(const uint32_t* pp, int c0,
 }
 
 // acc [ROWS x d] += p v (p transposed [n x ROWS]) in the pairs' column order; pp: scratch for
-// (n + 1) / 2 * ROWS words. Chunks of kPvChunkKeys keys, as decode_pv_rows.
+// (n + 1) / 2 * ROWS words. Where d takes more than one pass, chunks of kPvChunkKeys keys, as
+// decode_pv_rows.
 template <int ROWS>
-BEACON_DECODE_BF16_TARGET void decode_pv_pairs_rows(const float* p, int n, const uint16_t* v, int64_t ldv,
+BEACON_DECODE_BF16_TARGET __attribute__((aligned(64))) void decode_pv_pairs_rows(const float* p, int n, const uint16_t* v, int64_t ldv,
                                                     int d, float* acc, uint32_t* pp) {
   pack_p_pairs<ROWS>(p, n, pp);
   // Registers: ROWS x CB / 16 accumulators (16 for 4 rows at 64 columns a pass).
   constexpr int CB = ROWS <= 2 ? 128 : ROWS <= 4 ? 64 : 32;
+  if constexpr (CB >= 64) {
+    if (CB >= d) {  // one pass: V key after key, the hardware prefetchers alone (as pv_stream; Zen
+      // 4, 3 rows at d 64: 0.18 ms against 0.20 with the chunks' prefetches)
+      if constexpr (CB == 128) {
+        if (d == 128) return pv_pairs_chunk<ROWS, 128>(pp, 0, n, n, n, v, ldv, d, acc);
+      }
+      return pv_pairs_chunk<ROWS, 64>(pp, 0, n, n, n, v, ldv, d, acc);
+    }
+  }
   for (int c = 0; c < std::min(n, kPvChunkKeys); ++c) prefetch_key_row(v + c * ldv, d);
   for (int c0 = 0; c0 < n; c0 += kPvChunkKeys) {
     const int c1 = std::min(n, c0 + kPvChunkKeys);
-    const int pf_end = std::min(n, c1 + kPvChunkKeys);
-    if (CB > d) pv_pairs_chunk<ROWS, 64>(pp, c0, c1, n, pf_end, v, ldv, d, acc);
-    else pv_pairs_chunk<ROWS, CB>(pp, c0, c1, n, pf_end, v, ldv, d, acc);
+    pv_pairs_chunk<ROWS, CB>(pp, c0, c1, n, std::min(n, c1 + kPvChunkKeys), v, ldv, d, acc);
   }
 }
 
