@@ -61,6 +61,14 @@ bench-amx:
 	$(CXX) -O2 -std=c++17 -Icsrc bench/amx_tiles.cpp -o build/amx_tiles
 	./build/amx_tiles
 
+# One core's arithmetic ceiling (bench/fma_peak.cpp; plain C++): fp32 FMA GFLOP/s at 256 and 512
+# bits, bf16 dot products where the CPU has them.
+.PHONY: bench-peak
+bench-peak:
+	mkdir -p build
+	$(CXX) -O2 -std=c++17 bench/fma_peak.cpp -o build/fma_peak
+	./build/fma_peak
+
 clean:
 	rm -rf build beacon_ops/_C*.so beacon_ops/_cuda_emu*.so beacon_ops/_build.json
 

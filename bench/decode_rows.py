@@ -3,9 +3,12 @@
 Each row: the op over copies of the cache in turn (cold K/V, as a model's layers) interleaved
 with a 256 MB copy, K/V bytes read per second against the copy's read + written bytes per
 second; then the op back to back on one cache (``hot``: K/V from the CPU caches, the kernels'
-arithmetic). Usage: ``python bench/decode_rows.py`` (about a minute).
+arithmetic). Usage: ``python bench/decode_rows.py [--dtypes bf16,fp32] [--shapes R/KV/D,...]
+[--keys N]`` (about a minute with the defaults).
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 
@@ -16,15 +19,39 @@ from beacon_ops.benchmarks.decode import _decode_inputs
 KEYS, RAW = 4608, 512
 # (rows per K/V stream, kv heads, head_dim): 3 rows at d 128, SmolLM2's 9 / 3 heads at d 64, 1 row.
 SHAPES = ((3, 8, 128), (3, 3, 64), (1, 8, 128))
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """``"4/8/128,3/3/64"`` -> ``[(4, 8, 128), (3, 3, 64)]`` (rows / kv heads / head_dim)."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.split("/")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"{item!r} is not ROWS/KV_HEADS/HEAD_DIM")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", default="bf16,fp32", help="bf16, fp32 or both (default: both)")
+    ap.add_argument("--shapes", type=parse_shapes, default=list(SHAPES),
+                    help="ROWS/KV_HEADS/HEAD_DIM,... (default: 3/8/128,3/3/64,1/8/128)")
+    ap.add_argument("--keys", type=int, default=KEYS, help=f"keys in the cache (default {KEYS})")
+    args = ap.parse_args()
+    dtypes = args.dtypes.split(",")
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        ap.error(f"--dtypes: choose from {', '.join(DTYPES)}")
+    if args.keys <= RAW:
+        ap.error(f"--keys: more than the raw window's {RAW}")
     torch.set_num_threads(1)
     src = torch.empty(64 << 20).uniform_()
     dst = torch.empty_like(src)
-    for dtype in (torch.bfloat16, torch.float32):
-        for rows, kv_heads, d in SHAPES:
-            q, k, v, lens = _decode_inputs("cpu", dtype, rows * kv_heads, kv_heads, d, KEYS - RAW, RAW)
+    for name in dtypes:
+        dtype = DTYPES[name]
+        for rows, kv_heads, d in args.shapes:
+            q, k, v, lens = _decode_inputs("cpu", dtype, rows * kv_heads, kv_heads, d, args.keys - RAW, RAW)
             layers = layer_copies(k, v, src.numel() * src.element_size())
 
             def op():
@@ -36,8 +63,7 @@ def main() -> None:
             per_call = t["op"] / len(layers)
             kv_gbps = 2 * k.numel() * k.element_size() / per_call / 1e9
             copy_gbps = 2 * src.numel() * src.element_size() / t["copy"] / 1e9
-            name = str(dtype).removeprefix("torch.")
-            print(f"{name:8s} rows {rows} kv_heads {kv_heads} d {d:3d}: {per_call * 1e3:.3f} ms, "
+            print(f"{name} rows {rows} kv_heads {kv_heads} d {d:3d}: {per_call * 1e3:.3f} ms, "
                   f"K/V / copy {kv_gbps / copy_gbps:.3f}; back to back {hot * 1e6:.0f} us", flush=True)
 
 

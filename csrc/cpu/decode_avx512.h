@@ -45,7 +45,7 @@ inline bool use_decode_f32(int rows, int d) {
 // Whether a decode tile of `rows` rows over a bf16 cache takes these kernels: also where the AVX2
 // family is preferred, except where bf16 V streams faster through pv_stream after the AVX2 Q K^T
 // (Zen 4, one thread, 4,608 keys: 1-3 rows at d 128, 0.83-0.90 ms against 1.2-1.35 with these;
-// 1 row at d 64). Elsewhere these win there: 32 query heads over 8 kv heads (4 rows, bf16)
+// 1-2 rows at d 64). Elsewhere these win there: 32 query heads over 8 kv heads (4 rows, bf16)
 // 0.53-0.63 of copy bandwidth against 0.47-0.56 with the AVX2 kernels before decode_pv_pairs, 0.7
 // after; SmolLM2's 9 over 3 (3 rows, d 64) 0.18-0.20 ms against 0.25; fp32 the other way round
 // (0.37-0.40 against 0.56-0.63), so fp32 keeps the AVX2 family there.
