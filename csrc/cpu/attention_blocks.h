@@ -836,6 +836,7 @@ inline void unpair_columns(float* x, int rows, int d) {
       std::memcpy(g, t, sizeof(t));
     }
 }
+
 // Few-row tiles (decode, rows < 8): s [n x rows] = alpha * k q^T. k_scratch: n x d floats.
 // split: q is in split column order (decode_split said so).
 template <typename T>

@@ -81,8 +81,9 @@ BEACON_DECODE_AVX512_TARGET inline __m512 hsum16x16(const __m512* v) {
 // reduced together by hsum16x16 straight into the scores' key-major order (accumulator
 // j * ROWS + r = key j, row r), one masked store per KEYS keys. q: ROWS rows of d bf16.
 template <int ROWS>
-BEACON_DECODE_BF16_TARGET __attribute__((aligned(64))) void decode_qk_bf16_rows(const uint16_t* q, int d, const uint16_t* k,
-                                                   int64_t ldk, int n, float alpha, float* s) {
+BEACON_DECODE_BF16_TARGET __attribute__((aligned(64))) void decode_qk_bf16_rows(const uint16_t* q, int d,
+                                                                                const uint16_t* k, int64_t ldk,
+                                                                                int n, float alpha, float* s) {
   constexpr int KEYS = 16 / ROWS;
   const __m512 va = _mm512_set1_ps(alpha);
   for (int c = 0; c < n; c += KEYS) {
@@ -187,7 +188,8 @@ BEACON_DECODE_AVX512_TARGET inline void pv_chunk(const float* p, int c0, int c1,
 // an unrelated change that left pv_stream<3, 128, float> 32 bytes past a line made a 3-row fp32
 // decode step over 4,608 keys 1.5x slower from memory (1.6-1.8 -> 2.4-2.7 ms; aligned, 1.6 again).
 template <int ROWS, int D, typename T>
-BEACON_DECODE_AVX512_TARGET __attribute__((aligned(64))) void pv_stream(const float* p, int n, const T* v, int64_t ldv, float* acc) {
+BEACON_DECODE_AVX512_TARGET __attribute__((aligned(64))) void pv_stream(const float* p, int n, const T* v,
+                                                                        int64_t ldv, float* acc) {
   constexpr int NV = D / 16;
   static_assert(ROWS * NV <= 24, "accumulators in registers");
   __m512 a[ROWS][NV];
@@ -271,7 +273,8 @@ BEACON_DECODE_BF16_TARGET inline void pack_p_pairs(const float* p, int n, uint32
     hi_idx[j] = (2 * pair + 1) * ROWS + r;
   }
   alignas(64) int16_t mix_idx[32];
-  for (int j = 0; j < 16; ++j) mix_idx[2 * j] = static_cast<int16_t>(j), mix_idx[2 * j + 1] = static_cast<int16_t>(16 + j);
+  for (int j = 0; j < 16; ++j)  // word 2j from the low half (key c), 2j + 1 from the high (key c + 1)
+    mix_idx[2 * j] = static_cast<int16_t>(j), mix_idx[2 * j + 1] = static_cast<int16_t>(16 + j);
   const __m512i lo_i = _mm512_load_si512(lo_idx), hi_i = _mm512_load_si512(hi_idx);
   const __m512i mix = _mm512_load_si512(mix_idx);
   for (int c = 0; c < n; c += 4) {
@@ -283,7 +286,8 @@ BEACON_DECODE_BF16_TARGET inline void pack_p_pairs(const float* p, int n, uint32
     const __m512 lo = _mm512_permutex2var_ps(x0, lo_i, x1), hi = _mm512_permutex2var_ps(x0, hi_i, x1);
     const __m512i w = _mm512_permutexvar_epi16(mix, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
     const int pairs = (std::min(4, n - c) + 1) / 2;
-    _mm512_mask_storeu_epi32(pp + static_cast<int64_t>(c / 2) * ROWS, static_cast<__mmask16>((1u << (pairs * ROWS)) - 1u), w);
+    const __mmask16 keep = static_cast<__mmask16>((1u << (pairs * ROWS)) - 1u);
+    _mm512_mask_storeu_epi32(pp + static_cast<int64_t>(c / 2) * ROWS, keep, w);
   }
 }
 
@@ -340,8 +344,9 @@ BEACON_DECODE_BF16_TARGET inline void pv_pairs_chunk(const uint32_t* pp, int c0,
 // (n + 1) / 2 * ROWS words. Where d takes more than one pass, chunks of kPvChunkKeys keys, as
 // decode_pv_rows.
 template <int ROWS>
-BEACON_DECODE_BF16_TARGET __attribute__((aligned(64))) void decode_pv_pairs_rows(const float* p, int n, const uint16_t* v, int64_t ldv,
-                                                    int d, float* acc, uint32_t* pp) {
+BEACON_DECODE_BF16_TARGET __attribute__((aligned(64))) void decode_pv_pairs_rows(const float* p, int n,
+                                                                                 const uint16_t* v, int64_t ldv,
+                                                                                 int d, float* acc, uint32_t* pp) {
   pack_p_pairs<ROWS>(p, n, pp);
   // Registers: ROWS x CB / 16 accumulators (16 for 4 rows at 64 columns a pass).
   constexpr int CB = ROWS <= 2 ? 128 : ROWS <= 4 ? 64 : 32;
