@@ -13,13 +13,12 @@ import argparse
 import torch
 
 from beacon_ops.attention import beacon_attention
-from beacon_ops.benchmarks.attention import layer_copies, time_best, time_best_interleaved
+from beacon_ops.benchmarks.attention import DTYPES, layer_copies, time_best, time_best_interleaved
 from beacon_ops.benchmarks.decode import _decode_inputs
 
 KEYS, RAW = 4608, 512
 # (rows per K/V stream, kv heads, head_dim): 3 rows at d 128, SmolLM2's 9 / 3 heads at d 64, 1 row.
 SHAPES = ((3, 8, 128), (3, 3, 64), (1, 8, 128))
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
