@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .attention import beacon_attention
 from .cache_ops import append_kv, compact_, rope_
+from .huge_pages import zeros_huge
 from .kv_cache import StepPlan, check_ratio, interleaved_beacon_slots, memory_entries
 from .memory_reading import beacons_see_memory, dense_attention
 from .positions import check_mask_kind, default_inv_freq, rope_tables, slot_position, step_positions
@@ -144,9 +145,10 @@ class CondensedKVCache:
         self.dtype = dtype
 
         shape = (self.num_layers, self.batch_size, self.num_kv_heads, self.capacity, self.head_dim)
-        # Zeros, not empty: a slot never written holds no NaN that a bug could leak.
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        # Zeros, not empty: a slot never written holds no NaN that a bug could leak. On huge pages
+        # (CPU): a decode step streams them (huge_pages.py).
+        self.k = zeros_huge(shape, dtype=dtype, device=self.device)
+        self.v = zeros_huge(shape, dtype=dtype, device=self.device)
 
         if inv_freq is None:
             inv_freq = default_inv_freq(head_dim)

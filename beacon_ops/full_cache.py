@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache_ops import rope_
+from .huge_pages import zeros_huge
 from .kv_cache import StepPlan
 from .positions import default_inv_freq, rope_tables
 
@@ -45,8 +46,9 @@ class FullKVCache:
         self.window = sliding_window
         self.capacity = capacity
         slots = capacity if sliding_window is None else min(capacity, sliding_window - 1 + chunk)
-        self.k = torch.zeros(num_layers, batch_size, num_kv_heads, slots, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        shape = (num_layers, batch_size, num_kv_heads, slots, head_dim)
+        self.k = zeros_huge(shape, dtype=dtype, device=device)  # on huge pages (CPU): huge_pages.py
+        self.v = zeros_huge(shape, dtype=dtype, device=device)
         self.length = [0] * batch_size  # tokens seen (absolute position of the next one)
         self.start = [0] * batch_size   # absolute position of slot 0 (sliding window)
         if inv_freq is None:
