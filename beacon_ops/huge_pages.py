@@ -6,8 +6,10 @@ boundary; with 2 MB pages they run on (one core of an AMD EPYC Zen 4, ``bench/hu
 decode step over 3,584 fp32 keys 21.5 -> 27.5 GB/s, a copy 26.5 -> 33.4 GB/s). Linux with
 transparent huge pages in its common ``madvise`` mode backs a mapping with huge pages only where
 the program asks (``madvise(MADV_HUGEPAGE)``), and only for pages not yet touched: so a buffer is
-allocated, advised, then filled. Elsewhere (other systems, CUDA tensors, small buffers) these
-functions do what ``torch.zeros`` does.
+allocated, advised, then filled. The first such buffer of a process may take longer to fill
+(195 MB: 230-300 ms against 50, the kernel assembling 2 MB pages; later ones 14 ms). Elsewhere
+(other systems, CUDA tensors, small buffers) these functions do what ``torch.zeros`` and
+``Tensor.clone`` do.
 """
 from __future__ import annotations
 
