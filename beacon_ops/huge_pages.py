@@ -44,16 +44,20 @@ def advise_huge_pages(t: Tensor) -> int:
     return last - first if rc == 0 else 0  # EINVAL: a kernel without transparent huge pages
 
 
-def zeros_huge(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """``torch.zeros(shape, dtype=dtype, device=device)``, on huge pages where the CPU tensor is
-    at least 4 MB (see :func:`advise_huge_pages`)."""
+def empty_huge(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)``, advised onto huge pages where the CPU
+    tensor is at least 4 MB (see :func:`advise_huge_pages`): fill it before reading it."""
     t = torch.empty(shape, dtype=dtype, device=device)
     if t.numel() * t.element_size() >= 2 * HUGE_PAGE:
         advise_huge_pages(t)
-    return t.zero_()
+    return t
+
+
+def zeros_huge(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """``torch.zeros(shape, dtype=dtype, device=device)`` on huge pages (see :func:`empty_huge`)."""
+    return empty_huge(shape, dtype=dtype, device=device).zero_()
 
 
 def clone_huge(t: Tensor) -> Tensor:
-    """A contiguous copy of ``t``, on huge pages where it is a CPU tensor of 4 MB or more."""
-    out = zeros_huge(t.shape, dtype=t.dtype, device=t.device) if t.numel() else t.clone()
-    return out.copy_(t)
+    """A contiguous copy of ``t`` on huge pages (see :func:`empty_huge`)."""
+    return empty_huge(t.shape, dtype=t.dtype, device=t.device).copy_(t)
