@@ -66,7 +66,9 @@ def build_info() -> dict[str, Any]:
     ``cpu_fp32_gemm`` (how the CPU kernels multiply fp32 tiles: ``blas``, torch's own BLAS;
     ``kernel``, the project's AVX-512 micro-kernel; ``aten``; ``BEACON_OPS_FP32_GEMM`` overrides),
     ``cpu_decode`` (the few-row decode kernels: ``avx512`` on Intel CPUs, ``avx2`` on others,
-    where they read the cache faster on AMD Zen 4; ``portable``; ``BEACON_OPS_CPU_DECODE`` overrides).
+    where they read the cache faster on AMD Zen 4; ``portable``; ``BEACON_OPS_CPU_DECODE`` overrides),
+    ``cpu_decode_linear_fp32`` (``decode_linear`` in fp32: ``kernel``, or ``blas``, torch's own, on
+    Intel CPUs and without AVX2; ``BEACON_OPS_FP32_GEMM`` overrides).
     """
     return dict(_C.build_info())
 

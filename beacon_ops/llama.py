@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .beacon_config import BEACON_PROJS, BeaconConfig
+from .linear import Linear, linear
 from .kv_cache import KVCache, StepPlan
 from .memory_reading import merge_by_lse
 from .positions import default_inv_freq
@@ -120,9 +121,9 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate = F.silu(self.gate_proj(x), inplace=True)
@@ -213,8 +214,8 @@ class Attention(nn.Module):
                   "v": (c.hidden_size, kv_dim), "o": (q_dim, c.hidden_size)}
         for p, (i, o) in shapes.items():
             bias = p in c.attention_bias  # a beacon projection copies its layer's, bias included
-            setattr(self, f"{p}_proj", nn.Linear(i, o, bias=bias))
-            setattr(self, f"beacon_{p}_proj", nn.Linear(i, o, bias=bias) if p in beacon_params else None)
+            setattr(self, f"{p}_proj", Linear(i, o, bias=bias))
+            setattr(self, f"beacon_{p}_proj", Linear(i, o, bias=bias) if p in beacon_params else None)
         # The reader (installed by an adapter that has one, beacon_ops.adapter): low-rank deltas
         # x -> delta on the raw rows' queries for the memory, and on what they read from it.
         self.beacon_reader_q: nn.Module | None = None
@@ -277,7 +278,7 @@ class Llama(nn.Module):
         self.config = config
         self.beacon = beacon or BeaconConfig()
         self.model = LlamaModel(config, self.beacon.beacon_params)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+        self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.session: Any = None
@@ -306,7 +307,7 @@ class Llama(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """LM head on final-norm hidden states."""
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ w.t()
+        return linear(hidden, w)
 
     def step(self, cache: KVCache, chunks: Sequence[Tensor], *, checkpoint_layers: bool = False) -> list[Tensor]:
         """One step: ``chunks[b]`` new raw tokens of sequence ``b`` (may be empty), at most

@@ -35,4 +35,7 @@ TORCH_LIBRARY(beacon, m) {
       "compact_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) mem_len, Tensor(d!) raw_len, "
       "Tensor(e!) beacon_len, Tensor ratio, Tensor cos, Tensor sin, int window, int stride, "
       "str beacon_mode, bool interleaved) -> ()");
+  // x [rows, in] times weight [out, in] transposed, plus bias [out]: F.linear for the few rows of
+  // a decode step, streaming the weights once (CPU; fp32 accumulation, rounded to x's dtype).
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

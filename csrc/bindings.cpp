@@ -13,6 +13,7 @@ namespace py = pybind11;
 
 namespace beacon_cpu {
 const char* fp32_gemm_path();  // cpu/attention.cpp: the fp32 tile GEMMs' path (block_gemm.h)
+const char* decode_linear_fp32_path();  // cpu/decode_linear.cpp: kernel or blas
 }  // namespace beacon_cpu
 
 namespace {
@@ -75,6 +76,7 @@ PYBIND11_MODULE(_C, m) {
                                     : cpu_has(Isa::kAvx512) && beacon::cpu::decode_avx512_preferred() ? "avx512"
                                                                                                        : "avx2");
     }
+    d["cpu_decode_linear_fp32"] = std::string(beacon_cpu::decode_linear_fp32_path());
     return d;
   });
 }

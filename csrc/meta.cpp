@@ -55,6 +55,11 @@ void compact_meta(at::Tensor k_cache, at::Tensor v_cache, at::Tensor mem_len, at
                         stride, mode);
 }
 
+at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  checks::check_decode_linear("beacon.decode_linear", x, weight, bias);
+  return at::empty_symint({x.sym_size(0), weight.sym_size(0)}, x.options());
+}
+
 }  // namespace
 }  // namespace beacon
 
@@ -64,4 +69,5 @@ TORCH_LIBRARY_IMPL(beacon, Meta, m) {
   m.impl("rope_", &beacon::rope_meta);
   m.impl("append_kv", &beacon::append_kv_meta);
   m.impl("compact_", &beacon::compact_meta);
+  m.impl("decode_linear", &beacon::decode_linear_meta);
 }

@@ -258,6 +258,34 @@ inline Mode check_compact(const char* op, const at::Tensor& k_cache, const at::T
   return m;
 }
 
+// decode_linear: x [rows, in] times weight [out, in] transposed, plus bias [out] (optional);
+// the dtypes of caches, all the same; x and weight contiguous in their last dimension.
+inline void check_decode_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias) {
+  check_defined(op, {{x, "x"}, {weight, "weight"}});
+  TORCH_CHECK_TYPE(is_rope_dtype(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type(),
+                   ", got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must have shape [rows, in_features], got ", x.sym_sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.sym_size(1) == x.sym_size(1), op,
+                    ": weight must have shape [out_features, ", x.sym_size(1), "] (x's in_features), got ",
+                    weight.sym_sizes());
+  check_same_device(op, {x, "x"}, {{weight, "weight"}});
+  TORCH_CHECK_VALUE(x.sym_stride(1) == 1 || x.sym_size(1) <= 1, op,
+                    ": x must be contiguous in its last dimension, got strides ", x.sym_strides());
+  TORCH_CHECK_VALUE(weight.sym_stride(1) == 1 || weight.sym_size(1) <= 1, op,
+                    ": weight must be contiguous in its last dimension, got strides ", weight.sym_strides());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ", x.scalar_type(),
+                     ", got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->sym_size(0) == weight.sym_size(0), op,
+                      ": bias must have shape [", weight.sym_size(0), "] (weight's out_features), got ",
+                      bias->sym_sizes());
+    check_same_device(op, {x, "x"}, {{*bias, "bias"}});
+  }
+}
+
 // attention (and the inputs attention_backward shares with it): q [total_q, heads, head_dim]
 // of float32 / float16 / bfloat16 (float64 too for the backward); k_cache and v_cache one
 // layer's view [batch, kv_heads, capacity, head_dim] of q's dtype, device and head_dim, with

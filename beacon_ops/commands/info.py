@@ -34,13 +34,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for k in ("version", "torch", "torch_runtime", "cuda_compiled", "cuda_archs", "cutlass",
               "cuda_head_dims", "cuda_dtypes", "cuda_kernels", "cuda_available", "cpu_isa_detected",
-              "cpu_isa", "cpu_fp32_gemm", "cpu_decode", "ops", "mask_kinds"):
+              "cpu_isa", "cpu_fp32_gemm", "cpu_decode", "cpu_decode_linear_fp32", "ops", "mask_kinds"):
         v = info.get(k)
         if isinstance(v, dict):  # cuda_kernels: kind (instances)
             v = ", ".join(f"{kind} ({' '.join(insts)})" if insts else kind for kind, insts in v.items())
-        print(f"{k:>16}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
+        print(f"{k:>22}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
     for i, line in enumerate(info["variants"]):
-        print(f"{'variants' if i == 0 else '':>16}{':' if i == 0 else ' '} {line}")
+        print(f"{'variants' if i == 0 else '':>22}{':' if i == 0 else ' '} {line}")
     write_json(info, args.json)
     return 0
 

@@ -1,0 +1,269 @@
+// CPU kernel of torch.ops.beacon.decode_linear: y = x W^T (+ b) for the few rows of a decode
+// step, reading each weight once, straight through.
+//
+// Why: a decode step multiplies one row (a few with a batch) by every weight matrix of the
+// model, so it is bound by how fast the weights stream from memory, and torch's one-row
+// F.linear reads them well below that on some machines (SmolLM2's 576-wide matrices, bf16 on an
+// AMX Xeon: 7.7 GB/s where one core reads 14; fp32 on AMD Zen 4: 11 GB/s where it reads 28).
+// Each pass takes four consecutive weight rows (four sequential streams for the hardware
+// prefetchers) and multiplies them by every x row while they are in L1; threads take chunks of
+// at least kTaskBytes. Products accumulate in fp32, the bias is added in fp32 and the result is
+// rounded once to x's dtype, as F.linear does (the sums' order differs, so the last bits may too).
+//   fp32, fp16   AVX2 + FMA (fp16 widened by F16C)
+//   bf16         AVX-512-BF16 dot products of pairs (vdpbf16ps, fp32 accumulation, as torch's
+//                bf16 GEMMs): 512-bit on Intel, 256-bit on AMD (Zen 4 runs 512-bit operations
+//                as two halves; cpu_isa.h); without it, widened to fp32 for AVX2 FMAs, the next
+//                blocks prefetched (16-bit rows are short streams: 7.5 -> 9.8 GB/s here)
+// Without AVX2 (the portable level), and for fp32 on Intel CPUs (fp32_by_blas), the op is at::linear.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
+#include "cpu/cpu_isa.h"
+#include "op_checks.h"
+
+namespace {
+
+constexpr const char* kOp = "beacon.decode_linear";
+constexpr int kRowBlock = 4;                        // weight rows a pass: four streams, four sums
+constexpr int64_t kTaskBytes = int64_t{256} << 10;  // weight bytes a thread takes at least
+constexpr int kPrefetchBlocks = 2;                  // 16-bit AVX2 path: blocks prefetched ahead
+
+#ifdef BEACON_CPU_X86
+// GCC 12 warns falsely inside masked loads and _mm512_reduce_add_ps (its headers' placeholders).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define BEACON_DL_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define BEACON_DL_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// Eight weights as fp32.
+BEACON_DL_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+BEACON_DL_AVX2 inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+BEACON_DL_AVX2 inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+BEACON_DL_AVX2 inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[j, o] = dot(w row o, x row j) for the weight rows [o0, o1) and every x row j < n; x is fp32
+// [n, in], y fp32 [n, out].
+template <typename T>
+BEACON_DL_AVX2 void rows_avx2(const float* x, int64_t n, int64_t in, const T* w, int64_t ldw, int64_t o0,
+                              int64_t o1, float* y, int64_t out) {
+  const int64_t in8 = in / 8 * 8;
+  // 16-bit rows: while a block is read, the lines kPrefetchBlocks blocks on, at the same pace
+  // (fp32 rows are long enough for the hardware prefetchers alone: prefetching slowed them)
+  constexpr bool prefetch = !std::is_same_v<T, float>;
+  const int64_t ahead = kPrefetchBlocks * kRowBlock * ldw;
+  const char* const w_end = reinterpret_cast<const char*>(w + o1 * ldw);
+  int64_t o = o0;
+  for (; o + kRowBlock <= o1; o += kRowBlock) {
+    const T* w0 = w + o * ldw;
+    const T* w1 = w0 + ldw;
+    const T* w2 = w1 + ldw;
+    const T* w3 = w2 + ldw;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* xj = x + j * in;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+             a3 = _mm256_setzero_ps();
+      for (int64_t i = 0; i < in8; i += 8) {
+        if (prefetch && j == 0 && i % 32 == 0) {  // 4 rows x 64 bytes consumed, 4 lines ahead
+          const char* p = reinterpret_cast<const char*>(w0 + ahead + 4 * i);
+          if (p + 256 <= w_end)
+            for (int l = 0; l < 4; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
+        }
+        const __m256 xv = _mm256_loadu_ps(xj + i);
+        a0 = _mm256_fmadd_ps(load8(w0 + i), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(w1 + i), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(w2 + i), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(w3 + i), xv, a3);
+      }
+      float s0 = sum8(a0), s1 = sum8(a1), s2 = sum8(a2), s3 = sum8(a3);
+      for (int64_t i = in8; i < in; ++i) {
+        s0 += static_cast<float>(w0[i]) * xj[i];
+        s1 += static_cast<float>(w1[i]) * xj[i];
+        s2 += static_cast<float>(w2[i]) * xj[i];
+        s3 += static_cast<float>(w3[i]) * xj[i];
+      }
+      float* yj = y + j * out + o;
+      yj[0] = s0;
+      yj[1] = s1;
+      yj[2] = s2;
+      yj[3] = s3;
+    }
+  }
+  for (; o < o1; ++o) {  // the last rows of the range, one at a time
+    const T* wo = w + o * ldw;
+    for (int64_t j = 0; j < n; ++j) {
+      const float* xj = x + j * in;
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t i = 0; i < in8; i += 8) a = _mm256_fmadd_ps(load8(wo + i), _mm256_loadu_ps(xj + i), a);
+      float s = sum8(a);
+      for (int64_t i = in8; i < in; ++i) s += static_cast<float>(wo[i]) * xj[i];
+      y[j * out + o] = s;
+    }
+  }
+}
+
+// The bf16 dot products at one vector width: kPairs bf16 a register, loads (masked for the
+// last < kPairs), vdpbf16ps, the sum of the lanes. Static member functions, not lambdas: GCC does
+// not carry a target attribute into a lambda.
+struct Bf16x32 {  // 512-bit (Intel)
+  using Acc = __m512;
+  using Pairs = __m512bh;
+  using Mask = __mmask32;
+  static constexpr int kPairs = 32;
+  BEACON_DL_BF16 static Acc zero() { return _mm512_setzero_ps(); }
+  BEACON_DL_BF16 static Pairs load(const uint16_t* p) { return (Pairs)_mm512_loadu_si512(p); }
+  BEACON_DL_BF16 static Pairs load(const uint16_t* p, Mask m) { return (Pairs)_mm512_maskz_loadu_epi16(m, p); }
+  BEACON_DL_BF16 static Acc dot(Acc a, Pairs w, Pairs x) { return _mm512_dpbf16_ps(a, w, x); }
+  BEACON_DL_BF16 static float sum(Acc v) { return _mm512_reduce_add_ps(v); }
+};
+struct Bf16x16 {  // 256-bit (AMD: Zen 4 runs 512-bit operations as two halves)
+  using Acc = __m256;
+  using Pairs = __m256bh;
+  using Mask = __mmask16;
+  static constexpr int kPairs = 16;
+  BEACON_DL_BF16 static Acc zero() { return _mm256_setzero_ps(); }
+  BEACON_DL_BF16 static Pairs load(const uint16_t* p) {
+    return (Pairs)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  BEACON_DL_BF16 static Pairs load(const uint16_t* p, Mask m) { return (Pairs)_mm256_maskz_loadu_epi16(m, p); }
+  BEACON_DL_BF16 static Acc dot(Acc a, Pairs w, Pairs x) { return _mm256_dpbf16_ps(a, w, x); }
+  BEACON_DL_BF16 static float sum(Acc v) {
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_add_ss(t, _mm_movehdup_ps(t));
+    return _mm_cvtss_f32(t);
+  }
+};
+
+// bf16 by dot products of pairs: rows_avx2's loop with x bf16 [n, in] (the input's own bits).
+// A block shorter than four rows repeats its last row (the extra sums are not stored).
+template <typename V>
+BEACON_DL_BF16 void rows_bf16(const uint16_t* x, int64_t n, int64_t in, const uint16_t* w, int64_t ldw, int64_t o0,
+                              int64_t o1, float* y, int64_t out) {
+  const int64_t in_full = in / V::kPairs * V::kPairs;
+  const auto tail = static_cast<typename V::Mask>((uint64_t{1} << (in - in_full)) - 1);
+  for (int64_t o = o0; o < o1; o += kRowBlock) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRowBlock, o1 - o));
+    const uint16_t* wr[kRowBlock];
+    for (int r = 0; r < kRowBlock; ++r) wr[r] = w + (o + std::min(r, rows - 1)) * ldw;
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* xj = x + j * in;
+      typename V::Acc a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+      for (int64_t i = 0; i < in_full; i += V::kPairs) {
+        const typename V::Pairs xv = V::load(xj + i);
+        a0 = V::dot(a0, V::load(wr[0] + i), xv);
+        a1 = V::dot(a1, V::load(wr[1] + i), xv);
+        a2 = V::dot(a2, V::load(wr[2] + i), xv);
+        a3 = V::dot(a3, V::load(wr[3] + i), xv);
+      }
+      if (in_full < in) {
+        const typename V::Pairs xv = V::load(xj + in_full, tail);
+        a0 = V::dot(a0, V::load(wr[0] + in_full, tail), xv);
+        a1 = V::dot(a1, V::load(wr[1] + in_full, tail), xv);
+        a2 = V::dot(a2, V::load(wr[2] + in_full, tail), xv);
+        a3 = V::dot(a3, V::load(wr[3] + in_full, tail), xv);
+      }
+      const float s[kRowBlock] = {V::sum(a0), V::sum(a1), V::sum(a2), V::sum(a3)};
+      for (int r = 0; r < rows; ++r) y[j * out + o + r] = s[r];
+    }
+  }
+}
+#endif
+
+// fp32 sums y [n, out] of x [n, in] (fp32, or bf16 for the dot products) and weight.
+template <typename T>
+void decode_linear_kernel(const at::Tensor& x, const at::Tensor& weight, at::Tensor& yf) {
+#ifdef BEACON_CPU_X86
+  const int64_t n = x.size(0), in = x.size(1), out = weight.size(0);
+  const T* w = weight.const_data_ptr<T>();
+  const int64_t ldw = weight.stride(0);
+  float* y = yf.data_ptr<float>();
+  const int64_t blocks = (out + kRowBlock - 1) / kRowBlock;
+  const int64_t block_bytes = std::max<int64_t>(1, kRowBlock * in * static_cast<int64_t>(sizeof(T)));
+  const int64_t grain = std::max<int64_t>(1, kTaskBytes / block_bytes);
+  const bool dot = std::is_same_v<T, at::BFloat16> && beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx512Bf16);
+  const bool wide = beacon::cpu::decode_avx512_preferred();
+  const at::Tensor xf = dot ? x.contiguous() : x.to(at::kFloat).contiguous();
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t o0 = b0 * kRowBlock, o1 = std::min(out, b1 * kRowBlock);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (dot) {
+        const auto* xb = reinterpret_cast<const uint16_t*>(xf.const_data_ptr<T>());
+        const auto* wb = reinterpret_cast<const uint16_t*>(w);
+        if (wide) rows_bf16<Bf16x32>(xb, n, in, wb, ldw, o0, o1, y, out);
+        else rows_bf16<Bf16x16>(xb, n, in, wb, ldw, o0, o1, y, out);
+        return;
+      }
+    }
+    rows_avx2<T>(xf.const_data_ptr<float>(), n, in, w, ldw, o0, o1, y, out);
+  });
+#endif
+}
+
+// fp32 through torch's BLAS (at::linear) instead of the kernel: on Intel CPUs, where MKL's
+// one-row GEMM already reads at the memory's pace (the kernel was 3-7% slower on SmolLM2's
+// decode step there); BEACON_OPS_FP32_GEMM=blas|kernel overrides, as for the attention's GEMMs.
+bool fp32_by_blas() {
+  static const bool blas = [] {
+    const char* env = std::getenv("BEACON_OPS_FP32_GEMM");
+    const std::string choice = env ? env : "";
+    if (choice == "blas") return true;
+    if (choice == "kernel") return false;
+#ifdef BEACON_CPU_X86
+    return __builtin_cpu_is("intel") != 0;
+#else
+    return true;
+#endif
+  }();
+  return blas;
+}
+
+at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  beacon::checks::check_decode_linear(kOp, x, weight, bias);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (!beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx2) || (x.scalar_type() == at::kFloat && fp32_by_blas()))
+    return at::linear(x, weight, has_bias ? *bias : at::Tensor());  // torch's own
+  const int64_t n = x.size(0), out = weight.size(0);
+  // fp32 results: the output itself for fp32 x, else a buffer rounded to x's dtype at the end
+  at::Tensor yf = at::empty({n, out}, x.options().dtype(at::kFloat));
+  if (n > 0 && out > 0) {
+    if (x.size(1) == 0) {
+      yf.zero_();
+    } else {
+      switch (x.scalar_type()) {
+        case at::kFloat: decode_linear_kernel<float>(x, weight, yf); break;
+        case at::kBFloat16: decode_linear_kernel<at::BFloat16>(x, weight, yf); break;
+        default: decode_linear_kernel<at::Half>(x, weight, yf); break;
+      }
+    }
+  }
+  if (has_bias) yf.add_(bias->to(at::kFloat));
+  return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
+}
+
+}  // namespace
+
+namespace beacon_cpu {
+// For build_info() (bindings.cpp).
+const char* decode_linear_fp32_path() {
+  return !beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx2) || fp32_by_blas() ? "blas" : "kernel";
+}
+}  // namespace beacon_cpu
+
+TORCH_LIBRARY_IMPL(beacon, CPU, m) { m.impl("decode_linear", &decode_linear_cpu); }
