@@ -188,6 +188,21 @@ def chars_in_place(want: str, got: str) -> float:
     return sum(a == b for a, b in zip(want, got)) / max(1, len(want))
 
 
+def digits_by_position(results: Sequence[PasskeyResult]) -> list[str]:
+    """Per method, the share of keys whose i-th digit the answer has in place, for each i: where
+    in the key the misses are (the beacon adapters lose the last digits first; a 16K `demo`
+    answered 68045 for both 68044 and 68043, docs/training-log.md)."""
+    lines = []
+    for m in dict.fromkeys(r.method for r in results):
+        keys = [(str(r.key), r.answer.strip()) for r in results if r.method == m]
+        shares = []
+        for i in range(max(len(k) for k, _ in keys)):
+            have = [(k, a) for k, a in keys if i < len(k)]
+            shares.append(sum(i < len(a) and a[i] == k[i] for k, a in have) / len(have))
+        lines.append(f"{m}: digit in place, by position in the key: " + " ".join(f"{x:.0%}" for x in shares))
+    return lines
+
+
 def accuracy_table(results: Sequence[PasskeyResult]) -> str:
     """Markdown table: accuracy over the depths per (length, method), the share of key digits
     in place, and the ratio used."""

@@ -66,6 +66,20 @@ def test_demo_falls_back_and_reports(tmp_path, no_smollm2, capsys):
     assert 1 <= beacon["new_tokens"] <= 3 and beacon["prefill_tok_s"] > 0
 
 
+def test_digits_by_position():
+    from beacon_ops.evaluation import PasskeyResult, digits_by_position
+
+    def r(method, key, answer):
+        return PasskeyResult(method, 4096, 0.5, key, 4096, answer, str(key) in answer, 0.0, 4, 1.0)
+
+    results = [r("beacon", 68044, "68045."), r("beacon", 43432, " 43423."), r("beacon", 12345, "12345."),
+               r("beacon", 71898, "7189"), r("full", 11111, "11111.")]
+    assert digits_by_position(results) == [
+        "beacon: digit in place, by position in the key: 100% 100% 100% 75% 25%",
+        "full: digit in place, by position in the key: 100% 100% 100% 100% 100%"]
+    assert digits_by_position([]) == []
+
+
 def test_chars_in_place():
     from beacon_ops.evaluation import chars_in_place
 
