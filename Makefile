@@ -92,7 +92,8 @@ test-cpu-only:
 # runtime is preloaded, with libstdc++ (else ASan aborts while torch imports triton). Any report
 # aborts the process: the test (or the fuzz worker's crash) fails.
 SAN_DIR   ?= build/sanitize
-SAN_TESTS ?= test_cache_ops.py test_condensed_cache.py test_attention.py test_attention_backward.py test_fuzz.py
+SAN_TESTS ?= test_cache_ops.py test_condensed_cache.py test_attention.py test_attention_backward.py test_fuzz.py \
+             test_linear.py
 CXX       ?= g++
 .PHONY: test-sanitize
 test-sanitize: venv
