@@ -68,6 +68,7 @@ class PasskeyResult:
     ratio: int | None  # condensing ratio used (beacon attention)
     seconds: float
     read: int = 0      # prompt tokens this run read (fewer than ``tokens`` when it began from a copy)
+    place: int | None = None  # beacon attention: the key's first digit's token index mod the window
 
 
 def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence[int],
@@ -122,9 +123,13 @@ def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence
                                           max(len(prompts[j]) for j in group))
         model.reset()
         answer = tok.decode(new).strip()
+        place = None
+        if attention == "beacon":
+            at = _find(ids, tok.encode(str(key)))
+            place = at % model.beacon.window if at >= 0 else None
         r = PasskeyResult(method, n, d, key, len(ids), answer, str(key) in answer, chars_in_place(str(key), answer),
                           ratio_for_length(model, len(ids)) if attention == "beacon" else None,
-                          time.perf_counter() - t0, read)
+                          time.perf_counter() - t0, read, place)
         results.append(r)
         if on_result:
             on_result(r)
@@ -134,6 +139,12 @@ def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence
     if bar is not None:
         bar.close()
     return results
+
+
+def _find(ids: Sequence[int], sub: Sequence[int]) -> int:
+    """First index of ``sub`` in ``ids``, -1 when absent (the key's digits among the prompt's)."""
+    sub = list(sub)
+    return next((i for i in range(len(ids) - len(sub) + 1) if list(ids[i:i + len(sub)]) == sub), -1)
 
 
 class _PrefixReader:
@@ -200,6 +211,23 @@ def digits_by_position(results: Sequence[PasskeyResult]) -> list[str]:
             have = [(k, a) for k, a in keys if i < len(k)]
             shares.append(sum(i < len(a) and a[i] == k[i] for k, a in have) / len(have))
         lines.append(f"{m}: digit in place, by position in the key: " + " ".join(f"{x:.0%}" for x in shares))
+    return lines
+
+
+def window_place_split(results: Sequence[PasskeyResult], window: int) -> list[str]:
+    """Per beacon method, keys found by the quarter of its window the key starts in (``place``):
+    in step-expansion a window's last tokens are seen by its last few beacons only, and the
+    shipped adapter loses keys at the end of a window (docs/training-log.md)."""
+    lines = []
+    for m in dict.fromkeys(r.method for r in results):
+        rs = [r for r in results if r.method == m and r.place is not None]
+        if not rs:
+            continue
+        cells = []
+        for q in range(4):
+            part = [r for r in rs if q * window <= 4 * r.place < (q + 1) * window]
+            cells.append(f"{sum(r.correct for r in part)}/{len(part)}")
+        lines.append(f"{m}: keys found by the quarter of the {window}-token window they start in: " + ", ".join(cells))
     return lines
 
 
@@ -275,7 +303,7 @@ def read_passkey_results(path: str) -> list[PasskeyResult]:
     if not isinstance(rows, list):
         raise ValueError(f"{path} has no 'results' list: not an eval-passkey --json file")
     names = {f.name for f in fields(PasskeyResult)}
-    required = {f.name for f in fields(PasskeyResult) if f.name != "read"}
+    required = {f.name for f in fields(PasskeyResult) if f.name not in ("read", "place")}
     out = []
     for i, row in enumerate(rows):
         missing = required - set(row) if isinstance(row, dict) else required

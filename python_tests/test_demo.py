@@ -80,6 +80,18 @@ def test_digits_by_position():
     assert digits_by_position([]) == []
 
 
+def test_window_place_split():
+    from beacon_ops.evaluation import PasskeyResult, window_place_split
+
+    def r(method, place, correct):
+        return PasskeyResult(method, 4096, 0.5, 12345, 4096, "", correct, 0.0, 4, 1.0, 0, place)
+
+    results = [r("beacon", 0, True), r("beacon", 63, False), r("beacon", 64, True), r("beacon", 237, False),
+               r("beacon", 255, True), r("full", None, True)]
+    assert window_place_split(results, 256) == [
+        "beacon: keys found by the quarter of the 256-token window they start in: 1/2, 1/1, 0/0, 1/2"]
+
+
 def test_chars_in_place():
     from beacon_ops.evaluation import chars_in_place
 

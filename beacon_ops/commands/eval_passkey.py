@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..evaluation import (accuracy_table, passkey_grid, passkey_min_tokens, plot_passkey_heatmap,
-                          digits_by_position)
+                          digits_by_position, window_place_split)
 from ..generation import ratio_for_length
 from .common import (Command, UsageError, add_model_args, full_attention_limit, int_at_least,
                      load_evaluated_model, load_model_for, write_json,
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                            keys=args.keys, max_tokens={"full": full_max}, share_prefix=args.share_prefix)
     print()
     print(accuracy_table(results))
-    for line in digits_by_position(results):
+    for line in digits_by_position(results) + window_place_split(results, b.window):
         print(line)
     if args.share_prefix and results:
         print(f"read {sum(r.read for r in results):,} of the prompts' {sum(r.tokens for r in results):,} tokens "
