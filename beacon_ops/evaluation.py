@@ -18,8 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 __all__ = ["FILLER", "INTRO", "QUESTION", "passkey_prompt", "passkey_min_tokens", "default_text",
-           "PasskeyResult", "passkey_grid", "chars_in_place", "accuracy_table", "plot_passkey_heatmap",
-           "read_passkey_results",
+           "find_tokens", "PasskeyResult", "passkey_grid", "chars_in_place", "accuracy_table",
+           "plot_passkey_heatmap", "read_passkey_results",
            "TaskResult", "expected_answer", "task_answers", "task_table"]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -125,7 +125,7 @@ def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence
         answer = tok.decode(new).strip()
         place = None
         if attention == "beacon":
-            at = _find(ids, tok.encode(str(key)))
+            at = find_tokens(ids, tok.encode(str(key)))
             place = at % model.beacon.window if at >= 0 else None
         r = PasskeyResult(method, n, d, key, len(ids), answer, str(key) in answer, chars_in_place(str(key), answer),
                           ratio_for_length(model, len(ids)) if attention == "beacon" else None,
@@ -141,7 +141,7 @@ def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence
     return results
 
 
-def _find(ids: Sequence[int], sub: Sequence[int]) -> int:
+def find_tokens(ids: Sequence[int], sub: Sequence[int]) -> int:
     """First index of ``sub`` in ``ids``, -1 when absent (the key's digits among the prompt's)."""
     sub = list(sub)
     return next((i for i in range(len(ids) - len(sub) + 1) if list(ids[i:i + len(sub)]) == sub), -1)

@@ -18,12 +18,7 @@ import torch
 
 from beacon_ops.commands import demo
 from beacon_ops.commands.common import beacon_config, load_model_for
-from beacon_ops.evaluation import passkey_prompt
-
-
-def find(ids: list[int], sub: list[int]) -> int:
-    """First index of ``sub`` in ``ids`` (-1 when absent)."""
-    return next((i for i in range(len(ids) - len(sub) + 1) if ids[i:i + len(sub)] == sub), -1)
+from beacon_ops.evaluation import find_tokens, passkey_prompt
 
 
 def main() -> None:
@@ -39,7 +34,7 @@ def main() -> None:
     with torch.no_grad():
         for shift in (int(s) for s in args.shifts.split(",")):
             ids = base[:1] + [newline] * shift + base[1:]
-            at = find(ids, digits)
+            at = find_tokens(ids, digits)
             r = demo.run_passkey(lm, ids, "beacon", args.max_new_tokens, args.device)
             print(f"key {args.key}, shift {shift}: first digit at token {at}, place {at % window} of the "
                   f"window's {window}; answer {r['answer']!r} ({'right' if str(args.key) in r['answer'] else 'wrong'})",

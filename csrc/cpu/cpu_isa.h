@@ -91,18 +91,22 @@ inline bool cpu_has(Isa level) { return static_cast<int>(cpu_isa()) >= static_ca
 // AVX2 ones (one query over 3,584 fp32 keys, 8 heads: 0.41-0.59 of copy bandwidth against
 // 0.70-0.73; the same 4-key loop with 512-bit loads 0.66, with 256-bit loads 0.80; README
 // "Benchmarks"). BEACON_OPS_CPU_DECODE=avx2|avx512 overrides the choice (tests, benchmarks).
-inline bool decode_avx512_preferred() {
-  static const bool avx512 = [] {
-    const char* env = std::getenv("BEACON_OPS_CPU_DECODE");
-    const std::string c = env ? env : "";
-    if (c == "avx2") return false;
-    if (c == "avx512") return true;
+// A choice between two code paths that defaults to `on` for Intel CPUs (off elsewhere, and off the
+// x86 build), unless the environment variable `env` names one of them (on_name or off_name).
+inline bool intel_default(const char* env, const char* on_name, const char* off_name) {
+  const char* value = std::getenv(env);
+  const std::string c = value ? value : "";
+  if (c == on_name) return true;
+  if (c == off_name) return false;
 #ifdef BEACON_CPU_X86
-    return __builtin_cpu_is("intel") != 0;
+  return __builtin_cpu_is("intel") != 0;
 #else
-    return false;
+  return false;
 #endif
-  }();
+}
+
+inline bool decode_avx512_preferred() {
+  static const bool avx512 = intel_default("BEACON_OPS_CPU_DECODE", "avx512", "avx2");
   return avx512;
 }
 

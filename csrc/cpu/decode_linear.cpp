@@ -21,8 +21,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "cpu/cpu_isa.h"
@@ -216,28 +214,19 @@ void decode_linear_kernel(const at::Tensor& x, const at::Tensor& weight, at::Ten
 #endif
 }
 
-// fp32 through torch's BLAS (at::linear) instead of the kernel: on Intel CPUs, where MKL's
-// one-row GEMM already reads at the memory's pace (the kernel was 3-7% slower on SmolLM2's
-// decode step there); BEACON_OPS_FP32_GEMM=blas|kernel overrides, as for the attention's GEMMs.
+// fp32 through torch's BLAS (at::linear) instead of the kernel: without AVX2, and on Intel CPUs,
+// where MKL's one-row GEMM already reads at the memory's pace (the kernel was 3-7% slower on
+// SmolLM2's decode step there); BEACON_OPS_FP32_GEMM=blas|kernel overrides, as for the attention's GEMMs.
 bool fp32_by_blas() {
-  static const bool blas = [] {
-    const char* env = std::getenv("BEACON_OPS_FP32_GEMM");
-    const std::string choice = env ? env : "";
-    if (choice == "blas") return true;
-    if (choice == "kernel") return false;
-#ifdef BEACON_CPU_X86
-    return __builtin_cpu_is("intel") != 0;
-#else
-    return true;
-#endif
-  }();
+  static const bool blas = !beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx2) ||
+                           beacon::cpu::intel_default("BEACON_OPS_FP32_GEMM", "blas", "kernel");
   return blas;
 }
 
 at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   beacon::checks::check_decode_linear(kOp, x, weight, bias);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (!beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx2) || (x.scalar_type() == at::kFloat && fp32_by_blas()))
+  if ((x.scalar_type() == at::kFloat && fp32_by_blas()) || !beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx2))
     return at::linear(x, weight, has_bias ? *bias : at::Tensor());  // torch's own
   const int64_t n = x.size(0), out = weight.size(0);
   // fp32 results: the output itself for fp32 x, else a buffer rounded to x's dtype at the end
@@ -262,7 +251,7 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 namespace beacon_cpu {
 // For build_info() (bindings.cpp).
 const char* decode_linear_fp32_path() {
-  return !beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx2) || fp32_by_blas() ? "blas" : "kernel";
+  return fp32_by_blas() ? "blas" : "kernel";
 }
 }  // namespace beacon_cpu
 
