@@ -181,7 +181,7 @@ def cast_frozen_projections(model: Llama, dtype: torch.dtype) -> int:
     return n
 
 
-SHIPPED_ADAPTER = "smollm2_beacon_mixed_w256_r35.safetensors"
+SHIPPED_ADAPTER = "smollm2_beacon_late_w256_r37.safetensors"
 """The trained SmolLM2-135M-Instruct adapter under ``beacon_ops/assets`` (provenance in its README)."""
 
 

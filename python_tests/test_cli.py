@@ -152,6 +152,7 @@ def test_runtime_failure_is_one_line_without_debug(tmp_path, capsys, monkeypatch
     (["eval-tasks", "--min-len", "300", "--max-len", "200"], ("--min-len", "<= --max-len")),
     (["eval-tasks", "--samples", "0"], ("--samples", ">= 1")),
     (["train", "--tiny", "--steps", "1", "--lm-share", "1.5"], ("--lm-share", "[0.0, 1.0]")),
+    (["train", "--tiny", "--steps", "1", "--late-share", "-0.5"], ("--late-share", "[0.0, 1.0]")),
     (["train", "--tiny", "--steps", "1", "--tasks", "passkey,poetry"], ("--tasks", "passkey")),
     (["train", "--tiny", "--steps", "1", "--start-len", "900,100"], ("--start-len", "MIN <= MAX")),
     (["train", "--tiny", "--steps", "1", "--memory-probe", "1"], ("--memory-probe", ">= 2")),

@@ -65,6 +65,33 @@ def test_depths_spread_over_the_sample() -> None:
     assert min(firsts) < 500 and max(firsts) > 1400
 
 
+@pytest.mark.parametrize("kind", ["passkey", "numbers", "uuid"])
+def test_late_facts_start_in_the_last_quarter_of_their_window(kind: str) -> None:
+    tok, mix = CharTokenizer(), _mixture()
+    places = []
+    for seed in range(20):
+        s = mix.task(kind, random.Random(seed), 2000, chat=seed % 2 == 0, filler=seed % 3 == 0, late=True)
+        text = tok.decode(s.ids)
+        assert s.fact_positions == sorted(s.fact_positions)
+        for p in s.fact_positions:
+            assert text[p] == " " and text[p + 1].isupper(), repr(text[p:p + 40])   # a whole fact
+            places.append(p % 256)
+        assert 1500 <= len(s.ids) <= 2600
+    # the clamps (fact order, haystack's ends) may hold back a few; the rest lie in [192, 256)
+    late = [p for p in places if p >= 192]
+    assert len(late) >= 0.9 * len(places), sorted(places)
+    # drawn over the whole quarter, not one place
+    assert min(late) < 208 and max(late) > 240
+
+
+def test_late_share_leaves_other_runs_unchanged() -> None:
+    a, b = _mixture(seed=3), _mixture(seed=3, late_share=0.0)
+    assert all(a(i).ids == b(i).ids for i in range(12))
+    c = _mixture(seed=3, late_share=1.0, lm_share=0.0, kinds=("passkey",))
+    places = [c(i).fact_positions[0] % 256 for i in range(12)]
+    assert all(p >= 192 for p in places), places
+
+
 def test_recall_answer_is_the_passage_from_far_back() -> None:
     tok, mix = CharTokenizer(), _mixture()
     for seed in range(8):
@@ -160,6 +187,8 @@ def test_bad_arguments_name_themselves() -> None:
         _mixture(kinds=("nope",))
     with pytest.raises(ValueError, match="lm_share"):
         _mixture(lm_share=1.5)
+    with pytest.raises(ValueError, match="late_share"):
+        _mixture(late_share=-0.1)
 
 
 def test_evaluation_texts_are_held_out() -> None:

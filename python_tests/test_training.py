@@ -648,7 +648,7 @@ def test_default_adapter_retrieves_through_the_beacons() -> None:
                                progress=False)
     found = {m: sum(r.correct for r in results if r.method == m) for m in models}
     digits = {m: sum(r.digits for r in results if r.method == m) / 9 for m in models}
-    # measured (smollm2_beacon_mixed_w256_r35): trained 5/9 keys, 84% of the digits in place;
+    # measured: smollm2_beacon_late_w256_r37 5/9 keys, 82% of the digits in place (r35 5/9, 84%);
     # untrained 0/9, 0% (it ends its turn at once)
     assert found["trained"] >= 3 and digits["trained"] >= 0.7, (found, digits)
     assert found["untrained"] == 0 and digits["untrained"] <= 0.2, (found, digits)

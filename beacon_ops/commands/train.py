@@ -85,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of tasks in the model's chat format (default %(default)s)")
     p.add_argument("--filler-share", type=float_between(0.0, 1.0), default=0.2,
                    help="share of tasks whose haystack is a repetitive filler (default %(default)s)")
+    p.add_argument("--late-share", type=float_between(0.0, 1.0), default=0.0,
+                   help="share of tasks whose facts start in the last quarter of their beacon window, "
+                   "which few step-expansion beacons see (default %(default)s: depths uniform)")
     p.add_argument("--tasks", type=parse_tasks, default=TASK_KINDS,
                    help=f"task kinds to draw (default {','.join(TASK_KINDS)})")
     p.add_argument("--memory-probe", type=int_at_least(2), default=None, metavar="N",
@@ -243,7 +246,7 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     sampler = LongTaskMixture(tok, texts, args.window, args.min_len, args.max_len, lm_share=args.lm_share,
                               chat_share=args.chat_share, filler_share=args.filler_share, kinds=args.tasks,
                               seed=args.seed, grow_steps=args.grow_steps, start_len=args.start_len,
-                              lm_windows=args.lm_windows)
+                              lm_windows=args.lm_windows, late_share=args.late_share)
     batches = sampler
     if args.memory_probe:
         try:
