@@ -14,8 +14,9 @@
 //                bf16 GEMMs): 512-bit on Intel, 256-bit on AMD (Zen 4 runs 512-bit operations
 //                as two halves; cpu_isa.h); without it, widened to fp32 for AVX2 FMAs. 16-bit
 //                rows are short streams: both prefetch the blocks kPrefetchBlocks on (AVX2 7.5 ->
-//                9.8 GB/s; dot products, SmolLM2's weights on an AMX Xeon, one row 0.67 -> 0.61
-//                of F.linear's time, four rows 0.97-1.03 -> 0.62)
+//                9.8 GB/s; dot products, SmolLM2's weights on an AMX Xeon: one row 0.67 -> 0.59
+//                of F.linear's time, four rows 0.97-1.03 -> 0.73; two x rows a weight load
+//                instead measured slower, 0.81 at four rows)
 // Without AVX2 (the portable level), and for fp32 on Intel CPUs (fp32_by_blas), the op is at::linear.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
