@@ -354,6 +354,9 @@ class Trainer:
             raise ValueError(f"--resume: the run was trained with batch size {saved_batch}, this one asks "
                              f"for {self.config.batch_size} (--batch-size must stay the same)")
         load_beacon_adapter(self.model, path)
+        for key in ("init", "init_window", "init_rank"):  # where the run began stays on record
+            if key in cfg:
+                self.meta.setdefault(key, cfg[key])
         state_path = path + ".state.pt"
         self.step = int(cfg.get("step", 0))
         if os.path.exists(state_path):

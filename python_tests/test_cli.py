@@ -277,6 +277,27 @@ def test_init_with_another_window(tmp_path, capsys):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_the_data_flags_and_the_start_travel_with_the_adapter(tmp_path, capsys):
+    """The adapter records the data flags (not only the trainer's), and a resumed run keeps the
+    adapter it was begun from (``init``) on record."""
+    from beacon_ops.adapter import read_adapter_config
+
+    base = ["train", "--tiny", "--window", "64", "--min-len", "130", "--max-len", "140", "--rank", "2"]
+    a, b, c = (str(tmp_path / f"{n}.safetensors") for n in "abc")
+    assert run_cli(base + ["--steps", "1", "--out", a], capsys)[0] == 0
+    assert read_adapter_config(a)["data"]["late_share"] == 0.0
+    assert run_cli(base + ["--steps", "2", "--late-share", "0.5", "--tasks", "passkey", "--lm-share", "0.25",
+                           "--save-every", "1", "--time-limit", "0.001", "--init", a, "--out", b], capsys)[0] == 0
+    cfg = read_adapter_config(b)
+    assert cfg["init"] == "a.safetensors" and cfg["step"] == 1
+    assert (cfg["data"]["late_share"], cfg["data"]["tasks"], cfg["data"]["lm_share"]) == (0.5, ["passkey"], 0.25)
+    assert cfg["data"]["texts"] == "public-domain packages" and cfg["data"]["min_len"] == 130
+    assert run_cli(base + ["--steps", "2", "--late-share", "0.5", "--tasks", "passkey", "--lm-share", "0.25",
+                           "--resume", b, "--out", c], capsys)[0] == 0
+    cfg = read_adapter_config(c)
+    assert (cfg["init"], cfg["step"], cfg["data"]["late_share"]) == ("a.safetensors", 2, 0.5)
+
+
 def test_train_with_a_reader(tmp_path, capsys):
     """--reader-rank trains a reader on top of an --init adapter without one, and stores its
     rank; resuming asks for the same rank (one line naming the flag)."""
