@@ -47,32 +47,37 @@ struct Unit {
     *reinterpret_cast<Vec<T, N>*>(row + o0) = a;
     *reinterpret_cast<Vec<T, N>*>(row + o1) = b;
   }
-  __device__ __forceinline__ T& at(int i) { return i < N ? a.v[i] : b.v[i - N]; }
-
   // Rotate by the signed position difference `delta` (tables hold |delta|, sin is odd).
   __device__ __forceinline__ void rotate(int c, int half, int delta, const float* cos_t, const float* sin_t,
                                          bool interleaved) {
-    // Two loops with compile-time element indices, so the unit stays in registers.
-    if (interleaved) {
+    // Loops with compile-time element indices, so the unit stays in registers. Interleaved
+    // pair e is values (2e, 2e+1) of the unit: both in a for e < N/2, both in b after; with
+    // N = 1 the one pair is (a, b), as for rotate-half.
+    if constexpr (N % 2 == 0) {
+      if (interleaved) {
 #pragma unroll
-      for (int e = 0; e < N; ++e) rotate_one(c, half, delta, cos_t, sin_t, e, 2 * e, 2 * e + 1);
-    } else {
+        for (int e = 0; e < N / 2; ++e) rotate_one(c, half, delta, cos_t, sin_t, e, a.v[2 * e], a.v[2 * e + 1]);
 #pragma unroll
-      for (int e = 0; e < N; ++e) rotate_one(c, half, delta, cos_t, sin_t, e, e, N + e);
+        for (int e = 0; e < N / 2; ++e)
+          rotate_one(c, half, delta, cos_t, sin_t, N / 2 + e, b.v[2 * e], b.v[2 * e + 1]);
+        return;
+      }
     }
+#pragma unroll
+    for (int e = 0; e < N; ++e) rotate_one(c, half, delta, cos_t, sin_t, e, a.v[e], b.v[e]);
   }
   __device__ __forceinline__ void rotate_one(int c, int half, int delta, const float* cos_t, const float* sin_t,
-                                             int e, int i0, int i1) {
+                                             int e, T& v0, T& v1) {
     float cf, sf;
     cos_sin_at(cos_t, sin_t, half, delta, c * N + e, &cf, &sf);
-    float x0 = static_cast<float>(at(i0)), x1 = static_cast<float>(at(i1));
+    float x0 = static_cast<float>(v0), x1 = static_cast<float>(v1);
     rotate_pair(x0, x1, cf, sf);
-    at(i0) = static_cast<T>(x0);
-    at(i1) = static_cast<T>(x1);
+    v0 = static_cast<T>(x0);
+    v1 = static_cast<T>(x1);
   }
   __device__ __forceinline__ void fill_nan() {
 #pragma unroll
-    for (int i = 0; i < 2 * N; ++i) at(i) = static_cast<T>(NAN);
+    for (int i = 0; i < N; ++i) a.v[i] = b.v[i] = static_cast<T>(NAN);
   }
 };
 
