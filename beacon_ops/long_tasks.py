@@ -240,6 +240,15 @@ class LongTaskMixture:
         self.docs = [tokenizer.encode(texts[n]) for n in self.names]
         self.weights = [float(len(d)) for d in self.docs]
 
+    def settings(self) -> dict[str, Any]:
+        """The mixture's data settings as plain values (what an adapter records of its data;
+        ``start_len`` only where a curriculum grows the lengths from it)."""
+        return {"min_len": self.min_len, "max_len": self.max_len, "lm_share": self.lm_share,
+                "lm_windows": self.lm_windows, "chat_share": self.chat_share,
+                "filler_share": self.filler_share, "late_share": self.late_share,
+                "tasks": list(self.kinds), "grow_steps": self.grow_steps,
+                "start_len": list(self.start_len) if self.grow_steps > 0 else None}
+
     @property
     def num_tokens(self) -> int:
         return sum(len(d) for d in self.docs)

@@ -294,3 +294,19 @@ def test_task_answers_score_exact_and_characters(monkeypatch) -> None:
         task_answers(model, tok, _mixture(lm_share=1.0), 1, window=256, progress=False)
     with pytest.raises(ValueError, match="samples"):
         task_answers(model, tok, m, 0, window=256, progress=False)
+
+
+def test_settings_rebuild_the_same_mixture() -> None:
+    """settings() records every data setting: a mixture built from them draws the same samples;
+    start_len appears only where a curriculum grows the lengths from it."""
+    mix = _mixture(lm_share=0.25, chat_share=0.3, filler_share=0.6, late_share=0.5, kinds=["passkey", "uuid"],
+                   lm_windows=2, grow_steps=10, start_len=(600, 900), seed=3)
+    got = mix.settings()
+    assert got["start_len"] == [600, 900] and got["tasks"] == ["passkey", "uuid"]
+    kw = {k: v for k, v in got.items() if k not in ("tasks", "start_len")}
+    kw.update(kinds=got["tasks"], start_len=tuple(got["start_len"]))
+    again = LongTaskMixture(CharTokenizer(), {"doc": TEXT}, window=256, seed=3, **kw)
+    for step in (0, 5, 12):
+        a, b = mix(step), again(step)
+        assert (a.ids, a.labels) == (b.ids, b.labels)
+    assert _mixture(start_len=(600, 900)).settings()["start_len"] is None

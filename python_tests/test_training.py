@@ -368,8 +368,14 @@ def test_bf16_trainer_stores_the_frozen_base_in_bf16(rank: int) -> None:
             assert torch.equal(p, q), n
 
 
-def test_learning_on_real_text() -> None:
-    """Beacon training lowers the loss of the windows that read the memory.
+LAYOUTS = {"step-expansion": {}, "full-coverage": {"mode": "full-coverage"},
+           "segmentation": {"mode": "segmentation"},
+           "interleave": {"mode": "full-coverage", "placement": "interleave", "variant": "v3"}}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_learning_on_real_text(layout: str) -> None:
+    """Beacon training lowers the loss of the windows that read the memory, in every mask kind.
 
     A random frozen LLM predicts nothing, so its beacons have nothing worth condensing: the
     tiny byte-level Llama first gets a few quick full-parameter steps as a plain causal LM
@@ -379,13 +385,16 @@ def test_learning_on_real_text() -> None:
     window's (which reads no memory, so beacons cannot touch it) must not move at all.
     A tiny LM barely uses distant context, so held-out gains are within noise here
     (measured); the held-out comparison is the SmolLM2 run's job.
-    Measured over four seeds: 2.53 -> 2.23, 2.28 -> 2.09, 2.27 -> 2.09, 2.16 -> 2.02 nats.
+    Measured over four seeds (step-expansion): 2.53 -> 2.23, 2.28 -> 2.09, 2.27 -> 2.09,
+    2.16 -> 2.02 nats; seed 0 in each layout: step-expansion 2.355 -> 2.166, full-coverage
+    2.357 -> 2.158, segmentation 2.353 -> 2.168, interleaved (v3; its untrained beacons also
+    sit among the raw tokens, so it starts higher) 2.535 -> 2.230.
     """
     import _pydecimal  # CPython's stdlib (PSF licence), always present
 
     torch.manual_seed(0)
     m = Llama(tiny_config(vocab_size=256, hidden_size=64, intermediate_size=128, num_heads=4,
-                          num_kv_heads=2, head_dim=16), BeaconConfig(window=32))
+                          num_kv_heads=2, head_dim=16), BeaconConfig(window=32, **LAYOUTS[layout]))
     with open(_pydecimal.__file__, "rb") as f:
         data = torch.tensor(list(f.read()))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
@@ -410,7 +419,8 @@ def test_learning_on_real_text() -> None:
     tr.run(progress=False)
     end, first_window_after = losses()
     assert end < start - 0.1, (start, end)
-    assert first_window_after == first_window  # the LLM is frozen
+    if layout != "interleave":  # interleaved beacons sit among the first window's own tokens
+        assert first_window_after == first_window  # the LLM is frozen
 
 
 def test_trainer_interleaved_draws_a_ratio_per_window() -> None:

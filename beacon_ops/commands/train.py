@@ -268,10 +268,7 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
         say(hint, flush=True)
     # The data flags travel with the adapter too: its provenance is the whole command.
     data = {"texts": sorted(os.path.basename(f) for f in args.text) if args.text else "public-domain packages",
-            "min_len": args.min_len, "max_len": args.max_len, "lm_share": args.lm_share,
-            "lm_windows": args.lm_windows, "chat_share": args.chat_share, "filler_share": args.filler_share,
-            "late_share": args.late_share, "tasks": list(args.tasks), "grow_steps": args.grow_steps,
-            "start_len": list(args.start_len) if args.start_len else None, "memory_probe": args.memory_probe}
+            **sampler.settings(), "memory_probe": args.memory_probe}
     trainer = Trainer(model, cfg, batches, meta={"base_model": name, "data": data}, dist=dist)
     try:
         if args.resume:

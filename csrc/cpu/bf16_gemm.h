@@ -101,9 +101,11 @@ BEACON_BF16_TARGET inline void gemm_bf16_pairs_avx512(int M, int N, int Kp, floa
                       ldc, M - i0 < kMR ? M - i0 : kMR, masks);
   }
 }
-// GCC 12 reports its own intrinsics' undefined-vector placeholders (__Y) as maybe uninitialised.
+// GCC 12 reports its own intrinsics' undefined-vector placeholders (__Y) as maybe uninitialised
+// (as uninitialised in the sanitizer build).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 // 16 x 16 fp32 transpose in registers: unpacks within lanes, then two
 // rounds of 128-bit lane shuffles (row j of the result = column j of the input).
 BEACON_BF16_TARGET inline void transpose16(__m512 (&r)[16]) {
