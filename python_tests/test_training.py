@@ -370,7 +370,7 @@ def test_bf16_trainer_stores_the_frozen_base_in_bf16(rank: int) -> None:
 
 LAYOUTS = {"step-expansion": {}, "full-coverage": {"mode": "full-coverage"},
            "segmentation": {"mode": "segmentation"},
-           "interleave": {"mode": "full-coverage", "placement": "interleave", "variant": "v3"}}
+           "interleave-sink1": INTERLEAVED}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -382,13 +382,14 @@ def test_learning_on_real_text(layout: str) -> None:
     (ratio 0 = no beacons, full attention), then it is frozen and only the beacons train, with
     mixed ratios, on four fixed 160-byte passages of real text (CPython's ``_pydecimal.py``).
     The loss of windows 2.. of those passages (ratio 8) must fall clearly, and the first
-    window's (which reads no memory, so beacons cannot touch it) must not move at all.
+    window's (which reads no memory, so beacons cannot touch it) must not move at all (except
+    with interleaved beacons, which sit among the first window's own tokens by design).
     A tiny LM barely uses distant context, so held-out gains are within noise here
     (measured); the held-out comparison is the SmolLM2 run's job.
     Measured (nats, seed 0 / seed 1): step-expansion 2.355 -> 2.166 / 2.377 -> 2.130,
     full-coverage 2.357 -> 2.158 / 2.377 -> 2.123, segmentation 2.353 -> 2.168 / 2.376 -> 2.136,
-    interleaved (v3; its untrained beacons also sit among the raw tokens, so it starts higher)
-    2.535 -> 2.230 (seed 0).
+    interleaved with a sink (v3, the released layout; its untrained beacons also sit among the
+    raw tokens, so it starts higher) 2.540 -> 2.229 (seed 0).
     """
     import _pydecimal  # CPython's stdlib (PSF licence), always present
 
@@ -419,7 +420,7 @@ def test_learning_on_real_text(layout: str) -> None:
     tr.run(progress=False)
     end, first_window_after = losses()
     assert end < start - 0.1, (start, end)
-    if layout != "interleave":  # interleaved beacons sit among the first window's own tokens
+    if LAYOUTS[layout].get("placement") != "interleave":  # these beacons sit among its own tokens
         assert first_window_after == first_window  # the LLM is frozen
 
 
