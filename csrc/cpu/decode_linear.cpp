@@ -54,6 +54,13 @@ BEACON_DL_AVX2 inline __m256 load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// The `bytes` (a multiple of 64) at p into L1, unless they run past `end`, the range's last
+// weight byte (beyond it lie another thread's rows, or nothing mapped).
+inline void prefetch_ahead(const char* p, const char* end, int bytes) {
+  if (p + bytes <= end)
+    for (int l = 0; l < bytes; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+}
+
 BEACON_DL_AVX2 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -83,11 +90,8 @@ BEACON_DL_AVX2 void rows_avx2(const float* x, int64_t n, int64_t in, const T* w,
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
              a3 = _mm256_setzero_ps();
       for (int64_t i = 0; i < in8; i += 8) {
-        if (prefetch && j == 0 && i % 32 == 0) {  // 4 rows x 64 bytes consumed, 4 lines ahead
-          const char* p = reinterpret_cast<const char*>(w0 + ahead + 4 * i);
-          if (p + 256 <= w_end)
-            for (int l = 0; l < 4; ++l) _mm_prefetch(p + 64 * l, _MM_HINT_T0);
-        }
+        if (prefetch && j == 0 && i % 32 == 0)  // 4 rows x 64 bytes consumed, 4 lines ahead
+          prefetch_ahead(reinterpret_cast<const char*>(w0 + ahead + 4 * i), w_end, 256);
         const __m256 xv = _mm256_loadu_ps(xj + i);
         a0 = _mm256_fmadd_ps(load8(w0 + i), xv, a0);
         a1 = _mm256_fmadd_ps(load8(w1 + i), xv, a1);
@@ -172,11 +176,8 @@ BEACON_DL_BF16 void rows_bf16(const uint16_t* x, int64_t n, int64_t in, const ui
       const uint16_t* xj = x + j * in;
       typename V::Acc a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
       for (int64_t i = 0; i < in_full; i += V::kPairs) {
-        if (j == 0) {  // 4 rows x 2 kPairs bytes consumed: as many bytes of lines ahead
-          const char* p = reinterpret_cast<const char*>(wr[0] + ahead + 4 * i);
-          if (p + 8 * V::kPairs <= w_end)
-            for (int l = 0; l < 8 * V::kPairs; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
-        }
+        if (j == 0)  // 4 rows x 2 kPairs bytes consumed: as many bytes of lines ahead
+          prefetch_ahead(reinterpret_cast<const char*>(wr[0] + ahead + 4 * i), w_end, 8 * V::kPairs);
         const typename V::Pairs xv = V::load(xj + i);
         a0 = V::dot(a0, V::load(wr[0] + i), xv);
         a1 = V::dot(a1, V::load(wr[1] + i), xv);

@@ -33,6 +33,9 @@ __device__ __forceinline__ void unit_offsets(int c, int half, bool interleaved, 
 
 template <typename T, int N>
 struct Unit {
+  // rotate() pairs interleaved values within a and within b, which needs N even (or the one
+  // pair (a, b) of N = 1); cache.cu launches N = 16 / sizeof(T) or 1.
+  static_assert(N == 1 || N % 2 == 0, "a unit holds whole interleaved pairs: N is 1 or even");
   Vec<T, N> a, b;
 
   __device__ __forceinline__ void load(const T* row, int o0, int o1) {
