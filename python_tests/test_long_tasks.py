@@ -300,13 +300,40 @@ def test_settings_rebuild_the_same_mixture() -> None:
     """settings() records every data setting: a mixture built from them draws the same samples;
     start_len appears only where a curriculum grows the lengths from it."""
     mix = _mixture(lm_share=0.25, chat_share=0.3, filler_share=0.6, late_share=0.5, kinds=["passkey", "uuid"],
-                   lm_windows=2, grow_steps=10, start_len=(600, 900), seed=3)
+                   lm_windows=2, grow_steps=10, start_len=(600, 900), seed=3, short_len=(400, 500),
+                   short_share=0.5)
     got = mix.settings()
     assert got["start_len"] == [600, 900] and got["tasks"] == ["passkey", "uuid"]
+    assert (got["short_len"], got["short_share"]) == ([400, 500], 0.5)
     kw = {k: v for k, v in got.items() if k not in ("tasks", "start_len")}
     kw.update(kinds=got["tasks"], start_len=tuple(got["start_len"]))
     again = LongTaskMixture(CharTokenizer(), {"doc": TEXT}, window=256, seed=3, **kw)
-    for step in (0, 5, 12):
+    for step in range(12):
         a, b = mix(step), again(step)
         assert (a.ids, a.labels) == (b.ids, b.labels)
     assert _mixture(start_len=(600, 900)).settings()["start_len"] is None
+    assert _mixture(short_len=(400, 500)).settings()["short_len"] is None  # share 0: not in use
+
+
+def test_short_share_draws_a_step_short_and_leaves_the_others_alone() -> None:
+    """short_share of the optimizer steps (batch_size samples each) read short_len; every sample
+    of a step reads the same range; the other steps' samples are the plain mixture's."""
+    plain = _mixture(lm_share=1.0, seed=5)
+    mix = _mixture(lm_share=1.0, seed=5, short_len=(300, 400), short_share=0.4, batch_size=3)
+    short_steps = 0
+    for step in range(150):
+        lens = [len(mix(3 * step + i).ids) for i in range(3)]
+        if all(300 <= n <= 400 for n in lens):
+            short_steps += 1
+        else:
+            assert all(1500 <= n <= 3000 for n in lens), lens
+            for i in range(3):
+                a, b = mix(3 * step + i), plain(3 * step + i)
+                assert (a.ids, a.labels) == (b.ids, b.labels)
+    assert 0.25 <= short_steps / 150 <= 0.55, short_steps  # 0.4 +- 3 sd of a binomial's share
+    with pytest.raises(ValueError, match="short_len"):
+        _mixture(short_share=0.5)
+    with pytest.raises(ValueError, match="short_len"):
+        _mixture(short_len=(500, 400), short_share=0.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        _mixture(batch_size=0)

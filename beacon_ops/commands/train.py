@@ -2,7 +2,8 @@
 ratios), see :mod:`beacon_ops.trainer`.
 
 Every step reads one sample of ``--min-len``..``--max-len`` tokens (default 1.2K-8K, the paper's
-range; ``--grow-steps`` grows it from ``--start-len``): with probability ``--lm-share`` language
+range; ``--grow-steps`` grows it from ``--start-len``; ``--short-share`` of the steps read
+``--short-len`` instead): with probability ``--lm-share`` language
 modelling on the training texts, else a synthetic long-context task with loss on its answer
 (:mod:`beacon_ops.long_tasks`). bf16 autocast on the GPU. ``--resume PATH`` continues a run
 exactly; ``--time-limit`` stops (and saves) after so many seconds. ``--batch-size`` samples make
@@ -99,6 +100,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "this many steps")
     p.add_argument("--start-len", type=parse_len_range, default=None, metavar="MIN,MAX",
                    help="the length range at step 0 of the curriculum")
+    p.add_argument("--short-len", type=parse_len_range, default=None, metavar="MIN,MAX",
+                   help="a second, shorter length range, read by --short-share of the steps")
+    p.add_argument("--short-share", type=float_between(0.0, 1.0), default=0.0,
+                   help="share of steps whose samples are --short-len tokens long: cheap steps mixed "
+                   "with ones at the lengths to be read (default %(default)s)")
     p.add_argument("--time-limit", type=float_between(0.0, 1e9), default=None, metavar="SECONDS",
                    help="stop (and save) once this much wall time has passed; --resume continues")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads (default: torch's)")
@@ -173,6 +179,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.min_len > args.max_len:
         raise UsageError("--min-len", f"must be <= --max-len ({args.max_len}), got {args.min_len}")
+    if (args.short_len is None) != (args.short_share == 0):
+        raise UsageError("--short-len" if args.short_len is None else "--short-share",
+                         "--short-len and --short-share > 0 come together, got "
+                         f"--short-len {args.short_len} --short-share {args.short_share}")
     params = tuple(p.strip() for p in args.params.split(",") if p.strip())
     if not params or set(params) - set(BEACON_PROJS):
         raise UsageError("--params", f"must be a comma-separated subset of {','.join(BEACON_PROJS)}, got {args.params!r}")
@@ -246,7 +256,9 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     sampler = LongTaskMixture(tok, texts, args.window, args.min_len, args.max_len, lm_share=args.lm_share,
                               chat_share=args.chat_share, filler_share=args.filler_share, kinds=args.tasks,
                               seed=args.seed, grow_steps=args.grow_steps, start_len=args.start_len,
-                              lm_windows=args.lm_windows, late_share=args.late_share)
+                              lm_windows=args.lm_windows, late_share=args.late_share,
+                              short_len=args.short_len, short_share=args.short_share,
+                              batch_size=args.batch_size)
     batches = sampler
     if args.memory_probe:
         try:
@@ -280,7 +292,9 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
         raise UsageError(flag, str(e).removeprefix(flag + ": ")) from None
     n_train = sum(p.numel() for _, p in trainer.trainable)
     say(f"model: {name}; texts: {len(texts)} files, {sampler.num_tokens} tokens; samples "
-          f"{args.min_len}-{args.max_len}; window {args.window}, {beacon.layout_text()}; trainable {n_train} parameters "
+          f"{args.min_len}-{args.max_len}"
+          f"{f' ({args.short_share:.0%} of the steps {args.short_len[0]}-{args.short_len[1]})' if args.short_len else ''}"
+          f"; window {args.window}, {beacon.layout_text()}; trainable {n_train} parameters "
           f"({'rank ' + str(args.rank) if args.rank else 'full'} {','.join(params)}"
           f"{'; reader rank ' + str(args.reader_rank) if args.reader_rank else ''}); lr {cfg.lr}; "
           f"autocast {cfg.autocast}; "
