@@ -200,8 +200,8 @@ class LongTaskMixture:
         texts: name -> long text (haystacks and LM data), e.g. :func:`public_domain_texts`.
         window: the beacon window (the first window of an LM sample is not labelled).
         min_len, max_len: sample length range in tokens; with ``grow_steps > 0`` the range grows
-            linearly from ``start_len`` to ``(min_len, max_len)`` over that many steps (a curriculum
-            of distances).
+            linearly from ``start_len`` to ``(min_len, max_len)`` over that many optimizer steps
+            (of ``batch_size`` samples; a curriculum of distances).
         lm_share: share of language-modelling samples; ``chat_share``: share of tasks in chat
             format; ``filler_share``: share of tasks whose haystack is a repetitive filler;
             ``kinds``: the task kinds to draw (:data:`TASK_KINDS`).
@@ -269,14 +269,16 @@ class LongTaskMixture:
         return sum(len(d) for d in self.docs)
 
     def length_range(self, step: int) -> tuple[int, int]:
-        """The length range sample ``step`` draws from (the curriculum's, or the short one)."""
+        """The length range sample ``step`` draws from (the curriculum's, or the short one); both
+        follow the optimizer step, ``step // batch_size``."""
+        opt_step = step // self.batch_size
         if self.short_len is not None:
-            # its own generator, keyed by the optimizer step: the samples' draws stay as they were
-            if random.Random(self.seed * 1_000_033 + step // self.batch_size).random() < self.short_share:
+            # its own generator: the samples' draws stay as they were
+            if random.Random(self.seed * 1_000_033 + opt_step).random() < self.short_share:
                 return self.short_len
-        if self.grow_steps <= 0 or step >= self.grow_steps:
+        if self.grow_steps <= 0 or opt_step >= self.grow_steps:
             return self.min_len, self.max_len
-        f = step / self.grow_steps
+        f = opt_step / self.grow_steps
         lo = round(self.start_len[0] + f * (self.min_len - self.start_len[0]))
         hi = round(self.start_len[1] + f * (self.max_len - self.start_len[1]))
         return lo, max(lo, hi)

@@ -146,6 +146,10 @@ def test_curriculum_grows_the_length_range() -> None:
     assert mix.length_range(0) == (600, 900)
     assert mix.length_range(50) == (1050, 1950)
     assert mix.length_range(100) == (1500, 3000)
+    # over optimizer steps: with two samples a step, sample 100 is step 50, half-way
+    two = _mixture(grow_steps=100, start_len=(600, 900), batch_size=2)
+    assert two.length_range(100) == two.length_range(101) == (1050, 1950)
+    assert two.length_range(200) == (1500, 3000)
 
 
 def test_facts_in_memory_counts_earlier_windows() -> None:
