@@ -54,8 +54,8 @@ BEACON_DL_AVX2 inline __m256 load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// The `bytes` (a multiple of 64) at p into L1, unless they run past `end`, the range's last
-// weight byte (beyond it lie another thread's rows, or nothing mapped).
+// The `bytes` (a multiple of 64) at p into L1, unless they run past `end`, the end of the
+// range's weights (beyond it lie another thread's rows, or nothing mapped).
 inline void prefetch_ahead(const char* p, const char* end, int bytes) {
   if (p + bytes <= end)
     for (int l = 0; l < bytes; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
