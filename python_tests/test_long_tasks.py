@@ -326,13 +326,14 @@ def test_short_share_draws_a_step_short_and_leaves_the_others_alone() -> None:
     mix = _mixture(lm_share=1.0, seed=5, short_len=(300, 400), short_share=0.4, batch_size=3)
     short_steps = 0
     for step in range(150):
-        lens = [len(mix(3 * step + i).ids) for i in range(3)]
+        samples = [mix(3 * step + i) for i in range(3)]
+        lens = [len(s.ids) for s in samples]
         if all(300 <= n <= 400 for n in lens):
             short_steps += 1
         else:
             assert all(1500 <= n <= 3000 for n in lens), lens
-            for i in range(3):
-                a, b = mix(3 * step + i), plain(3 * step + i)
+            for i, a in enumerate(samples):
+                b = plain(3 * step + i)
                 assert (a.ids, a.labels) == (b.ids, b.labels)
     assert 0.25 <= short_steps / 150 <= 0.55, short_steps  # 0.4 +- 3 sd of a binomial's share
     with pytest.raises(ValueError, match="short_len"):
