@@ -255,14 +255,16 @@ class LongTaskMixture:
 
     def settings(self) -> dict[str, Any]:
         """The mixture's data settings as plain values (what an adapter records of its data;
-        ``start_len`` only where a curriculum grows the lengths from it)."""
+        ``start_len`` only where a curriculum grows the lengths from it). ``batch_size`` is among
+        them: the curriculum and the short steps follow the optimizer step, so a mixture rebuilt
+        from these settings draws the run's samples only with the run's samples per step."""
         return {"min_len": self.min_len, "max_len": self.max_len, "lm_share": self.lm_share,
                 "lm_windows": self.lm_windows, "chat_share": self.chat_share,
                 "filler_share": self.filler_share, "late_share": self.late_share,
                 "tasks": list(self.kinds), "grow_steps": self.grow_steps,
                 "start_len": list(self.start_len) if self.grow_steps > 0 else None,
                 "short_len": list(self.short_len) if self.short_len else None,
-                "short_share": self.short_share}
+                "short_share": self.short_share, "batch_size": self.batch_size}
 
     @property
     def num_tokens(self) -> int:

@@ -305,10 +305,10 @@ def test_settings_rebuild_the_same_mixture() -> None:
     start_len appears only where a curriculum grows the lengths from it."""
     mix = _mixture(lm_share=0.25, chat_share=0.3, filler_share=0.6, late_share=0.5, kinds=["passkey", "uuid"],
                    lm_windows=2, grow_steps=10, start_len=(600, 900), seed=3, short_len=(400, 500),
-                   short_share=0.5)
+                   short_share=0.5, batch_size=2)
     got = mix.settings()
     assert got["start_len"] == [600, 900] and got["tasks"] == ["passkey", "uuid"]
-    assert (got["short_len"], got["short_share"]) == ([400, 500], 0.5)
+    assert (got["short_len"], got["short_share"], got["batch_size"]) == ([400, 500], 0.5, 2)
     kw = {k: v for k, v in got.items() if k not in ("tasks", "start_len")}
     kw.update(kinds=got["tasks"], start_len=tuple(got["start_len"]))
     again = LongTaskMixture(CharTokenizer(), {"doc": TEXT}, window=256, seed=3, **kw)
