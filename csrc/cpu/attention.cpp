@@ -204,6 +204,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       // q and acc in order).
       const bool dec_pv_stream = small && !dec_f32 && !dec_bf16 && !std::is_same_v<T, at::Half> &&
                                  use_decode_pv_stream(rows, d);
+      // bf16 and streamed: its Q K^T by vdpbf16ps straight from the cache (decode_qk_bf16) where
+      // the CPU has AVX-512-BF16, a quarter of the AVX2 kernel's instructions per key (Zen 5, one
+      // query over 3,584 keys, 8 kv heads, d 128: 0.17 ms back to back against 0.20, 0.73-0.77 of
+      // copy bandwidth from memory against 0.65-0.70; 3 rows 0.22 ms against 0.40, 0.75-0.77
+      // against 0.56-0.60; bench/decode_rows.py).
+      const bool dec_qk_dot = dec_pv_stream && std::is_same_v<T, at::BFloat16> && d % 32 == 0 &&
+                              beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx512Bf16);
       // Its P V interleaved with the next key block's Q K^T, whose scores wait in scores_next.
       const bool dec_pv_qk = dec_amx && use_decode_pv_qk(rows, d);
       // Else (no AMX) its P V by bf16 dot products, acc in the pairs' order (decode_pv_pairs).
@@ -217,13 +224,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       for (int t = 0; t < n_tok; ++t) {
         spans[t] = beacon::row_spans(L, nq, tile.t0 + t, P.mode, P.attend_previous);
         key_end = std::max(key_end, beacon::key_end(spans[t]));
-        if (!dec_bf16 && (small || !bf16_dot))  // the bf16 paths read the queries' bf16 rows (below)
+        if (!dec_bf16 && !dec_qk_dot && (small || !bf16_dot))  // the bf16 paths read the queries' bf16 rows (below)
           to_float(q_data + (row0 + t) * P.q_row_stride + kvh * G * P.q_head_stride, P.q_head_stride, G,
                    d, q_tile + static_cast<int64_t>(t) * G * d);
       }
       if (split) split_columns(q_tile, rows, d);
       uint16_t* q_bf16 = reinterpret_cast<uint16_t*>(q_t);  // dec_bf16: the queries' own bits
-      if (dec_bf16)
+      if (dec_bf16 || dec_qk_dot)
         for (int r = 0; r < rows; ++r)
           std::memcpy(q_bf16 + static_cast<int64_t>(r) * d,
                       q_data + (row0 + r / G) * P.q_row_stride + (kvh * G + r % G) * P.q_head_stride,
@@ -283,7 +290,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         } else if (dec_amx) {
           decode_qk_amx(q_pairs_dec, q_bf16, rows, d, reinterpret_cast<const uint16_t*>(kb), P.k_row_stride,
                         n, P.scale, scores);
-        } else if (dec_bf16) {
+        } else if (dec_bf16 || dec_qk_dot) {
           decode_qk_bf16(q_bf16, rows, d, reinterpret_cast<const uint16_t*>(kb), P.k_row_stride, n,
                          P.scale, scores);
         } else if (dec_f32) {

@@ -31,7 +31,8 @@ namespace beacon::cpu::attn {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // Whether a decode tile's P V over an fp32 or bf16 cache takes pv_stream (below; the head dims
-// of the models in use), with the AVX2 Q K^T: where decode_avx512_preferred() is false.
+// of the models in use): where decode_avx512_preferred() is false. Its Q K^T is the AVX2 kernel's,
+// or for bf16 on CPUs with AVX-512-BF16 decode_qk_bf16's (attention.cpp, dec_qk_dot).
 inline bool use_decode_pv_stream(int rows, int d) {
   return cpu_has(Isa::kAvx512) && !decode_avx512_preferred() &&
          ((d == 128 && rows >= 1 && rows <= 3) || (d == 64 && rows >= 1 && rows <= 6));
@@ -42,12 +43,14 @@ inline bool use_decode_f32(int rows, int d) {
   return rows >= 1 && rows <= 7 && d % 32 == 0 && cpu_has(Isa::kAvx512) && decode_avx512_preferred();
 }
 
-// Whether a decode tile of `rows` rows over a bf16 cache takes these kernels: also where the AVX2
-// family is preferred, except where bf16 V streams faster through pv_stream after the AVX2 Q K^T
-// (Zen 4, one thread, 4,608 keys: 1-3 rows at d 128, 0.83-0.90 ms against 1.2-1.35 with these;
-// 1-2 rows at d 64). Elsewhere these win there: 32 query heads over 8 kv heads (4 rows, bf16)
-// 0.53-0.63 of copy bandwidth against 0.47-0.56 with the AVX2 kernels before decode_pv_pairs, 0.7
-// after; SmolLM2's 9 over 3 (3 rows, d 64) 0.18-0.20 ms against 0.25; fp32 the other way round
+// Whether a decode tile of `rows` rows over a bf16 cache takes these kernels (Q K^T and P V): also
+// where the AVX2 family is preferred, except where bf16 V streams faster through pv_stream (Zen 4,
+// one thread, 4,608 keys: 1-3 rows at d 128, 0.83-0.90 ms against 1.2-1.35 with these; 1-2 rows
+// at d 64). Elsewhere these win there: 32 query heads over 8 kv heads (4 rows, bf16) 0.53-0.63 of
+// copy bandwidth against 0.47-0.56 with the AVX2 kernels before decode_pv_pairs, 0.7 after;
+// SmolLM2's 9 over 3 (3 rows, d 64) 0.18-0.20 ms against 0.25 (on Zen 5 pv_stream after
+// decode_qk_bf16 was no faster for 3-6 rows at d 64: bench/decode_rows.py --shapes
+// 3/3/64,4/3/64,6/3/64, 0.53-0.58 of copy against 0.50-0.63); fp32 the other way round
 // (0.37-0.40 against 0.56-0.63), so fp32 keeps the AVX2 family there.
 inline bool use_decode_bf16(int rows, int d) {
   const bool stream = use_decode_pv_stream(rows, d) && (d == 128 || rows <= 2);
