@@ -138,6 +138,17 @@ def test_decode(device, dtype, group, head_dim):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group,head_dim", [(1, 128), (3, 128), (2, 64), (6, 64)])
+def test_decode_long_cache(device, dtype, group, head_dim):
+    # Caches longer than the CPU's decode key blocks (1,024 keys; 4,096 where bf16 V streams),
+    # so the running maxima and sums carry over block boundaries, and a partial last block.
+    c = make_case(device, dtype, mem=[9000, 4000], raw=[200, 97], beacon=[0, 0], ratio=[8, 8],
+                  nq=[1, 1], heads=2 * group, kv_heads=2, head_dim=head_dim)
+    check(c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_step_completing_a_window(device):
     # The decode step that fills the window: 1 raw token + B beacons.
     c = make_case(device, torch.float32, mem=[96, 10], raw=[64, 30], beacon=[8, 0], ratio=[8, 8],

@@ -62,6 +62,12 @@ constexpr int kKeyBlock = 256;       // keys of a key block
 // hardware prefetchers' streams (Zen 4, 32 query heads over 8 kv heads, 4,608 fp32 keys: 0.65
 // of copy bandwidth at 256 keys, 0.72 at 1024, 0.70 at 2048).
 constexpr int kDecodeKeyBlock = 1024;
+// The same for bf16 tiles that take decode_qk_bf16 and pv_stream (dec_qk_dot below: one to three
+// rows at d 128, up to six at d 64): one K pass and one V pass over up to 4,096 keys, as every
+// restart of a stream costs its ramp-up (Zen 5, one query over 3,584 keys, 8 kv heads, d 128:
+// 0.77-0.80 of copy bandwidth against 0.67-0.72 at 1024 keys; fp32 did not gain).
+constexpr int kStreamKeyBlock = 4096;
+constexpr int kStreamRowsMax = 6;  // use_decode_pv_stream's most rows (scratch for their scores)
 
 // Set row r's masked-out scores of the key block [k0, k0 + n) to -inf (transposed storage).
 void mask_column(float* st, int n, int rows, int r, int k0, const RowSpans& sp) {
@@ -133,8 +139,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const auto line = [](int64_t floats) { return static_cast<int64_t>(beacon_cpu::whole_lines<float>(floats)); };
   const int64_t q_elems = line(static_cast<int64_t>(rows_max) * d);
   const int small_rows_max = std::min(rows_max, kSmallRows - 1);  // rows of a decode tile, at most
-  const int64_t s_elems = line(std::max<int64_t>(static_cast<int64_t>(rows_max) * kKeyBlock,
-                                                 static_cast<int64_t>(small_rows_max) * kDecodeKeyBlock));
+  const int64_t s_elems = line(std::max({static_cast<int64_t>(rows_max) * kKeyBlock,
+                                         static_cast<int64_t>(small_rows_max) * kDecodeKeyBlock,
+                                         static_cast<int64_t>(std::min(small_rows_max, kStreamRowsMax)) * kStreamKeyBlock}));
   const int64_t r_elems = line(rows_max);
   // (decode_qk widens a 16-bit decode block into k_block for 5 or 7 rows; pages never touched
   // cost nothing)
@@ -194,7 +201,6 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const int n_tok = tile.t1 - tile.t0;
       const int rows = n_tok * G;
       const bool small = rows < kSmallRows;
-      const int key_block = small ? kDecodeKeyBlock : kKeyBlock;
       // bf16 decode with AVX-512-BF16: decode_avx512.h's kernels (q as bf16, acc in 32-split order).
       const bool dec_bf16 = small && std::is_same_v<T, at::BFloat16> && use_decode_bf16(rows, d);
       const bool dec_amx = dec_bf16 && use_decode_amx(rows, d);  // its Q K^T on AMX tiles
@@ -215,6 +221,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const bool dec_pv_qk = dec_amx && use_decode_pv_qk(rows, d);
       // Else (no AMX) its P V by bf16 dot products, acc in the pairs' order (decode_pv_pairs).
       const bool dec_pv_pairs = dec_bf16 && !dec_pv_qk && use_decode_pv_pairs(rows, d);
+      const int key_block = !small ? kKeyBlock : dec_qk_dot ? kStreamKeyBlock : kDecodeKeyBlock;
       bool next_scored = false;
       const bool split = small && !dec_bf16 && !dec_f32 && !dec_pv_stream && decode_split<T>(rows, d);  // q, acc in split order
       const int64_t row0 = cu[tile.b] + tile.t0;  // packed index of the tile's first query
