@@ -63,11 +63,11 @@ constexpr int kKeyBlock = 256;       // keys of a key block
 // of copy bandwidth at 256 keys, 0.72 at 1024, 0.70 at 2048).
 constexpr int kDecodeKeyBlock = 1024;
 // The same for bf16 tiles that take decode_qk_bf16 and pv_stream (dec_qk_dot below: one to three
-// rows at d 128, up to six at d 64): one K pass and one V pass over up to 4,096 keys, as every
+// rows at d 128, one or two at d 64): one K pass and one V pass over up to 4,096 keys, as every
 // restart of a stream costs its ramp-up (Zen 5, one query over 3,584 keys, 8 kv heads, d 128:
 // 0.77-0.80 of copy bandwidth against 0.67-0.72 at 1024 keys; fp32 did not gain).
 constexpr int kStreamKeyBlock = 4096;
-constexpr int kStreamRowsMax = 6;  // use_decode_pv_stream's most rows (scratch for their scores)
+constexpr int kStreamRowsMax = 6;  // use_decode_pv_stream's most rows, a bound on dec_qk_dot's (their scores)
 
 // Set row r's masked-out scores of the key block [k0, k0 + n) to -inf (transposed storage).
 void mask_column(float* st, int n, int rows, int r, int k0, const RowSpans& sp) {
