@@ -212,8 +212,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                                  use_decode_pv_stream(rows, d);
       // bf16 and streamed: its Q K^T by vdpbf16ps straight from the cache (decode_qk_bf16) where
       // the CPU has AVX-512-BF16, a quarter of the AVX2 kernel's instructions per key (Zen 5, one
-      // query over 3,584 keys, 8 kv heads, d 128: 0.17 ms back to back against 0.20, 0.73-0.77 of
-      // copy bandwidth from memory against 0.65-0.70; 3 rows 0.22 ms against 0.40, 0.75-0.77
+      // query over 3,584 keys, 8 kv heads, d 128: 0.17 ms back to back against 0.20-0.23, 0.73-0.74
+      // of copy bandwidth from memory against 0.68-0.70; 3 rows 0.22 ms against 0.40, 0.75-0.77
       // against 0.56-0.60; bench/decode_rows.py).
       const bool dec_qk_dot = dec_pv_stream && std::is_same_v<T, at::BFloat16> && d % 32 == 0 &&
                               beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx512Bf16);
