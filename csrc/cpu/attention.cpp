@@ -67,7 +67,6 @@ constexpr int kDecodeKeyBlock = 1024;
 // restart of a stream costs its ramp-up (Zen 5, one query over 3,584 keys, 8 kv heads, d 128:
 // 0.77-0.80 of copy bandwidth against 0.67-0.72 at 1024 keys; fp32 did not gain).
 constexpr int kStreamKeyBlock = 4096;
-constexpr int kStreamRowsMax = 6;  // use_decode_pv_stream's most rows, a bound on dec_qk_dot's (their scores)
 
 // Set row r's masked-out scores of the key block [k0, k0 + n) to -inf (transposed storage).
 void mask_column(float* st, int n, int rows, int r, int k0, const RowSpans& sp) {
@@ -141,7 +140,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int small_rows_max = std::min(rows_max, kSmallRows - 1);  // rows of a decode tile, at most
   const int64_t s_elems = line(std::max({static_cast<int64_t>(rows_max) * kKeyBlock,
                                          static_cast<int64_t>(small_rows_max) * kDecodeKeyBlock,
-                                         static_cast<int64_t>(std::min(small_rows_max, kStreamRowsMax)) * kStreamKeyBlock}));
+                                         static_cast<int64_t>(std::min(small_rows_max, kPvStreamRowsMax)) * kStreamKeyBlock}));
   const int64_t r_elems = line(rows_max);
   // (decode_qk widens a 16-bit decode block into k_block for 5 or 7 rows; pages never touched
   // cost nothing)
@@ -215,8 +214,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       // query over 3,584 keys, 8 kv heads, d 128: 0.17 ms back to back against 0.20-0.23, 0.73-0.74
       // of copy bandwidth from memory against 0.68-0.70; 3 rows 0.22 ms against 0.40, 0.75-0.77
       // against 0.56-0.60; bench/decode_rows.py).
-      const bool dec_qk_dot = dec_pv_stream && std::is_same_v<T, at::BFloat16> && d % 32 == 0 &&
-                              beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx512Bf16);
+      const bool dec_qk_dot = dec_pv_stream && std::is_same_v<T, at::BFloat16> && use_decode_qk_bf16(rows, d);
       // Its P V interleaved with the next key block's Q K^T, whose scores wait in scores_next.
       const bool dec_pv_qk = dec_amx && use_decode_pv_qk(rows, d);
       // Else (no AMX) its P V by bf16 dot products, acc in the pairs' order (decode_pv_pairs).

@@ -22,6 +22,10 @@
 
 namespace beacon::cpu::attn {
 
+// The most rows a tile streamed through pv_stream has (d 64; three at d 128): attention.cpp sizes
+// those tiles' scores by it.
+constexpr int kPvStreamRowsMax = 6;
+
 #if defined(BEACON_CPU_X86) && !defined(BEACON_OPS_EMULATE_BF16_DOT)
 #define BEACON_DECODE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define BEACON_DECODE_BF16_TARGET \
@@ -35,12 +39,17 @@ namespace beacon::cpu::attn {
 // or for bf16 on CPUs with AVX-512-BF16 decode_qk_bf16's (attention.cpp, dec_qk_dot).
 inline bool use_decode_pv_stream(int rows, int d) {
   return cpu_has(Isa::kAvx512) && !decode_avx512_preferred() &&
-         ((d == 128 && rows >= 1 && rows <= 3) || (d == 64 && rows >= 1 && rows <= 6));
+         ((d == 128 && rows >= 1 && rows <= 3) || (d == 64 && rows >= 1 && rows <= kPvStreamRowsMax));
 }
 
 // Whether a decode tile of `rows` rows over an fp32 cache takes these kernels.
 inline bool use_decode_f32(int rows, int d) {
   return rows >= 1 && rows <= 7 && d % 32 == 0 && cpu_has(Isa::kAvx512) && decode_avx512_preferred();
+}
+
+// Whether decode_qk_bf16 (below) runs for a tile of `rows` rows at head_dim d on this CPU.
+inline bool use_decode_qk_bf16(int rows, int d) {
+  return rows >= 1 && rows <= 7 && d % 32 == 0 && cpu_has(Isa::kAvx512Bf16);
 }
 
 // Whether a decode tile of `rows` rows over a bf16 cache takes these kernels (Q K^T and P V): also
@@ -54,8 +63,7 @@ inline bool use_decode_f32(int rows, int d) {
 // (0.37-0.40 against 0.56-0.63), so fp32 keeps the AVX2 family there.
 inline bool use_decode_bf16(int rows, int d) {
   const bool stream = use_decode_pv_stream(rows, d) && (d == 128 || rows <= 2);
-  return rows >= 1 && rows <= 7 && d % 32 == 0 && cpu_has(Isa::kAvx512Bf16) &&
-         (decode_avx512_preferred() || !stream);
+  return use_decode_qk_bf16(rows, d) && (decode_avx512_preferred() || !stream);
 }
 
 // Lane i of the result = the sum of v[i]'s 16 lanes: pairs of vectors, then of 64-bit halves,
@@ -637,6 +645,7 @@ inline void decode_pv_stream(const float*, int, int, const T*, int64_t, int, flo
 inline void decode_qk_f32(const float*, int, int, const float*, int64_t, int, float, float*) {}
 inline void decode_pv_f32(const float*, int, int, const float*, int64_t, int, float*) {}
 inline bool use_decode_bf16(int, int) { return false; }
+inline bool use_decode_qk_bf16(int, int) { return false; }
 inline void decode_qk_bf16(const uint16_t*, int, int, const uint16_t*, int64_t, int, float, float*) {}
 inline void decode_pv_bf16(const float*, int, int, const uint16_t*, int64_t, int, float*) {}
 inline bool use_decode_amx(int, int) { return false; }
