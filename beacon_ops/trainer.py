@@ -87,6 +87,8 @@ class TrainConfig:
     rank: int = 0                     # 0: full beacon matrices; > 0: low-rank deltas
     reader_rank: int = 0              # > 0: a reader of this rank (beacon_ops.memory_reading) trained too
     reader_lr: float | None = None    # the reader's peak learning rate (None: lr)
+    added_rank_lr: float | None = None  # grown adapters (start_from a lower rank): the added
+    # rank's peak learning rate (None: lr); the trained rank keeps lr
     ratios: tuple[int, ...] = STEP_RANDOM_RATIOS
     ratio_seed: int = 42
     seed: int = 42
@@ -204,7 +206,7 @@ class Trainer:
         else:
             norms = [p.grad.norm() for p in params if p.grad is not None]
             norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-        self.opt.step()
+        self._optimizer_step()
         self.step += 1
         records = sorted(r for part in d.all_gather(records) for r in part)
         later = [r[2] for r in records if r[2] == r[2]]   # NaN: a sample of one window
@@ -215,6 +217,28 @@ class Trainer:
                       sum(r[7] for r in records), sum(r[8] for r in records))
         self.history.append(log)
         return log
+
+    def _optimizer_step(self) -> None:
+        """``opt.step()``; with ``added_rank_lr`` the updates of a grown adapter's added rank
+        (``lora_A``'s rows and ``lora_B``'s columns from ``init_rank`` on) are scaled by
+        ``added_rank_lr / lr``. AdamW's update is elementwise, so this is that rate for those
+        entries exactly: the added factors live in the same tensors as the trained ones, and
+        at a continuation's low rate they would hardly leave zero."""
+        c = self.config
+        if c.added_rank_lr is None or c.added_rank_lr == c.lr or c.lr == 0:
+            self.opt.step()
+            return
+        if "init_rank" not in self.meta:
+            raise ValueError("added_rank_lr needs a grown adapter (start_from one of a lower rank)")
+        r, scale = int(self.meta["init_rank"]), c.added_rank_lr / c.lr
+        added = [(p, (slice(r, None),) if n.endswith(".lora_A") else (slice(None), slice(r, None)))
+                 for n, p in self.trainable
+                 if n.endswith((".lora_A", ".lora_B")) and ".beacon_reader_" not in n]
+        before = [p.detach()[sl].clone() for p, sl in added]
+        self.opt.step()
+        with torch.no_grad():
+            for (p, sl), b in zip(added, before):
+                p[sl] = b + (p[sl] - b) * scale
 
     def _grad_windows(self, index: int, ids: torch.Tensor, labels: torch.Tensor | None,
                       sample: Sample | None) -> set[int] | None:

@@ -320,6 +320,23 @@ def test_train_with_a_reader(tmp_path, capsys):
     assert_usage_error(base + ["--reader-lr", "1e-3"], capsys, "--reader-lr", "--reader-rank")
 
 
+def test_train_grown_with_added_rank_lr(tmp_path, capsys):
+    """--added-rank-lr trains a rank-2 adapter grown to rank 3 and is stored with it; without a
+    lower-rank --init it is one line naming the flag."""
+    from beacon_ops.adapter import read_adapter_config
+
+    base = ["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len", "140"]
+    small, grown = str(tmp_path / "small.safetensors"), str(tmp_path / "grown.safetensors")
+    assert run_cli(base + ["--rank", "2", "--out", small], capsys)[0] == 0
+    assert run_cli(base + ["--rank", "3", "--init", small, "--added-rank-lr", "1e-2", "--out", grown],
+                   capsys)[0] == 0
+    cfg = read_adapter_config(grown)
+    assert (cfg["rank"], cfg["init_rank"], cfg["train"]["added_rank_lr"]) == (3, 2, 1e-2)
+    assert_usage_error(base + ["--rank", "3", "--added-rank-lr", "1e-2"], capsys, "--added-rank-lr", "--init")
+    assert_usage_error(base + ["--rank", "2", "--init", small, "--added-rank-lr", "1e-2", "--out", grown],
+                       capsys, "--added-rank-lr", "lower rank")
+
+
 def test_the_beacon_layout_travels_with_the_adapter(tmp_path, capsys):
     """train --placement interleave --mode full-coverage --sink 1 stores that layout (variant v3)
     in the adapter; the commands that load it read with it unless --mode says otherwise (a mode

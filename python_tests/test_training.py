@@ -711,3 +711,33 @@ def test_start_from_a_lower_rank_grows_the_adapter(tmp_path) -> None:
     assert grown.adapter_config()["init_rank"] == 2
     grown.run(progress=False)
     assert any(big.lora_B[:, 2].any() for big in deltas(grown))
+
+
+def test_added_rank_lr_scales_only_the_added_rank(tmp_path) -> None:
+    """added_rank_lr on a grown adapter: after one step from the same start the trained rank
+    moved exactly as without it and the added rank 5x as far (AdamW's update is elementwise);
+    without a grown start it is refused."""
+    _, path = _trained_rank2_adapter(tmp_path)
+    runs = []
+    for added in (None, 5e-2):
+        t = _trainer(rank=3, steps=2, seed=0)
+        t.config.added_rank_lr = added
+        t.start_from(path)
+        before = [p.detach().clone() for _, p in t.trainable]
+        t.train_step()
+        runs.append([(n, p.detach() - b) for (n, p), b in zip(t.trainable, before)])
+    moved = 0
+    for (n, plain), (_, scaled) in zip(*runs):
+        if not n.endswith(("lora_A", "lora_B")):   # the beacon embedding: trained at lr
+            assert torch.equal(plain, scaled), n
+            continue
+        trained = plain[:2] if n.endswith("lora_A") else plain[:, :2]
+        assert torch.equal(trained, scaled[:2] if n.endswith("lora_A") else scaled[:, :2]), n
+        extra = (plain[2:], scaled[2:]) if n.endswith("lora_A") else (plain[:, 2:], scaled[:, 2:])
+        torch.testing.assert_close(extra[1], 5 * extra[0], rtol=1e-5, atol=1e-7)
+        moved += int(extra[0].any())
+    assert moved > 0   # the added columns of B moved
+    fresh = _trainer(rank=3, steps=1, seed=0)
+    fresh.config.added_rank_lr = 5e-2
+    with pytest.raises(ValueError, match="grown adapter"):
+        fresh.train_step()

@@ -150,6 +150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the condensed memory (0: none; inputs of one window never use it)")
     p.add_argument("--reader-lr", type=float, default=None,
                    help="the reader's peak learning rate (default: --lr's)")
+    p.add_argument("--added-rank-lr", type=float, default=None,
+                   help="with --init of a lower --rank than the run's: the added rank's peak learning rate "
+                        "(default: --lr's; a continuation's low --lr leaves the added rank near zero)")
     p.add_argument("--lr", type=float_between(0.0, 1.0), default=None,
                    help="peak learning rate (default 5e-5 for full matrices, the paper's; 1e-3 low-rank; "
                         "0 leaves the weights as they are)")
@@ -229,6 +232,9 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     if args.reader_lr is not None and (not args.reader_rank or not args.reader_lr > 0):
         raise UsageError("--reader-lr", f"must be > 0 and comes with --reader-rank, got {args.reader_lr}"
                          f" with --reader-rank {args.reader_rank}")
+    if args.added_rank_lr is not None and not (args.added_rank_lr > 0 and args.rank and (args.init or args.resume)):
+        raise UsageError("--added-rank-lr", f"must be > 0 and comes with --rank and --init of a lower-rank adapter"
+                         f" (or --resume of such a run), got {args.added_rank_lr}")
     variant = args.variant or ("v3" if args.placement == "interleave" or args.sink else "v1")
     try:
         beacon = BeaconConfig(window=args.window, mode=args.mode, adapt_context=args.adapt_context,
@@ -272,6 +278,7 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
                       warmup=args.warmup if args.warmup is not None else max(1, args.steps // 20),
                       weight_decay=args.weight_decay, clip=args.clip, params=params, rank=args.rank,
                       reader_rank=args.reader_rank, reader_lr=args.reader_lr,
+                      added_rank_lr=args.added_rank_lr,
                       ratios=ratios, seed=args.seed,
                       checkpoint=None if args.checkpoint == "none" else args.checkpoint,
                       autocast=None if dtype == "float32" else dtype, attention=args.attention,
@@ -290,6 +297,9 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     except ValueError as e:
         flag = "--resume" if args.resume else "--init"
         raise UsageError(flag, str(e).removeprefix(flag + ": ")) from None
+    if cfg.added_rank_lr is not None and "init_rank" not in trainer.meta:
+        raise UsageError("--added-rank-lr", f"needs --init of an adapter of a lower rank than --rank {args.rank}"
+                         " (an adapter grown to this run's rank)")
     n_train = sum(p.numel() for _, p in trainer.trainable)
     say(f"model: {name}; texts: {len(texts)} files, {sampler.num_tokens} tokens; samples "
           f"{args.min_len}-{args.max_len}"
