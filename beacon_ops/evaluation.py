@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 __all__ = ["FILLER", "INTRO", "QUESTION", "passkey_prompt", "passkey_min_tokens", "default_text",
-           "find_tokens", "PasskeyResult", "passkey_grid", "chars_in_place", "accuracy_table",
+           "find_tokens", "PasskeyResult", "passkey_grid", "answer_contains", "chars_in_place", "accuracy_table",
            "plot_passkey_heatmap", "read_passkey_results",
            "TaskResult", "expected_answer", "task_answers", "task_table"]
 
@@ -63,7 +64,7 @@ class PasskeyResult:
     key: int
     tokens: int        # actual prompt tokens
     answer: str
-    correct: bool      # the key is in the greedy answer
+    correct: bool      # the greedy answer says the key (answer_contains)
     digits: float      # share of the key's digits at their place in the answer (partial progress)
     ratio: int | None  # condensing ratio used (beacon attention)
     seconds: float
@@ -127,7 +128,7 @@ def passkey_grid(models: dict[str, tuple[Any, str]], tok: Any, lengths: Sequence
         if attention == "beacon":
             at = find_tokens(ids, tok.encode(str(key)))
             place = at % model.beacon.window if at >= 0 else None
-        r = PasskeyResult(method, n, d, key, len(ids), answer, str(key) in answer, chars_in_place(str(key), answer),
+        r = PasskeyResult(method, n, d, key, len(ids), answer, answer_contains(str(key), answer), chars_in_place(str(key), answer),
                           ratio_for_length(model, len(ids)) if attention == "beacon" else None,
                           time.perf_counter() - t0, read, place)
         results.append(r)
@@ -191,6 +192,15 @@ def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     n = min(len(a), len(b))
     differ = (a[:n] != b[:n]).nonzero()
     return int(differ[0, 0]) if len(differ) else n
+
+
+def answer_contains(want: str, got: str) -> bool:
+    """Whether ``got`` says ``want`` as a whole, case aside: not as part of a longer number or
+    word (``680448.`` does not say the key 68044; ``68044.`` and ``The pass key is 68044`` do)."""
+    edge = r"[^\W_]"   # a letter or digit
+    left = f"(?<!{edge})" if want[:1].isalnum() else ""
+    right = f"(?!{edge})" if want[-1:].isalnum() else ""
+    return re.search(left + re.escape(want) + right, got, flags=re.IGNORECASE) is not None
 
 
 def chars_in_place(want: str, got: str) -> float:
@@ -323,7 +333,7 @@ class TaskResult:
     in_memory: bool    # a fact the answer needs lay in an earlier window (read through beacons)
     expected: str      # the first answer, without its final full stop / end-of-turn token
     answer: str        # the greedy continuation
-    correct: bool      # ``expected`` appears in ``answer`` (case and surrounding spaces aside)
+    correct: bool      # ``answer`` says ``expected`` (answer_contains: case aside, not inside a longer word)
     char_accuracy: float  # share of ``expected``'s characters the answer has at the same place
     seconds: float
 
@@ -373,7 +383,7 @@ def task_answers(model: Any, tok: Any, sampler: Callable[[int], Any], samples: i
         model.reset()
         got = tok.decode(new).replace(eos, " ").strip()
         r = TaskResult(s.kind, s.answer_start, s.facts_in_memory(window) > 0, want, got,
-                       want.lower() in got.lower(), chars_in_place(want, got), time.perf_counter() - t0)
+                       answer_contains(want, got), chars_in_place(want, got), time.perf_counter() - t0)
         out.append(r)
         if bar is not None:
             bar.update(1)

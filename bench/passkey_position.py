@@ -18,7 +18,7 @@ import torch
 
 from beacon_ops.commands import demo
 from beacon_ops.commands.common import beacon_config, load_model_for
-from beacon_ops.evaluation import find_tokens, passkey_prompt
+from beacon_ops.evaluation import answer_contains, find_tokens, passkey_prompt
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
             at = find_tokens(ids, digits)
             r = demo.run_passkey(lm, ids, "beacon", args.max_new_tokens, args.device)
             print(f"key {args.key}, shift {shift}: first digit at token {at}, place {at % window} of the "
-                  f"window's {window}; answer {r['answer']!r} ({'right' if str(args.key) in r['answer'] else 'wrong'})",
+                  f"window's {window}; answer {r['answer']!r} ({'right' if answer_contains(str(args.key), r['answer']) else 'wrong'})",
                   flush=True)
 
 

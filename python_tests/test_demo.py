@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -92,6 +93,19 @@ def test_window_place_split():
         "beacon: keys found by the quarter of the 256-token window they start in: 1/2, 1/1, 0/0, 1/2"]
 
 
+def test_answer_contains():
+    """The key said as a whole number counts; inside a longer one it does not (an answer of
+    ``680448.`` for 68044 once counted as found)."""
+    from beacon_ops.evaluation import answer_contains
+
+    assert answer_contains("68044", "68044.") and answer_contains("68044", "The pass key is 68044<|im_end|>")
+    assert not answer_contains("68044", "680448.") and not answer_contains("68044", "168044")
+    assert not answer_contains("68044", "68045.") and not answer_contains("68044", "")
+    assert answer_contains("Blue Whale", "the blue whale.") and not answer_contains("cat", "category")
+    assert answer_contains("3f2a-9c", "id: 3F2A-9C") and not answer_contains("3f2a-9c", "3f2a-9c1")
+    assert answer_contains("(x)", "a(x)b")   # edges that are not letters or digits bind nothing
+
+
 def test_chars_in_place():
     from beacon_ops.evaluation import chars_in_place
 
@@ -113,7 +127,7 @@ def test_eval_passkey_grid_table_heatmap(tmp_path, no_smollm2, capsys):
     # 2 lengths x 2 depths for beacon and sliding; full attention only where it fits (400 <= 600)
     assert sorted((r["method"], r["length"]) for r in res) == sorted(
         [(m, n) for m in ("beacon", "sliding") for n in (400, 400, 1100, 1100)] + [("full", 400)] * 2)
-    assert all(r["correct"] == (str(r["key"]) in r["answer"]) for r in res)
+    assert all(r["correct"] == (re.search(rf"(?<!\d){r['key']}(?!\d)", r["answer"]) is not None) for r in res)
     assert all(0 <= r["digits"] <= 1 and (r["digits"] == 1) >= r["answer"].startswith(str(r["key"])) for r in res)
     assert ", digits " in printed and "read " in printed and "(the filler they share read once" in printed
     # adapt-N: r = 0 at 400 tokens, 2 at 1100 (+1024 generation allowance > the 2048 context)

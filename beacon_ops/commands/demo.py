@@ -21,7 +21,7 @@ import torch
 
 from ..beacon_config import BeaconConfig
 from ..checkpoints import LoadedModel
-from ..evaluation import passkey_min_tokens, passkey_prompt
+from ..evaluation import answer_contains, passkey_min_tokens, passkey_prompt
 from ..generation import decode_step, prefill, ratio_for_length
 from ..memory import peak_memory
 from .common import (Command, UsageError, add_model_args, beacon_config, float_between,
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         print(f"{attention} attention: reading {len(ids)} tokens ...", flush=True)
         r = run_passkey(lm, ids, attention, args.max_new_tokens, args.device)
-        r["correct"] = str(args.key) in r["answer"]
+        r["correct"] = answer_contains(str(args.key), r["answer"])
         if attention == "beacon":
             r["ratio"] = ratio_for_length(lm.model, len(ids))
         runs.append(r)
