@@ -333,6 +333,7 @@ def test_train_grown_with_added_rank_lr(tmp_path, capsys):
     cfg = read_adapter_config(grown)
     assert (cfg["rank"], cfg["init_rank"], cfg["train"]["added_rank_lr"]) == (3, 2, 1e-2)
     assert_usage_error(base + ["--rank", "3", "--added-rank-lr", "1e-2"], capsys, "--added-rank-lr", "--init")
+    assert_usage_error(base + ["--rank", "3", "--init", small, "--added-rank-lr", "inf"], capsys, "--added-rank-lr")
     assert_usage_error(base + ["--rank", "2", "--init", small, "--added-rank-lr", "1e-2", "--out", grown],
                        capsys, "--added-rank-lr", "lower rank")
 

@@ -150,7 +150,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the condensed memory (0: none; inputs of one window never use it)")
     p.add_argument("--reader-lr", type=float, default=None,
                    help="the reader's peak learning rate (default: --lr's)")
-    p.add_argument("--added-rank-lr", type=float, default=None,
+    p.add_argument("--added-rank-lr", type=float_between(0.0, 1.0), default=None,
                    help="with --init of a lower --rank than the run's: the added rank's peak learning rate "
                         "(default: --lr's; a continuation's low --lr leaves the added rank near zero)")
     p.add_argument("--lr", type=float_between(0.0, 1.0), default=None,
