@@ -261,6 +261,12 @@ def load_beacon_adapter(model: Llama, path: str, *, trainable: bool = False) -> 
     return cfg
 
 
+def low_rank_dim(name: str) -> int | None:
+    """The rank dimension of a low-rank factor, by its parameter name: 0 for a ``lora_A`` (rank x
+    in), 1 for a ``lora_B`` (out x rank), None for any other tensor."""
+    return {".lora_A": 0, ".lora_B": 1}.get(name[name.rfind("."):])
+
+
 def _copy_adapter_tensors(model: Llama, path: str, *, grow: bool) -> None:
     """Copy the adapter file's tensors into ``model``'s parameters of the same names, every name
     and shape checked before anything is copied (a failed call leaves the model as it was).
@@ -275,7 +281,7 @@ def _copy_adapter_tensors(model: Llama, path: str, *, grow: bool) -> None:
         raise ValueError(f"adapter {path!r} has tensors the model lacks: {unknown[:6]}")
 
     def rank_dim(name: str) -> int | None:  # the factor's rank dimension, when it may grow
-        return {".lora_A": 0, ".lora_B": 1}.get(name[name.rfind("."):]) if grow else None
+        return low_rank_dim(name) if grow else None
 
     for name, t in tensors.items():
         o, dim = own[name], rank_dim(name)

@@ -31,7 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .adapter import (adapter_layout, cast_frozen_projections, load_adapter_into_higher_rank,
-                      load_beacon_adapter, make_beacon_trainable, read_adapter_config, save_beacon_adapter)
+                      load_beacon_adapter, low_rank_dim, make_beacon_trainable, read_adapter_config,
+                      save_beacon_adapter)
 from .distributed import Distributed
 from .llama import BEACON_PROJS, Llama
 from .long_tasks import Sample, kjv_text, shakespeare_files
@@ -231,14 +232,13 @@ class Trainer:
         if "init_rank" not in self.meta:
             raise ValueError("added_rank_lr needs a grown adapter (start_from one of a lower rank)")
         r, scale = int(self.meta["init_rank"]), c.added_rank_lr / c.lr
-        added = [(p, (slice(r, None),) if n.endswith(".lora_A") else (slice(None), slice(r, None)))
-                 for n, p in self.trainable
-                 if n.endswith((".lora_A", ".lora_B")) and ".beacon_reader_" not in n]
-        before = [p.detach()[sl].clone() for p, sl in added]
+        added = [p.detach().narrow(dim, r, p.shape[dim] - r) for n, p in self.trainable
+                 if ".beacon_reader_" not in n and (dim := low_rank_dim(n)) is not None]
+        before = [a.clone() for a in added]
         self.opt.step()
         with torch.no_grad():
-            for (p, sl), b in zip(added, before):
-                p[sl] = b + (p[sl] - b) * scale
+            for a, b in zip(added, before):
+                a.copy_(b + (a - b) * scale)
 
     def _grad_windows(self, index: int, ids: torch.Tensor, labels: torch.Tensor | None,
                       sample: Sample | None) -> set[int] | None:
