@@ -309,12 +309,15 @@ class Llama(nn.Module):
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(hidden, w)
 
-    def step(self, cache: KVCache, chunks: Sequence[Tensor], *, checkpoint_layers: bool = False) -> list[Tensor]:
+    def step(self, cache: KVCache, chunks: Sequence[Tensor], *, checkpoint_layers: bool = False,
+             layer_outputs: list[Tensor] | None = None) -> list[Tensor]:
         """One step: ``chunks[b]`` new raw tokens of sequence ``b`` (may be empty), at most
         ``cache.room(b)`` of them.
 
         Returns, per sequence, the final-norm hidden states of its raw tokens.
         ``checkpoint_layers``: non-reentrant gradient checkpointing of every layer (training).
+        ``layer_outputs``: when given, each layer's output at the raw tokens (all sequences'
+        rows in order, beacon rows left out) is appended to it (distillation reads them).
         """
         if not any(len(ch) for ch in chunks):
             return [ch.new_empty(0, self.config.hidden_size, dtype=self.dtype) for ch in chunks]
@@ -347,6 +350,8 @@ class Llama(nn.Module):
                 h = checkpoint(layer, h, i, cache, plan, rows, use_reentrant=False)
             else:
                 h = layer(h, i, cache, plan, rows)
+            if layer_outputs is not None:
+                layer_outputs.append(rows.raw(h))
         cache.compact()
         h = self.model.norm(rows.raw(h))
         return list(torch.split(h, [len(ch) for ch in chunks]))

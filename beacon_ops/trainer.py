@@ -36,7 +36,8 @@ from .adapter import (adapter_layout, cast_frozen_projections, load_adapter_into
 from .distributed import Distributed
 from .llama import BEACON_PROJS, Llama
 from .long_tasks import Sample, kjv_text, shakespeare_files
-from .training import STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss, gradient_windows, ratio_draws
+from .training import (STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss, gradient_windows, ratio_draws,
+                       teacher_states)
 
 __all__ = ["TrainConfig", "TextSampler", "Trainer", "StepLog", "default_texts", "kjv_text", "lr_factor"]
 
@@ -99,6 +100,9 @@ class TrainConfig:
     grad_windows: int | None = None   # None: backpropagate through every window; N: only through
     # those with a target or a fact and N others drawn per sample (training.gradient_windows)
     batch_size: int = 1               # samples per optimizer step, over all ranks together
+    distill: float = 0.0              # > 0: full attention teaches the layer outputs at the targets of
+    # samples it can read (up to the model's trained context), this weight on the distance
+    # (training.teacher_states, training.distill_distance)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -122,6 +126,8 @@ class StepLog:
     facts_in_memory: int = 0      # facts its answers need that lay in condensed memory
     facts: int = 0                # facts its answers need
     targets: int = 0              # labelled tokens
+    distill: float = 0.0          # mean distill_distance of the distilled samples' targets
+    distilled: int = 0            # samples read with a teacher
 
 
 class Trainer:
@@ -137,6 +143,11 @@ class Trainer:
                  meta: dict[str, Any] | None = None, dist: Distributed | None = None) -> None:
         if config.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+        if not config.distill >= 0:
+            raise ValueError(f"distill must be >= 0, got {config.distill}")
+        if config.distill and config.reader_rank:
+            raise ValueError("distill: a reader changes how raw tokens read memory, the teacher's too; "
+                             "train it without distillation")
         self.model, self.config, self.batches = model, config, batches
         self.dist = dist or Distributed.current()
         self.meta = dict(meta or {})
@@ -187,18 +198,23 @@ class Trainer:
         records = []
         for i, ids, labels, sample in mine:
             self._seek_ratios(start_state, sum(draws[:i]))
+            teacher = None
+            if c.distill and len(ids) <= model.trained_context:
+                with ctx:
+                    teacher = teacher_states(model, ids, labels, attention="masked" if c.attention == "masked" else "op")
             with ctx:
                 out = beacon_loss(model, ids.to(model.device), labels, ratio=self.sampler,
                                   checkpoint=c.checkpoint, attention=c.attention,
-                                  grad_windows=self._grad_windows(first + i, ids, labels, sample))
+                                  grad_windows=self._grad_windows(first + i, ids, labels, sample),
+                                  teacher=teacher, distill=c.distill)
             if len(out.ratios) != draws[i]:
                 raise RuntimeError(f"sample {first + i} drew {len(out.ratios)} ratios, expected {draws[i]}")
             if out.loss.requires_grad:  # not when truncation kept no window whose beacons it reads
                 (out.loss if size == 1 else out.loss / size).backward()
             facts = (sample.kind, sample.facts_in_memory(window), len(sample.fact_positions)) \
                 if sample is not None else ("lm", 0, 0)
-            records.append((i, float(out.loss.detach()), out.loss_after_first_window(), len(ids),
-                            out.ratios, *facts, sum(out.window_counts)))
+            records.append((i, out.cross_entropy(), out.loss_after_first_window(), len(ids),
+                            out.ratios, *facts, sum(out.window_counts), out.distill(), teacher is not None))
         self._seek_ratios(start_state, sum(draws))
         params = [p for _, p in self.trainable]
         d.sum_grads(params)
@@ -211,11 +227,13 @@ class Trainer:
         self.step += 1
         records = sorted(r for part in d.all_gather(records) for r in part)
         later = [r[2] for r in records if r[2] == r[2]]   # NaN: a sample of one window
+        taught = [r[9] for r in records if r[10]]
         log = StepLog(self.step, sum(r[1] for r in records) / size,
                       sum(later) / len(later) if later else float("nan"), sum(r[3] for r in records),
                       [x for r in records for x in r[4]], lr, norm, time.perf_counter() - t0,
                       ",".join(r[5] for r in records), sum(r[6] for r in records),
-                      sum(r[7] for r in records), sum(r[8] for r in records))
+                      sum(r[7] for r in records), sum(r[8] for r in records),
+                      sum(taught) / len(taught) if taught else 0.0, len(taught))
         self.history.append(log)
         return log
 

@@ -36,6 +36,14 @@ memory they read keeps its gradient history (it is joined to their entries again
 on), so the loss still reaches the beacons of every window in ``grad_windows``.
 :func:`gradient_windows` picks them for a sample.
 
+Distillation (``teacher``): full attention reads the same tokens first (:func:`teacher_states`,
+every window at ratio 0, i.e. the base model), keeping every layer's output at the positions with
+a target; the loss of each such position then adds ``distill`` times the mean squared distance of
+the beaconed model's layer outputs from those, each vector scaled to unit RMS first
+(:func:`distill_distance`). Cross-entropy on a passkey's answer says only whether the digits came
+out; the teacher's layer outputs say, at every layer, what reading the raw tokens would have made
+of them.
+
 Gradient checkpointing (``checkpoint="window"`` or ``"layer"``) uses
 ``torch.utils.checkpoint`` in the non-reentrant mode, as the official training does; the loss
 of a window is computed inside its checkpoint so that no ``[tokens x vocab]`` logits are kept.
@@ -54,8 +62,9 @@ from .llama import BeaconConfig, Llama, check_token_ids
 from .positions import rotate as rope
 from .training_cache import TrainingKVCache, has_attention_backward
 
-__all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "beacon_loss", "gradient_windows",
-           "ratio_draws", "rope", "has_attention_backward"]
+__all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "TeacherStates", "beacon_loss",
+           "distill_distance", "gradient_windows", "ratio_draws", "rope", "has_attention_backward",
+           "teacher_states"]
 
 STEP_RANDOM_RATIOS: tuple[int, ...] = (2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 8, 8, 16, 16, 32, 32, 64, 128)
 """Section 6's ``step-random`` list (duplicates act as weights)."""
@@ -126,23 +135,100 @@ def gradient_windows(length: int, window: int, labels: Sequence[int] | Tensor, f
 
 @dataclass
 class BeaconLoss:
-    """Result of :func:`beacon_loss`: ``loss`` (mean CE, differentiable) and per-window figures."""
+    """Result of :func:`beacon_loss`: ``loss`` (mean CE, plus the distillation term with a
+    teacher; differentiable) and per-window figures."""
 
     loss: Tensor
     window_loss_sums: list[float] = field(default_factory=list)  # detached CE sums
     window_counts: list[int] = field(default_factory=list)       # targets per window
     ratios: list[int] = field(default_factory=list)               # ratio of each window that drew one
+    window_distill_sums: list[float] = field(default_factory=list)  # detached distill_distance sums
 
     def loss_after_first_window(self) -> float:
         """Mean CE over windows 2.. (where the memory matters); NaN when there are none."""
         n = sum(self.window_counts[1:])
         return sum(self.window_loss_sums[1:]) / n if n else float("nan")
 
+    def cross_entropy(self) -> float:
+        """Mean CE over every target (``loss`` without the distillation term)."""
+        return sum(self.window_loss_sums) / sum(self.window_counts)
+
+    def distill(self) -> float:
+        """Mean :func:`distill_distance` over every target (0 without a teacher)."""
+        return sum(self.window_distill_sums) / sum(self.window_counts)
+
+
+@dataclass
+class TeacherStates:
+    """Full attention's layer outputs at a sample's target positions (:func:`teacher_states`)."""
+
+    states: Tensor  # [targets, layers, hidden]: targets in position order
+    row: Tensor     # [length] long: the row of ``states`` for each position, -1 where it has no target
+
+
+def _targets(ids: Tensor, labels: Tensor) -> Tensor:
+    """Position ``t``'s target is ``labels[t + 1]`` (-100 for the last position)."""
+    return torch.cat([labels[1:], labels.new_full((1,), -100)]).to(ids.device)
+
+
+@torch.no_grad()
+def teacher_states(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequence[int] | None = None,
+                   *, attention: str = "op") -> TeacherStates:
+    """Every layer's output at the positions of ``ids`` that have a target, read with full
+    attention (each window at ratio 0: its raw keys stay, the base model), window by window as
+    :func:`beacon_loss` reads it. ``labels`` as in :func:`beacon_loss` (default ``ids``)."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if len(ids) == 0:
+        raise ValueError("ids must not be empty")
+    check_token_ids(ids, model.config.vocab_size, "ids")
+    labels = ids if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if labels.shape != ids.shape:
+        raise ValueError(f"labels must have the shape of ids {tuple(ids.shape)}, got {tuple(labels.shape)}")
+    if len(ids) > model.trained_context:
+        raise ValueError(f"ids: {len(ids)} tokens exceed the {model.trained_context} positions full attention "
+                         "was trained for (the teacher would read them no better than the student)")
+    bc, c, dev = model.beacon, model.config, model.device
+    ids = ids.to(dev)
+    targets = _targets(ids, labels)
+    mode, attend_previous = bc.attention_mask_kind
+    cache = TrainingKVCache(c.num_layers, c.num_kv_heads, c.head_dim, len(ids), window=bc.window,
+                            mode=mode, attend_previous=attend_previous, inv_freq=model.inv_freq,
+                            rope_interleaved=c.rope_interleaved, attention=attention,
+                            dtype=model.dtype, device=dev, placement=bc.placement, sink_size=bc.sink_size,
+                            sink_recapture=bc.sink_recapture)
+    parts, start = [], 0
+    while start < len(ids):
+        n = cache.room(0)
+        cache.set_ratio(0, 0)
+        outs: list[Tensor] = []
+        model.step(cache, [ids[start:start + n]], layer_outputs=outs)
+        keep = (targets[start:start + n] != -100).nonzero()[:, 0]
+        if len(keep):
+            parts.append(torch.stack([o[keep] for o in outs], dim=1))
+        start += n
+    keep = targets != -100
+    row = torch.full((len(ids),), -1, dtype=torch.long, device=dev)
+    row[keep] = torch.arange(int(keep.sum()), device=dev)
+    states = torch.cat(parts) if parts else ids.new_zeros((0, c.num_layers, c.hidden_size), dtype=model.dtype)
+    return TeacherStates(states, row)
+
+
+def distill_distance(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per row (dim 0), the mean over layers and features of the squared difference of
+    ``student`` and ``teacher`` (``[rows, layers, hidden]``), each vector scaled to unit RMS
+    first (in fp32): a layer's scale (and the residual stream's growth with depth) does not
+    weigh in, only the direction and relative sizes of its features."""
+    def unit(x: Tensor) -> Tensor:
+        x = x.float()
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return (unit(student) - unit(teacher)).square().mean(dim=(1, 2))
+
 
 def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequence[int] | None = None,
                 *, ratio: int | Callable[[], int] | None = None, checkpoint: str | None = None,
                 attention: str = "auto", split_constant_windows: bool = True,
-                grad_windows: Collection[int] | None = None) -> BeaconLoss:
+                grad_windows: Collection[int] | None = None, teacher: TeacherStates | None = None,
+                distill: float = 1.0) -> BeaconLoss:
     """Mean next-token cross-entropy of one sequence, differentiable through all windows (or ``grad_windows``).
 
     Args:
@@ -171,6 +257,9 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
             None: every window. The loss is the same either way (up to rounding with low-rank
             deltas outside autocast, which read a window without autograd through their merged
             matrix).
+        teacher: full attention's layer outputs (:func:`teacher_states` of the same ids and
+            labels): each target's loss adds ``distill`` times its :func:`distill_distance`.
+        distill: the distillation term's weight (with ``teacher``).
 
     Returns:
         :class:`BeaconLoss`; ``loss.backward()`` reaches the beacon parameters of every window.
@@ -205,9 +294,11 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
         if bad:
             raise ValueError(f"grad_windows: {bad[:3]} are not window indices of a {len(ids)}-token sequence "
                              f"(0..{count - 1})")
+    if teacher is not None and teacher.row.shape != ids.shape:
+        raise ValueError(f"teacher: states of a {len(teacher.row)}-token sequence, ids has {len(ids)}")
     dev, c = model.device, model.config
     ids = ids.to(dev)
-    targets = torch.cat([labels[1:], labels.new_full((1,), -100)]).to(dev)
+    targets = _targets(ids, labels)
     mode, attend_previous = bc.attention_mask_kind
     cache = TrainingKVCache(c.num_layers, c.num_kv_heads, c.head_dim, len(ids), window=bc.window,
                             mode=mode, attend_previous=attend_previous, inv_freq=model.inv_freq,
@@ -215,20 +306,27 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
                             dtype=model.dtype, device=dev, placement=bc.placement, sink_size=bc.sink_size,
                             sink_recapture=bc.sink_recapture)
 
-    def window_loss(x: Tensor, t: Tensor) -> Tensor:
-        """CE sum (fp32) of one window: the model's step, then the LM head where targets exist."""
-        hid = model.step(cache, [x], checkpoint_layers=checkpoint == "layer")[0]
+    def window_loss(x: Tensor, t: Tensor, at: int) -> tuple[Tensor, Tensor]:
+        """CE sum (fp32) of tokens ``at ..`` (``x``): the model's step, then the LM head where
+        targets exist; and the sum of their distill_distance to the teacher (0 without one)."""
+        outs = [] if teacher is not None else None
+        hid = model.step(cache, [x], checkpoint_layers=checkpoint == "layer", layer_outputs=outs)[0]
         keep = (t != -100).nonzero()[:, 0]
         total = hid.new_zeros((), dtype=torch.float32)
         for s in range(0, len(keep), model.logits_chunk):
             sel = keep[s:s + model.logits_chunk]
             total = total + F.cross_entropy(model.logits(hid[sel]).float(), t[sel], reduction="sum")
-        return total
+        dist = hid.new_zeros((), dtype=torch.float32)
+        if outs is not None and len(keep):
+            mine = torch.stack([o[keep] for o in outs], dim=1)
+            dist = distill_distance(mine, teacher.states[teacher.row[at + keep]]).sum()
+        return total, dist
 
-    def recomputable_window(host: dict[str, Any], x: Tensor, t: Tensor, *memory: Tensor) -> tuple[Tensor, ...]:
+    def recomputable_window(host: dict[str, Any], x: Tensor, t: Tensor, at: int,
+                            *memory: Tensor) -> tuple[Tensor, ...]:
         cache.load_state(host, memory)  # a recomputation starts from the window's own state
-        s = window_loss(x, t)
-        return (s, *cache.state()[1])
+        s, dist = window_loss(x, t, at)
+        return (s, dist, *cache.state()[1])
 
     total = torch.zeros((), dtype=torch.float32, device=dev)
     out = BeaconLoss(total)
@@ -243,28 +341,29 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
         if grad_windows is not None and start // bc.window not in grad_windows and torch.is_grad_enabled():
             before = cache.state()[1]
             with torch.no_grad():
-                s = window_loss(x, t)
+                s, dist = window_loss(x, t, start)
             host, after = cache.state()
             # the entries this window added are constants; the memory before them keeps its history
             cache.load_state(host, [torch.cat([b, a[:, b.shape[1]:]], dim=1) if b.requires_grad else a
                                     for b, a in zip(before, after)])
         else:
-            constant = None
+            constant, at = None, start
             if (split_constant_windows and n == bc.window > 1 and start + n < len(ids) and torch.is_grad_enabled()
                     and cache.can_split_window() and not cache.memory_requires_grad()):
                 with torch.no_grad():  # these raw tokens depend on no trainable parameter
-                    constant = window_loss(x[:-1], t[:-1])
-                x, t = x[-1:], t[-1:]
+                    constant = window_loss(x[:-1], t[:-1], at)
+                x, t, at = x[-1:], t[-1:], start + n - 1
             if checkpoint == "window":
                 host, memory = cache.state()
-                s, *memory = _checkpoint(recomputable_window, host, x, t, *memory, use_reentrant=False)
+                s, dist, *memory = _checkpoint(recomputable_window, host, x, t, at, *memory, use_reentrant=False)
                 cache.load_state(cache.state()[0], memory)  # the checkpoint's outputs
             else:
-                s = window_loss(x, t)
+                s, dist = window_loss(x, t, at)
             if constant is not None:
-                s = s + constant
-        total = total + s
+                s, dist = s + constant[0], dist + constant[1]
+        total = total + s + distill * dist if teacher is not None else total + s
         out.window_loss_sums.append(float(s.detach()))
+        out.window_distill_sums.append(float(dist.detach()))
         out.window_counts.append(int((targets[start:start + n] != -100).sum()))
         start += n
     count = sum(out.window_counts)

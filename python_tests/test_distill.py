@@ -1,0 +1,147 @@
+"""Distillation from full attention (beacon_ops.training: teacher_states, distill_distance, the
+``teacher`` of beacon_loss; ``train --distill``).
+
+References: transformers' per-layer hidden states on the same weights (the teacher), the
+distance written out in fp64 by hand, finite differences of the loss (its gradient).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from beacon_ops.adapter import make_beacon_trainable
+from beacon_ops.long_tasks import Sample
+from beacon_ops.train import TrainConfig, Trainer
+from beacon_ops.training import beacon_loss, distill_distance, teacher_states
+
+from llama_helpers import check_gradient_by_finite_differences, hf_twin, tiny_config, tiny_model
+from test_cli import assert_usage_error, run_cli
+from test_training import _one_thread  # noqa: F401  (the module's one-thread fixture)
+
+
+def _ids(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _labels(ids: torch.Tensor) -> torch.Tensor:
+    labels = ids.clone()
+    labels[:40] = -100          # targets only from position 39 on, and a gap
+    labels[50:53] = -100
+    return labels
+
+
+def test_teacher_states_are_transformers_hidden_states() -> None:
+    """Every layer's output at the target positions equals transformers' hidden states of the
+    whole sequence (its last entry is after the final norm); beacons configured (ratio 4) change
+    nothing: the teacher reads every window at ratio 0."""
+    model = tiny_model(tiny_config(num_layers=3), window=16, ratio=4)
+    ids = _ids(70)
+    labels = _labels(ids)
+    got = teacher_states(model, ids, labels)
+    positions = [t for t in range(70) if t + 1 < 70 and labels[t + 1] != -100]
+    assert got.states.shape == (len(positions), 3, 48)
+    assert got.row.tolist() == [positions.index(t) if t in positions else -1 for t in range(70)]
+    with torch.no_grad():
+        hs = hf_twin(model)(ids[None], output_hidden_states=True).hidden_states
+        last = model.model.norm(got.states[:, -1])
+    for layer in range(2):
+        assert (got.states[:, layer] - hs[layer + 1][0, positions]).abs().max() <= 1e-4, layer
+    assert (last - hs[3][0, positions]).abs().max() <= 1e-4
+
+
+def test_teacher_refuses_what_full_attention_cannot_read() -> None:
+    model = tiny_model(tiny_config(max_position_embeddings=64), window=16, ratio=4)
+    with pytest.raises(ValueError, match="ids: 70 tokens exceed the 64 positions"):
+        teacher_states(model, _ids(70))
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        teacher_states(model, _ids(40), _ids(39))
+
+
+def test_distill_distance_by_hand() -> None:
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 3, 7, generator=g) * 4, torch.randn(5, 3, 7, generator=g) + 2
+    want = torch.zeros(5, dtype=torch.float64)
+    for i in range(5):
+        for layer in range(3):
+            a, b = s[i, layer].double(), t[i, layer].double()
+            a = a / (a.square().mean() + 1e-6).sqrt()
+            b = b / (b.square().mean() + 1e-6).sqrt()
+            want[i] += ((a - b) ** 2).mean() / 3
+    assert torch.allclose(distill_distance(s, t).double(), want, rtol=1e-5, atol=0)
+    assert distill_distance(s, 3 * s).abs().max() <= 1e-6  # scale does not count
+
+
+@pytest.mark.parametrize("checkpoint", [None, "window"])
+def test_loss_adds_the_weighted_distance(checkpoint: str | None) -> None:
+    """With a teacher the loss is CE + weight x mean distance over the targets; at ratio 0 the
+    student is the teacher (distance 0); at ratio 4 it is not, and the same figures come out
+    whether windows are checkpointed or not."""
+    model = tiny_model(window=16, ratio=4)
+    make_beacon_trainable(model, rank=2, seed=1)
+    ids = _ids(70)
+    labels = _labels(ids)
+    teacher = teacher_states(model, ids, labels)
+    same = beacon_loss(model, ids, labels, ratio=0, teacher=teacher, distill=3.0)
+    assert same.distill() <= 1e-10
+    plain = beacon_loss(model, ids, labels, checkpoint=checkpoint)
+    out = beacon_loss(model, ids, labels, checkpoint=checkpoint, teacher=teacher, distill=3.0)
+    assert out.distill() > 1e-4 and out.cross_entropy() == pytest.approx(plain.loss.item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(out.cross_entropy() + 3.0 * out.distill(), rel=1e-6)
+    ref = beacon_loss(model, ids, labels, checkpoint=None, teacher=teacher, distill=3.0)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+
+
+def test_distillation_gradient_matches_finite_differences() -> None:
+    """The distance's gradient reaches the beacon parameters (weight 50, so that it dominates)."""
+    model = tiny_model(window=16, ratio=4)
+    names = [n for n, _ in make_beacon_trainable(model, rank=2, seed=1)]
+    ids = _ids(70)
+    labels = _labels(ids)
+    teacher = teacher_states(model, ids, labels)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(beacon_loss(model, ids, labels, teacher=teacher, distill=50.0).loss)
+
+    beacon_loss(model, ids, labels, checkpoint="window", teacher=teacher, distill=50.0).loss.backward()
+    check_gradient_by_finite_differences(model, [n for n in names if "layers.0." in n and "lora_B" in n], loss)
+
+
+def test_bad_teacher() -> None:
+    model = tiny_model(window=16, ratio=4)
+    with pytest.raises(ValueError, match="teacher: states of a 40-token sequence, ids has 70"):
+        beacon_loss(model, _ids(70), teacher=teacher_states(model, _ids(40)))
+
+
+def test_trainer_distills_the_samples_full_attention_can_read() -> None:
+    """A step over two samples: the one within the trained context gets a teacher, the longer
+    one only CE; the log says so, and a run with weight 0 logs the same CE."""
+    config = tiny_config(max_position_embeddings=100)
+    samples = [Sample(_ids(90).tolist(), _labels(_ids(90)).tolist(), "passkey", fact_positions=[10], answer_start=40),
+               Sample(_ids(120, seed=2).tolist(), _ids(120, seed=2).tolist(), "lm")]
+    logs = {}
+    for weight in (0.0, 2.0):
+        model = tiny_model(config, window=16, ratio=4)
+        trainer = Trainer(model, TrainConfig(steps=1, lr=1e-3, rank=2, batch_size=2, ratios=(4,), distill=weight),
+                          lambda i: samples[i % 2])
+        logs[weight] = trainer.train_step()
+    assert (logs[0.0].distilled, logs[2.0].distilled) == (0, 1)
+    assert logs[0.0].distill == 0.0 and logs[2.0].distill > 0
+    assert logs[2.0].loss == pytest.approx(logs[0.0].loss, rel=1e-6)  # the CE, measured before the step
+    with pytest.raises(ValueError, match="distill must be >= 0"):
+        Trainer(tiny_model(config, window=16, ratio=4), TrainConfig(steps=1, distill=-1.0), lambda i: samples[0])
+
+
+def test_train_distill_flag(tmp_path, capsys) -> None:
+    base = ["train", "--tiny", "--steps", "1", "--window", "64", "--min-len", "130", "--max-len", "140",
+            "--rank", "2"]
+    log = tmp_path / "log.jsonl"
+    code, printed, _ = run_cli(base + ["--distill", "0.5", "--out", str(tmp_path / "a.safetensors"),
+                                       "--log", str(log)], capsys)
+    assert code == 0 and "distilled from full attention (weight 0.5" in printed
+    step = json.loads(log.read_text().splitlines()[0])
+    assert step["distilled"] == 1 and step["distill"] > 0
+    assert_usage_error(base + ["--distill", "-1"], capsys, "--distill", "[0.0")
+    assert_usage_error(base + ["--distill", "1", "--reader-rank", "2"], capsys, "--distill", "--reader-rank")
