@@ -166,6 +166,17 @@ class TeacherStates:
     row: Tensor     # [length] long: the row of ``states`` for each position, -1 where it has no target
 
 
+def _training_cache(model: Llama, length: int, attention: str) -> TrainingKVCache:
+    """An empty cache for ``length`` tokens of one sequence, laid out as ``model.beacon`` says."""
+    bc, c = model.beacon, model.config
+    mode, attend_previous = bc.attention_mask_kind
+    return TrainingKVCache(c.num_layers, c.num_kv_heads, c.head_dim, length, window=bc.window,
+                           mode=mode, attend_previous=attend_previous, inv_freq=model.inv_freq,
+                           rope_interleaved=c.rope_interleaved, attention=attention,
+                           dtype=model.dtype, device=model.device, placement=bc.placement,
+                           sink_size=bc.sink_size, sink_recapture=bc.sink_recapture)
+
+
 def _targets(ids: Tensor, labels: Tensor) -> Tensor:
     """Position ``t``'s target is ``labels[t + 1]`` (-100 for the last position)."""
     return torch.cat([labels[1:], labels.new_full((1,), -100)]).to(ids.device)
@@ -187,15 +198,10 @@ def teacher_states(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | S
     if len(ids) > model.trained_context:
         raise ValueError(f"ids: {len(ids)} tokens exceed the {model.trained_context} positions full attention "
                          "was trained for (the teacher would read them no better than the student)")
-    bc, c, dev = model.beacon, model.config, model.device
+    c, dev = model.config, model.device
     ids = ids.to(dev)
     targets = _targets(ids, labels)
-    mode, attend_previous = bc.attention_mask_kind
-    cache = TrainingKVCache(c.num_layers, c.num_kv_heads, c.head_dim, len(ids), window=bc.window,
-                            mode=mode, attend_previous=attend_previous, inv_freq=model.inv_freq,
-                            rope_interleaved=c.rope_interleaved, attention=attention,
-                            dtype=model.dtype, device=dev, placement=bc.placement, sink_size=bc.sink_size,
-                            sink_recapture=bc.sink_recapture)
+    cache = _training_cache(model, len(ids), attention)
     parts, start = [], 0
     while start < len(ids):
         n = cache.room(0)
@@ -296,15 +302,10 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
                              f"(0..{count - 1})")
     if teacher is not None and teacher.row.shape != ids.shape:
         raise ValueError(f"teacher: states of a {len(teacher.row)}-token sequence, ids has {len(ids)}")
-    dev, c = model.device, model.config
+    dev = model.device
     ids = ids.to(dev)
     targets = _targets(ids, labels)
-    mode, attend_previous = bc.attention_mask_kind
-    cache = TrainingKVCache(c.num_layers, c.num_kv_heads, c.head_dim, len(ids), window=bc.window,
-                            mode=mode, attend_previous=attend_previous, inv_freq=model.inv_freq,
-                            rope_interleaved=c.rope_interleaved, attention=attention,
-                            dtype=model.dtype, device=dev, placement=bc.placement, sink_size=bc.sink_size,
-                            sink_recapture=bc.sink_recapture)
+    cache = _training_cache(model, len(ids), attention)
 
     def window_loss(x: Tensor, t: Tensor, at: int) -> tuple[Tensor, Tensor]:
         """CE sum (fp32) of tokens ``at ..`` (``x``): the model's step, then the LM head where
