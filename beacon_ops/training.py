@@ -63,8 +63,8 @@ from .positions import rotate as rope
 from .training_cache import TrainingKVCache, has_attention_backward
 
 __all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "TeacherStates", "beacon_loss",
-           "distill_distance", "gradient_windows", "ratio_draws", "rope", "has_attention_backward",
-           "teacher_states"]
+           "distill_distance", "gradient_windows", "layer_states", "ratio_draws", "rope",
+           "has_attention_backward", "teacher_states"]
 
 STEP_RANDOM_RATIOS: tuple[int, ...] = (2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 8, 8, 16, 16, 32, 32, 64, 128)
 """Section 6's ``step-random`` list (duplicates act as weights)."""
@@ -160,7 +160,8 @@ class BeaconLoss:
 
 @dataclass
 class TeacherStates:
-    """Full attention's layer outputs at a sample's target positions (:func:`teacher_states`)."""
+    """Layer outputs at a sample's target positions (:func:`layer_states`; full attention's:
+    :func:`teacher_states`)."""
 
     states: Tensor  # [targets, layers, hidden]: targets in position order
     row: Tensor     # [length] long: the row of ``states`` for each position, -1 where it has no target
@@ -189,15 +190,30 @@ def teacher_states(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | S
     attention (each window at ratio 0: its raw keys stay, the base model), window by window as
     :func:`beacon_loss` reads it. ``labels`` as in :func:`beacon_loss` (default ``ids``)."""
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if len(ids) > model.trained_context:
+        raise ValueError(f"ids: {len(ids)} tokens exceed the {model.trained_context} positions full attention "
+                         "was trained for (the teacher would read them no better than the student)")
+    return layer_states(model, ids, labels, ratio=0, attention=attention)
+
+
+@torch.no_grad()
+def layer_states(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequence[int] | None = None,
+                 *, ratio: int | Callable[[], int] | None = None, attention: str = "op") -> TeacherStates:
+    """Every layer's output at the positions of ``ids`` that have a target, read window by window
+    as :func:`beacon_loss` reads it (``ratio`` as there; 0: full attention, :func:`teacher_states`).
+    ``labels`` as in :func:`beacon_loss` (default ``ids``)."""
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     if len(ids) == 0:
         raise ValueError("ids must not be empty")
     check_token_ids(ids, model.config.vocab_size, "ids")
     labels = ids if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if labels.shape != ids.shape:
         raise ValueError(f"labels must have the shape of ids {tuple(ids.shape)}, got {tuple(labels.shape)}")
-    if len(ids) > model.trained_context:
-        raise ValueError(f"ids: {len(ids)} tokens exceed the {model.trained_context} positions full attention "
-                         "was trained for (the teacher would read them no better than the student)")
+    if ratio is None:
+        if model.beacon.ratio is None:
+            raise ValueError("ratio: the model uses adapt-N; pass a fixed ratio or a sampler")
+        ratio = model.beacon.ratio
+    draw = ratio if callable(ratio) else (lambda: int(ratio))
     c, dev = model.config, model.device
     ids = ids.to(dev)
     targets = _targets(ids, labels)
@@ -205,7 +221,8 @@ def teacher_states(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | S
     parts, start = [], 0
     while start < len(ids):
         n = cache.room(0)
-        cache.set_ratio(0, 0)
+        if n == model.beacon.window or model.beacon.placement == "interleave":
+            cache.set_ratio(0, draw())
         outs: list[Tensor] = []
         model.step(cache, [ids[start:start + n]], layer_outputs=outs)
         keep = (targets[start:start + n] != -100).nonzero()[:, 0]
@@ -219,15 +236,17 @@ def teacher_states(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | S
     return TeacherStates(states, row)
 
 
-def distill_distance(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
+def distill_distance(student: Tensor, teacher: Tensor, eps: float = 1e-6, *, per_layer: bool = False) -> Tensor:
     """Per row (dim 0), the mean over layers and features of the squared difference of
     ``student`` and ``teacher`` (``[rows, layers, hidden]``), each vector scaled to unit RMS
     first (in fp32): a layer's scale (and the residual stream's growth with depth) does not
-    weigh in, only the direction and relative sizes of its features."""
+    weigh in, only the direction and relative sizes of its features. ``per_layer``: ``[rows,
+    layers]``, the mean over features only."""
     def unit(x: Tensor) -> Tensor:
         x = x.float()
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return (unit(student) - unit(teacher)).square().mean(dim=(1, 2))
+    d = (unit(student) - unit(teacher)).square().mean(dim=-1)
+    return d if per_layer else d.mean(dim=1)
 
 
 def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequence[int] | None = None,

@@ -14,7 +14,7 @@ import torch
 from beacon_ops.adapter import make_beacon_trainable
 from beacon_ops.long_tasks import Sample
 from beacon_ops.train import TrainConfig, Trainer
-from beacon_ops.training import beacon_loss, distill_distance, teacher_states
+from beacon_ops.training import beacon_loss, distill_distance, layer_states, teacher_states
 
 from llama_helpers import check_gradient_by_finite_differences, hf_twin, tiny_config, tiny_model
 from test_cli import assert_usage_error, run_cli
@@ -71,6 +71,7 @@ def test_distill_distance_by_hand() -> None:
             want[i] += ((a - b) ** 2).mean() / 3
     assert torch.allclose(distill_distance(s, t).double(), want, rtol=1e-5, atol=0)
     assert distill_distance(s, 3 * s).abs().max() <= 1e-6  # scale does not count
+    assert torch.allclose(distill_distance(s, t, per_layer=True).mean(1), distill_distance(s, t))
 
 
 @pytest.mark.parametrize("checkpoint", [None, "window"])
@@ -91,6 +92,23 @@ def test_loss_adds_the_weighted_distance(checkpoint: str | None) -> None:
     assert out.loss.item() == pytest.approx(out.cross_entropy() + 3.0 * out.distill(), rel=1e-6)
     ref = beacon_loss(model, ids, labels, checkpoint=None, teacher=teacher, distill=3.0)
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+
+
+def test_layer_states_are_what_the_loss_compares() -> None:
+    """layer_states at the loss's ratio gives the layer outputs beacon_loss compares with the
+    teacher: their distance is the loss's; at ratio 0 they are the teacher's."""
+    model = tiny_model(tiny_config(num_layers=3), window=16, ratio=4)
+    ids = _ids(70)
+    labels = _labels(ids)
+    teacher = teacher_states(model, ids, labels)
+    assert torch.equal(layer_states(model, ids, labels, ratio=0).states, teacher.states)
+    mine = layer_states(model, ids, labels)
+    assert torch.equal(mine.row, teacher.row)
+    per_layer = distill_distance(mine.states, teacher.states, per_layer=True)
+    assert per_layer.shape == (len(teacher.states), 3) and (per_layer[:, 1:] > 0).all()
+    with torch.no_grad():
+        out = beacon_loss(model, ids, labels, teacher=teacher)
+    assert float(per_layer.mean(1).mean()) == pytest.approx(out.distill(), rel=1e-5)
 
 
 def test_distillation_gradient_matches_finite_differences() -> None:
