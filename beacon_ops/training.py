@@ -178,6 +178,29 @@ def _training_cache(model: Llama, length: int, attention: str) -> TrainingKVCach
                            sink_size=bc.sink_size, sink_recapture=bc.sink_recapture)
 
 
+def _sequence(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequence[int] | None) -> tuple[Tensor, Tensor]:
+    """``ids`` as a checked ``[length]`` tensor (``[1, length]`` taken too) and ``labels`` (default
+    ``ids``) of the same shape."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    ids = ids[0] if ids.dim() == 2 and ids.shape[0] == 1 else ids
+    if ids.dim() != 1 or len(ids) == 0:
+        raise ValueError(f"ids must be a non-empty [length] or [1, length] tensor, got shape {tuple(ids.shape)}")
+    check_token_ids(ids, model.config.vocab_size, "ids")
+    labels = ids if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if labels.shape != ids.shape:
+        raise ValueError(f"labels must have the shape of ids {tuple(ids.shape)}, got {tuple(labels.shape)}")
+    return ids, labels
+
+
+def _ratio_draw(model: Llama, ratio: int | Callable[[], int] | None) -> Callable[[], int]:
+    """The ratio of each window that draws one: ``ratio`` (fixed or a sampler), else the model's."""
+    if ratio is None:
+        if model.beacon.ratio is None:
+            raise ValueError("ratio: the model uses adapt-N; pass a fixed ratio or a sampler")
+        ratio = model.beacon.ratio
+    return ratio if callable(ratio) else (lambda: int(ratio))
+
+
 def _targets(ids: Tensor, labels: Tensor) -> Tensor:
     """Position ``t``'s target is ``labels[t + 1]`` (-100 for the last position)."""
     return torch.cat([labels[1:], labels.new_full((1,), -100)]).to(ids.device)
@@ -189,7 +212,7 @@ def teacher_states(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | S
     """Every layer's output at the positions of ``ids`` that have a target, read with full
     attention (each window at ratio 0: its raw keys stay, the base model), window by window as
     :func:`beacon_loss` reads it. ``labels`` as in :func:`beacon_loss` (default ``ids``)."""
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    ids, labels = _sequence(model, ids, labels)
     if len(ids) > model.trained_context:
         raise ValueError(f"ids: {len(ids)} tokens exceed the {model.trained_context} positions full attention "
                          "was trained for (the teacher would read them no better than the student)")
@@ -202,18 +225,8 @@ def layer_states(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Seq
     """Every layer's output at the positions of ``ids`` that have a target, read window by window
     as :func:`beacon_loss` reads it (``ratio`` as there; 0: full attention, :func:`teacher_states`).
     ``labels`` as in :func:`beacon_loss` (default ``ids``)."""
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-    if len(ids) == 0:
-        raise ValueError("ids must not be empty")
-    check_token_ids(ids, model.config.vocab_size, "ids")
-    labels = ids if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    if labels.shape != ids.shape:
-        raise ValueError(f"labels must have the shape of ids {tuple(ids.shape)}, got {tuple(labels.shape)}")
-    if ratio is None:
-        if model.beacon.ratio is None:
-            raise ValueError("ratio: the model uses adapt-N; pass a fixed ratio or a sampler")
-        ratio = model.beacon.ratio
-    draw = ratio if callable(ratio) else (lambda: int(ratio))
+    ids, labels = _sequence(model, ids, labels)
+    draw = _ratio_draw(model, ratio)
     c, dev = model.config, model.device
     ids = ids.to(dev)
     targets = _targets(ids, labels)
@@ -295,24 +308,13 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
                          f"and window {bc.window}")
     if checkpoint not in (None, "window", "layer"):
         raise ValueError(f"checkpoint must be None, 'window' or 'layer', got {checkpoint!r}")
-    ids = torch.as_tensor(ids, dtype=torch.long)
-    ids = ids[0] if ids.dim() == 2 and ids.shape[0] == 1 else ids
-    if ids.dim() != 1 or len(ids) == 0:
-        raise ValueError(f"ids must be a non-empty [length] or [1, length] tensor, got shape {tuple(ids.shape)}")
-    check_token_ids(ids, model.config.vocab_size, "ids")
-    labels = ids if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    if labels.shape != ids.shape:
-        raise ValueError(f"labels must have the shape of ids {tuple(ids.shape)}, got {tuple(labels.shape)}")
+    ids, labels = _sequence(model, ids, labels)
     if attention not in ("auto", "op", "masked"):
         raise ValueError(f"attention must be 'auto', 'op' or 'masked', got {attention!r}")
     if attention == "auto":
         need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
         attention = "masked" if need_grad and not has_attention_backward(model.device) else "op"
-    if ratio is None:
-        if bc.ratio is None:
-            raise ValueError("ratio: the model uses adapt-N; pass a fixed ratio or a sampler")
-        ratio = bc.ratio
-    draw = ratio if callable(ratio) else (lambda: int(ratio))
+    draw = _ratio_draw(model, ratio)
     if grad_windows is not None:
         count = -(-len(ids) // bc.window)
         bad = [i for i in grad_windows if not (isinstance(i, int) and 0 <= i < count)]
