@@ -36,8 +36,8 @@ from .adapter import (adapter_layout, cast_frozen_projections, load_adapter_into
 from .distributed import Distributed
 from .llama import BEACON_PROJS, Llama
 from .long_tasks import Sample, kjv_text, shakespeare_files
-from .training import (STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss, gradient_windows, ratio_draws,
-                       teacher_states)
+from .training import (DISTILL_ON, STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss, gradient_windows,
+                       ratio_draws, teacher_states)
 
 __all__ = ["TrainConfig", "TextSampler", "Trainer", "StepLog", "default_texts", "kjv_text", "lr_factor"]
 
@@ -100,9 +100,10 @@ class TrainConfig:
     grad_windows: int | None = None   # None: backpropagate through every window; N: only through
     # those with a target or a fact and N others drawn per sample (training.gradient_windows)
     batch_size: int = 1               # samples per optimizer step, over all ranks together
-    distill: float = 0.0              # > 0: full attention teaches the layer outputs at the targets of
-    # samples it can read (up to the model's trained context), this weight on the distance
-    # (training.teacher_states, training.distill_distance)
+    distill: float = 0.0              # > 0: full attention teaches the targets of samples it can read
+    # (up to the model's trained context), this weight on the distance (training.teacher_states)
+    distill_on: str = "layers"        # what it teaches: "layers" (every layer's output,
+    # training.distill_distance) or "logits" (the next-token distribution, training.logit_divergence)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -126,7 +127,7 @@ class StepLog:
     facts_in_memory: int = 0      # facts its answers need that lay in condensed memory
     facts: int = 0                # facts its answers need
     targets: int = 0              # labelled tokens
-    distill: float = 0.0          # mean distill_distance of the distilled samples' targets
+    distill: float = 0.0          # mean distillation term of the distilled samples' targets
     distilled: int = 0            # samples read with a teacher
 
 
@@ -145,6 +146,8 @@ class Trainer:
             raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
         if not config.distill >= 0:
             raise ValueError(f"distill must be >= 0, got {config.distill}")
+        if config.distill_on not in DISTILL_ON:
+            raise ValueError(f"distill_on must be one of {DISTILL_ON}, got {config.distill_on!r}")
         if config.distill and config.reader_rank:
             raise ValueError("distill: a reader changes how raw tokens read memory, the teacher's too; "
                              "train it without distillation")
@@ -206,7 +209,7 @@ class Trainer:
                 out = beacon_loss(model, ids.to(model.device), labels, ratio=self.sampler,
                                   checkpoint=c.checkpoint, attention=c.attention,
                                   grad_windows=self._grad_windows(first + i, ids, labels, sample),
-                                  teacher=teacher, distill=c.distill)
+                                  teacher=teacher, distill=c.distill, distill_on=c.distill_on)
             if len(out.ratios) != draws[i]:
                 raise RuntimeError(f"sample {first + i} drew {len(out.ratios)} ratios, expected {draws[i]}")
             if out.loss.requires_grad:  # not when truncation kept no window whose beacons it reads

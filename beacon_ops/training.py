@@ -42,7 +42,10 @@ a target; the loss of each such position then adds ``distill`` times the mean sq
 the beaconed model's layer outputs from those, each vector scaled to unit RMS first
 (:func:`distill_distance`). Cross-entropy on a passkey's answer says only whether the digits came
 out; the teacher's layer outputs say, at every layer, what reading the raw tokens would have made
-of them.
+of them. ``distill_on="logits"`` compares only what comes out: the KL divergence of the beaconed
+model's next-token distribution from the teacher's (:func:`logit_divergence`; the teacher's
+logits are its last layer's output through the final norm and the LM head), which on text carries the teacher's
+whole distribution where cross-entropy has one token.
 
 Gradient checkpointing (``checkpoint="window"`` or ``"layer"``) uses
 ``torch.utils.checkpoint`` in the non-reentrant mode, as the official training does; the loss
@@ -63,8 +66,11 @@ from .positions import rotate as rope
 from .training_cache import TrainingKVCache, has_attention_backward
 
 __all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "TeacherStates", "beacon_loss",
-           "distill_distance", "gradient_windows", "layer_states", "ratio_draws", "rope",
+           "DISTILL_ON", "distill_distance", "gradient_windows", "layer_states", "logit_divergence", "ratio_draws", "rope",
            "has_attention_backward", "teacher_states"]
+
+DISTILL_ON: tuple[str, ...] = ("layers", "logits")
+"""What :func:`beacon_loss` compares with the teacher: every layer's output, or the next-token distribution."""
 
 STEP_RANDOM_RATIOS: tuple[int, ...] = (2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 8, 8, 16, 16, 32, 32, 64, 128)
 """Section 6's ``step-random`` list (duplicates act as weights)."""
@@ -154,7 +160,7 @@ class BeaconLoss:
         return sum(self.window_loss_sums) / sum(self.window_counts)
 
     def distill(self) -> float:
-        """Mean :func:`distill_distance` over every target (0 without a teacher)."""
+        """Mean distillation term (:func:`distill_distance` or :func:`logit_divergence`) over every target (0 without a teacher)."""
         return sum(self.window_distill_sums) / sum(self.window_counts)
 
 
@@ -262,11 +268,19 @@ def distill_distance(student: Tensor, teacher: Tensor, eps: float = 1e-6, *, per
     return d if per_layer else d.mean(dim=1)
 
 
+def logit_divergence(student: Tensor, teacher: Tensor) -> Tensor:
+    """Per row, KL(teacher || student) of the next-token distributions given by the logits
+    ``student`` and ``teacher`` (``[rows, vocab]``), in fp32: 0 where they agree, and its gradient
+    pulls the student's whole distribution towards the teacher's."""
+    t = F.log_softmax(teacher.float(), dim=-1)
+    return (t.exp() * (t - F.log_softmax(student.float(), dim=-1))).sum(-1)
+
+
 def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequence[int] | None = None,
                 *, ratio: int | Callable[[], int] | None = None, checkpoint: str | None = None,
                 attention: str = "auto", split_constant_windows: bool = True,
                 grad_windows: Collection[int] | None = None, teacher: TeacherStates | None = None,
-                distill: float = 1.0) -> BeaconLoss:
+                distill: float = 1.0, distill_on: str = "layers") -> BeaconLoss:
     """Mean next-token cross-entropy of one sequence, differentiable through all windows (or ``grad_windows``).
 
     Args:
@@ -296,8 +310,11 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
             deltas outside autocast, which read a window without autograd through their merged
             matrix).
         teacher: full attention's layer outputs (:func:`teacher_states` of the same ids and
-            labels): each target's loss adds ``distill`` times its :func:`distill_distance`.
+            labels): each target's loss adds ``distill`` times its :func:`distill_distance`
+            (``distill_on="layers"``) or its :func:`logit_divergence` (``"logits"``).
         distill: the distillation term's weight (with ``teacher``).
+        distill_on: ``"layers"`` (every layer's output) or ``"logits"`` (the next-token
+            distribution), what the teacher is compared with.
 
     Returns:
         :class:`BeaconLoss`; ``loss.backward()`` reaches the beacon parameters of every window.
@@ -321,6 +338,8 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
         if bad:
             raise ValueError(f"grad_windows: {bad[:3]} are not window indices of a {len(ids)}-token sequence "
                              f"(0..{count - 1})")
+    if distill_on not in DISTILL_ON:
+        raise ValueError(f"distill_on must be one of {DISTILL_ON}, got {distill_on!r}")
     if teacher is not None and teacher.row.shape != ids.shape:
         raise ValueError(f"teacher: states of a {len(teacher.row)}-token sequence, ids has {len(ids)}")
     dev = model.device
@@ -330,15 +349,21 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
 
     def window_loss(x: Tensor, t: Tensor, at: int) -> tuple[Tensor, Tensor]:
         """CE sum (fp32) of tokens ``at ..`` (``x``): the model's step, then the LM head where
-        targets exist; and the sum of their distill_distance to the teacher (0 without one)."""
-        outs = [] if teacher is not None else None
+        targets exist; and the sum of their distill_distance (or logit_divergence) to the teacher
+        (0 without one)."""
+        outs = [] if teacher is not None and distill_on == "layers" else None
         hid = model.step(cache, [x], checkpoint_layers=checkpoint == "layer", layer_outputs=outs)[0]
         keep = (t != -100).nonzero()[:, 0]
         total = hid.new_zeros((), dtype=torch.float32)
+        dist = hid.new_zeros((), dtype=torch.float32)
         for s in range(0, len(keep), model.logits_chunk):
             sel = keep[s:s + model.logits_chunk]
-            total = total + F.cross_entropy(model.logits(hid[sel]).float(), t[sel], reduction="sum")
-        dist = hid.new_zeros((), dtype=torch.float32)
+            logits = model.logits(hid[sel])
+            total = total + F.cross_entropy(logits.float(), t[sel], reduction="sum")
+            if teacher is not None and distill_on == "logits":
+                with torch.no_grad():
+                    taught = model.logits(model.model.norm(teacher.states[teacher.row[at + sel], -1]))
+                dist = dist + logit_divergence(logits, taught).sum()
         if outs is not None and len(keep):
             mine = torch.stack([o[keep] for o in outs], dim=1)
             dist = distill_distance(mine, teacher.states[teacher.row[at + keep]]).sum()

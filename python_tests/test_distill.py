@@ -14,7 +14,7 @@ import torch
 from beacon_ops.adapter import make_beacon_trainable
 from beacon_ops.long_tasks import Sample
 from beacon_ops.train import TrainConfig, Trainer
-from beacon_ops.training import beacon_loss, distill_distance, layer_states, teacher_states
+from beacon_ops.training import beacon_loss, distill_distance, layer_states, logit_divergence, teacher_states
 
 from llama_helpers import check_gradient_by_finite_differences, hf_twin, tiny_config, tiny_model
 from test_cli import assert_usage_error, run_cli
@@ -150,6 +150,8 @@ def test_trainer_distills_the_samples_full_attention_can_read() -> None:
     assert logs[2.0].loss == pytest.approx(logs[0.0].loss, rel=1e-6)  # the CE, measured before the step
     with pytest.raises(ValueError, match="distill must be >= 0"):
         Trainer(tiny_model(config, window=16, ratio=4), TrainConfig(steps=1, distill=-1.0), lambda i: samples[0])
+    with pytest.raises(ValueError, match="distill_on must be one of"):
+        Trainer(tiny_model(config, window=16, ratio=4), TrainConfig(steps=1, distill_on="x"), lambda i: samples[0])
 
 
 def test_train_distill_flag(tmp_path, capsys) -> None:
@@ -158,8 +160,72 @@ def test_train_distill_flag(tmp_path, capsys) -> None:
     log = tmp_path / "log.jsonl"
     code, printed, _ = run_cli(base + ["--distill", "0.5", "--out", str(tmp_path / "a.safetensors"),
                                        "--log", str(log)], capsys)
-    assert code == 0 and "distilled from full attention (weight 0.5" in printed
+    assert code == 0 and "distilled from full attention (layers, weight 0.5" in printed
     step = json.loads(log.read_text().splitlines()[0])
     assert step["distilled"] == 1 and step["distill"] > 0
     assert_usage_error(base + ["--distill", "-1"], capsys, "--distill", "[0.0")
     assert_usage_error(base + ["--distill", "1", "--reader-rank", "2"], capsys, "--distill", "--reader-rank")
+    assert_usage_error(base + ["--distill-on", "logits"], capsys, "--distill-on", "--distill WEIGHT")
+    assert_usage_error(base + ["--distill", "1", "--distill-on", "states"], capsys, "--distill-on", "logits")
+    code, printed, _ = run_cli(base + ["--distill", "0.5", "--distill-on", "logits",
+                                       "--out", str(tmp_path / "b.safetensors")], capsys)
+    assert code == 0 and "distilled from full attention (logits, weight 0.5" in printed
+
+
+def test_logit_divergence_by_hand() -> None:
+    """KL(teacher || student) of the softmaxes, written out in fp64; 0 for equal logits and for
+    logits that differ by a constant (the same distribution)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 9, generator=g) * 3, torch.randn(4, 9, generator=g) * 2
+    want = torch.zeros(4, dtype=torch.float64)
+    for i in range(4):
+        p = torch.exp(t[i].double()) / torch.exp(t[i].double()).sum()
+        q = torch.exp(s[i].double()) / torch.exp(s[i].double()).sum()
+        want[i] = sum(float(p[v] * (torch.log(p[v]) - torch.log(q[v]))) for v in range(9))
+    assert torch.allclose(logit_divergence(s, t).double(), want, rtol=1e-5, atol=1e-7)
+    assert (want > 0).all()
+    assert logit_divergence(s, s + 5.0).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("checkpoint", [None, "window"])
+def test_loss_adds_the_weighted_logit_divergence(checkpoint: str | None) -> None:
+    """distill_on="logits": CE + weight x mean KL from full attention's next-token distribution,
+    the teacher's logits its last layer's output through the final norm and the LM head; 0 at ratio 0; the KL of each
+    target against a hand-made fp64 reference from the two models' full logits."""
+    model = tiny_model(window=16, ratio=4)
+    make_beacon_trainable(model, rank=2, seed=1)
+    ids = _ids(70)
+    labels = _labels(ids)
+    teacher = teacher_states(model, ids, labels)
+    same = beacon_loss(model, ids, labels, ratio=0, teacher=teacher, distill=3.0, distill_on="logits")
+    assert same.distill() <= 1e-6
+    plain = beacon_loss(model, ids, labels, checkpoint=checkpoint)
+    out = beacon_loss(model, ids, labels, checkpoint=checkpoint, teacher=teacher, distill=3.0, distill_on="logits")
+    assert out.cross_entropy() == pytest.approx(plain.loss.item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(out.cross_entropy() + 3.0 * out.distill(), rel=1e-6)
+    with torch.no_grad():
+        student = model.logits(model.model.norm(layer_states(model, ids, labels).states[:, -1])).double()
+        full = hf_twin(model)(ids[None]).logits[0].double()
+    positions = [t for t in range(70) if t + 1 < 70 and labels[t + 1] != -100]
+    p = torch.softmax(full[positions], -1)
+    want = (p * (p.log() - torch.log_softmax(student, -1))).sum(-1).mean()
+    assert out.distill() == pytest.approx(float(want), rel=1e-4)
+    assert float(want) > 1e-4
+    with pytest.raises(ValueError, match="distill_on must be one of"):
+        beacon_loss(model, ids, labels, teacher=teacher, distill_on="states")
+
+
+def test_logit_distillation_gradient_matches_finite_differences() -> None:
+    model = tiny_model(window=16, ratio=4)
+    names = [n for n, _ in make_beacon_trainable(model, rank=2, seed=1)]
+    ids = _ids(70)
+    labels = _labels(ids)
+    teacher = teacher_states(model, ids, labels)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(beacon_loss(model, ids, labels, teacher=teacher, distill=50.0, distill_on="logits").loss)
+
+    beacon_loss(model, ids, labels, checkpoint="window", teacher=teacher, distill=50.0,
+                distill_on="logits").loss.backward()
+    check_gradient_by_finite_differences(model, [n for n in names if "layers.0." in n and "lora_B" in n], loss)

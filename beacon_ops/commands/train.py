@@ -169,6 +169,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="> 0: full attention reads each sample first (those within the model's trained "
                    "context) and every target's loss adds WEIGHT times the distance of the layer outputs "
                    "there from full attention's (default %(default)s: off)")
+    p.add_argument("--distill-on", default="layers", choices=["layers", "logits"],
+                   help="what --distill compares: every layer's output (unit-RMS distance) or the "
+                   "next-token distribution (KL divergence from full attention's; default %(default)s)")
     p.add_argument("--attention", default="auto", choices=["auto", "op", "masked"],
                    help="attention of the training forward: the beacon op, PyTorch SDPA with an explicit "
                    "mask, or auto (the op where its backward kernel exists, else masked)")
@@ -236,6 +239,8 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
     if args.reader_lr is not None and (not args.reader_rank or not args.reader_lr > 0):
         raise UsageError("--reader-lr", f"must be > 0 and comes with --reader-rank, got {args.reader_lr}"
                          f" with --reader-rank {args.reader_rank}")
+    if args.distill_on != "layers" and not args.distill:
+        raise UsageError("--distill-on", "comes with --distill WEIGHT > 0")
     if args.distill and args.reader_rank:
         raise UsageError("--distill", "does not go with --reader-rank (a reader changes how the teacher reads too)")
     if args.added_rank_lr is not None and not (args.added_rank_lr > 0 and args.rank and (args.init or args.resume)):
@@ -288,7 +293,8 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
                       ratios=ratios, seed=args.seed,
                       checkpoint=None if args.checkpoint == "none" else args.checkpoint,
                       autocast=None if dtype == "float32" else dtype, attention=args.attention,
-                      batch_size=args.batch_size, grad_windows=args.grad_windows, distill=args.distill)
+                      batch_size=args.batch_size, grad_windows=args.grad_windows, distill=args.distill,
+                      distill_on=args.distill_on)
     for hint in speed_hints(device, dtype):
         say(hint, flush=True)
     # The data flags travel with the adapter too: its provenance is the whole command.
@@ -315,7 +321,7 @@ def _train(args: argparse.Namespace, params: tuple[str, ...], dist: Distributed,
           f"{'; reader rank ' + str(args.reader_rank) if args.reader_rank else ''}); lr {cfg.lr}; "
           f"autocast {cfg.autocast}; "
           f"{'' if cfg.grad_windows is None else f'backpropagating through target / fact windows + {cfg.grad_windows}; '}"
-          f"{f'distilled from full attention (weight {cfg.distill}, samples <= {model.trained_context} tokens); ' if cfg.distill else ''}"
+          f"{f'distilled from full attention ({cfg.distill_on}, weight {cfg.distill}, samples <= {model.trained_context} tokens); ' if cfg.distill else ''}"
           f"language modelling {args.lm_share:.0%}, tasks "
           f"{','.join(args.tasks)}; batch {args.batch_size} over {dist.world_size} process(es); "
         f"starting at step {trainer.step}/{args.steps}", flush=True)
