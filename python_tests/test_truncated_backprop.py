@@ -68,7 +68,13 @@ def test_gradients_equal_the_detached_reference(beacon: dict, keep: set[int], mo
     hook.remove()
     full_loss, full = _grads(m, trainable)
     ref_loss, ref = _detached_reference(m, trainable, set(range(5)) - keep, monkeypatch)
-    assert loss == full_loss == ref_loss
+    # The same loss up to the rounding of reading a window's rows in one GEMM or two: the
+    # reference reads every window whole, the others split the constant windows' rows
+    # (split_constant_windows), and where torch's BLAS sums a 1-row and a 16-row product in other
+    # orders (an AMD EPYC Zen 3, AVX2: 5.0478215 against 5.0478210, one ulp) they differ by that.
+    # A truncation error would move the loss by the memory's whole contribution.
+    eps = torch.finfo(torch.float32).eps
+    assert loss == pytest.approx(full_loss, rel=4 * eps, abs=0) and loss == pytest.approx(ref_loss, rel=4 * eps, abs=0)
     expect, memory_has_grad = [], False  # a window left out is one forward without autograd
     for w in range(5):
         if w not in keep:
