@@ -44,8 +44,8 @@ the beaconed model's layer outputs from those, each vector scaled to unit RMS fi
 out; the teacher's layer outputs say, at every layer, what reading the raw tokens would have made
 of them. ``distill_on="logits"`` compares only what comes out: the KL divergence of the beaconed
 model's next-token distribution from the teacher's (:func:`logit_divergence`; the teacher's
-logits are its last layer's output through the final norm and the LM head), which on text carries the teacher's
-whole distribution where cross-entropy has one token.
+logits are its last layer's output through the final norm and the LM head), which on text
+carries the teacher's whole distribution where cross-entropy has one token.
 
 Gradient checkpointing (``checkpoint="window"`` or ``"layer"``) uses
 ``torch.utils.checkpoint`` in the non-reentrant mode, as the official training does; the loss
@@ -66,8 +66,8 @@ from .positions import rotate as rope
 from .training_cache import TrainingKVCache, has_attention_backward
 
 __all__ = ["STEP_RANDOM_RATIOS", "StepRandomRatios", "BeaconLoss", "TeacherStates", "beacon_loss",
-           "DISTILL_ON", "distill_distance", "gradient_windows", "layer_states", "logit_divergence", "ratio_draws", "rope",
-           "has_attention_backward", "teacher_states"]
+           "DISTILL_ON", "distill_distance", "gradient_windows", "layer_states", "logit_divergence",
+           "ratio_draws", "rope", "has_attention_backward", "teacher_states"]
 
 DISTILL_ON: tuple[str, ...] = ("layers", "logits")
 """What :func:`beacon_loss` compares with the teacher: every layer's output, or the next-token distribution."""
@@ -160,7 +160,8 @@ class BeaconLoss:
         return sum(self.window_loss_sums) / sum(self.window_counts)
 
     def distill(self) -> float:
-        """Mean distillation term (:func:`distill_distance` or :func:`logit_divergence`) over every target (0 without a teacher)."""
+        """Mean distillation term (:func:`distill_distance` or :func:`logit_divergence`) over
+        every target (0 without a teacher)."""
         return sum(self.window_distill_sums) / sum(self.window_counts)
 
 

@@ -74,7 +74,12 @@ def parse_shifts(text: str) -> list[dict[str, Any]]:
     """bench/passkey_position.py's lines: per shift, the key's place in its window, the answer
     and whether it says the key."""
     found = re.findall(r"place (\d+) of .*?answer (['\"])(.*?)\2 \((right|wrong)\)", text)
-    return [{"place": int(p), "answer": a, "right": ok == "right"} for p, _, a, ok in found]
+    return [{"place": int(p), "answer": _said(a), "right": ok == "right"} for p, _, a, ok in found]
+
+
+def _said(answer: str) -> str:
+    """The answer up to its first special token (``68045.<|im_end|>`` -> ``68045.``)."""
+    return answer.split("<|")[0].strip()
 
 
 def evaluate(adapter: str, out: str, parts: list[str], dtype: str) -> dict[str, Any]:
@@ -100,7 +105,7 @@ def evaluate(adapter: str, out: str, parts: list[str], dtype: str) -> dict[str, 
              os.path.join(out, "demo.txt"))
         with open(js) as f:
             run = next(r for r in json.load(f)["runs"] if r["attention"] == "beacon")
-        row["demo"] = {"answer": run["answer"].strip(), "right": run["correct"]}
+        row["demo"] = {"answer": _said(run["answer"]), "right": run["correct"]}
     if "hamlet" in parts:
         js = os.path.join(out, "hamlet.json")
         _run([py, "-m", "beacon_ops", "eval-ppl", *common, "--window", "256", "--text", _hamlet(),

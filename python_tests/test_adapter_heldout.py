@@ -50,7 +50,7 @@ def test_shift_lines_are_read(heldout) -> None:
     """bench/passkey_position.py's lines as it prints them (the answer by repr: in double quotes
     when it holds a single quote)."""
     text = ("key 68043, shift 21: first digit at token 7938, place 2 of the window's 256; "
-            "answer '68043.' (right)\nkey 68043, shift 64: first digit at token 7981, place 45 of the "
+            "answer '68043.<|im_end|>' (right)\nkey 68043, shift 64: first digit at token 7981, place 45 of the "
             "window's 256; answer \"68'4.\" (wrong)\n")
     assert heldout.parse_shifts(text) == [{"place": 2, "answer": "68043.", "right": True},
                                           {"place": 45, "answer": "68'4.", "right": False}]
