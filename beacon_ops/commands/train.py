@@ -32,7 +32,7 @@ from ..positions import MODES
 from ..variants import PLACEMENTS, VARIANTS
 from ..long_tasks import TASK_KINDS, LongTaskMixture, memory_probe_samples, public_domain_texts
 from ..trainer import TrainConfig, Trainer
-from ..training import STEP_RANDOM_RATIOS
+from ..training import DISTILL_ON, STEP_RANDOM_RATIOS
 from ..training_plot import summarize_training_log
 from .common import Command, UsageError, device_name, existing_path, float_between, int_at_least, write_json
 
@@ -169,7 +169,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="> 0: full attention reads each sample first (those within the model's trained "
                    "context) and every target's loss adds WEIGHT times the distance of the layer outputs "
                    "there from full attention's (default %(default)s: off)")
-    p.add_argument("--distill-on", default="layers", choices=["layers", "logits"],
+    p.add_argument("--distill-on", default="layers", choices=list(DISTILL_ON),
                    help="what --distill compares: every layer's output (unit-RMS distance) or the "
                    "next-token distribution (KL divergence from full attention's; default %(default)s)")
     p.add_argument("--attention", default="auto", choices=["auto", "op", "masked"],
