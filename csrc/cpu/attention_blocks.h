@@ -675,13 +675,29 @@ __attribute__((always_inline, target("avx2,fma,f16c"))) inline void qk_cols(
   }
 }
 
+// out[a] = alpha * the sum of accumulator a's lanes for a < ACC (HALVES: of accumulators a and
+// ACC + a), four at a time (the rest of the last four zero).
+template <int ACC, bool HALVES>
+BEACON_AVX2_FMA inline void reduce_sums(const __m256* acc, __m128 alpha, float* out) {
+  constexpr int kSums = (ACC + 3) / 4 * 4;
+  __m256 t[kSums];
+  for (int a = 0; a < kSums; ++a) t[a] = a < ACC ? acc[a] : _mm256_setzero_ps();
+  if constexpr (HALVES)
+    for (int a = 0; a < ACC; ++a) t[a] = _mm256_add_ps(t[a], acc[ACC + a]);
+  for (int a = 0; a < kSums; a += 4) _mm_store_ps(out + a, hsum4(t[a], t[a + 1], t[a + 2], t[a + 3], alpha));
+}
+
 // s [n x ROWS] = alpha * k q^T for GQA decode tiles, KEYS keys at a time: every 8 columns of
 // the KEYS keys are loaded (and widened, for 16-bit caches) once for all ROWS rows, so K is read
-// from memory once and never copied; ROWS x KEYS accumulators stay in registers.
+// from memory once and never copied; ROWS x KEYS accumulators stay in registers. bf16 with under
+// 8 of them (one row): each 8 columns of the 16 have their own (HALVES), summed at the end, as an
+// FMA waits 4 cycles for its accumulator and 8 independent chains keep the two FMA pipes busy.
 template <int ROWS, int KEYS, bool SPLIT, typename T>
 BEACON_AVX2_FMA void small_qk_rows_avx2(const float* q, int d, const T* k, int64_t ldk, int n,
                                         float alpha, float* s) {
-  static_assert(ROWS * KEYS % 4 == 0, "sums are taken four at a time");
+  constexpr int kAcc = ROWS * KEYS;
+  constexpr bool kHalves = SPLIT && kAcc < 8;  // bf16 (fp32 measured no faster with them)
+  constexpr int kSums = (kAcc + 3) / 4 * 4;  // sums are taken four at a time (the rest zero)
   const __m128 va = _mm_set1_ps(alpha);
   int c = 0;
   if constexpr (KEYS == 2) {
@@ -693,15 +709,14 @@ BEACON_AVX2_FMA void small_qk_rows_avx2(const float* q, int d, const T* k, int64
     for (; c < half; ++c) {
       const T* k0 = k + c * ldk;
       for (int j = 0; j < 2; ++j) prefetch_key_row(k0 + kStreamPrefetchKeys * ldk + j * step, d);
-      __m256 acc[ROWS * 2];
-      for (int a = 0; a < ROWS * 2; ++a) acc[a] = _mm256_setzero_ps();
+      __m256 acc[kHalves ? 2 * kAcc : kAcc];
+      for (auto& a : acc) a = _mm256_setzero_ps();
       for (int i = 0; i < d; i += 16) {
         qk_cols<ROWS, 2, SPLIT, 0>(q, d, k0, step, i, acc);
-        if (SPLIT || i + 8 < d) qk_cols<ROWS, 2, SPLIT, 8>(q, d, k0, step, i, acc);
+        if (SPLIT || i + 8 < d) qk_cols<ROWS, 2, SPLIT, 8>(q, d, k0, step, i, acc + (kHalves ? kAcc : 0));
       }
-      alignas(16) float out[ROWS * 2];
-      for (int a = 0; a < ROWS * 2; a += 4)
-        _mm_store_ps(out + a, hsum4(acc[a], acc[a + 1], acc[a + 2], acc[a + 3], va));
+      alignas(16) float out[kSums];
+      reduce_sums<kAcc, kHalves>(acc, va, out);
       for (int r = 0; r < ROWS; ++r)
         for (int j = 0; j < 2; ++j) s[static_cast<int64_t>(c + j * half) * ROWS + r] = out[r * 2 + j];
     }
@@ -711,15 +726,14 @@ BEACON_AVX2_FMA void small_qk_rows_avx2(const float* q, int d, const T* k, int64
     for (; c + KEYS <= n; c += KEYS) {
       const T* k0 = k + c * ldk;
       for (int j = 0; j < KEYS; ++j) prefetch_key_row(k0 + (kPrefetchKeys + j) * ldk, d);
-      __m256 acc[ROWS * KEYS];
-      for (int a = 0; a < ROWS * KEYS; ++a) acc[a] = _mm256_setzero_ps();
+      __m256 acc[kHalves ? 2 * kAcc : kAcc];
+      for (auto& a : acc) a = _mm256_setzero_ps();
       for (int i = 0; i < d; i += 16) {
         qk_cols<ROWS, KEYS, SPLIT, 0>(q, d, k0, ldk, i, acc);
-        if (SPLIT || i + 8 < d) qk_cols<ROWS, KEYS, SPLIT, 8>(q, d, k0, ldk, i, acc);
+        if (SPLIT || i + 8 < d) qk_cols<ROWS, KEYS, SPLIT, 8>(q, d, k0, ldk, i, acc + (kHalves ? kAcc : 0));
       }
-      alignas(16) float out[ROWS * KEYS];
-      for (int a = 0; a < ROWS * KEYS; a += 4)
-        _mm_store_ps(out + a, hsum4(acc[a], acc[a + 1], acc[a + 2], acc[a + 3], va));
+      alignas(16) float out[kSums];
+      reduce_sums<kAcc, kHalves>(acc, va, out);
       for (int r = 0; r < ROWS; ++r)
         for (int j = 0; j < KEYS; ++j) s[static_cast<int64_t>(c + j) * ROWS + r] = out[r * KEYS + j];
     }
@@ -738,7 +752,13 @@ BEACON_AVX2_FMA bool small_qk_gqa_avx2(const float* q, int rows, int d, const T*
   switch (rows) {
     case 1: small_qk_rows_avx2<1, 4, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
     case 2: small_qk_rows_avx2<2, 4, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
-    case 3: small_qk_rows_avx2<3, 4, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
+    // bf16 3 x 3, not 3 x 4: twelve accumulators, four keys, the odd columns' mask and a query
+    // vector spilled to the stack (Zen 3, K in L2, d 64 and 128: 1.2-1.5x faster as 3 x 3; fp32,
+    // which needs no mask register, measured no faster, so it stays 3 x 4)
+    case 3:
+      if constexpr (SPLIT) small_qk_rows_avx2<3, 3, SPLIT>(q, d, k, ldk, n, alpha, s);
+      else small_qk_rows_avx2<3, 4, SPLIT>(q, d, k, ldk, n, alpha, s);
+      return true;
     case 4: small_qk_rows_avx2<4, 2, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
     case 6: small_qk_rows_avx2<6, 2, SPLIT>(q, d, k, ldk, n, alpha, s); return true;
     default: return false;
@@ -746,9 +766,14 @@ BEACON_AVX2_FMA bool small_qk_gqa_avx2(const float* q, int rows, int d, const T*
 }
 
 // acc [rows x d] += p v (p transposed [n x rows]) for ROWS rows, in chunks of kPvChunkKeys keys
-// whose V rows stay in L1: per chunk, 16 columns of every row in registers per pass over the
+// whose V rows stay in L1: per chunk, 16 NB columns of every row in registers per pass over the
 // chunk's keys; the first pass reads V from memory, the others read the same lines from L1.
-// While a chunk is worked on, the next one is prefetched, one cache line per key visited: a
+// bf16 (SPLIT) takes NB = 4 / ROWS blocks of 16 columns a pass at one or two rows: an FMA waits 4
+// cycles for its accumulator and a pass keeps 2 ROWS NB of them, 8 there, where 16 columns left
+// one row's sums to 2 dependent chains, a quarter of the FMA pipes (Zen 3, one row, d 128, V in
+// L2: 11 -> 7-9 ns a key; results unchanged, each column still summed key after key). fp32 reads
+// twice the bytes for the same arithmetic and is memory-bound: NB 1 (no gain measured there).
+// While a chunk is worked on, the next one is prefetched, a few cache lines per key visited: a
 // prefetch a few keys ahead inside the first pass came too late (perf: half of the kernel's
 // time on the first load of a V row). (Tried and slower here, 10-30%: the next chunk's lines in
 // the order its passes read them, line p of every row in pass p; a prefetch loop of its own
@@ -758,45 +783,81 @@ template <typename T>
 inline void prefetch_rows(const T* v, int64_t ldv, int first, int end, int d) {
   for (int c = first; c < end; ++c) prefetch_key_row(v + c * ldv, d);
 }
+
+// The next chunk's lines, spread over the current chunk's key visits: one line a visit, or two
+// where the passes have fewer visits than the next chunk has lines (the rest, if any, after the
+// chunk). (A loop of per_visit lines instead: P V over an L2-resident block 0.7-0.9x as fast.)
+template <typename T>
+struct ChunkPrefetch {
+  const T* v;
+  int64_t ldv;
+  int row, end, line, row_lines;
+  bool two;
+  BEACON_AVX2_FMA inline void one() {
+    _mm_prefetch(reinterpret_cast<const char*>(v + row * ldv) + 64 * line, _MM_HINT_T0);
+    if (++line == row_lines) line = 0, ++row;
+  }
+  BEACON_AVX2_FMA inline void visit() {
+    if (row < end) {
+      one();
+      if (two && row < end) one();
+    }
+  }
+};
+
+// One pass over the keys [c0, c1): columns [i0, i0 + 16 NB) of the ROWS rows (NB 1 and !TWO: the
+// 8 columns at i0). (One-dimensional accumulator arrays: with [ROWS][NB] GCC 12 stored every
+// accumulator to the stack after each key.)
+template <int ROWS, int NB, bool TWO, bool SPLIT, typename T>
+BEACON_AVX2_FMA inline void pv_pass(const float* p, int c0, int c1, const T* v, int64_t ldv, int d, int i0,
+                                    float* acc, ChunkPrefetch<T>& pf) {
+  static_assert(TWO || NB == 1, "8 columns are one block");
+  constexpr int kAcc = ROWS * NB;
+  __m256 lo[kAcc], hi[kAcc];  // accumulator r * NB + b: row r, columns i0 + 16 b (lo) and + 8 (hi)
+  for (int r = 0; r < ROWS; ++r)
+    for (int b = 0; b < NB; ++b) {
+      lo[r * NB + b] = _mm256_loadu_ps(acc + r * d + i0 + 16 * b);
+      hi[r * NB + b] = TWO ? _mm256_loadu_ps(acc + r * d + i0 + 16 * b + 8) : _mm256_setzero_ps();
+    }
+  for (int c = c0; c < c1; ++c) {
+    pf.visit();
+    const T* vc = v + c * ldv + i0;
+    const float* pc = p + static_cast<int64_t>(c) * ROWS;
+    for (int b = 0; b < NB; ++b) {
+      const __m256 v0 = load8_cols<SPLIT, 0>(vc + 16 * b);
+      const __m256 v1 = TWO ? load8_cols<SPLIT, 8>(vc + 16 * b) : _mm256_setzero_ps();
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256 pr = _mm256_broadcast_ss(pc + r);
+        lo[r * NB + b] = _mm256_fmadd_ps(pr, v0, lo[r * NB + b]);
+        if (TWO) hi[r * NB + b] = _mm256_fmadd_ps(pr, v1, hi[r * NB + b]);
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int b = 0; b < NB; ++b) {
+      _mm256_storeu_ps(acc + r * d + i0 + 16 * b, lo[r * NB + b]);
+      if (TWO) _mm256_storeu_ps(acc + r * d + i0 + 16 * b + 8, hi[r * NB + b]);
+    }
+}
+
 template <int ROWS, bool SPLIT, typename T>
 BEACON_AVX2_FMA void small_pv_rows_avx2(const float* p, int n, const T* v, int64_t ldv, int d,
                                         float* acc) {
+  constexpr int NB = !SPLIT || ROWS >= 4 ? 1 : 4 / ROWS;
+  const int wide = d / (16 * NB) * (16 * NB);  // columns taken NB blocks a pass; the rest 16 (or 8) a pass
+  const int passes = wide / (16 * NB) + (d - wide + 15) / 16;
   const int row_lines = static_cast<int>((static_cast<int64_t>(d) * sizeof(T) + 63) / 64);
   prefetch_rows(v, ldv, 0, std::min(n, kPvChunkKeys), d);
   for (int c0 = 0; c0 < n; c0 += kPvChunkKeys) {
     const int c1 = std::min(n, c0 + kPvChunkKeys);
     const int pf_end = std::min(n, c1 + kPvChunkKeys);
-    int pf_row = c1, pf_line = 0;  // the next chunk's line to prefetch next
-    for (int i0 = 0; i0 < d; i0 += 16) {
-      const bool two = i0 + 16 <= d;  // else 8 columns (d % 8 == 0)
-      __m256 lo[ROWS], hi[ROWS];
-      for (int r = 0; r < ROWS; ++r) {
-        lo[r] = _mm256_loadu_ps(acc + r * d + i0);
-        hi[r] = two ? _mm256_loadu_ps(acc + r * d + i0 + 8) : _mm256_setzero_ps();
-      }
-      for (int c = c0; c < c1; ++c) {
-        if (pf_row < pf_end) {
-          _mm_prefetch(reinterpret_cast<const char*>(v + pf_row * ldv) + 64 * pf_line, _MM_HINT_T0);
-          if (++pf_line == row_lines) pf_line = 0, ++pf_row;
-        }
-        const T* vc = v + c * ldv + i0;
-        const __m256 v0 = load8_cols<SPLIT, 0>(vc);
-        const __m256 v1 = two ? load8_cols<SPLIT, 8>(vc) : _mm256_setzero_ps();
-        const float* pc = p + static_cast<int64_t>(c) * ROWS;
-        for (int r = 0; r < ROWS; ++r) {
-          const __m256 pr = _mm256_broadcast_ss(pc + r);
-          lo[r] = _mm256_fmadd_ps(pr, v0, lo[r]);
-          hi[r] = _mm256_fmadd_ps(pr, v1, hi[r]);
-        }
-      }
-      for (int r = 0; r < ROWS; ++r) {
-        _mm256_storeu_ps(acc + r * d + i0, lo[r]);
-        if (two) _mm256_storeu_ps(acc + r * d + i0 + 8, hi[r]);
-      }
-    }
-    // Lines the passes did not reach: a pass visits a full chunk's keys, so the passes have at
-    // least as many visits as the next chunk has lines; this only guards that count.
-    if (pf_row < pf_end) prefetch_rows(v, ldv, pf_row, pf_end, d);
+    const int visits = passes * (c1 - c0);
+    ChunkPrefetch<T> pf{v, ldv, c1, pf_end, 0, row_lines, (pf_end - c1) * row_lines > visits};
+    int i0 = 0;
+    for (; i0 < wide; i0 += 16 * NB) pv_pass<ROWS, NB, true, SPLIT>(p, c0, c1, v, ldv, d, i0, acc, pf);
+    for (; i0 + 16 <= d; i0 += 16) pv_pass<ROWS, 1, true, SPLIT>(p, c0, c1, v, ldv, d, i0, acc, pf);
+    if (i0 < d) pv_pass<ROWS, 1, false, SPLIT>(p, c0, c1, v, ldv, d, i0, acc, pf);
+    if (pf.row < pf_end) prefetch_rows(v, ldv, pf.row, pf_end, d);  // lines the visits did not reach
   }
 }
 
