@@ -204,7 +204,8 @@ class Trainer:
             teacher = None
             if c.distill and len(ids) <= model.trained_context:
                 with ctx:
-                    teacher = teacher_states(model, ids, labels, attention="masked" if c.attention == "masked" else "op")
+                    teacher = teacher_states(model, ids, labels, attention="masked" if c.attention == "masked" else "op",
+                                             last_layer_only=c.distill_on == "logits")
             with ctx:
                 out = beacon_loss(model, ids.to(model.device), labels, ratio=self.sampler,
                                   checkpoint=c.checkpoint, attention=c.attention,

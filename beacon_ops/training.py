@@ -215,23 +215,26 @@ def _targets(ids: Tensor, labels: Tensor) -> Tensor:
 
 @torch.no_grad()
 def teacher_states(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequence[int] | None = None,
-                   *, attention: str = "op") -> TeacherStates:
+                   *, attention: str = "op", last_layer_only: bool = False) -> TeacherStates:
     """Every layer's output at the positions of ``ids`` that have a target, read with full
     attention (each window at ratio 0: its raw keys stay, the base model), window by window as
-    :func:`beacon_loss` reads it. ``labels`` as in :func:`beacon_loss` (default ``ids``)."""
+    :func:`beacon_loss` reads it. ``labels`` as in :func:`beacon_loss` (default ``ids``).
+    ``last_layer_only``: keep the last layer's alone (all that ``distill_on="logits"`` reads)."""
     ids, labels = _sequence(model, ids, labels)
     if len(ids) > model.trained_context:
         raise ValueError(f"ids: {len(ids)} tokens exceed the {model.trained_context} positions full attention "
                          "was trained for (the teacher would read them no better than the student)")
-    return layer_states(model, ids, labels, ratio=0, attention=attention)
+    return layer_states(model, ids, labels, ratio=0, attention=attention, last_layer_only=last_layer_only)
 
 
 @torch.no_grad()
 def layer_states(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequence[int] | None = None,
-                 *, ratio: int | Callable[[], int] | None = None, attention: str = "op") -> TeacherStates:
+                 *, ratio: int | Callable[[], int] | None = None, attention: str = "op",
+                 last_layer_only: bool = False) -> TeacherStates:
     """Every layer's output at the positions of ``ids`` that have a target, read window by window
     as :func:`beacon_loss` reads it (``ratio`` as there; 0: full attention, :func:`teacher_states`).
-    ``labels`` as in :func:`beacon_loss` (default ``ids``)."""
+    ``labels`` as in :func:`beacon_loss` (default ``ids``). ``last_layer_only``: states
+    ``[targets, 1, hidden]``, the last layer's output alone."""
     ids, labels = _sequence(model, ids, labels)
     draw = _ratio_draw(model, ratio)
     c, dev = model.config, model.device
@@ -247,12 +250,13 @@ def layer_states(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Seq
         model.step(cache, [ids[start:start + n]], layer_outputs=outs)
         keep = (targets[start:start + n] != -100).nonzero()[:, 0]
         if len(keep):
-            parts.append(torch.stack([o[keep] for o in outs], dim=1))
+            parts.append(torch.stack([o[keep] for o in (outs[-1:] if last_layer_only else outs)], dim=1))
         start += n
     keep = targets != -100
     row = torch.full((len(ids),), -1, dtype=torch.long, device=dev)
     row[keep] = torch.arange(int(keep.sum()), device=dev)
-    states = torch.cat(parts) if parts else ids.new_zeros((0, c.num_layers, c.hidden_size), dtype=model.dtype)
+    layers = 1 if last_layer_only else c.num_layers
+    states = torch.cat(parts) if parts else ids.new_zeros((0, layers, c.hidden_size), dtype=model.dtype)
     return TeacherStates(states, row)
 
 
@@ -343,6 +347,9 @@ def beacon_loss(model: Llama, ids: Tensor | Sequence[int], labels: Tensor | Sequ
         raise ValueError(f"distill_on must be one of {DISTILL_ON}, got {distill_on!r}")
     if teacher is not None and teacher.row.shape != ids.shape:
         raise ValueError(f"teacher: states of a {len(teacher.row)}-token sequence, ids has {len(ids)}")
+    if teacher is not None and distill_on == "layers" and teacher.states.shape[1] != model.config.num_layers:
+        raise ValueError(f"teacher: {teacher.states.shape[1]} layer(s) of states; distill_on='layers' compares all "
+                         f"{model.config.num_layers} (teacher_states without last_layer_only)")
     dev = model.device
     ids = ids.to(dev)
     targets = _targets(ids, labels)

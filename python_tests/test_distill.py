@@ -215,3 +215,23 @@ def test_loss_adds_the_weighted_logit_divergence(checkpoint: str | None) -> None
     assert float(want) > 1e-4
     with pytest.raises(ValueError, match="distill_on must be one of"):
         beacon_loss(model, ids, labels, teacher=teacher, distill_on="states")
+
+
+def test_last_layer_only_teacher() -> None:
+    """teacher_states(last_layer_only=True) keeps the last layer's rows alone, bit for bit those of
+    the full teacher; distill_on="logits" reads the same loss from it; "layers" refuses it."""
+    model = tiny_model(tiny_config(num_layers=3), window=16, ratio=4)
+    make_beacon_trainable(model, rank=2, seed=1)
+    ids = _ids(70)
+    labels = _labels(ids)
+    full = teacher_states(model, ids, labels)
+    last = teacher_states(model, ids, labels, last_layer_only=True)
+    assert last.states.shape == (full.states.shape[0], 1, full.states.shape[2])
+    assert torch.equal(last.states[:, 0], full.states[:, -1]) and torch.equal(last.row, full.row)
+    a = beacon_loss(model, ids, labels, teacher=full, distill=2.0, distill_on="logits")
+    b = beacon_loss(model, ids, labels, teacher=last, distill=2.0, distill_on="logits")
+    assert a.loss.item() == b.loss.item() and b.distill() > 0
+    with pytest.raises(ValueError, match="teacher: 1 layer\\(s\\) of states; distill_on='layers' compares all 3"):
+        beacon_loss(model, ids, labels, teacher=last, distill=2.0)
+    empty = teacher_states(model, ids, torch.full_like(labels, -100), last_layer_only=True)
+    assert empty.states.shape == (0, 1, 48)
