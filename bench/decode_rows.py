@@ -4,11 +4,14 @@ Each row: the op over copies of the cache in turn (cold K/V, as a model's layers
 with a 256 MB copy, K/V bytes read per second against the copy's read + written bytes per
 second; then the op back to back on one cache (``hot``: K/V from the CPU caches, the kernels'
 arithmetic). Usage: ``python bench/decode_rows.py [--dtypes bf16,fp32] [--shapes R/KV/D,...]
-[--keys N]`` (about a minute with the defaults).
+[--keys N] [--repeat N]`` (about a minute with the defaults). ``--repeat`` measures each row N
+times and prints the medians with their ranges: on the shared machines one measurement of a
+sub-millisecond call moves by 10-30%.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -38,12 +41,15 @@ def main() -> None:
     ap.add_argument("--shapes", type=parse_shapes, default=list(SHAPES),
                     help="ROWS/KV_HEADS/HEAD_DIM,... (default: 3/8/128,3/3/64,1/8/128)")
     ap.add_argument("--keys", type=int, default=KEYS, help=f"keys in the cache (default {KEYS})")
+    ap.add_argument("--repeat", type=int, default=1, help="measurements of each row (default 1): medians and ranges")
     args = ap.parse_args()
     dtypes = args.dtypes.split(",")
     if not dtypes or any(d not in DTYPES for d in dtypes):
         ap.error(f"--dtypes: choose from {', '.join(DTYPES)}")
     if args.keys <= RAW:
         ap.error(f"--keys: more than the raw window's {RAW}")
+    if args.repeat < 1:
+        ap.error("--repeat: at least 1")
     torch.set_num_threads(1)
     src = torch.empty(64 << 20).uniform_()
     dst = torch.empty_like(src)
@@ -57,13 +63,23 @@ def main() -> None:
                 for kl, vl in layers:
                     beacon_attention(q, kl, vl, *lens, max_seqlen_q=1)
 
-            t = time_best_interleaved({"op": op, "copy": lambda: dst.copy_(src)}, "cpu")
-            hot = time_best(lambda: beacon_attention(q, k, v, *lens, max_seqlen_q=1), "cpu")
-            per_call = t["op"] / len(layers)
-            kv_gbps = 2 * k.numel() * k.element_size() / per_call / 1e9
-            copy_gbps = 2 * src.numel() * src.element_size() / t["copy"] / 1e9
-            print(f"{name} rows {rows} kv_heads {kv_heads} d {d:3d}: {per_call * 1e3:.3f} ms, "
-                  f"K/V / copy {kv_gbps / copy_gbps:.3f}; back to back {hot * 1e6:.0f} us", flush=True)
+            calls, ratios, hots = [], [], []
+            for _ in range(args.repeat):
+                t = time_best_interleaved({"op": op, "copy": lambda: dst.copy_(src)}, "cpu")
+                hots.append(time_best(lambda: beacon_attention(q, k, v, *lens, max_seqlen_q=1), "cpu"))
+                calls.append(t["op"] / len(layers))
+                kv_gbps = 2 * k.numel() * k.element_size() / calls[-1] / 1e9
+                ratios.append(kv_gbps / (2 * src.numel() * src.element_size() / t["copy"] / 1e9))
+            print(f"{name} rows {rows} kv_heads {kv_heads} d {d:3d}: {summary(calls, 1e3, '.3f')} ms, "
+                  f"K/V / copy {summary(ratios, 1, '.3f')}; back to back {summary(hots, 1e6, '.0f')} us", flush=True)
+
+
+def summary(values: list[float], scale: float, fmt: str) -> str:
+    """One value as is; several as their median and range, ``"0.812 [0.700-0.840]"``."""
+    med = format(statistics.median(values) * scale, fmt)
+    if len(values) == 1:
+        return med
+    return f"{med} [{format(min(values) * scale, fmt)}-{format(max(values) * scale, fmt)}]"
 
 
 if __name__ == "__main__":
