@@ -10,6 +10,9 @@ import sys
 
 import pytest
 
+import beacon_ops
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(beacon_ops.__file__)))  # this copy, built or installed
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "bench", "decode_rows.py")
 
@@ -35,7 +38,7 @@ def test_parse_shapes(rows) -> None:
 
 
 def test_repeat_run_and_usage_errors() -> None:
-    env = {**os.environ, "PYTHONPATH": os.path.join(HERE, "..")}
+    env = {**os.environ, "PYTHONPATH": PACKAGE_DIR}
     done = subprocess.run([sys.executable, SCRIPT, "--dtypes", "fp32", "--shapes", "2/1/64", "--keys", "600",
                            "--repeat", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
