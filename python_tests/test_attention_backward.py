@@ -326,6 +326,45 @@ def test_unattended_cache_slots_get_zero_gradient():
         assert dv[b, :, :end].abs().amax(-1).min() > 0  # every used slot is seen by some row
 
 
+# The CPU backward's two schemes (attention_bwd.cpp, run_backward): one pass, dQ from the dK/dV
+# tiles, each (sequence, kv head) one task, where its rounds of tasks beat the other's; otherwise
+# the dK/dV pass and a dQ pass over finer tasks. "one": 1 task (one pass on one thread, two
+# passes on two); "many": 12 tasks (one pass on either), rows of different lengths and key
+# blocks skipped by some query chunks.
+SCHEME_CASES = {
+    "one": Case([Seq(mem=70, raw=300, beacon=38, ratio=8, n_q=338)], heads=3, kv_heads=1, dim=24),
+    "many": Case([Seq(mem=90, raw=64, beacon=16, ratio=4, n_q=80), Seq(mem=3, raw=40, beacon=0, ratio=0, n_q=40),
+                  Seq(mem=300, raw=7, beacon=1, ratio=8, n_q=1)], heads=12, kv_heads=4, dim=16),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(SCHEME_CASES))
+def test_cpu_backward_schemes(case, dtype):
+    """Each scheme against the fp64 reference, and the two against each other: in fp64 they
+    agree to its rounding (the reference itself is off by the fp32 lse the op takes)."""
+    c = SCHEME_CASES[case]
+    (q, k, v), lengths = make_inputs(c, dtype)
+    dout, _ = random_grads(c, (q,))
+    dout = dout.to(dtype)
+    out, lse = reference_attention(q, k, v, c)  # the op's forward takes no fp64
+    want = grads_of_reference(c, (q, k, v), lengths, dout)
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got[threads] = beacon_attention_backward(dout, q, k, v, out, lse.float(), *lengths, **op_kwargs(c))
+    finally:
+        torch.set_num_threads(before)
+    for name, g1, g2, w in zip(("dq", "dk_cache", "dv_cache"), got[1], got[2], want):
+        assert g1.dtype == dtype and g2.dtype == dtype, name
+        torch.testing.assert_close(g1.double(), w, atol=1e-5, rtol=1e-5, msg=f"{name}, one thread")
+        torch.testing.assert_close(g2.double(), w, atol=1e-5, rtol=1e-5, msg=f"{name}, two threads")
+        if dtype == torch.float64:
+            torch.testing.assert_close(g1, g2, atol=1e-12, rtol=1e-12, msg=f"{name}: the two schemes")
+
+
 # ------------------------------------------------------------------------------------------
 # Custom-op machinery: opcheck, torch.compile.
 

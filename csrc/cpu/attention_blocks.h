@@ -24,9 +24,13 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // always_inline so that each variant compiles them (and what they inline) for its own target.
 #define BEACON_ALWAYS_INLINE inline __attribute__((always_inline))
 #ifdef BEACON_CPU_X86
+// BEACON_ISA_VARIANTS_OWN_AVX2: the same with `name##_avx2` written by hand before it (where GCC
+// leaves the body's loop scalar for AVX2).
 #define BEACON_ISA_VARIANTS(name, params, args)                                               \
-  __attribute__((target("avx512f"))) inline void name##_avx512 params { name##_body args; }   \
   __attribute__((target("avx2"))) inline void name##_avx2 params { name##_body args; }        \
+  BEACON_ISA_VARIANTS_OWN_AVX2(name, params, args)
+#define BEACON_ISA_VARIANTS_OWN_AVX2(name, params, args)                                      \
+  __attribute__((target("avx512f"))) inline void name##_avx512 params { name##_body args; }   \
   inline void name##_portable params { name##_body args; }                                    \
   inline void name params {                                                                   \
     switch (cpu_isa()) {                                                                      \
@@ -38,6 +42,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 #else
 #define BEACON_ISA_VARIANTS(name, params, args) \
   inline void name params { name##_body args; }
+#define BEACON_ISA_VARIANTS_OWN_AVX2(name, params, args) BEACON_ISA_VARIANTS(name, params, args)
 #endif
 
 // exp(x) for x <= 88, 0 below -87.3 (so masked -inf scores give exactly 0). Cephes' expf
@@ -675,11 +680,14 @@ __attribute__((always_inline, target("avx2,fma,f16c"))) inline void qk_cols(
   }
 }
 
+// reduce_sums<ACC>'s out holds this many floats: ACC rounded up to a multiple of four.
+constexpr int reduced_sums(int acc) { return (acc + 3) / 4 * 4; }
+
 // out[a] = alpha * the sum of accumulator a's lanes for a < ACC (HALVES: of accumulators a and
 // ACC + a), four at a time (the rest of the last four zero).
 template <int ACC, bool HALVES>
 BEACON_AVX2_FMA inline void reduce_sums(const __m256* acc, __m128 alpha, float* out) {
-  constexpr int kSums = (ACC + 3) / 4 * 4;
+  constexpr int kSums = reduced_sums(ACC);
   __m256 t[kSums];
   for (int a = 0; a < kSums; ++a) t[a] = a < ACC ? acc[a] : _mm256_setzero_ps();
   if constexpr (HALVES)
@@ -697,7 +705,7 @@ BEACON_AVX2_FMA void small_qk_rows_avx2(const float* q, int d, const T* k, int64
                                         float alpha, float* s) {
   constexpr int kAcc = ROWS * KEYS;
   constexpr bool kHalves = SPLIT && kAcc < 8;  // bf16 (fp32 measured no faster with them)
-  constexpr int kSums = (kAcc + 3) / 4 * 4;  // sums are taken four at a time (the rest zero)
+  constexpr int kSums = reduced_sums(kAcc);
   const __m128 va = _mm_set1_ps(alpha);
   int c = 0;
   if constexpr (KEYS == 2) {
