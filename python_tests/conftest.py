@@ -1,10 +1,16 @@
 """Shared test helpers: device parametrisation (CUDA cases are skipped, visibly, without a GPU)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import beacon_ops  # noqa: F401  (registers torch.ops.beacon)
+
+# The directory holding this copy of beacon_ops, built in place or installed: PYTHONPATH for
+# subprocesses that must import the same copy.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(beacon_ops.__file__)))
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA_BUILT = beacon_ops.build_info()["cuda_compiled"]

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 
-import beacon_ops
+from conftest import PACKAGE_DIR
 
-PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(beacon_ops.__file__)))  # this copy, built or installed
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "bench", "decode_rows.py")
 

@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 import beacon_ops
 from beacon_ops.cli import main as cli_main
 from beacon_ops.trainer import Trainer
+from conftest import PACKAGE_DIR
 from distributed_worker import STEPS, make_trainer
 
-PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(beacon_ops.__file__)))  # this copy, built or installed
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
