@@ -441,15 +441,23 @@ struct Work {
   int begin, end;
 };
 
-// Pass 1's items: (sequence, kv head, key block), early key blocks (seen by the most rows) first.
-std::vector<Work> key_work(const Sequences& seqs, int64_t kv_heads) {
+// The one pass's items: (sequence, kv head) with queries and keys, each with all its keys.
+std::vector<Work> head_work(const Sequences& seqs, int64_t kv_heads) {
   std::vector<Work> work;
   for (int b = 0; b < static_cast<int>(seqs.lens.size()); ++b) {
-    if (seqs.n_q[b] == 0) continue;
     const int keys = beacon::num_keys(seqs.lens[b]);
-    for (int64_t g = 0; g < kv_heads; ++g)
-      for (int k0 = 0; k0 < keys; k0 += kBlockK) work.push_back({b, g, k0, std::min(k0 + kBlockK, keys)});
+    if (seqs.n_q[b] == 0 || keys == 0) continue;
+    for (int64_t g = 0; g < kv_heads; ++g) work.push_back({b, g, 0, keys});
   }
+  return work;
+}
+
+// Pass 1's items: head_work's keys in blocks of kBlockK, early key blocks (seen by the most
+// rows) first.
+std::vector<Work> key_work(const Sequences& seqs, int64_t kv_heads) {
+  std::vector<Work> work;
+  for (const Work& h : head_work(seqs, kv_heads))
+    for (int k0 = h.begin; k0 < h.end; k0 += kBlockK) work.push_back({h.b, h.g, k0, std::min(k0 + kBlockK, h.end)});
   return work;
 }
 
@@ -522,7 +530,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   struct Buffers {
     std::vector<T> S, dS;
   };
-  const std::vector<Work> keys = key_work(seqs, params.kv_heads);
   T* dk_ptr = dk.data_ptr<T>();
   T* dv_ptr = dv.data_ptr<T>();
   T* dq_ptr = dq_g.data_ptr<T>();
@@ -531,19 +538,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   // on one thread at a training step's shapes). Both schemes add a row's key blocks in key order
   // (the results may differ in the last bit: the tile products have other row counts). Taken
   // where its rounds of tasks cost less than the two passes' finer tasks, taken as 1.5x the work.
-  std::vector<Work> heads;  // (sequence, kv head): its key blocks keys[begin, end)
-  for (int64_t w = 0; w < static_cast<int64_t>(keys.size()); ++w)
-    if (heads.empty() || heads.back().b != keys[w].b || heads.back().g != keys[w].g)
-      heads.push_back({keys[w].b, keys[w].g, static_cast<int>(w), static_cast<int>(w) + 1});
-    else
-      heads.back().end += 1;
+  const std::vector<Work> heads = head_work(seqs, params.kv_heads);
   const int64_t tasks = static_cast<int64_t>(heads.size()), threads = at::get_num_threads();
   if (2 * ((tasks + threads - 1) / threads) * threads < 3 * tasks) {
-    for_each_item_dynamic<Buffers>(static_cast<int64_t>(heads.size()), [&](int64_t h, Buffers& t) {
-      for (int w = heads[h].begin; w < heads[h].end; ++w)
-        key_block_grads(p, keys[w].b, keys[w].g, keys[w].begin, keys[w].end, t.S, t.dS, dk_ptr, dv_ptr, dq_ptr);
+    for_each_item_dynamic<Buffers>(tasks, [&](int64_t h, Buffers& t) {
+      const Work& it = heads[h];
+      for (int k0 = it.begin; k0 < it.end; k0 += kBlockK)
+        key_block_grads(p, it.b, it.g, k0, std::min(k0 + kBlockK, it.end), t.S, t.dS, dk_ptr, dv_ptr, dq_ptr);
     });
   } else {
+    const std::vector<Work> keys = key_work(seqs, params.kv_heads);
     for_each_item_dynamic<Buffers>(static_cast<int64_t>(keys.size()), [&](int64_t w, Buffers& t) {
       const Work& it = keys[w];
       key_block_grads(p, it.b, it.g, it.begin, it.end, t.S, t.dS, dk_ptr, dv_ptr);
