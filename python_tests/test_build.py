@@ -51,6 +51,46 @@ def test_build_info_consistent():
         assert built[key] == info[key], key
 
 
+# Kernels that prefetch by software (template instances, by name). Each compiled instance
+# must hold a prefetch instruction: GCC 12 once deleted every call of an out-of-line prefetch
+# helper (it found the helper free of side effects), silently, and decode_linear's kernels ran
+# without their prefetches for many commits.
+PREFETCHING_KERNELS = (
+    "(anonymous namespace)::rows_bf16<",  # decode_linear.cpp
+    *(f"beacon::cpu::attn::{k}<" for k in (
+        "small_qk_rows_avx2", "small_pv_rows_avx2", "decode_qk_f32_rows", "decode_qk_bf16_rows",
+        "decode_pv_rows", "decode_pv_pairs_rows", "decode_qk_amx_tiles", "decode_pv_qk_amx_tiles")),
+    "beacon::rows::rotate_rows_avx2<", "beacon::rows::avx512::rotate_rows_avx512<")
+
+
+def function_prefetches(library: str) -> dict[str, int]:
+    """Prefetch instructions in each function of ``library``'s disassembly (objdump -d -C)."""
+    dis = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", library], capture_output=True,
+                         text=True, check=True).stdout
+    counts: dict[str, int] = {}
+    name = None
+    for line in dis.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            name = head.group(1)
+            counts.setdefault(name, 0)
+        elif name is not None and re.search(r"\sprefetch", line):
+            counts[name] += 1
+    return counts
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or os.uname().machine != "x86_64",
+                    reason="needs objdump and an x86-64 build")
+def test_prefetching_kernels_keep_their_prefetches():
+    counts = function_prefetches(beacon_ops._C.__file__)
+    if not any("beacon::" in name for name in counts):
+        pytest.skip("the library's symbols are stripped")
+    for prefix in PREFETCHING_KERNELS:
+        found = {name: n for name, n in counts.items() if prefix in name}
+        assert found, f"no function {prefix}...> in the library"
+        assert all(found.values()), f"instances without a prefetch: {[k for k, v in found.items() if not v]}"
+
+
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 CMAKE_DIR = os.path.join(SOURCE_DIR, "cmake")
 INST_DIR = os.path.join(SOURCE_DIR, "csrc", "cuda", "instantiations")

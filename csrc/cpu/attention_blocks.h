@@ -602,8 +602,10 @@ BEACON_AVX2_FMA inline __m256 load8_cols(const T* p) {
 constexpr int kPrefetchKeys = 8;
 // Keys ahead in each stream of the streamed decode kernels.
 constexpr int kStreamPrefetchKeys = 2;
+// (always_inline, as every helper that only prefetches: out of line, GCC may find it free of side
+// effects and delete its calls; decode_linear.cpp's did.)
 template <typename T>
-inline void prefetch_key_row(const T* row, int d) {
+BEACON_ALWAYS_INLINE void prefetch_key_row(const T* row, int d) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t off = 0; off < static_cast<int64_t>(d) * static_cast<int64_t>(sizeof(T)); off += 64)
     _mm_prefetch(p + off, _MM_HINT_T0);
@@ -788,7 +790,7 @@ BEACON_AVX2_FMA bool small_qk_gqa_avx2(const float* q, int rows, int d, const T*
 // per pass instead of this per-visit line counter.)
 constexpr int kPvChunkKeys = 32;
 template <typename T>
-inline void prefetch_rows(const T* v, int64_t ldv, int first, int end, int d) {
+BEACON_ALWAYS_INLINE void prefetch_rows(const T* v, int64_t ldv, int first, int end, int d) {
   for (int c = first; c < end; ++c) prefetch_key_row(v + c * ldv, d);
 }
 

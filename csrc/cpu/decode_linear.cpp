@@ -5,18 +5,21 @@
 // model, so it is bound by how fast the weights stream from memory, and torch's one-row
 // F.linear reads them well below that on some machines (SmolLM2's 576-wide matrices, bf16 on an
 // AMX Xeon: 7.7 GB/s where one core reads 14; fp32 on AMD Zen 4: 11 GB/s where it reads 28).
-// Each pass takes four consecutive weight rows (four sequential streams for the hardware
-// prefetchers) and multiplies them by every x row while they are in L1; threads take chunks of
-// at least kTaskBytes. Products accumulate in fp32, the bias is added in fp32 and the result is
-// rounded once to x's dtype, as F.linear does (the sums' order differs, so the last bits may too).
+// Threads take chunks of at least kTaskBytes of weights. Products accumulate in fp32, the bias is
+// added in fp32 and the result is rounded once to x's dtype, as F.linear does (the sums' order
+// differs, so the last bits may too).
 //   fp32, fp16   AVX2 + FMA (fp16 widened by F16C)
 //   bf16         AVX-512-BF16 dot products of pairs (vdpbf16ps, fp32 accumulation, as torch's
 //                bf16 GEMMs): 512-bit on Intel, 256-bit on AMD (Zen 4 runs 512-bit operations
-//                as two halves; cpu_isa.h); without it, widened to fp32 for AVX2 FMAs. 16-bit
-//                rows are short streams: both prefetch the blocks kPrefetchBlocks on (AVX2 7.5 ->
-//                9.8 GB/s; dot products, SmolLM2's weights on an AMX Xeon: one row 0.67 -> 0.59
-//                of F.linear's time, four rows 0.97-1.03 -> 0.73; two x rows a weight load
-//                instead measured slower, 0.81 at four rows)
+//                as two halves; cpu_isa.h); without it, widened to fp32 for AVX2 FMAs.
+// The AVX2 kernel reads one weight row at a time, start to end, and multiplies it by every x row
+// while it is in L1: the weights are one sequential stream, which the hardware prefetchers keep
+// up with. (Four rows side by side, four streams a row apart, measured 0.89x (fp32) and 1.02-1.13x
+// (bf16) of F.linear's time on Zen 3, the one-row kernel 0.80x and 0.74x; software prefetches
+// added nothing to it there; bench/decode_linear.py.) The dot-product kernel takes four rows a
+// pass and prefetches the blocks kPrefetchBlocks on (SmolLM2's weights on an AMX Xeon: one row
+// 0.67 -> 0.59 of F.linear's time, four rows 0.97-1.03 -> 0.73; two x rows a weight load instead
+// measured slower, 0.81 at four rows).
 // Without AVX2 (the portable level), and for fp32 on Intel CPUs (fp32_by_blas), the op is at::linear.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,9 +35,9 @@
 namespace {
 
 constexpr const char* kOp = "beacon.decode_linear";
-constexpr int kRowBlock = 4;                        // weight rows a pass: four streams, four sums
+constexpr int kRowBlock = 4;                        // rows a block: the dot products' pass, the task grain's unit
 constexpr int64_t kTaskBytes = int64_t{256} << 10;  // weight bytes a thread takes at least
-constexpr int kPrefetchBlocks = 2;                  // 16-bit paths: blocks prefetched ahead
+constexpr int kPrefetchBlocks = 2;                  // dot products: blocks prefetched ahead
 
 #ifdef BEACON_CPU_X86
 // GCC 12 warns falsely inside masked loads and _mm512_reduce_add_ps (its headers' placeholders,
@@ -55,8 +58,10 @@ BEACON_DL_AVX2 inline __m256 load8(const at::Half* p) {
 }
 
 // The `bytes` (a multiple of 64) at p into L1, unless they run past `end`, the end of the
-// range's weights (beyond it lie another thread's rows, or nothing mapped).
-inline void prefetch_ahead(const char* p, const char* end, int bytes) {
+// range's weights (beyond it lie another thread's rows, or nothing mapped). always_inline: left
+// out of line, GCC 12 found it free of side effects and deleted its calls, prefetches and all
+// (python_tests/test_build.py checks that the kernels keep them).
+__attribute__((always_inline)) inline void prefetch_ahead(const char* p, const char* end, int bytes) {
   if (p + bytes <= end)
     for (int l = 0; l < bytes; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
 }
@@ -69,57 +74,28 @@ BEACON_DL_AVX2 inline float sum8(__m256 v) {
 }
 
 // y[j, o] = dot(w row o, x row j) for the weight rows [o0, o1) and every x row j < n; x is fp32
-// [n, in], y fp32 [n, out].
+// [n, in], y fp32 [n, out]. One weight row at a time (the header says why).
 template <typename T>
 BEACON_DL_AVX2 void rows_avx2(const float* x, int64_t n, int64_t in, const T* w, int64_t ldw, int64_t o0,
                               int64_t o1, float* y, int64_t out) {
-  const int64_t in8 = in / 8 * 8;
-  // 16-bit rows: while a block is read, the lines kPrefetchBlocks blocks on, at the same pace
-  // (fp32 rows are long enough for the hardware prefetchers alone: prefetching slowed them)
-  constexpr bool prefetch = !std::is_same_v<T, float>;
-  const int64_t ahead = kPrefetchBlocks * kRowBlock * ldw;
-  const char* const w_end = reinterpret_cast<const char*>(w + o1 * ldw);
-  int64_t o = o0;
-  for (; o + kRowBlock <= o1; o += kRowBlock) {
-    const T* w0 = w + o * ldw;
-    const T* w1 = w0 + ldw;
-    const T* w2 = w1 + ldw;
-    const T* w3 = w2 + ldw;
-    for (int64_t j = 0; j < n; ++j) {
-      const float* xj = x + j * in;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-             a3 = _mm256_setzero_ps();
-      for (int64_t i = 0; i < in8; i += 8) {
-        if (prefetch && j == 0 && i % 32 == 0)  // 4 rows x 64 bytes consumed, 4 lines ahead
-          prefetch_ahead(reinterpret_cast<const char*>(w0 + ahead + 4 * i), w_end, 256);
-        const __m256 xv = _mm256_loadu_ps(xj + i);
-        a0 = _mm256_fmadd_ps(load8(w0 + i), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(w1 + i), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(w2 + i), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(w3 + i), xv, a3);
-      }
-      float s0 = sum8(a0), s1 = sum8(a1), s2 = sum8(a2), s3 = sum8(a3);
-      for (int64_t i = in8; i < in; ++i) {
-        s0 += static_cast<float>(w0[i]) * xj[i];
-        s1 += static_cast<float>(w1[i]) * xj[i];
-        s2 += static_cast<float>(w2[i]) * xj[i];
-        s3 += static_cast<float>(w3[i]) * xj[i];
-      }
-      float* yj = y + j * out + o;
-      yj[0] = s0;
-      yj[1] = s1;
-      yj[2] = s2;
-      yj[3] = s3;
-    }
-  }
-  for (; o < o1; ++o) {  // the last rows of the range, one at a time
+  const int64_t in32 = in / 32 * 32, in8 = in / 8 * 8;
+  for (int64_t o = o0; o < o1; ++o) {
     const T* wo = w + o * ldw;
     for (int64_t j = 0; j < n; ++j) {
       const float* xj = x + j * in;
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t i = 0; i < in8; i += 8) a = _mm256_fmadd_ps(load8(wo + i), _mm256_loadu_ps(xj + i), a);
-      float s = sum8(a);
-      for (int64_t i = in8; i < in; ++i) s += static_cast<float>(wo[i]) * xj[i];
+      // four sums: an FMA waits 4 cycles for its accumulator
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+             a3 = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i < in32; i += 32) {
+        a0 = _mm256_fmadd_ps(load8(wo + i), _mm256_loadu_ps(xj + i), a0);
+        a1 = _mm256_fmadd_ps(load8(wo + i + 8), _mm256_loadu_ps(xj + i + 8), a1);
+        a2 = _mm256_fmadd_ps(load8(wo + i + 16), _mm256_loadu_ps(xj + i + 16), a2);
+        a3 = _mm256_fmadd_ps(load8(wo + i + 24), _mm256_loadu_ps(xj + i + 24), a3);
+      }
+      for (; i < in8; i += 8) a0 = _mm256_fmadd_ps(load8(wo + i), _mm256_loadu_ps(xj + i), a0);
+      float s = sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (; i < in; ++i) s += static_cast<float>(wo[i]) * xj[i];
       y[j * out + o] = s;
     }
   }
