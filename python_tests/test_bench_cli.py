@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from beacon_ops.benchmarks.common import print_table, print_value
 
 
@@ -132,6 +134,26 @@ def test_training_step_settings_compute_the_same_loss():
         tol = 5e-2 if "bf16" in r["setting"] else 1e-5
         assert abs(r["loss"] - base) <= tol * max(1.0, abs(base)), (r["setting"], r["loss"], base)
     assert m.beacon.window == 8
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("quick", [False, True])
+def test_training_bench_leaves_out_bf16_without_native_bf16(monkeypatch, quick, native):
+    """Without native bf16 the bf16 autocast rows (~10x fp32's time there) are left out of the
+    quick and the full run alike, and the result says why; with it they are measured."""
+    from beacon_ops.benchmarks import training
+
+    asked = []
+    monkeypatch.setattr(training, "build_trainable", lambda device: (None, "stub"))
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(training, "measure", lambda m, w, r, t, d, settings: asked.append(list(settings)) or [])
+    res = training.run("cpu", quick)
+    assert len(asked) == (1 if quick else len(training.SAMPLES))
+    for names in asked:
+        assert ("bf16 autocast" in names) == native and "default" in names
+    assert ("left_out" in res) == (not native)
+    if not native:
+        assert list(res["left_out"]) == ["bf16 autocast"] and "native bf16" in res["left_out"]["bf16 autocast"]
 
 
 def test_layer_copies_fill_the_budget_with_separate_equal_caches():
