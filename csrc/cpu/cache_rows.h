@@ -71,8 +71,8 @@ inline void rotate_row_portable(const T* src, T* dst, const float* c, const floa
 // per-plane streams of compaction: measured 0.6x -> ~0.95x of copy bandwidth for bf16).
 template <typename T>
 inline __attribute__((always_inline)) void prefetch_row_ahead(const T* src, int64_t src_stride, T* dst,
-                                                              int64_t dst_stride, int64_t r,
-                               int64_t nrows, int64_t row_bytes) {
+                                                              int64_t dst_stride, int64_t r, int64_t nrows,
+                                                              int64_t row_bytes) {
   constexpr int64_t kAhead = 4;
   if (r + kAhead >= nrows) return;
   const char* px = reinterpret_cast<const char*>(src + (r + kAhead) * src_stride);

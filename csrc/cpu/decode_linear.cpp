@@ -35,7 +35,7 @@
 namespace {
 
 constexpr const char* kOp = "beacon.decode_linear";
-constexpr int kRowBlock = 4;                        // rows a block: the dot products' pass, the task grain's unit
+constexpr int kRowBlock = 4;                        // rows a block: a dot-product pass; tasks' unit
 constexpr int64_t kTaskBytes = int64_t{256} << 10;  // weight bytes a thread takes at least
 constexpr int kPrefetchBlocks = 2;                  // dot products: blocks prefetched ahead
 
