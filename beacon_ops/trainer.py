@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import build_info
 from .adapter import (adapter_layout, cast_frozen_projections, load_adapter_into_higher_rank,
                       load_beacon_adapter, low_rank_dim, make_beacon_trainable, read_adapter_config,
                       save_beacon_adapter)
@@ -39,7 +40,21 @@ from .long_tasks import Sample, kjv_text, shakespeare_files
 from .training import (DISTILL_ON, STEP_RANDOM_RATIOS, StepRandomRatios, beacon_loss, gradient_windows,
                        ratio_draws, teacher_states)
 
-__all__ = ["TrainConfig", "TextSampler", "Trainer", "StepLog", "default_texts", "kjv_text", "lr_factor"]
+__all__ = ["TrainConfig", "TextSampler", "Trainer", "StepLog", "default_texts", "kjv_text", "lr_factor",
+           "cpu_has_native_bf16"]
+
+# CPU instruction-set levels (build_info's names) that multiply bf16 natively
+NATIVE_BF16_ISAS = ("avx512bf16", "amx")
+
+
+def cpu_has_native_bf16(isa: str | None = None) -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX-512-BF16 or AMX; without, bf16 autocast
+    training takes ~10x fp32's time). ``isa``: a level by build_info's names; default: this CPU's
+    detected one, not the kernels' (``BEACON_OPS_CPU_ISA`` may cap those), as torch's bf16
+    matmuls, most of a training step, follow the hardware."""
+    if isa is None:
+        isa = build_info()["cpu_isa_detected"]
+    return isa in NATIVE_BF16_ISAS
 
 
 # --- data -------------------------------------------------------------------------------------

@@ -219,6 +219,21 @@ def test_train_speed_hints() -> None:
     assert speed_hints("cuda", "bfloat16", env=jemalloc, cpu_isa="avx2") == []
 
 
+def test_native_bf16_follows_the_detected_cpu_level() -> None:
+    """One list of the CPU levels that multiply bf16 natively, asked of the hardware's level by
+    default (torch's bf16 matmuls follow the CPU, not BEACON_OPS_CPU_ISA's cap): the train
+    command's warning and bench train's left-out rows say the same."""
+    from beacon_ops import build_info
+    from beacon_ops.commands.train import speed_hints
+    from beacon_ops.trainer import cpu_has_native_bf16
+
+    assert [cpu_has_native_bf16(isa) for isa in ("amx", "avx512bf16", "avx512", "avx2", "portable")] == \
+        [True, True, False, False, False]
+    detected = build_info()["cpu_isa_detected"]
+    assert cpu_has_native_bf16() == cpu_has_native_bf16(detected)
+    assert (speed_hints("cpu", "bfloat16", env={}) == []) == cpu_has_native_bf16()
+
+
 def test_adapt_context_travels_with_the_adapter(tmp_path, capsys):
     """train --adapt-context N stores N in the adapter; the commands that load it give adapt-N
     that context (the demo says so); N <= --window is a usage error."""

@@ -34,6 +34,7 @@ import torch
 
 from ..adapter import cast_frozen_projections, make_beacon_trainable
 from ..llama import Llama
+from ..trainer import cpu_has_native_bf16
 from ..training import beacon_loss, gradient_windows
 from .attention import time_best_interleaved
 
@@ -99,13 +100,6 @@ def measure(model: Llama, window: int, ratio: int, tokens: int, device: str,
     return [{"setting": name, "window": window, "ratio": ratio, "tokens": tokens,
              "windows": -(-tokens // window), "step_s": t, "tokens_per_s": tokens / t,
              "vs_default": t / base, "loss": losses[name]} for name, t in times.items()]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (the kernels' ISA detection: AVX-512-BF16 or AMX)."""
-    from .. import build_info
-
-    return build_info()["cpu_isa_detected"] in ("avx512bf16", "amx")
 
 
 def build_trainable(device: str) -> tuple[Llama, str]:

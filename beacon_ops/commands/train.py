@@ -31,7 +31,7 @@ from ..llama import BEACON_PROJS, BeaconConfig
 from ..positions import MODES
 from ..variants import PLACEMENTS, VARIANTS
 from ..long_tasks import TASK_KINDS, LongTaskMixture, memory_probe_samples, public_domain_texts
-from ..trainer import TrainConfig, Trainer
+from ..trainer import TrainConfig, Trainer, cpu_has_native_bf16
 from ..training import DISTILL_ON, STEP_RANDOM_RATIOS
 from ..training_plot import summarize_training_log
 from .common import Command, UsageError, device_name, existing_path, float_between, int_at_least, write_json
@@ -203,7 +203,6 @@ def run(args: argparse.Namespace) -> int:
         dist.close()
 
 
-NATIVE_BF16_ISAS = ("avx512bf16", "amx")  # CPU kernel levels with bf16 dot products
 # jemalloc settings for training: large tensors from the shared arenas, and freed pages given back
 # lazily (MADV_FREE: the kernel takes them only under memory pressure, reuse costs no fault)
 JEMALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:1000,muzzy_decay_ms:-1"
@@ -216,14 +215,15 @@ def speed_hints(device: str, dtype: str, env: Mapping[str, str] | None = None,
     "Training speed"), jemalloc preloaded without ``oversize_threshold:0`` (every allocation of
     8 MB and more faulted in afresh: 45% of a rank's time in the kernel, measured) or without
     ``muzzy_decay_ms:-1`` (freed pages handed back with MADV_DONTNEED and zeroed again on reuse:
-    31% of a bf16 rank's time in the kernel, measured; with it they go back lazily, MADV_FREE)."""
+    31% of a bf16 rank's time in the kernel, measured; with it they go back lazily, MADV_FREE).
+    ``cpu_isa``: the CPU's level by build_info's names (default: the detected one)."""
     if not device.startswith("cpu"):
         return []
     env = os.environ if env is None else env
     hints = []
-    isa = cpu_isa if cpu_isa is not None else build_info().get("cpu_isa", "")
-    if dtype != "float32" and isa not in NATIVE_BF16_ISAS:
-        hints.append(f"warning: --dtype {dtype} on a CPU without bf16 dot products (kernel level {isa}) "
+    isa = cpu_isa if cpu_isa is not None else build_info()["cpu_isa_detected"]
+    if dtype != "float32" and not cpu_has_native_bf16(isa):
+        hints.append(f"warning: --dtype {dtype} on a CPU without bf16 dot products (level {isa}) "
                      "runs ~10x slower than float32")
     conf, needed = env.get("MALLOC_CONF", ""), ("oversize_threshold:0", "muzzy_decay_ms:-1")
     if "jemalloc" in env.get("LD_PRELOAD", "") and not all(k in conf for k in needed):
