@@ -6,7 +6,7 @@
 //   blas     the Fortran `sgemm_` that torch is linked with (looked up in the already loaded
 //            libtorch_cpu): at level avx2, and at avx512 and above on Intel CPUs, where torch's
 //            MKL runs its AVX-512 kernels (on the AMX Xeon 10-20% faster than the micro-kernel
-//            below: prefill steps and the backward, README "Benchmarks")
+//            below: prefill steps and the backward, docs/cpu-kernels-log.md)
 //   kernel   a register-blocked AVX-512 micro-kernel (6 x 64 block of C in 24 zmm registers): at
 //            avx512 and above on other CPUs (torch's MKL runs its AVX2 kernels on AMD CPUs, half
 //            the AVX-512 peak of Zen 4/5)

@@ -22,7 +22,7 @@
 // simple, not fast. bf16/fp16 at head dims 64 and 128 run the tensor-core kernels of
 // attention_bwd_mma.cuh (same passes, same conventions).
 //
-// Resource usage: README.md, "CUDA kernels: registers and spills".
+// Resource usage: README.md, "CUDA kernels and the GPU check" (backward registers per thread).
 #pragma once
 
 #include <cuda_runtime.h>
