@@ -90,7 +90,8 @@ inline bool cpu_has(Isa level) { return static_cast<int>(cpu_isa()) >= static_ca
 // operations as two 256-bit halves, and there its decode kernels read the cache slower than the
 // AVX2 ones (one query over 3,584 fp32 keys, 8 heads: 0.41-0.59 of copy bandwidth against
 // 0.70-0.73; the same 4-key loop with 512-bit loads 0.66, with 256-bit loads 0.80;
-// docs/cpu-kernels-log.md, Zen 4). BEACON_OPS_CPU_DECODE=avx2|avx512 overrides the choice (tests, benchmarks).
+// docs/cpu-kernels-log.md, Zen 4). BEACON_OPS_CPU_DECODE=avx2|avx512 overrides the choice (tests,
+// benchmarks).
 // A choice between two code paths that defaults to `on` for Intel CPUs (off elsewhere, and off the
 // x86 build), unless the environment variable `env` names one of them (on_name or off_name).
 inline bool intel_default(const char* env, const char* on_name, const char* off_name) {
