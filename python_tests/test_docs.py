@@ -154,3 +154,13 @@ def test_documented_bench_scripts_parse(doc, monkeypatch):
                 continue
         failures.append(f"python bench/{command[:120]}\n    main() ran without parsing its arguments")
     assert not failures, "bench commands in the document that no longer parse:\n" + "\n".join(failures)
+
+
+def test_documented_make_targets_exist():
+    """Every `make TARGET` the documents name (in code) is a target of the Makefile."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([A-Za-z][\w-]*):", makefile, flags=re.M))
+    named = {t for doc in _documents()
+             for t in re.findall(r"(?:`|^\s*)make ([a-z][\w-]*)", doc.read_text(encoding="utf-8"), flags=re.M)}
+    assert {"run", "test", "build"} <= named
+    assert not named - targets, f"targets named in the documents but not in the Makefile: {named - targets}"
