@@ -31,6 +31,7 @@ from .beacon_config import BEACON_PROJS, BeaconConfig
 from .linear import Linear, linear
 from .kv_cache import KVCache, StepPlan
 from .memory_reading import merge_by_lse
+from .norm import norm
 from .positions import default_inv_freq
 
 __all__ = ["LlamaConfig", "BeaconConfig", "Llama", "rope_inv_freq", "check_token_ids", "BEACON_PROJS"]
@@ -110,12 +111,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32:  # one fused kernel; same math as below
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # fp32 statistics, then the weight in the input dtype, as in Hugging Face's LlamaRMSNorm
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # fp32 statistics; 16-bit: the weight applied in x's dtype, as Hugging Face's LlamaRMSNorm
+        return norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):

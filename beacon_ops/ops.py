@@ -11,5 +11,6 @@ from .attention import __all__ as _attention_all
 from .cache_ops import *  # noqa: F401,F403
 from .cache_ops import __all__ as _cache_all
 from .linear import decode_linear  # noqa: F401  (also registers its autograd)
+from .norm import rms_norm  # noqa: F401  (also registers its autograd)
 
-__all__: list[str] = list(_attention_all) + list(_cache_all) + ["decode_linear"]
+__all__: list[str] = list(_attention_all) + list(_cache_all) + ["decode_linear", "rms_norm"]

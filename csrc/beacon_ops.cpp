@@ -38,4 +38,7 @@ TORCH_LIBRARY(beacon, m) {
   // x [rows, in] times weight [out, in] transposed, plus bias [out]: F.linear for the few rows of
   // a decode step, streaming the weights once (CPU; fp32 accumulation, rounded to x's dtype).
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // Llama's RMSNorm over x's last dimension, times weight [dim]: one call for what torch does in
+  // several (CPU; fp32 statistics, 16-bit results rounded as Hugging Face's LlamaRMSNorm does).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 }

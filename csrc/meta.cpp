@@ -60,6 +60,11 @@ at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight, con
   return at::empty_symint({x.sym_size(0), weight.sym_size(0)}, x.options());
 }
 
+at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  checks::check_rms_norm("beacon.rms_norm", x, weight, eps);
+  return at::empty_symint(x.sym_sizes(), x.options());
+}
+
 }  // namespace
 }  // namespace beacon
 
@@ -70,4 +75,5 @@ TORCH_LIBRARY_IMPL(beacon, Meta, m) {
   m.impl("append_kv", &beacon::append_kv_meta);
   m.impl("compact_", &beacon::compact_meta);
   m.impl("decode_linear", &beacon::decode_linear_meta);
+  m.impl("rms_norm", &beacon::rms_norm_meta);
 }

@@ -286,6 +286,23 @@ inline void check_decode_linear(const char* op, const at::Tensor& x, const at::T
   }
 }
 
+// rms_norm: x [..., dim] (at least one dimension) of float32 / float16 / bfloat16 / float64,
+// contiguous in its last dimension; weight [dim] of x's dtype and device; eps >= 0 and finite.
+inline void check_rms_norm(const char* op, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_defined(op, {{x, "x"}, {weight, "weight"}});
+  TORCH_CHECK_TYPE(is_rope_dtype(x.scalar_type()) || x.scalar_type() == at::kDouble, op,
+                   ": x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type(),
+                   ", got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.sym_size(0) == x.sym_size(-1), op, ": weight must have shape [",
+                    x.sym_size(-1), "] (x's last dimension), got ", weight.sym_sizes());
+  check_same_device(op, {x, "x"}, {{weight, "weight"}});
+  TORCH_CHECK_VALUE(x.sym_stride(-1) == 1 || x.sym_size(-1) <= 1, op,
+                    ": x must be contiguous in its last dimension, got strides ", x.sym_strides());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+}
+
 // attention (and the inputs attention_backward shares with it): q [total_q, heads, head_dim]
 // of float32 / float16 / bfloat16 (float64 too for the backward); k_cache and v_cache one
 // layer's view [batch, kv_heads, capacity, head_dim] of q's dtype, device and head_dim, with
