@@ -93,7 +93,7 @@ test-cpu-only:
 # aborts the process: the test (or the fuzz worker's crash) fails.
 SAN_DIR   ?= build/sanitize
 SAN_TESTS ?= test_cache_ops.py test_condensed_cache.py test_attention.py test_attention_backward.py test_fuzz.py \
-             test_linear.py
+             test_linear.py test_norm.py
 CXX       ?= g++
 .PHONY: test-sanitize
 test-sanitize: venv

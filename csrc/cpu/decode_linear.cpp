@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 
 #include "cpu/cpu_isa.h"
@@ -174,34 +175,68 @@ BEACON_DL_BF16 void rows_bf16(const uint16_t* x, int64_t n, int64_t in, const ui
 }
 #endif
 
-// fp32 sums y [n, out] of x [n, in] (fp32, or bf16 for the dot products) and weight.
+// fp32 sums y [n, out] of x [n, in] (fp32, or bf16 for the dot products) and weight. x's rows
+// are read in place where they already are what the kernel reads, else copied into a buffer here
+// (a decode step's few rows: cheaper than the ATen conversion's dispatch and allocation).
 template <typename T>
-void decode_linear_kernel(const at::Tensor& x, const at::Tensor& weight, at::Tensor& yf) {
+void decode_linear_kernel(const at::Tensor& x, const at::Tensor& weight, float* y) {
 #ifdef BEACON_CPU_X86
-  const int64_t n = x.size(0), in = x.size(1), out = weight.size(0);
+  const int64_t n = x.size(0), in = x.size(1), out = weight.size(0), ldx = x.stride(0);
   const T* w = weight.const_data_ptr<T>();
   const int64_t ldw = weight.stride(0);
-  float* y = yf.data_ptr<float>();
   const int64_t blocks = (out + kRowBlock - 1) / kRowBlock;
   const int64_t block_bytes = std::max<int64_t>(1, kRowBlock * in * static_cast<int64_t>(sizeof(T)));
   const int64_t grain = std::max<int64_t>(1, kTaskBytes / block_bytes);
   const bool dot = std::is_same_v<T, at::BFloat16> && beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx512Bf16);
   const bool wide = beacon::cpu::decode_avx512_preferred();
-  const at::Tensor xf = dot ? x.contiguous() : x.to(at::kFloat).contiguous();
+  const T* xp = x.const_data_ptr<T>();
+  // the rows the kernel reads: x's own (T) for the dot products, else fp32
+  std::unique_ptr<T[]> x_rows;
+  std::unique_ptr<float[]> x_f32;
+  const T* xd = xp;
+  const float* xs = nullptr;
+  if (dot) {
+    if (ldx != in) {
+      x_rows.reset(new T[n * in]);
+      for (int64_t j = 0; j < n; ++j) std::copy(xp + j * ldx, xp + j * ldx + in, x_rows.get() + j * in);
+      xd = x_rows.get();
+    }
+  } else if (std::is_same_v<T, float> && ldx == in) {
+    xs = reinterpret_cast<const float*>(xp);
+  } else {
+    x_f32.reset(new float[n * in]);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < in; ++i) x_f32[j * in + i] = static_cast<float>(xp[j * ldx + i]);
+    xs = x_f32.get();
+  }
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     const int64_t o0 = b0 * kRowBlock, o1 = std::min(out, b1 * kRowBlock);
     if constexpr (std::is_same_v<T, at::BFloat16>) {
       if (dot) {
-        const auto* xb = reinterpret_cast<const uint16_t*>(xf.const_data_ptr<T>());
+        const auto* xb = reinterpret_cast<const uint16_t*>(xd);
         const auto* wb = reinterpret_cast<const uint16_t*>(w);
         if (wide) rows_bf16<Bf16x32>(xb, n, in, wb, ldw, o0, o1, y, out);
         else rows_bf16<Bf16x16>(xb, n, in, wb, ldw, o0, o1, y, out);
         return;
       }
     }
-    rows_avx2<T>(xf.const_data_ptr<float>(), n, in, w, ldw, o0, o1, y, out);
+    rows_avx2<T>(xs, n, in, w, ldw, o0, o1, y, out);
   });
 #endif
+}
+
+// y [n, out] of x's dtype from the fp32 sums ys (y's own memory for fp32) plus the bias in fp32:
+// each value rounded once.
+template <typename T>
+void finish(const float* ys, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int64_t n = y.size(0), out = y.size(1);
+  T* yp = y.mutable_data_ptr<T>();
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+  if (std::is_same_v<T, float> && bp == nullptr) return;  // the sums are y
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t o = 0; o < out; ++o)
+      yp[j * out + o] = static_cast<T>(ys[j * out + o] + (bp ? static_cast<float>(bp[o]) : 0.0f));
 }
 
 // fp32 through torch's BLAS (at::linear) instead of the kernel: without AVX2, and on Intel CPUs,
@@ -219,21 +254,32 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   if ((x.scalar_type() == at::kFloat && fp32_by_blas()) || !beacon::cpu::cpu_has(beacon::cpu::Isa::kAvx2))
     return at::linear(x, weight, has_bias ? *bias : at::Tensor());  // torch's own
   const int64_t n = x.size(0), out = weight.size(0);
-  // fp32 results: the output itself for fp32 x, else a buffer rounded to x's dtype at the end
-  at::Tensor yf = at::empty({n, out}, x.options().dtype(at::kFloat));
-  if (n > 0 && out > 0) {
-    if (x.size(1) == 0) {
-      yf.zero_();
-    } else {
-      switch (x.scalar_type()) {
-        case at::kFloat: decode_linear_kernel<float>(x, weight, yf); break;
-        case at::kBFloat16: decode_linear_kernel<at::BFloat16>(x, weight, yf); break;
-        default: decode_linear_kernel<at::Half>(x, weight, yf); break;
-      }
+  at::Tensor y = at::empty({n, out}, x.options());
+  if (n == 0 || out == 0) return y;
+  // the fp32 sums: y itself for fp32 x, else a buffer rounded into y by finish()
+  std::unique_ptr<float[]> sums;
+  float* ys = nullptr;
+  if (x.scalar_type() == at::kFloat) {
+    ys = y.mutable_data_ptr<float>();
+  } else {
+    sums.reset(new float[n * out]);
+    ys = sums.get();
+  }
+  if (x.size(1) == 0) {
+    std::fill(ys, ys + n * out, 0.0f);
+  } else {
+    switch (x.scalar_type()) {
+      case at::kFloat: decode_linear_kernel<float>(x, weight, ys); break;
+      case at::kBFloat16: decode_linear_kernel<at::BFloat16>(x, weight, ys); break;
+      default: decode_linear_kernel<at::Half>(x, weight, ys); break;
     }
   }
-  if (has_bias) yf.add_(bias->to(at::kFloat));
-  return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
+  switch (x.scalar_type()) {
+    case at::kFloat: finish<float>(ys, bias, y); break;
+    case at::kBFloat16: finish<at::BFloat16>(ys, bias, y); break;
+    default: finish<at::Half>(ys, bias, y); break;
+  }
+  return y;
 }
 
 }  // namespace
