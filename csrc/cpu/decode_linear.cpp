@@ -225,12 +225,23 @@ void decode_linear_kernel(const at::Tensor& x, const at::Tensor& weight, float* 
 #endif
 }
 
-// y [n, out] of x's dtype from the fp32 sums ys (y's own memory for fp32) plus the bias in fp32:
-// each value rounded once.
+// y [n, out] of x's dtype (T): the fp32 sums (in y's own memory for fp32, else in a buffer) plus
+// the bias in fp32, each value rounded once.
 template <typename T>
-void finish(const float* ys, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+void decode_linear_typed(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         at::Tensor& y) {
   const int64_t n = y.size(0), out = y.size(1);
   T* yp = y.mutable_data_ptr<T>();
+  std::unique_ptr<float[]> sums;
+  float* ys = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    ys = yp;
+  } else {
+    sums.reset(new float[n * out]);
+    ys = sums.get();
+  }
+  if (x.size(1) == 0) std::fill(ys, ys + n * out, 0.0f);
+  else decode_linear_kernel<T>(x, weight, ys);
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
   if (std::is_same_v<T, float> && bp == nullptr) return;  // the sums are y
@@ -256,28 +267,10 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t n = x.size(0), out = weight.size(0);
   at::Tensor y = at::empty({n, out}, x.options());
   if (n == 0 || out == 0) return y;
-  // the fp32 sums: y itself for fp32 x, else a buffer rounded into y by finish()
-  std::unique_ptr<float[]> sums;
-  float* ys = nullptr;
-  if (x.scalar_type() == at::kFloat) {
-    ys = y.mutable_data_ptr<float>();
-  } else {
-    sums.reset(new float[n * out]);
-    ys = sums.get();
-  }
-  if (x.size(1) == 0) {
-    std::fill(ys, ys + n * out, 0.0f);
-  } else {
-    switch (x.scalar_type()) {
-      case at::kFloat: decode_linear_kernel<float>(x, weight, ys); break;
-      case at::kBFloat16: decode_linear_kernel<at::BFloat16>(x, weight, ys); break;
-      default: decode_linear_kernel<at::Half>(x, weight, ys); break;
-    }
-  }
   switch (x.scalar_type()) {
-    case at::kFloat: finish<float>(ys, bias, y); break;
-    case at::kBFloat16: finish<at::BFloat16>(ys, bias, y); break;
-    default: finish<at::Half>(ys, bias, y); break;
+    case at::kFloat: decode_linear_typed<float>(x, weight, bias, y); break;
+    case at::kBFloat16: decode_linear_typed<at::BFloat16>(x, weight, bias, y); break;
+    default: decode_linear_typed<at::Half>(x, weight, bias, y); break;
   }
   return y;
 }
