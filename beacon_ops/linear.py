@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .op_arguments import require_tensors
+from .op_arguments import few_cpu_rows_outside_autograd, require_tensors
 
 __all__ = ["decode_linear", "linear", "Linear", "DECODE_LINEAR_MAX_ROWS"]
 
@@ -90,12 +90,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     kernel: ``build_info()["cpu_decode_linear_fp32"]``), and nothing to differentiate or
     autocast."""
     in_features = x.shape[-1]
-    if (x.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in _OP_DTYPES
-            or not 0 < x.numel() <= DECODE_LINEAR_MAX_ROWS * in_features
-            or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype)
-            or torch.is_autocast_enabled("cpu")
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad)))):
+    if (not few_cpu_rows_outside_autograd(x, DECODE_LINEAR_MAX_ROWS, weight, bias)
+            or x.dtype != weight.dtype or x.dtype not in _OP_DTYPES
+            or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype)):
         return F.linear(x, weight, bias)
     if x.dim() == 2 and x.stride(-1) == 1:
         return _op(x, weight, bias)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .op_arguments import require_tensors
+from .op_arguments import few_cpu_rows_outside_autograd, require_tensors
 
 __all__ = ["rms_norm", "norm", "torch_rms_norm", "RMS_NORM_OP_MAX_ROWS"]
 
@@ -66,10 +66,8 @@ def norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Llama's RMSNorm of ``x`` (``[..., dim]``) with ``weight``: :func:`rms_norm` for at most
     :data:`RMS_NORM_OP_MAX_ROWS` rows on the CPU, of ``weight``'s dtype (fp32, bf16, fp16), with
     nothing to differentiate or autocast; :func:`torch_rms_norm` otherwise."""
-    if (x.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in _OP_DTYPES or x.dim() == 0
-            or not 0 < x.numel() <= RMS_NORM_OP_MAX_ROWS * x.shape[-1] or x.stride(-1) != 1
-            or torch.is_autocast_enabled("cpu")
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if (not few_cpu_rows_outside_autograd(x, RMS_NORM_OP_MAX_ROWS, weight)
+            or x.dtype != weight.dtype or x.dtype not in _OP_DTYPES or x.stride(-1) != 1):
         return torch_rms_norm(x, weight, eps)
     return _op(x, weight, eps)
 
